@@ -1,0 +1,1 @@
+"""The LLM interception gateway: one small mitmproxy addon per concern, and the plain modules they share."""
