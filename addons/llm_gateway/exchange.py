@@ -1,0 +1,108 @@
+"""What the gateway knows about one API exchange, shared by every addon that handles it.
+
+The live object sits beside the flow (not in `flow.metadata`, which must stay serialisable for
+`-w` and mitmweb export); `publish` copies its plain summary into `flow.metadata["gateway"]`.
+It holds the rules that were in force when the request arrived, so a reload in the middle of an
+exchange never mixes old and new rules.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mitmproxy import http
+
+from .rules import Rules
+
+METADATA_KEY = "gateway"
+
+
+class SSETap(Protocol):
+    """A part that watches (and may rewrite) the events of a stream as they pass."""
+
+    def on_event(self, event: Any) -> Any | None:
+        """Return the event to forward: the same one, a replacement, or None to keep it unchanged."""
+
+    def on_end(self, complete: bool) -> list[bytes]:
+        """Called once when the upstream body ended cleanly; returns raw bytes to append."""
+
+
+@dataclass(eq=False)
+class Exchange:
+    rules: Rules
+    api: str
+    mode: str
+    method: str
+    host: str
+    path: str
+    started: float = field(default_factory=time.time)
+    upstream: str | None = None
+    body: Any = None  # the request JSON, parsed once; None when empty or not JSON
+    client: str = "unknown"
+    session: str | None = None
+    user_agent: str | None = None
+    model: str | None = None
+    stream_requested: bool | None = None
+    stream_upstream: bool | None = None
+    # filled while the response passes
+    response_started: float | None = None
+    usage: dict[str, Any] | None = None
+    error_type: str | None = None
+    unwrapped: bool = False
+    unwrapped_from: str | None = None
+    converted: str | None = None  # "sse->json" | "json->sse"
+    complete: bool = False
+    notes: list[str] = field(default_factory=list)
+    sse_taps: list[SSETap] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The plain, serialisable view kept in flow.metadata."""
+        return {
+            "api": self.api,
+            "mode": self.mode,
+            "client": self.client,
+            "session": self.session,
+            "user_agent": self.user_agent,
+            "model": self.model,
+            "upstream": self.upstream,
+            "stream_requested": self.stream_requested,
+            "stream_upstream": self.stream_upstream,
+            "converted": self.converted,
+            "error_type": self.error_type,
+            "unwrapped": self.unwrapped,
+            "unwrapped_from": self.unwrapped_from,
+            "complete": self.complete,
+            "usage": dict(self.usage) if self.usage else None,
+        }
+
+
+_live: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+
+
+def start(flow: http.HTTPFlow, exchange: Exchange) -> Exchange:
+    _live[flow] = exchange
+    publish(flow, exchange)
+    return exchange
+
+
+def of(flow: http.HTTPFlow) -> Exchange | None:
+    """The flow's exchange, or None for flows that are not LLM API traffic."""
+    return _live.get(flow)
+
+
+def publish(flow: http.HTTPFlow, exchange: Exchange) -> None:
+    flow.metadata[METADATA_KEY] = exchange.summary()
+
+
+def parse_json_body(content: bytes | None) -> Any:
+    """The request body as JSON, or None: never raises, whatever the client sent."""
+    if not content or content[:1] not in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
+        return None
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return None

@@ -1,0 +1,381 @@
+"""Reading `rules.yaml` into plain, typed, immutable data.
+
+The file is parsed once per load. Every refusal names the file, the line and the reason, because a
+gateway that silently ignores a misspelt key lets traffic through that the author meant to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import yaml
+
+from .clients import ClientSignature
+from .globs import Glob
+
+STREAM_MODES = ("on", "off", "as-sent")
+MODES = ("regular", "reverse")
+
+
+class RulesError(ValueError):
+    """A rule file that cannot be used; the message is `file:line: reason`."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a routed API flow goes: scheme://host:port, with the request path appended after `prefix`."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        port = "" if self.port == default else f":{self.port}"
+        return f"{self.scheme}://{self.host}{port}{self.prefix}"
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Api:
+    """Which flows are LLM API flows: any host glob and any path glob (query string ignored)."""
+
+    name: str
+    hosts: tuple[Glob, ...]
+    paths: tuple[Glob, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """An API flow matching every given matcher goes to `upstream`."""
+
+    upstream: Upstream
+    host: Glob | None = None
+    path: Glob | None = None
+    mode: str | None = None
+    api: str | None = None
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """A host glob with an optional port, as used by the egress policy."""
+
+    host: Glob
+    port: int | None = None
+
+    def match(self, host: str, port: int | None) -> bool:
+        return self.host.match(host) and (self.port is None or self.port == port)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}" if self.port is not None else str(self.host)
+
+
+@dataclass(frozen=True)
+class PathBlock:
+    """A path on an inspected host that egress traffic may not reach."""
+
+    host: Glob
+    path: Glob
+
+
+@dataclass(frozen=True)
+class Egress:
+    default: str = "deny"
+    allow: tuple[HostPattern, ...] = ()
+    inspect: tuple[HostPattern, ...] = ()
+    block: tuple[PathBlock, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    log: str | None = None  # absolute path, "-" for stdout, None for no file
+
+
+@dataclass(frozen=True)
+class Errors:
+    unwrap: bool = True
+    max_message: int = 2000
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens for models matching `model`."""
+
+    model: Glob
+    input: float
+    output: float
+    cache_write_5m: float
+    cache_write_1h: float
+    cache_read: float
+
+
+@dataclass(frozen=True)
+class Rules:
+    source: str = "<defaults>"
+    apis: tuple[Api, ...] = ()
+    routes: tuple[Route, ...] = ()
+    clients: tuple[ClientSignature, ...] = ()
+    egress: Egress = field(default_factory=Egress)
+    usage: Usage = field(default_factory=Usage)
+    errors: Errors = field(default_factory=Errors)
+    pricing: tuple[Price, ...] = ()
+
+
+def load(path: str | os.PathLike[str]) -> Rules:
+    """Read and check a rule file; raise RulesError naming file and line on anything wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RulesError(f"{path}: cannot read rule file: {e}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, source: str = "<string>") -> Rules:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 0
+        raise RulesError(f"{source}:{line}: YAML syntax error: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise RulesError(f"{source}: YAML error: {e}") from None
+    return _Reader(source).rules(root)
+
+
+class _Reader:
+    """Walks the YAML node tree, so every value still knows its line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.folder = Path(source).resolve().parent if not source.startswith("<") else Path.cwd()
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def fail(self, node: yaml.Node | None, reason: str) -> RulesError:
+        line = node.start_mark.line + 1 if node is not None else 1
+        return RulesError(f"{self.source}:{line}: {reason}")
+
+    # --- node helpers -------------------------------------------------------------------------
+
+    def mapping(self, node: yaml.Node, where: str, keys: dict[str, bool]) -> dict[str, yaml.Node]:
+        """A mapping with only `keys` (True = required)."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{where} must be a mapping")
+        out: dict[str, yaml.Node] = {}
+        for k, v in node.value:
+            key = self.scalar(k)
+            if not isinstance(key, str) or key not in keys:
+                allowed = ", ".join(keys)
+                raise self.fail(k, f"unknown key {key!r} in {where} (allowed: {allowed})")
+            if key in out:
+                raise self.fail(k, f"duplicate key {key!r} in {where}")
+            out[key] = v
+        for key, required in keys.items():
+            if required and key not in out:
+                raise self.fail(node, f"{where} needs {key!r}")
+        return out
+
+    def seq(self, node: yaml.Node, where: str) -> list[yaml.Node]:
+        if isinstance(node, yaml.ScalarNode) and self.scalar(node) is None:
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{where} must be a list")
+        return list(node.value)
+
+    def scalar(self, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, "expected a single value, not a list or mapping")
+        return self.constructor.construct_object(node, deep=True)
+
+    def string(self, node: yaml.Node, where: str) -> str:
+        value = self.scalar(node)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(node, f"{where} must be a non-empty string")
+        return value
+
+    def boolean(self, node: yaml.Node, where: str) -> bool:
+        value = self.scalar(node)
+        if not isinstance(value, bool):
+            raise self.fail(node, f"{where} must be true or false")
+        return value
+
+    def number(self, node: yaml.Node, where: str) -> float:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            raise self.fail(node, f"{where} must be a non-negative number")
+        return float(value)
+
+    def choice(self, node: yaml.Node, where: str, choices: tuple[str, ...]) -> str:
+        value = self.scalar(node)
+        if value not in choices:
+            raise self.fail(node, f"{where} must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    def glob(self, node: yaml.Node, where: str) -> Glob:
+        value = self.string(node, where)
+        try:
+            return Glob(value)
+        except ValueError as e:
+            raise self.fail(node, f"bad glob in {where}: {e}") from None
+
+    def globs(self, node: yaml.Node, where: str) -> tuple[Glob, ...]:
+        """One glob or a list of them."""
+        items = [node] if isinstance(node, yaml.ScalarNode) else self.seq(node, where)
+        return tuple(self.glob(item, where) for item in items)
+
+    def list_of(self, node: yaml.Node, where: str, read: Callable[[yaml.Node, str], Any]) -> tuple[Any, ...]:
+        return tuple(read(item, f"{where}[{i}]") for i, item in enumerate(self.seq(node, where)))
+
+    # --- sections -----------------------------------------------------------------------------
+
+    def rules(self, root: yaml.Node | None) -> Rules:
+        if root is None:
+            return Rules(source=self.source)
+        top = self.mapping(
+            root,
+            "the rule file",
+            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing")},
+        )
+        section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
+        return Rules(
+            source=self.source,
+            apis=section("apis", lambda n: self.list_of(n, "apis", self.api), ()),
+            routes=section("routes", lambda n: self.list_of(n, "routes", self.route), ()),
+            clients=section("clients", lambda n: self.list_of(n, "clients", self.client), ()),
+            egress=section("egress", self.egress, Egress()),
+            usage=section("usage", self.usage, Usage()),
+            errors=section("errors", self.errors, Errors()),
+            pricing=section("pricing", lambda n: self.list_of(n, "pricing", self.price), ()),
+        )
+
+    def api(self, node: yaml.Node, where: str) -> Api:
+        m = self.mapping(node, where, {"name": True, "hosts": True, "paths": True})
+        return Api(
+            name=self.string(m["name"], f"{where}.name"),
+            hosts=self.globs(m["hosts"], f"{where}.hosts"),
+            paths=self.globs(m["paths"], f"{where}.paths"),
+        )
+
+    def route(self, node: yaml.Node, where: str) -> Route:
+        m = self.mapping(node, where, {"match": False, "upstream": True})
+        match = self.mapping(m["match"], f"{where}.match", dict.fromkeys(("host", "path", "mode", "api"), False)) if "match" in m else {}
+        return Route(
+            upstream=self.upstream(m["upstream"], f"{where}.upstream"),
+            host=self.glob(match["host"], f"{where}.match.host") if "host" in match else None,
+            path=self.glob(match["path"], f"{where}.match.path") if "path" in match else None,
+            mode=self.choice(match["mode"], f"{where}.match.mode", MODES) if "mode" in match else None,
+            api=self.string(match["api"], f"{where}.match.api") if "api" in match else None,
+        )
+
+    def upstream(self, node: yaml.Node, where: str) -> Upstream:
+        value = self.string(node, where)
+        expected = "must look like http(s)://host[:port][/prefix]"
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as e:
+            raise self.fail(node, f"{where} {expected}: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(node, f"{where} {expected} (got {value!r})")
+        if parts.query or parts.fragment or parts.username or parts.password or "?" in value or "#" in value:
+            raise self.fail(node, f"{where} {expected}: no query, fragment or credentials (got {value!r})")
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
+        return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+    def client(self, node: yaml.Node, where: str) -> ClientSignature:
+        keys = ("name", "user_agent", "headers", "header_values", "system_prompt", "stream")
+        m = self.mapping(node, where, {k: k == "name" for k in keys})
+        values: tuple[tuple[str, Glob], ...] = ()
+        if "header_values" in m:
+            hv = self.mapping_any(m["header_values"], f"{where}.header_values")
+            values = tuple((self.string(k, "a header name").lower(), self.glob(v, f"{where}.header_values")) for k, v in hv)
+        prompts: tuple[str, ...] = ()
+        if "system_prompt" in m:
+            sp = m["system_prompt"]
+            items = [sp] if isinstance(sp, yaml.ScalarNode) else self.seq(sp, f"{where}.system_prompt")
+            prompts = tuple(self.string(i, f"{where}.system_prompt") for i in items)
+        return ClientSignature(
+            name=self.string(m["name"], f"{where}.name"),
+            user_agent=self.globs(m["user_agent"], f"{where}.user_agent") if "user_agent" in m else (),
+            headers=self.globs(m["headers"], f"{where}.headers") if "headers" in m else (),
+            header_values=values,
+            system_prompt=prompts,
+            stream=self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent",
+        )
+
+    def mapping_any(self, node: yaml.Node, where: str) -> list[tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{where} must be a mapping")
+        return list(node.value)
+
+    def host_pattern(self, node: yaml.Node, where: str) -> HostPattern:
+        value = self.string(node, where).strip().lower().rstrip(".")
+        host, port = value, None
+        if value.count(":") == 1:  # host:port (IPv6 literals are written in [brackets])
+            host, _, p = value.partition(":")
+            port = self.port(node, p, where)
+        elif value.startswith("[") and "]:" in value:
+            host, _, p = value.rpartition(":")
+            port = self.port(node, p, where)
+        host = host.strip("[]") or "*"
+        try:
+            return HostPattern(Glob(host), port)
+        except ValueError as e:
+            raise self.fail(node, f"bad glob in {where}: {e}") from None
+
+    def port(self, node: yaml.Node, text: str, where: str) -> int:
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise self.fail(node, f"{where}: bad port {text!r}")
+        return int(text)
+
+    def egress(self, node: yaml.Node) -> Egress:
+        m = self.mapping(node, "egress", dict.fromkeys(("default", "allow", "inspect", "block"), False))
+        return Egress(
+            default=self.choice(m["default"], "egress.default", ("deny", "allow")) if "default" in m else "deny",
+            allow=self.list_of(m["allow"], "egress.allow", self.host_pattern) if "allow" in m else (),
+            inspect=self.list_of(m["inspect"], "egress.inspect", self.host_pattern) if "inspect" in m else (),
+            block=self.list_of(m["block"], "egress.block", self.path_block) if "block" in m else (),
+        )
+
+    def path_block(self, node: yaml.Node, where: str) -> PathBlock:
+        m = self.mapping(node, where, {"host": True, "path": True})
+        return PathBlock(self.glob(m["host"], f"{where}.host"), self.glob(m["path"], f"{where}.path"))
+
+    def usage(self, node: yaml.Node) -> Usage:
+        m = self.mapping(node, "usage", {"log": False})
+        if "log" not in m or self.scalar(m["log"]) in (None, False):
+            return Usage(log=None)
+        return Usage(log=self.log_path(self.string(m["log"], "usage.log")))
+
+    def log_path(self, value: str) -> str:
+        """Relative paths are relative to the rule file's folder; `-` is stdout."""
+        return value if value == "-" else str((self.folder / os.path.expanduser(value)).resolve())
+
+    def errors(self, node: yaml.Node) -> Errors:
+        m = self.mapping(node, "errors", {"unwrap": False, "max_message": False})
+        max_message = Errors.max_message
+        if "max_message" in m:
+            max_message = int(self.number(m["max_message"], "errors.max_message"))
+            if max_message < 100:
+                raise self.fail(m["max_message"], "errors.max_message must be at least 100")
+        return Errors(
+            unwrap=self.boolean(m["unwrap"], "errors.unwrap") if "unwrap" in m else True,
+            max_message=max_message,
+        )
+
+    def price(self, node: yaml.Node, where: str) -> Price:
+        fields = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+        m = self.mapping(node, where, {"model": True, **dict.fromkeys(fields, True)})
+        return Price(self.glob(m["model"], f"{where}.model"), *(self.number(m[f], f"{where}.{f}") for f in fields))

@@ -1,0 +1,43 @@
+"""Small helpers for unit tests of the addons: rules from text, flows in either mode."""
+
+from __future__ import annotations
+
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import tflow, tutils
+
+from llm_gateway import rules
+from llm_gateway.rulefile import RuleFile
+
+BASE_RULES = """\
+apis:
+  - name: anthropic
+    hosts: [api.anthropic.com]
+    paths: ["/v1/messages", "/v1/messages/*", "/anthropic/v1/messages"]
+"""
+
+
+def rule_file(text: str = BASE_RULES) -> RuleFile:
+    rf = RuleFile()
+    rf.rules = rules.parse(text, "test-rules.yaml")
+    rf.loaded = True
+    return rf
+
+
+def api_flow(
+    body: bytes = b'{"model":"claude-x","max_tokens":5,"messages":[]}',
+    *,
+    mode: str = "regular",
+    host: str = "api.anthropic.com",
+    path: str = "/v1/messages",
+    headers: dict[str, str] | None = None,
+    resp: bool = False,
+):
+    req = tutils.treq(
+        scheme=b"https", host=host, port=443, path=path.encode(), method=b"POST", content=body,
+        headers=((b"content-type", b"application/json"),),
+    )
+    for k, v in (headers or {}).items():
+        req.headers[k] = v
+    f = tflow.tflow(req=req, resp=resp)
+    f.client_conn.proxy_mode = ProxyMode.parse("reverse:https://api.anthropic.com" if mode == "reverse" else "regular")
+    return f
