@@ -13,12 +13,24 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
-from llm_gateway.rulefile import RuleFile  # noqa: E402
+from llm_gateway.clients import ClientDetector  # noqa: E402
+from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
+from llm_gateway.records import RecordLog  # noqa: E402
 from llm_gateway.routing import ApiRouter  # noqa: E402
+from llm_gateway.rulefile import RuleFile  # noqa: E402
+from llm_gateway.streams import StreamPreference  # noqa: E402
+from llm_gateway.usage import Usage  # noqa: E402
 
 rule_file = RuleFile()
+records = RecordLog()
 
+# Hook order matters: for each event mitmproxy calls the addons in this order.
 addons = [
-    rule_file,
-    ApiRouter(rule_file),
+    rule_file,  # gateway_rules: the rules in force
+    records,  # gateway_log: where records go
+    ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+    ClientDetector(),  # request: which client and session, which stream preference
+    ErrorUnwrapper(),  # response: native errors from envelopes; stream error events
+    StreamPreference(),  # request: force the stream flag; response: convert back to what the client asked
+    Usage(records),  # response/error: one usage record per exchange
 ]

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_SCRIPT = ROOT / "addons" / "gateway.py"
 BIN = Path(sys.executable).parent
-LISTEN_RE = re.compile(r"(HTTP\(S\) proxy|Reverse proxy to \S+) listening at \*?\[?([\d.:]+?)\]?:(\d+)")
+LISTEN_RE = re.compile(r"(HTTP\(S\) proxy|[Rr]everse proxy to \S+) listening at \*?\[?([\d.:]+?)\]?:(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Gateway:
@@ -55,11 +62,12 @@ class Gateway:
     # -- life cycle -------------------------------------------------------------------------------
 
     def args(self) -> list[str]:
+        # mitmproxy refuses two listeners on port 0, so pick free ports (mitmdump reports what it bound)
         args = [str(BIN / self.tool), "-s", str(GATEWAY_SCRIPT)]
         if self.regular:
-            args += ["--mode", "regular@127.0.0.1:0"]
+            args += ["--mode", f"regular@127.0.0.1:{free_port()}"]
         if self.reverse_to:
-            args += ["--mode", f"reverse:{self.reverse_to}@127.0.0.1:0"]
+            args += ["--mode", f"reverse:{self.reverse_to}@127.0.0.1:{free_port()}"]
         args += [
             "--set", f"confdir={self.confdir}",
             "--set", f"gateway_rules={self.rules_path}",

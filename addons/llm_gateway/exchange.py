@@ -12,11 +12,12 @@ import json
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mitmproxy import http
 
-from .rules import Rules
+if TYPE_CHECKING:  # rules imports clients, which imports this module
+    from .rules import Rules
 
 METADATA_KEY = "gateway"
 
@@ -27,8 +28,8 @@ class SSETap(Protocol):
     def on_event(self, event: Any) -> Any | None:
         """Return the event to forward: the same one, a replacement, or None to keep it unchanged."""
 
-    def on_end(self, complete: bool) -> list[bytes]:
-        """Called once when the upstream body ended cleanly; returns raw bytes to append."""
+    def on_end(self) -> bytes:
+        """Called once when the upstream body ended cleanly; returns raw bytes to append (or b"")."""
 
 
 @dataclass(eq=False)
@@ -46,16 +47,20 @@ class Exchange:
     session: str | None = None
     user_agent: str | None = None
     model: str | None = None
+    stream_preference: str = "as-sent"  # from the matched client rule
     stream_requested: bool | None = None
     stream_upstream: bool | None = None
     # filled while the response passes
     response_started: float | None = None
+    message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
     error_type: str | None = None
     unwrapped: bool = False
     unwrapped_from: str | None = None
     converted: str | None = None  # "sse->json" | "json->sse"
     complete: bool = False
+    cache_break: bool = False
+    recorded: bool = False
     notes: list[str] = field(default_factory=list)
     sse_taps: list[SSETap] = field(default_factory=list)
 

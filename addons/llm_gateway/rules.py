@@ -295,7 +295,7 @@ class _Reader:
         return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
     def client(self, node: yaml.Node, where: str) -> ClientSignature:
-        keys = ("name", "user_agent", "headers", "header_values", "system_prompt", "stream")
+        keys = ("name", "user_agent", "headers", "header_values", "system_prompt", "metadata_user_id", "stream")
         m = self.mapping(node, where, {k: k == "name" for k in keys})
         values: tuple[tuple[str, Glob], ...] = ()
         if "header_values" in m:
@@ -306,14 +306,19 @@ class _Reader:
             sp = m["system_prompt"]
             items = [sp] if isinstance(sp, yaml.ScalarNode) else self.seq(sp, f"{where}.system_prompt")
             prompts = tuple(self.string(i, f"{where}.system_prompt") for i in items)
-        return ClientSignature(
-            name=self.string(m["name"], f"{where}.name"),
-            user_agent=self.globs(m["user_agent"], f"{where}.user_agent") if "user_agent" in m else (),
-            headers=self.globs(m["headers"], f"{where}.headers") if "headers" in m else (),
-            header_values=values,
-            system_prompt=prompts,
-            stream=self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent",
-        )
+        optional_globs = {
+            key: self.globs(m[key], f"{where}.{key}") for key in ("user_agent", "headers", "metadata_user_id") if key in m
+        }
+        try:
+            return ClientSignature(
+                name=self.string(m["name"], f"{where}.name"),
+                header_values=values,
+                system_prompt=prompts,
+                stream=self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent",
+                **optional_globs,
+            )
+        except (TypeError, ValueError) as e:
+            raise self.fail(node, f"{where}: {e}") from None
 
     def mapping_any(self, node: yaml.Node, where: str) -> list[tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):

@@ -1,0 +1,300 @@
+"""Which agent sent an API request, and which of its sessions it belongs to.
+
+`ClientDetector` is the addon; the rest is pure logic. `detect` takes the request headers (a mitmproxy `Headers`, or any mapping of
+header name to value, matched case-insensitively) and the request body already parsed once by the caller (a dict,
+or anything else for an empty or non-JSON body), and never raises.
+
+Known signatures are data (the `clients:` section of `rules.yaml`), checked in order: the first signature with
+ANY matching matcher names the client; none names it `unknown`. A request may name its client itself with the
+`x-gateway-client` header, which the gateway strips before forwarding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from . import exchange
+from .globs import Glob
+
+UNKNOWN = "unknown"
+STREAM_MODES = ("on", "off", "as-sent")
+OVERRIDE_HEADER = "x-gateway-client"
+
+# Session sources, most preferred first. "metadata.user_id" is Claude Code's body field; the rest are headers.
+SESSION_SOURCES: tuple[str, ...] = (
+    "x-claude-code-session-id",
+    "metadata.user_id",
+    "x-litellm-session-id",
+    "x-opencode-session",
+    "goose-session-id",
+    "x-session-id",
+    "x-session-affinity",
+)
+
+SESSION_MAX_CHARS = 200
+USER_AGENT_MAX_CHARS = 512
+# Only this much of a header value, user agent, metadata.user_id or system prompt is looked at when matching.
+MATCH_MAX_CHARS = 8192
+# A metadata.user_id longer than this is not Claude Code's: it is neither matched nor parsed.
+USER_ID_MAX_CHARS = 4096
+MAX_HEADERS = 512
+MAX_SYSTEM_BLOCKS = 16
+
+_OVERRIDE_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}")
+# Claude Code before 2.1.78: user_<sha256>_account_<uuid or empty>_session_<uuid>
+_LEGACY_USER_ID = re.compile(r"user_.*?_session_(.+)")
+
+
+def _globs(value: Any, field_name: str) -> tuple[Glob, ...]:
+    if isinstance(value, (str, Glob)):
+        value = (value,)
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            item = Glob(item)
+        if not isinstance(item, Glob):
+            raise TypeError(f"{field_name} must hold globs, got {item!r}")
+        out.append(item)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ClientSignature:
+    """One known client. It matches a request if ANY of its matchers matches.
+
+    Plain strings are accepted where globs are expected and turned into `Glob`s; header names in
+    `header_values` are lower-cased; a single string is taken as a one-item tuple.
+    """
+
+    name: str
+    user_agent: tuple[Glob, ...] = ()  # User-Agent globs, case-insensitive
+    headers: tuple[Glob, ...] = ()  # header NAME globs: any present header matches
+    header_values: tuple[tuple[str, Glob], ...] = ()  # (lower-case header name, value glob)
+    system_prompt: tuple[str, ...] = ()  # prefixes of the first text of `system` (leading whitespace ignored)
+    stream: str = "as-sent"  # "on" | "off" | "as-sent"
+    metadata_user_id: tuple[Glob, ...] = ()  # globs on the body's metadata.user_id string (Claude Code's forms)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("a client signature needs a non-empty name")
+        if self.stream not in STREAM_MODES:
+            raise ValueError(f"client {self.name!r}: stream must be one of {', '.join(STREAM_MODES)}")
+        set_ = object.__setattr__
+        set_(self, "user_agent", _globs(self.user_agent, "user_agent"))
+        set_(self, "headers", _globs(self.headers, "headers"))
+        set_(self, "metadata_user_id", _globs(self.metadata_user_id, "metadata_user_id"))
+        pairs = self.header_values.items() if isinstance(self.header_values, Mapping) else self.header_values
+        values = []
+        for name, glob in pairs:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"client {self.name!r}: header_values needs header names")
+            values.append((name.lower(), _globs(glob, "header_values")[0]))
+        set_(self, "header_values", tuple(values))
+        prompts = (self.system_prompt,) if isinstance(self.system_prompt, str) else tuple(self.system_prompt)
+        if not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"client {self.name!r}: system_prompt prefixes must be non-empty strings")
+        set_(self, "system_prompt", tuple(p.lstrip() for p in prompts))
+
+
+@dataclass(frozen=True)
+class Detection:
+    client: str
+    session: str | None
+    user_agent: str | None
+    matched_by: str  # e.g. "user_agent claude-cli/*", "header x-litellm-*", "override header", "none"
+
+
+def detect(signatures: Sequence[ClientSignature], headers: Mapping[str, str] | Any, body: Any) -> Detection:
+    """Name the client of one request. Never raises."""
+    try:
+        h = _normalize(headers)
+        session = _session(h, body)
+        ua = h.get("user-agent")
+        user_agent = _printable(ua[:USER_AGENT_MAX_CHARS]) if ua else None
+        override = _override(signatures, h.get(OVERRIDE_HEADER))
+        if override:
+            return Detection(override, session, user_agent, "override header")
+        for sig in signatures:
+            how = _match(sig, h, ua, body)
+            if how:
+                return Detection(sig.name, session, user_agent, how)
+        return Detection(UNKNOWN, session, user_agent, "none")
+    except Exception:  # pragma: no cover - a bug here must not break the flow
+        return Detection(UNKNOWN, None, None, "none")
+
+
+def session_id(headers: Mapping[str, str] | Any, body: Any) -> str | None:
+    """The request's session id from the first source in `SESSION_SOURCES` that has a sane one. Never raises."""
+    try:
+        return _session(_normalize(headers), body)
+    except Exception:  # pragma: no cover
+        return None
+
+
+def find_signature(signatures: Iterable[ClientSignature], name: str | None) -> ClientSignature | None:
+    """The signature called `name` (case-insensitive), e.g. to read the stream preference of a detection."""
+    if not isinstance(name, str):
+        return None
+    name = name.lower()
+    return next((s for s in signatures if s.name.lower() == name), None)
+
+
+# --- matching -------------------------------------------------------------------------------------------------
+
+
+def _match(sig: ClientSignature, h: dict[str, str], ua: str | None, body: Any) -> str | None:
+    """How `sig` matches (the first of its matchers that does), or None."""
+    if ua is not None:
+        ua_head = ua[:MATCH_MAX_CHARS]
+        for g in sig.user_agent:
+            if g.match(ua_head):
+                return f"user_agent {g}"
+    for g in sig.headers:
+        if any(g.match(name) for name in h):
+            return f"header {g}"
+    for name, g in sig.header_values:
+        value = h.get(name)
+        if value is not None and g.match(value[:MATCH_MAX_CHARS]):
+            return f"header_value {name}: {g}"
+    if sig.metadata_user_id:
+        user_id = _user_id(body)
+        if user_id is not None:
+            for g in sig.metadata_user_id:
+                if g.match(user_id):
+                    return f"metadata.user_id {g}"
+    if sig.system_prompt:
+        text = _system_text(body)
+        if text is not None:
+            head = text[:MATCH_MAX_CHARS].lstrip()
+            for prefix in sig.system_prompt:
+                if head.startswith(prefix):
+                    return f"system_prompt {prefix.strip()}"
+    return None
+
+
+def _override(signatures: Sequence[ClientSignature], value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value[:100].strip()
+    if not _OVERRIDE_TOKEN.fullmatch(value):
+        return None
+    sig = find_signature(signatures, value)
+    return sig.name if sig else value
+
+
+# --- sessions -------------------------------------------------------------------------------------------------
+
+
+def _session(h: dict[str, str], body: Any) -> str | None:
+    for source in SESSION_SOURCES:
+        if source == "metadata.user_id":
+            found = _claude_code_session(_user_id(body))
+        else:
+            found = _clean_session(h.get(source))
+        if found:
+            return found
+    return None
+
+
+def _claude_code_session(user_id: str | None) -> str | None:
+    """The session in Claude Code's metadata.user_id: a JSON string (from 2.1.78) or the older underscore form."""
+    if user_id is None:
+        return None
+    text = user_id.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, dict):
+            found = _clean_session(parsed.get("session_id"))
+            if found:
+                return found
+    m = _LEGACY_USER_ID.fullmatch(text)
+    return _clean_session(m.group(1)) if m else None
+
+
+def _clean_session(value: Any) -> str | None:
+    """A bounded, printable session id, or None for a missing, empty or junk value."""
+    if not isinstance(value, str):
+        return None
+    value = value[: SESSION_MAX_CHARS + 64].strip()[:SESSION_MAX_CHARS].strip()
+    if not value or not value.isprintable():
+        return None
+    return value
+
+
+# --- reading the request --------------------------------------------------------------------------------------
+
+
+def _normalize(headers: Any) -> dict[str, str]:
+    """Header name (lower-case) -> value, first occurrence wins; junk entries are skipped."""
+    out: dict[str, str] = {}
+    if headers is None:
+        return out
+    try:
+        items = headers.items()
+    except Exception:
+        return out
+    try:
+        for name, value in islice(items, MAX_HEADERS):
+            if isinstance(name, bytes):
+                name = name.decode("latin-1")
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "surrogateescape")
+            if isinstance(name, str) and isinstance(value, str):
+                out.setdefault(name.lower(), value)
+    except Exception:
+        pass
+    return out
+
+
+def _user_id(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict):
+        return None
+    user_id = metadata.get("user_id")
+    return user_id if isinstance(user_id, str) and len(user_id) <= USER_ID_MAX_CHARS else None
+
+
+def _system_text(body: Any) -> str | None:
+    """The first text of `system`: the string itself, or the first text block of a list."""
+    if not isinstance(body, dict):
+        return None
+    system = body.get("system")
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list):
+        for block in islice(system, MAX_SYSTEM_BLOCKS):
+            if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+                return block["text"]
+    return None
+
+
+def _printable(text: str) -> str | None:
+    text = text.strip()
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
+    return text or None
+
+
+class ClientDetector:
+    """Labels every API flow with its client, session and stream preference, in both modes."""
+
+    def request(self, flow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response:
+            return
+        found = detect(ex.rules.clients, flow.request.headers, ex.body)
+        ex.client, ex.session, ex.user_agent = found.client, found.session, found.user_agent
+        signature = find_signature(ex.rules.clients, found.client)
+        ex.stream_preference = signature.stream if signature else "as-sent"
+        flow.request.headers.pop(OVERRIDE_HEADER, None)
+        exchange.publish(flow, ex)

@@ -1,0 +1,211 @@
+"""Usage: one record per API exchange, read from JSON bodies and from SSE streams as they pass.
+
+`cache_read_input_tokens` is the number that matters most: an agent session without prompt caching
+costs about ten times more. Streams are never buffered for this: a tap on the relay reads
+`message_start` and the cumulative `message_delta` usage while the events go by.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+from mitmproxy import command, http
+
+from . import exchange, pricing, wire
+from .records import RecordLog
+from .sessions import CacheWatch
+
+logger = logging.getLogger("llm_gateway.usage")
+
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+class UsageTap:
+    """Reads usage from a passing stream; rewrites nothing."""
+
+    def __init__(self, ex: exchange.Exchange) -> None:
+        self.ex = ex
+
+    def on_event(self, event) -> None:
+        name = event.name
+        if name == "message_start":
+            data = event.json()
+            message = data.get("message") if isinstance(data, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+                self.ex.usage = dict(message["usage"])
+        elif name == "message_delta":
+            data = event.json()
+            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                if self.ex.usage is None:
+                    self.ex.usage = {}
+                wire.merge_delta_usage(self.ex.usage, data["usage"])
+        elif name == "message_stop":
+            self.ex.complete = True
+        elif name == "error":
+            data = event.json()
+            error = data.get("error") if isinstance(data, dict) else None
+            if isinstance(error, dict) and isinstance(error.get("type"), str):
+                self.ex.error_type = error["type"]
+        return None
+
+    def on_end(self) -> bytes:
+        return b""
+
+
+def token(usage: dict | None, key: str) -> int | None:
+    value = usage.get(key) if usage else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def cache_share(usage: dict | None) -> float | None:
+    """The share of prompt tokens read from cache."""
+    read = token(usage, "cache_read_input_tokens") or 0
+    total = read + (token(usage, "input_tokens") or 0) + (token(usage, "cache_creation_input_tokens") or 0)
+    return round(read / total, 4) if total else None
+
+
+def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
+    usage = ex.usage
+    response = flow.response
+    breakdown = usage.get("cache_creation") if usage and isinstance(usage.get("cache_creation"), dict) else {}
+    cost, saved = pricing.cost(ex.rules.pricing, ex.model, usage)
+    first_byte = ex.response_started
+    return {
+        "kind": "usage",
+        "ts": datetime.fromtimestamp(ex.started, timezone.utc).isoformat(timespec="milliseconds"),
+        "mode": ex.mode,
+        "client": ex.client,
+        "session": ex.session,
+        "api": ex.api,
+        "method": ex.method,
+        "host": ex.host,
+        "path": ex.path.split("?", 1)[0],
+        "upstream": ex.upstream,
+        "model": ex.model,
+        "status": response.status_code if response else None,
+        "stream_requested": ex.stream_requested,
+        "stream_upstream": ex.stream_upstream,
+        **{key: token(usage, key) for key in TOKEN_FIELDS},
+        "cache_creation_5m_input_tokens": breakdown.get("ephemeral_5m_input_tokens"),
+        "cache_creation_1h_input_tokens": breakdown.get("ephemeral_1h_input_tokens"),
+        "cache_hit_share": cache_share(usage),
+        "cost_usd": cost,
+        "saved_usd": saved,
+        "request_id": response.headers.get("request-id") if response else None,
+        "error_type": ex.error_type,
+        "unwrapped": ex.unwrapped,
+        "unwrapped_from": ex.unwrapped_from,
+        "converted": ex.converted,
+        "cache_break": ex.cache_break,
+        "complete": ex.complete,
+        "user_agent": ex.user_agent if ex.client == "unknown" else None,
+        "ttfb_ms": round((first_byte - ex.started) * 1000, 1) if first_byte else None,
+        "duration_ms": round((now - ex.started) * 1000, 1),
+    }
+
+
+def human_line(record: dict[str, Any]) -> str:
+    share = record["cache_hit_share"]
+    session = (record["session"] or "-")[:12]
+    cost = f" ${record['cost_usd']:.4f}" if record["cost_usd"] is not None else ""
+    return (
+        f"{record['client']} session={session} {record['model'] or '-'} {record['status']}"
+        f" in={record['input_tokens']} out={record['output_tokens']}"
+        f" cache_read={record['cache_read_input_tokens']} cache_write={record['cache_creation_input_tokens']}"
+        f" hit={'-' if share is None else f'{share:.0%}'}{cost}"
+        + ("" if record["complete"] else " INCOMPLETE")
+    )
+
+
+class Usage:
+    def __init__(self, records: RecordLog) -> None:
+        self.records = records
+        self.cache = CacheWatch()
+        self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None:
+            return
+        ex.response_started = time.time()
+        ex.sse_taps.append(UsageTap(ex))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None:
+            return
+        if not flow.response.stream:  # buffered: the whole body is here
+            if ex.message is None and flow.response.status_code < 400:
+                body = exchange.parse_json_body(flow.response.get_content(strict=False))
+                if isinstance(body, dict) and body.get("type") == "message":
+                    ex.message = body
+            if ex.message is not None and isinstance(ex.message.get("usage"), dict):
+                ex.usage = ex.message["usage"]
+            if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
+                ex.complete = True
+        if flow.response.status_code >= 400 and ex.error_type is None:
+            body = exchange.parse_json_body(flow.response.get_content(strict=False))
+            if wire.is_native_error(body):
+                ex.error_type = body["error"]["type"]
+        if flow.response.status_code < 400 and ex.error_type is None:
+            ex.cache_break = self.cache.observe(ex.session, ex.usage)
+            if ex.cache_break:
+                self.warn_cache_break(flow, ex)
+        self.finish(flow, ex)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or ex.recorded:
+            return
+        ex.complete = False
+        self.finish(flow, ex)
+
+    def finish(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+        if ex.recorded:
+            return
+        ex.recorded = True
+        record = build_record(flow, ex, time.time())
+        self.records.write(record, ex.rules)
+        self.count(record)
+        logger.info(human_line(record))
+        exchange.publish(flow, ex)
+
+    def warn_cache_break(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+        full_price = (token(ex.usage, "input_tokens") or 0) + (token(ex.usage, "cache_creation_input_tokens") or 0)
+        request_id = flow.response.headers.get("request-id") or flow.id
+        logger.warning(
+            f"cache break: session {ex.session} ({ex.client}) request {request_id} read no cached tokens; "
+            f"{full_price} prompt tokens paid at full price (break #{self.cache.sessions[ex.session].breaks} "
+            f"in this session)"
+        )
+
+    def count(self, record: dict[str, Any]) -> None:
+        t = self.totals[record["client"]]
+        t["requests"] += 1
+        for key in TOKEN_FIELDS:
+            t[key] += record[key] or 0
+        t["cost_usd"] += record["cost_usd"] or 0
+        t["saved_usd"] += record["saved_usd"] or 0
+        t["cache_breaks"] += bool(record["cache_break"])
+        t["errors"] += bool(record["error_type"])
+
+    @command.command("gateway.stats")
+    def stats(self) -> str:
+        """Running totals per client since the gateway started: requests, tokens, cache share, cost."""
+        lines = []
+        for client, t in sorted(self.totals.items()):
+            usage = {k: int(t[k]) for k in TOKEN_FIELDS}
+            share = cache_share(usage)
+            lines.append(
+                f"{client}: {int(t['requests'])} requests, in {usage['input_tokens']}, out {usage['output_tokens']}, "
+                f"cache read {usage['cache_read_input_tokens']}, cache write {usage['cache_creation_input_tokens']}, "
+                f"hit {'-' if share is None else f'{share:.0%}'}, cost ${t['cost_usd']:.4f}, saved ${t['saved_usd']:.4f}, "
+                f"cache breaks {int(t['cache_breaks'])}, errors {int(t['errors'])}"
+            )
+        summary = "\n".join(lines) or "no API exchanges yet"
+        logger.info(summary)
+        return summary

@@ -1,0 +1,249 @@
+"""The SSE parser: hand cases, split-anywhere properties, and the Anthropic SDK's own decoder as oracle."""
+
+from __future__ import annotations
+
+import time
+
+from anthropic._streaming import SSEDecoder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_gateway import sse
+
+SETTINGS = settings(max_examples=200, deadline=None)
+
+
+def parse(*chunks: bytes, flush: bool = True) -> tuple[list[sse.Event], sse.SSEParser]:
+    parser = sse.SSEParser()
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    if flush:
+        events += parser.flush()
+    return events, parser
+
+
+def fields(events: list[sse.Event]) -> list[tuple[str | None, str]]:
+    return [(event.name, event.data) for event in events]
+
+
+# --- hand cases ---------------------------------------------------------------------------------
+
+
+def test_api_shaped_events():
+    body = b'event: message_start\ndata: {"type":"message_start"}\n\nevent: ping\ndata: {"type": "ping"}\n\n'
+    events, parser = parse(body, flush=False)
+    assert fields(events) == [("message_start", '{"type":"message_start"}'), ("ping", '{"type": "ping"}')]
+    assert [e.raw for e in events] == [
+        b'event: message_start\ndata: {"type":"message_start"}\n\n',
+        b'event: ping\ndata: {"type": "ping"}\n\n',
+    ]
+    assert events[0].json() == {"type": "message_start"}
+    assert parser.pending == b""
+
+
+def test_line_endings_crlf_cr_and_mixed():
+    for nl in (b"\r\n", b"\r", b"\n"):
+        body = b"event: a" + nl + b"data: 1" + nl + nl + b"event: b" + nl + b"data: 2" + nl + nl
+        events, _ = parse(body)  # with "\r" line breaks, the final one is held until flush
+        assert fields(events) == [("a", "1"), ("b", "2")], nl
+        assert b"".join(e.raw for e in events) == body
+    events, _ = parse(b"event: a\r\ndata: 1\n\revent: b\rdata: 2\r\n\r\n", flush=False)
+    assert fields(events) == [("a", "1"), ("b", "2")]
+
+
+def test_crlf_split_across_chunks_is_one_line_break():
+    # "\r" then "\n" in the next chunk must not count as two line breaks (that would end the event).
+    events, parser = parse(b"event: a\r", b"\ndata: 1\r", b"\n\r", b"\n", flush=False)
+    assert fields(events) == [("a", "1")]
+    assert events[0].raw == b"event: a\r\ndata: 1\r\n\r\n"
+    assert parser.pending == b""
+
+
+def test_final_lone_cr_is_held_until_the_next_byte():
+    parser = sse.SSEParser()
+    assert parser.feed(b"event: a\ndata: 1\n\r") == []  # the "\r" may be the start of "\r\n"
+    assert parser.pending == b"event: a\ndata: 1\n\r"
+    [event] = parser.feed(b"event: b\n")
+    assert event.raw == b"event: a\ndata: 1\n\r" and event.name == "a"
+    assert parser.pending == b"event: b\n"
+    # At the end of the stream the held event comes out of flush, bytes intact.
+    parser = sse.SSEParser()
+    assert parser.feed(b"event: a\n\r") == []
+    [event] = parser.flush()
+    assert (event.raw, event.name) == (b"event: a\n\r", "a")
+
+
+def test_data_lines_fields_and_comments():
+    body = (
+        b": keep-alive comment\n"
+        b"event:  two-spaces\n"  # exactly one leading space is stripped
+        b"id: 7\n"
+        b"retry: 100\n"
+        b"data:first\n"
+        b"data\n"  # a field with no colon: empty value
+        b"data: third\n"
+        b"unknown: x\n"
+        b"\n"
+    )
+    [event], _ = parse(body)
+    assert event.name == " two-spaces"
+    assert event.data == "first\n\nthird"
+    assert event.json() is None
+
+
+def test_last_event_field_wins_and_empty_name_is_none():
+    [event], _ = parse(b"event: a\ndata: 1\nevent: b\n\n")
+    assert event.name == "b"
+    [event], _ = parse(b"data: 1\nevent: a\n\n")
+    assert (event.name, event.data) == ("a", "1")
+    [event], _ = parse(b"event:\ndata: 1\n\n")
+    assert event.name is None  # the SDK reads an empty event type as none and skips the event
+    [event], _ = parse(b"data: 1\n\n")
+    assert (event.name, event.data) == (None, "1")
+
+
+def test_comment_only_blocks_and_extra_blank_lines_keep_their_bytes():
+    body = b"\n: ping\n\nevent: a\ndata: 1\n\n\r\n"
+    events, parser = parse(body)
+    assert [e.raw for e in events] == [b"\n", b": ping\n\n", b"event: a\ndata: 1\n\n", b"\r\n"]
+    assert fields(events) == [(None, ""), (None, ""), ("a", "1"), (None, "")]
+    assert parser.pending == b""
+
+
+def test_flush_returns_a_trailing_event_once():
+    parser = sse.SSEParser()
+    assert parser.feed(b'event: message_stop\ndata: {"type":"message_stop"}') == []
+    assert parser.pending == b'event: message_stop\ndata: {"type":"message_stop"}'
+    [event] = parser.flush()
+    assert event.raw == b'event: message_stop\ndata: {"type":"message_stop"}'
+    assert event.json() == {"type": "message_stop"}
+    assert parser.flush() == [] and parser.pending == b""
+    assert sse.SSEParser().flush() == []
+    # A trailing event ending in a single line break.
+    events, _ = parse(b"event: a\ndata: 1\n")
+    assert [(e.raw, e.name, e.data) for e in events] == [(b"event: a\ndata: 1\n", "a", "1")]
+
+
+def test_invalid_utf8_nul_and_utf8_split_across_chunks():
+    [event], _ = parse(b"event: \xff\xfeodd\ndata: a\x00b \xe2\x82\n\n")
+    assert event.name == "\ufffd\ufffdodd"
+    assert event.data == "a\x00b \ufffd"
+    euro = "data: 1€\n\n".encode()
+    events, _ = parse(euro[:8], euro[8:], flush=False)  # split inside the three bytes of "€"
+    assert events[0].data == "1€"
+
+
+def test_json_is_parsed_once_and_never_raises():
+    [event], _ = parse(b'data: {"a": [1, 2]}\n\n')
+    first = event.json()
+    assert first == {"a": [1, 2]} and event.json() is first
+    for body in (b"data: {\n\n", b"data: \n\n", b"data: " + b"[" * 100_000 + b"\n\n", b"data: null\n\n"):
+        [event], _ = parse(body)
+        assert event.json() is None
+
+
+def test_feed_accepts_memoryview_and_bytearray():
+    parser = sse.SSEParser()
+    events = parser.feed(memoryview(b"event: a\n")) + parser.feed(bytearray(b"data: 1\n\n"))
+    assert fields(events) == [("a", "1")]
+    assert isinstance(events[0].raw, bytes)
+
+
+def test_encode():
+    assert sse.encode("message_stop", {"type": "message_stop"}) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert sse.encode("x", {"t": "é"}) == 'event: x\ndata: {"t":"é"}\n\n'.encode()
+    assert sse.encode("ping", "as is") == b"event: ping\ndata: as is\n\n"
+    # Text with line breaks must become several data lines to stay one event.
+    [event], _ = parse(sse.encode("x", "a\nb\r\nc"))
+    assert (event.name, event.data) == ("x", "a\nb\nc")
+
+
+def test_many_events_are_cheap():
+    event = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+    body = event * 20_000
+    chunks = [body[i : i + 1400] for i in range(0, len(body), 1400)]  # network-sized pieces, split anywhere
+    started = time.perf_counter()
+    parser = sse.SSEParser()
+    count = 0
+    for chunk in chunks:
+        for ev in parser.feed(chunk):
+            count += ev.name == "content_block_delta"
+    elapsed = time.perf_counter() - started
+    assert count == 20_000
+    assert elapsed < 2.0, f"20,000 events took {elapsed:.2f}s"  # about 0.05 s on a laptop
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+line_breaks = st.sampled_from([b"\n", b"\r\n", b"\r"])
+field_text = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=20)
+
+
+@st.composite
+def event_blocks(draw) -> bytes:
+    """One event's lines (event, data, comments, id, retry, unknown fields) and its blank line."""
+    lines = draw(
+        st.lists(
+            st.one_of(
+                st.builds(lambda v: "event: " + v, field_text),
+                st.builds(lambda v: "data: " + v, field_text),
+                st.builds(lambda v: "data:" + v, field_text),
+                st.builds(lambda v: ":" + v, field_text),
+                st.sampled_from(["id: 1", "retry: 5", "data", "other: x"]),
+            ),
+            max_size=5,
+        )
+    )
+    body = b"".join(line.encode() + draw(line_breaks) for line in lines)
+    blank = draw(line_breaks)
+    if body.endswith(b"\r") and blank == b"\n":  # "\r" + "\n" would be one line break, not a blank line
+        blank = b"\r"
+    return body + blank
+
+
+streams = st.lists(event_blocks(), max_size=8).map(b"".join)
+
+
+@st.composite
+def split(draw, body: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=12)))
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+
+
+@SETTINGS
+@given(st.data(), streams)
+def test_any_split_gives_the_same_events_and_bytes(data, body):
+    whole, _ = parse(body)
+    chunks = data.draw(split(body))
+    pieces, parser = parse(*chunks, flush=False)
+    pieces += parser.flush()
+    assert [e.raw for e in pieces] == [e.raw for e in whole]
+    assert fields(pieces) == fields(whole)
+    assert b"".join(e.raw for e in pieces) == body
+
+
+@SETTINGS
+@given(st.data(), streams)
+def test_same_events_as_the_sdk_decoder(data, body):
+    """The SDK's decoder (given the same chunks) dispatches the same named events; it drops the rest."""
+    chunks = data.draw(split(body))
+    ours, _ = parse(*chunks)
+    theirs = [(s.event, s.data) for s in SSEDecoder().iter_bytes(iter(chunks)) if s.event is not None]
+    # The bodies end in a blank line, so flush() only releases a final event whose blank line is a
+    # lone "\r" (it waited to see whether "\n" followed); the SDK dispatches that one at the end too.
+    assert [(name, data) for name, data in fields(ours) if name is not None] == theirs
+
+
+@SETTINGS
+@given(st.data(), st.lists(st.binary(max_size=40), max_size=10).map(b"".join))
+def test_arbitrary_bytes_never_raise_and_no_byte_is_lost(data, body):
+    chunks = data.draw(split(body))
+    parser = sse.SSEParser()
+    events = [e for chunk in chunks for e in parser.feed(chunk)]
+    held = parser.pending
+    events += parser.flush()
+    for event in events:
+        assert isinstance(event.data, str)
+        assert event.name is None or isinstance(event.name, str)
+        event.json()
+    assert b"".join(e.raw for e in events) == body
+    assert held == (events[-1].raw if held else b"")
