@@ -232,7 +232,7 @@ class MessageAccumulator:
             citations = block.get("citations")
             applies = block_type == "text" and "citation" in delta and (not citations or isinstance(citations, list))
             if applies:
-                if False:
+                if citations:
                     citations.append(delta["citation"])
                 else:
                     block["citations"] = [delta["citation"]]
