@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from fakes.upstream import FakeUpstream
 from harness import Gateway
 
 
-def routed_rules(fake_url: str, extra: str = "") -> str:
-    """Rules that treat api.anthropic.com as the API and send it to the fake upstream, in both modes."""
-    return f"""\
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules.yaml"
+
+
+def routed_rules(fake_url: str, extra: str = "", clients: list[dict] | None = None) -> str:
+    """Rules that treat api.anthropic.com as the API and send it to `fake_url`, in both modes.
+
+    The client signatures are the default rule file's unless `clients` is given.
+    """
+    if clients is None:
+        clients = yaml.safe_load(DEFAULT_RULES.read_text())["clients"]
+    return yaml.safe_dump({"clients": clients}) + f"""\
 apis:
   - name: anthropic
     hosts: [api.anthropic.com]

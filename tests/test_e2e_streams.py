@@ -20,12 +20,8 @@ BLOCKS = (
 
 
 def rules_forcing(fake_url: str, stream: str) -> str:
-    return routed_rules(fake_url, f"""\
-clients:
-  - name: sdk-forced
-    user_agent: ["anthropic/python *", "asyncanthropic/python *"]
-    stream: "{stream}"
-""")
+    sdk = {"name": "sdk-forced", "user_agent": ["anthropic/python *", "asyncanthropic/python *"], "stream": stream}
+    return routed_rules(fake_url, clients=[sdk])
 
 
 @pytest.fixture(scope="module", params=["on", "off"])
