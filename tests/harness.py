@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_SCRIPT = ROOT / "addons" / "gateway.py"
 BIN = Path(sys.executable).parent
 LISTEN_RE = re.compile(r"(HTTP\(S\) proxy|[Rr]everse proxy to \S+) listening at \*?\[?([\d.:]+?)\]?:(\d+)")
+WEB_RE = re.compile(r"Web server listening at (http://\S+?/)(?:\?token=(\w+))?(?:\s|$)")
 
 
 def free_port() -> int:
@@ -42,6 +43,8 @@ class Gateway:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
+        web_password: str | None = None,
+        split_stdout: bool = False,
     ) -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="llmgw-e2e-"))
         self.confdir = self.dir / "confdir"
@@ -50,6 +53,8 @@ class Gateway:
         self.rules_path.write_text(rules)
         self.usage_log = self.dir / "usage.jsonl"
         self.output_path = self.dir / "mitmdump.log"
+        # split_stdout: standard output goes to stdout_path alone (gateway_log=- records), stderr to output_path
+        self.stdout_path = self.dir / "stdout.log" if split_stdout else None
         self.reverse_to = reverse_to
         self.regular = regular
         self.tool = tool
@@ -58,6 +63,11 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         self.regular_port: int | None = None
         self.reverse_port: int | None = None
+        # mitmweb only: its UI/REST API on 127.0.0.1:web_port, and the token it accepts
+        self.web_password = web_password
+        self.web_port: int | None = None
+        self.web_url: str | None = None
+        self.web_token: str | None = web_password
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -73,21 +83,31 @@ class Gateway:
             "--set", f"gateway_rules={self.rules_path}",
             "--set", f"gateway_log={self.usage_log}",
             "--set", "connection_strategy=lazy",
-            *self.extra_args,
         ]
-        return args
+        if self.tool == "mitmweb":
+            self.web_port = self.web_port or free_port()
+            args += ["--set", "web_host=127.0.0.1", "--set", f"web_port={self.web_port}", "--set", "web_open_browser=false"]
+            if self.web_password:
+                args += ["--set", f"web_password={self.web_password}"]
+        return args + list(self.extra_args)
 
     def start(self, timeout: float = 30) -> "Gateway":
         out = open(self.output_path, "wb")
+        stdout = open(self.stdout_path, "wb") if self.stdout_path else out
         self.proc = subprocess.Popen(
-            self.args(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.args(), stdout=stdout, stderr=out if self.stdout_path else subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(self.env or {})}, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         wanted = int(self.regular) + int(bool(self.reverse_to))
         while time.monotonic() < deadline:
-            found = LISTEN_RE.findall(self.output())
-            if len(found) >= wanted:
+            output = self.output()
+            found = LISTEN_RE.findall(output)
+            web = WEB_RE.search(output) if self.tool == "mitmweb" else None
+            if len(found) >= wanted and (web or self.tool != "mitmweb"):
+                if web:
+                    self.web_url = web.group(1)
+                    self.web_token = self.web_password or web.group(2)
                 for kind, _addr, port in found:
                     if kind.startswith("HTTP(S)"):
                         self.regular_port = int(port)
@@ -159,11 +179,13 @@ class Gateway:
             time.sleep(0.05)
         raise AssertionError(f"{needle!r} not in gateway output:\n{self.output()}")
 
-    def records(self, timeout: float = 5, count: int = 1) -> list[dict]:
-        """The usage records written so far, waiting up to `timeout` for at least `count`."""
+    def records(self, timeout: float = 5, count: int = 1, kind: str | None = "usage") -> list[dict]:
+        """The records of `kind` (None: every kind) written so far, waiting up to `timeout` for `count`."""
         deadline = time.monotonic() + timeout
         while True:
             lines = self.usage_log.read_text().splitlines() if self.usage_log.exists() else []
-            if len(lines) >= count or time.monotonic() > deadline:
-                return [json.loads(line) for line in lines]
+            records = [json.loads(line) for line in lines]
+            records = [r for r in records if kind is None or r.get("kind") == kind]
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
             time.sleep(0.05)
