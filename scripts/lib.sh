@@ -27,9 +27,11 @@ find_python312() {
 ensure_venv() {  # ensure_venv [extras]: create .venv and install the project (with extras) if needed
   local extras="${1:-}" marker
   marker="$VENV/.installed${extras:+-$extras}"
-  if [ -x "$VENV/bin/python" ] && [ -f "$marker" ] && [ "$marker" -nt "$ROOT/pyproject.toml" ]; then
-    return 0
-  fi
+  for done in "$marker" "$VENV/.installed-test"; do  # the test install includes the plain one
+    if [ -x "$VENV/bin/python" ] && [ -f "$done" ] && [ "$done" -nt "$ROOT/pyproject.toml" ]; then
+      return 0
+    fi
+  done
   if [ ! -x "$VENV/bin/python" ]; then
     local py
     py="$(find_python312)" || {

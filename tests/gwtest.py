@@ -41,3 +41,14 @@ def api_flow(
     f = tflow.tflow(req=req, resp=resp)
     f.client_conn.proxy_mode = ProxyMode.parse("reverse:https://api.anthropic.com" if mode == "reverse" else "regular")
     return f
+
+
+def forward(stream, chunks) -> bytes:
+    """What a stream callable sends for `chunks` and the final b"": b"" must never appear (it would end a
+    chunked body early); an empty list means "nothing yet"."""
+    out = []
+    for chunk in [*chunks, b""]:
+        sent = stream(chunk)
+        assert sent != b"", "b'' would end a chunked body early"
+        out.append(b"".join(sent) if isinstance(sent, list) else sent)
+    return b"".join(out)

@@ -31,9 +31,10 @@ class SSERelay:
         self.tapping = True
         self.decoding = decoder is not None
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         try:
-            return self._relay(chunk)
+            # Nothing to send yet must be [], not b"": mitmproxy writes b"" as the chunk that ends the body.
+            return self._relay(chunk) or []
         except Exception:  # never reached in normal operation: see the module docstring
             logger.exception(f"stream relay failed; forwarding the rest untouched ({self.ex.host}{self.ex.path})")
             self.tapping = False

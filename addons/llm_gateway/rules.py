@@ -309,13 +309,11 @@ class _Reader:
         optional_globs = {
             key: self.globs(m[key], f"{where}.{key}") for key in ("user_agent", "headers", "metadata_user_id") if key in m
         }
+        name = self.string(m["name"], f"{where}.name")
+        stream = self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent"
         try:
             return ClientSignature(
-                name=self.string(m["name"], f"{where}.name"),
-                header_values=values,
-                system_prompt=prompts,
-                stream=self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent",
-                **optional_globs,
+                name=name, header_values=values, system_prompt=prompts, stream=stream, **optional_globs
             )
         except (TypeError, ValueError) as e:
             raise self.fail(node, f"{where}: {e}") from None
