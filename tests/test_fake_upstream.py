@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from anthropic.types import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import DEFAULT_TEXT, DEFAULT_USAGE, FakeUpstream, Scenario, litellm_wrapped_error, message_to_events
+from fakes.upstream import DEFAULT_TEXT, DEFAULT_USAGE, FakeUpstream, Scenario, litellm_wrapped_error, message_to_events
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "hello"}]

@@ -196,6 +196,9 @@ class Scenario:
             return spec
         if isinstance(spec, Mapping):
             return cls.from_dict(spec)
+        if dataclasses.is_dataclass(spec) and hasattr(spec, "to_dict"):
+            # the same class imported twice (as fakes.upstream and tests.fakes.upstream)
+            return cls.from_dict(json.loads(spec.to_header()))
         raise TypeError(f"a scenario is a Scenario or a dict, not {type(spec).__name__}")
 
     @classmethod
@@ -409,8 +412,10 @@ _PATTERN = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\')
 
 
 def _pattern_text(n: int, offset: int = 0) -> str:
-    reps = (n + offset) // len(_PATTERN) + 2
-    return (_PATTERN * reps)[offset % len(_PATTERN) : offset % len(_PATTERN) + n]
+    """n printable characters (no quote, no backslash) of a repeating pattern, starting at offset."""
+    start = offset % len(_PATTERN)
+    reps = (start + n) // len(_PATTERN) + 1
+    return (_PATTERN * reps)[start : start + n]
 
 
 # ---------------------------------------------------------------------------------------------- recording
