@@ -149,7 +149,8 @@ def test_feed_accepts_memoryview_and_bytearray():
 
 
 def test_encode():
-    assert sse.encode("message_stop", {"type": "message_stop"}) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert sse.encode("message_stop", {"type": "message_stop"}) == stop
     assert sse.encode("x", {"t": "é"}) == 'event: x\ndata: {"t":"é"}\n\n'.encode()
     assert sse.encode("ping", "as is") == b"event: ping\ndata: as is\n\n"
     # Text with line breaks must become several data lines to stay one event.
@@ -158,7 +159,8 @@ def test_encode():
 
 
 def test_many_events_are_cheap():
-    event = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+    event = sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": "Hello"}})
     body = event * 20_000
     chunks = [body[i : i + 1400] for i in range(0, len(body), 1400)]  # network-sized pieces, split anywhere
     started = time.perf_counter()
@@ -170,6 +172,11 @@ def test_many_events_are_cheap():
     elapsed = time.perf_counter() - started
     assert count == 20_000
     assert elapsed < 2.0, f"20,000 events took {elapsed:.2f}s"  # about 0.05 s on a laptop
+    # "\r\n" line breaks take the slower full rule, but stay linear even when a whole body comes at once.
+    started = time.perf_counter()
+    assert len(sse.SSEParser().feed(body.replace(b"\n", b"\r\n"))) == 20_000
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"20,000 CRLF events took {elapsed:.2f}s"
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -219,6 +226,10 @@ def test_any_split_gives_the_same_events_and_bytes(data, body):
     assert [e.raw for e in pieces] == [e.raw for e in whole]
     assert fields(pieces) == fields(whole)
     assert b"".join(e.raw for e in pieces) == body
+    for event in pieces:  # the name's fast path (first line only) agrees with a full parse
+        slow = sse.Event(event.raw)
+        slow.data
+        assert slow.name == event.name
 
 
 @SETTINGS

@@ -116,6 +116,14 @@ def message_delta(stop_reason: str = "end_turn", usage: dict | None = None, **fi
     return "message_delta", {"type": "message_delta", "delta": d, "usage": usage or {"output_tokens": 9}, **fields}
 
 
+def text(index: int, piece: str) -> tuple[str, dict]:
+    return delta(index, type="text_delta", text=piece)
+
+
+def json_part(index: int, piece: str) -> tuple[str, dict]:
+    return delta(index, type="input_json_delta", partial_json=piece)
+
+
 PING = ("ping", {"type": "ping"})
 END = ("message_stop", {"type": "message_stop"})
 CITATION = {
@@ -124,67 +132,70 @@ CITATION = {
 }
 WEB_RESULT = {
     "type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
-    "content": [{"type": "web_search_result", "url": "https://example.com", "title": "Ex", "encrypted_content": "e", "page_age": None}],
+    "content": [
+        {"type": "web_search_result", "url": "https://x.test", "title": "X", "encrypted_content": "e", "page_age": None}
+    ],
 }
+TOOL = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+SERVER_TOOL = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
+THINKING = {"type": "thinking", "thinking": "", "signature": ""}
+TEXT = {"type": "text", "text": ""}
+EVERY_USAGE_FIELD = {
+    "output_tokens": 20, "input_tokens": 40, "cache_creation_input_tokens": 12, "cache_read_input_tokens": 7,
+    "server_tool_use": {"web_search_requests": 1}, "output_tokens_details": {"thinking_tokens": 3},
+}
+REFUSAL = {"type": "refusal", "category": "cyber", "explanation": None}
+CONTAINER = {"id": "container_1", "expires_at": "2026-07-23T16:16:14.426901Z"}
 
 STREAMS: dict[str, list[tuple[str, Any]]] = {
-    "text": [start(), PING, block(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="Hel"), PING,
-             delta(0, type="text_delta", text="lo"), stop(0), message_delta(), END],
+    "text": [start(), PING, block(0, TEXT), text(0, "Hel"), PING, text(0, "lo"), stop(0), message_delta(), END],
     "text with citations": [
-        start(), block(0, {"type": "text", "text": "", "citations": []}),
-        delta(0, type="citations_delta", citation=CITATION), delta(0, type="text_delta", text="Blue."),
-        delta(0, type="citations_delta", citation={**CITATION, "start_char_index": 4}), stop(0), message_delta(), END],
+        start(), block(0, {**TEXT, "citations": []}), delta(0, type="citations_delta", citation=CITATION),
+        text(0, "Blue."), delta(0, type="citations_delta", citation={**CITATION, "start_char_index": 4}), stop(0),
+        message_delta(), END],
     "tool_use in chunks": [
-        start(), block(0, {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}),
-        delta(0, type="input_json_delta", partial_json=""), delta(0, type="input_json_delta", partial_json='{"loc'),
-        delta(0, type="input_json_delta", partial_json='ation": "Par'), delta(0, type="input_json_delta", partial_json='is", "n": [1, 2.5]}'),
-        stop(0), message_delta("tool_use"), END],
+        start(), block(0, TOOL), json_part(0, ""), json_part(0, '{"loc'), json_part(0, 'ation": "Par'),
+        json_part(0, 'is", "n": [1, 2.5]}'), stop(0), message_delta("tool_use"), END],
     "tool_use without deltas": [
-        start(), block(0, {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}), stop(0),
-        block(1, {"type": "tool_use", "id": "toolu_2", "name": "now", "input": {}}),
-        delta(1, type="input_json_delta", partial_json=""), stop(1), message_delta("tool_use"), END],
+        start(), block(0, TOOL), stop(0), block(1, {**TOOL, "id": "toolu_2"}), json_part(1, ""), stop(1),
+        message_delta("tool_use"), END],
     "thinking and signature": [
-        start(), block(0, {"type": "thinking", "thinking": "", "signature": ""}),
-        delta(0, type="thinking_delta", thinking="Let me "), delta(0, type="thinking_delta", thinking="think."),
-        delta(0, type="signature_delta", signature="sig-A"), delta(0, type="signature_delta", signature="sig-B"), stop(0),
-        block(1, {"type": "text", "text": ""}), delta(1, type="text_delta", text="Done."), stop(1), message_delta(), END],
+        start(), block(0, THINKING), delta(0, type="thinking_delta", thinking="Let me "),
+        delta(0, type="thinking_delta", thinking="think."), delta(0, type="signature_delta", signature="sig-A"),
+        delta(0, type="signature_delta", signature="sig-B"), stop(0), block(1, TEXT), text(1, "Done."), stop(1),
+        message_delta(), END],
     "redacted_thinking": [
-        start(), block(0, {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}), stop(0), message_delta(), END],
+        start(), block(0, {"type": "redacted_thinking", "data": "EmwKAhgB"}), stop(0), message_delta(), END],
     "server tool use and result": [
-        start(), block(0, {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}),
-        delta(0, type="input_json_delta", partial_json='{"query": '), delta(0, type="input_json_delta", partial_json='"sky"}'),
-        stop(0), block(1, WEB_RESULT), stop(1), message_delta(usage={"output_tokens": 9, "server_tool_use": {"web_search_requests": 1}}), END],
+        start(), block(0, SERVER_TOOL), json_part(0, '{"query": '), json_part(0, '"sky"}'), stop(0),
+        block(1, WEB_RESULT), stop(1),
+        message_delta(usage={"output_tokens": 9, "server_tool_use": {"web_search_requests": 1}}), END],
     "unknown block type": [
-        start(), block(0, {"type": "hologram", "payload": {"x": [1, None]}}), delta(0, type="text_delta", text="ignored"),
-        stop(0), message_delta(), END],
+        start(), block(0, {"type": "hologram", "payload": {"x": [1, None]}}), text(0, "ignored"), stop(0),
+        message_delta(), END],
     "stop_sequence": [
-        start(), block(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="1, 2, "), stop(0),
+        start(), block(0, TEXT), text(0, "1, 2, "), stop(0),
         message_delta("stop_sequence", delta={"stop_sequence": "3"}), END],
-    "message_delta with every optional usage field": [
-        start(), message_delta(usage={
-            "output_tokens": 20, "input_tokens": 40, "cache_creation_input_tokens": 12, "cache_read_input_tokens": 7,
-            "server_tool_use": {"web_search_requests": 1}, "output_tokens_details": {"thinking_tokens": 3}}), END],
+    "message_delta with every optional usage field": [start(), message_delta(usage=EVERY_USAGE_FIELD), END],
     "message_delta with output_tokens only, then nulls": [
         start(), message_delta(usage={"output_tokens": 5}),
         message_delta(usage={"output_tokens": 6, "input_tokens": None, "cache_read_input_tokens": None}), END],
     "stop_details, container and extra fields": [
         start(container=None, private={"a": 1}),
-        message_delta("refusal", delta={"stop_details": {"type": "refusal", "category": "cyber", "explanation": None},
-                                        "container": {"id": "container_1", "expires_at": "2026-07-23T16:16:14.426901Z"}}),
-        END],
+        message_delta("refusal", delta={"stop_details": REFUSAL, "container": CONTAINER}), END],
     "unknown events and deltas are ignored": [
         ("future_event", {"type": "future_event", "x": 1}), start(), ("future_event", {"type": "future_event"}),
         block(0, {"type": "text", "text": "a"}), delta(0, type="future_delta", stuff=1), stop(0), message_delta(), END],
-    "no message_stop": [start(), block(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="cut")],
+    "no message_stop": [start(), block(0, TEXT), text(0, "cut")],
 }
 BETA_STREAMS: dict[str, list[tuple[str, Any]]] = {
     "mcp_tool_use": [
-        start(), block(0, {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "echo", "server_name": "s", "input": {}}),
-        delta(0, type="input_json_delta", partial_json='{"say": "hi"}'), stop(0), message_delta("tool_use"), END],
+        start(), block(0, {"type": "mcp_tool_use", "id": "mcp_1", "name": "echo", "server_name": "s", "input": {}}),
+        json_part(0, '{"say": "hi"}'), stop(0), message_delta("tool_use"), END],
     "compaction": [
         start(), block(0, {"type": "compaction", "content": None, "encrypted_content": None}),
-        delta(0, type="compaction_delta", content="summary", encrypted_content="enc"), delta(0, type="compaction_delta", content="v2"),
-        stop(0), message_delta(), END],
+        delta(0, type="compaction_delta", content="summary", encrypted_content="enc"),
+        delta(0, type="compaction_delta", content="v2"), stop(0), message_delta(), END],
     "fallback and context_management": [
         start(), block(0, {"type": "fallback", "from": {"model": "claude-test"}, "to": {"model": "claude-other"},
                            "trigger": {"type": "refusal", "category": None}}), stop(0),
@@ -214,7 +225,7 @@ def test_hand_written_beta_streams_match_the_beta_sdk(name):
 def test_hand_written_results_are_what_they_should_be():
     """So that agreeing with the SDK is not agreeing on nothing."""
     m = wire.message_from_sse(encode(STREAMS["tool_use in chunks"])).message
-    assert m["content"] == [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"location": "Paris", "n": [1, 2.5]}}]
+    assert m["content"] == [{**TOOL, "input": {"location": "Paris", "n": [1, 2.5]}}]
     assert m["usage"] == {**USAGE, "output_tokens": 9}
     assert (m["stop_reason"], m["stop_sequence"], m["stop_details"]) == ("tool_use", None, None)
     m = wire.message_from_sse(encode(STREAMS["thinking and signature"])).message
@@ -242,13 +253,13 @@ def test_ping_error_and_events_before_message_start():
 
 
 def test_accumulating_does_not_change_the_events_fed():
-    events = [e for name in STREAMS for e in STREAMS[name] if name == "text with citations" or name == "tool_use in chunks"]
-    snapshot = copy.deepcopy(events)
-    acc = wire.MessageAccumulator()
-    for name, data in events:
-        acc.feed(name, data)
-    acc.message
-    assert events == snapshot
+    for events in [*STREAMS.values(), *BETA_STREAMS.values()]:
+        snapshot = copy.deepcopy(events)
+        acc = wire.MessageAccumulator()
+        for name, data in events:
+            acc.feed(name, data)
+        acc.message
+        assert events == snapshot
 
 
 def test_merge_delta_usage():
@@ -267,7 +278,8 @@ SDK_RAISES = {  # fixture: what we build where SDK 2.12 raises instead
     "usage_omitted_response": {"input_tokens": 12, "output_tokens": 6},
     "usage_omitted_with_optional_fields_response": {
         "input_tokens": 12, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 3, "output_tokens": 6,
-        "output_tokens_details": {"thinking_tokens": 2}, "server_tool_use": {"web_search_requests": 1, "web_fetch_requests": 0}},
+        "output_tokens_details": {"thinking_tokens": 2},
+        "server_tool_use": {"web_search_requests": 1, "web_fetch_requests": 0}},
     "missing_usage_rich_delta_response": {
         "input_tokens": 11, "output_tokens": 1, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
         "server_tool_use": {"web_search_requests": 2}},
@@ -320,8 +332,9 @@ timestamps = st.datetimes(datetime(2020, 1, 1), datetime(2035, 1, 1)).map(
 
 
 def obj(required: dict, **optional: Any):
-    return st.fixed_dictionaries({k: v if isinstance(v, st.SearchStrategy) else st.just(v) for k, v in required.items()},
-                                 optional=optional)
+    """A dict strategy; plain values in `required` are constants."""
+    fixed = {k: v if isinstance(v, st.SearchStrategy) else st.just(v) for k, v in required.items()}
+    return st.fixed_dictionaries(fixed, optional=optional)
 
 
 citations = st.one_of(
@@ -331,6 +344,10 @@ citations = st.one_of(
          "encrypted_index": texts}),
     obj({"type": "future_location", "detail": json_values}),
 )
+web_search_results = obj(
+    {"type": "web_search_result", "url": texts, "title": texts, "encrypted_content": texts,
+     "page_age": st.none() | texts}
+)
 COMMON_BLOCKS = [
     obj({"type": "text", "text": texts}, citations=st.none() | st.lists(citations, max_size=3)),
     obj({"type": "tool_use", "id": ids, "name": ids, "input": json_objects}, caller=st.just({"type": "direct"})),
@@ -338,9 +355,7 @@ COMMON_BLOCKS = [
          "input": json_objects}),
     obj({"type": "thinking", "thinking": texts, "signature": texts}),
     obj({"type": "redacted_thinking", "data": texts}),
-    obj({"type": "web_search_tool_result", "tool_use_id": ids, "content": st.lists(obj(
-        {"type": "web_search_result", "url": texts, "title": texts, "encrypted_content": texts, "page_age": st.none() | texts}),
-        max_size=2)}),
+    obj({"type": "web_search_tool_result", "tool_use_id": ids, "content": st.lists(web_search_results, max_size=2)}),
     obj({"type": st.sampled_from(["hologram", "future_block"]), "payload": json_values}),
 ]
 BETA_BLOCKS = [
@@ -365,14 +380,16 @@ delta_usages = obj(
     output_tokens_details=st.none() | obj({"thinking_tokens": ints}),
 )
 stop_reasons = st.sampled_from([None, "end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"])
-stop_details = st.none() | obj({"type": "refusal", "category": st.none() | st.just("cyber"), "explanation": st.none() | texts})
+stop_details = st.none() | obj(
+    {"type": "refusal", "category": st.none() | st.just("cyber"), "explanation": st.none() | texts}
+)
 containers = obj({"id": ids, "expires_at": timestamps})
 
 
 def messages(beta: bool = False):
     extra = {"context_management": st.none() | st.just({"applied_edits": []})} if beta else {}
     return obj(
-        {"id": ids, "type": "message", "role": "assistant", "model": st.sampled_from(["claude-test", "claude-sonnet-4-5"]),
+        {"id": ids, "type": "message", "role": "assistant", "model": st.sampled_from(["claude-test", "claude-other"]),
          "content": st.lists(st.one_of(COMMON_BLOCKS + (BETA_BLOCKS if beta else [])), max_size=5),
          "stop_reason": stop_reasons, "stop_sequence": st.none() | texts, "usage": usages},
         stop_details=stop_details, container=st.none() | containers, private_field=json_values, **extra,
@@ -404,6 +421,12 @@ def streams(draw, beta: bool = False):
             events.append(draw(st.sampled_from([PING, ("future_event", {"type": "future_event", "x": [1]})])))
         if name == "message_start":
             data["message"]["usage"] = draw(usages)
+        elif name == "content_block_start" and draw(st.integers(0, 3)) == 0:
+            # A start value the deltas build on (text, thinking) or that they replace (tool input).
+            first = data["content_block"]
+            for field, values in (("text", texts), ("thinking", texts), ("input", json_objects)):
+                if field in first:
+                    first[field] = draw(values)
         elif name == "content_block_delta" and data["delta"]["type"] in SPLITTABLE:
             field = SPLITTABLE[data["delta"]["type"]]
             for piece in cut(draw, data["delta"][field]):
@@ -414,14 +437,14 @@ def streams(draw, beta: bool = False):
             block_type = next(d["content_block"].get("type") for n, d in events
                               if n == "content_block_start" and d["index"] == data["index"])
             misfits |= noise["type"] != "future_delta" and not _fits(noise["type"], block_type, beta)
-            events.append(("content_block_delta", {"type": "content_block_delta", "index": data["index"], "delta": noise}))
+            events.append(delta(data["index"], **noise))
         elif name == "message_delta":
             for _ in range(draw(st.integers(0, 2))):
-                events.append((name, {**data, "delta": {"stop_reason": draw(stop_reasons), "stop_details": draw(stop_details)},
-                                      "usage": draw(delta_usages)}))
+                early = {"stop_reason": draw(stop_reasons), "stop_details": draw(stop_details)}
+                events.append((name, {**data, "delta": early, "usage": draw(delta_usages)}))
             data["usage"] = draw(delta_usages)
             if draw(st.booleans()):
-                data["delta"]["container"] = draw(containers)
+                data["delta"]["container"] = draw(st.none() | containers)  # null must not erase it
         elif name == "message_stop" and draw(st.integers(0, 5)) == 0:
             continue
         events.append((name, data))
@@ -478,7 +501,7 @@ ROUND_TRIP_MESSAGES = {
             {"type": "hologram", "payload": [1]},
         ],
         "stop_reason": "tool_use", "stop_sequence": None, "stop_details": None,
-        "usage": {**USAGE, "output_tokens": 99, "server_tool_use": {"web_search_requests": 1}, "service_tier": "standard"},
+        "usage": {**USAGE, "output_tokens": 99, "server_tool_use": {"web_search_requests": 1}, "service_tier": "batch"},
     },
     "stop sequence, container, no stop_details key": {
         "id": "msg_2", "type": "message", "role": "assistant", "model": "claude-test", "content": [],
@@ -524,6 +547,7 @@ def check_round_trip(message: dict, beta_only: bool = False) -> None:
     first = events[0][1]["message"]
     assert (first["content"], first["stop_reason"], first["stop_sequence"]) == ([], None, None)
     assert first["usage"] == message["usage"]
+    assert first.get("stop_details") is None and first.get("container") is None  # they come in message_delta
     assert [name for name, _ in events[-2:]] == ["message_delta", "message_stop"]
     starts = [data for name, data in events if name == "content_block_start"]
     assert [d["index"] for d in starts] == list(range(len(message["content"])))
@@ -541,27 +565,74 @@ EVENT_TYPES = ["message_start", "content_block_start", "content_block_delta", "c
                "message_stop", "ping", "error", "future"]
 DELTA_TYPES = ["text_delta", "input_json_delta", "thinking_delta", "signature_delta", "citations_delta",
                "compaction_delta", "future_delta"]
-junk = json_values | st.fixed_dictionaries(
-    {"type": st.sampled_from(EVENT_TYPES)},
-    optional={
-        "index": st.integers(-2, 3) | json_values,
-        "message": messages() | json_values | obj({"content": json_values, "usage": json_values}),
-        "content_block": st.one_of(COMMON_BLOCKS + BETA_BLOCKS) | json_values | obj({"type": st.sampled_from(["fallback", "text"]), "to": json_values, "text": json_values}),
-        "delta": json_values | obj({"type": st.sampled_from(DELTA_TYPES)}, text=json_values, partial_json=json_values | st.sampled_from(['{"a', "]", " "]),
-                                   thinking=json_values, signature=json_values, citation=json_values),
-        "usage": json_values | delta_usages,
-    },
+odd = json_values | st.sampled_from(["]", '{"a', " ", "[1 2]", ["x"], {"type": ["x"]}])
+indexes = st.integers(-1, 3) | odd
+junk_blocks = st.one_of(COMMON_BLOCKS + BETA_BLOCKS) | odd | obj(
+    {"type": st.sampled_from(["fallback", "text", "thinking", "tool_use", "compaction"]) | odd},
+    to=odd, text=odd, thinking=odd, input=odd, citations=odd)
+junk_deltas = odd | obj({"type": st.sampled_from(DELTA_TYPES) | odd}, text=odd, partial_json=odd, thinking=odd,
+                        signature=odd, citation=odd, content=odd)
+junk_events = st.one_of(  # events of the right type with the wrong insides, and plain junk
+    st.tuples(st.just("content_block_start"),
+              obj({"type": "content_block_start", "index": indexes, "content_block": junk_blocks})),
+    st.tuples(st.just("content_block_delta"),
+              obj({"type": "content_block_delta", "index": indexes, "delta": junk_deltas})),
+    st.tuples(st.just("content_block_stop"), obj({"type": "content_block_stop", "index": indexes})),
+    st.tuples(st.just("message_delta"),
+              obj({"type": "message_delta"}, delta=odd | obj({}, stop_reason=odd, container=odd),
+                                            usage=odd | delta_usages, context_management=odd)),
+    st.tuples(st.just("message_start"),
+              obj({"type": "message_start", "message": messages() | odd | obj({}, content=odd, usage=odd)})),
+    st.tuples(st.sampled_from(EVENT_TYPES + [None]), odd | obj({"type": st.sampled_from(EVENT_TYPES) | odd})),
 )
 
 
 @SETTINGS
-@given(st.lists(st.tuples(st.sampled_from(EVENT_TYPES + [None]), junk), max_size=12))
-def test_malformed_events_never_raise(events):
+@given(st.booleans(), st.lists(junk_events, max_size=12))
+def test_malformed_events_never_raise(started, events):
+    if started:  # most checks only run once a message has started
+        events = [start(content=[{"type": "text", "text": "a"}, {"type": ["odd"]}, TOOL])] + events
     acc = wire.MessageAccumulator()
     for name, data in events:
         acc.feed(name, data)
     assert acc.message is None or isinstance(acc.message, dict)
     wire.message_from_sse(encode([(name or "x", data) for name, data in events]))
+
+
+ODD = [None, 5, 1.5, True, "x", "", [], ["x"], {}, {"type": ["x"]}]
+ODD_BLOCKS = ODD + [
+    {"type": t, **fields}
+    for t in [None, ["x"], "text", "thinking", "tool_use", "compaction", "fallback"]
+    for fields in [{}, {"text": None, "thinking": 5, "input": "x", "citations": "x", "to": []}]
+]
+ODD_DELTAS = ODD + [{"type": t} for t in [None, ["x"], *DELTA_TYPES]] + [
+    {"type": t, **dict.fromkeys(("text", "partial_json", "thinking", "signature", "citation", "content"), v)}
+    for t in [None, ["x"], *DELTA_TYPES] for v in (None, 5, ["x"], "]", '{"a')
+]
+
+
+def test_every_odd_block_with_every_odd_delta_never_raises():
+    """Every delta shape against every block shape, deterministically (random junk rarely lines them up)."""
+    for content_block in ODD_BLOCKS:
+        acc = wire.MessageAccumulator()
+        acc.feed(*start(content=[content_block]))
+        acc.feed("content_block_start", {"type": "content_block_start", "index": 1, "content_block": content_block})
+        for index in (1, 0, -1, 2, "1", None, True, 1.5, [1]):
+            for d in ODD_DELTAS:
+                acc.feed("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+            acc.feed("content_block_stop", {"type": "content_block_stop", "index": index})
+        for data in ODD + [{"type": "message_delta", "delta": d, "usage": u} for d in ODD for u in ODD]:
+            acc.feed("message_delta", data)
+        for data in ODD + [{"type": t} for t in EVENT_TYPES]:
+            acc.feed("message_stop", data)
+        assert isinstance(acc.message, dict) and acc.malformed
+    starts = ODD + [{"content": c, "usage": u} for c in ODD for u in ODD]
+    for data in ODD + [{"type": "message_start", "message": m} for m in starts]:
+        acc = wire.MessageAccumulator()
+        acc.feed("message_start", data)
+        acc.feed(*message_delta())
+        acc.feed("error", data)
+        acc.message
 
 
 @SETTINGS

@@ -1,9 +1,9 @@
 """Server-Sent Events: the one incremental parser the gateway reads streams with, and the encoder.
 
 The parser sits on the hot path of every streamed response, so it only looks for event boundaries
-(`bytes.find`-speed regex, no per-byte Python loop) and keeps each event's exact bytes: an event nobody
-changes is forwarded byte for byte. Fields are parsed on demand (the name for every event, the data
-for the few that are read).
+(`bytes.find`; a regex once a "\r" shows up; no per-byte Python loop) and keeps each event's exact
+bytes: an event nobody changes is forwarded byte for byte. Fields are parsed on demand (the name for
+every event, the data for the few that are read).
 
 Invariant: every byte fed ends up in exactly one `Event.raw` (from `feed` or `flush`) or in `pending`.
 That is why a block holding only comments or nothing (an extra blank line) is still an `Event`, with
@@ -48,8 +48,11 @@ class Event:
             raw = self.raw
             # Fast path for the API's own shape, `event: NAME\ndata: …`: read the first line only.
             if raw.startswith(b"event:") and b"\nevent" not in raw and b"\revent" not in raw:
-                m = _LINE_BREAK.search(raw)
-                value = raw[6 : m.start() if m else len(raw)]
+                end = raw.find(b"\n")
+                if end < 0:
+                    end = len(raw)
+                cr = raw.find(b"\r", 0, end)
+                value = raw[6 : cr if cr >= 0 else end]
                 if value[:1] == b" ":
                     value = value[1:]
                 self._name = value.decode("utf-8", "replace") or None
@@ -76,7 +79,8 @@ class Event:
     def _parse(self) -> None:
         name: bytes | None = None
         data: list[bytes] = []
-        for line in _LINE_BREAK.split(self.raw):
+        raw = self.raw
+        for line in _LINE_BREAK.split(raw) if b"\r" in raw else raw.split(b"\n"):
             if not line or line[0] == 0x3A:  # blank, or a ":" comment
                 continue
             field, colon, value = line.partition(b":")
@@ -94,11 +98,12 @@ class Event:
 class SSEParser:
     """Splits a byte stream, cut anywhere, into `Event`s. Never raises; holds back only a partial event."""
 
-    __slots__ = ("_buf", "_scan")
+    __slots__ = ("_buf", "_scan", "_cr")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._scan = 0  # where to resume looking for the end of the held-back event
+        self._cr = False  # a "\r" was seen: line breaks need the full rule from now on
 
     @property
     def pending(self) -> bytes:
@@ -122,14 +127,21 @@ class SSEParser:
                     break
                 end = start + (2 if buf[start + 1] == _LF else 1)
             else:
-                m = _EVENT_END.search(buf, max(scan, start))
-                if m is None:
+                pos = max(scan, start)
+                if not self._cr:
+                    # "\n" line breaks only (the API's own): the first "\n\n" ends the event, memchr-fast.
+                    end = buf.find(b"\n\n", pos)
+                    self._cr = buf.find(b"\r", pos, n if end < 0 else end) >= 0
+                    end = -1 if end < 0 else end + 2
+                if self._cr:
+                    m = _EVENT_END.search(buf, pos)
+                    end = -1 if m is None else m.end()
+                    if end == n and buf[end - 1] == _CR:  # a final "\r" may still become "\r\n"
+                        scan = m.start()
+                        break
+                if end < 0:
                     # Next time, resume close to the end: a blank line needs at most 4 bytes.
                     scan = max(start, n - 3)
-                    break
-                end = m.end()
-                if end == n and buf[end - 1] == _CR:  # a final "\r" may still become "\r\n"
-                    scan = m.start()
                     break
             events.append(Event(bytes(buf[start:end])))
             start = end

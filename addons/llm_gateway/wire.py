@@ -81,8 +81,9 @@ def dumps(value: Any) -> bytes:
 # is a superset of the plain one (Claude Code calls `/v1/messages?beta=true`); the extras only fire on
 # things the plain API never sends (mcp_tool_use, compaction and fallback blocks, context_management).
 
-# Blocks whose `input` streams as input_json_delta (the SDK's TRACKS_TOOL_INPUT).
-TOOL_INPUT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+# Blocks whose `input` streams as input_json_delta (the SDK's TRACKS_TOOL_INPUT). A tuple, not a set:
+# `in` must not raise on an unhashable `type` from a malformed block.
+TOOL_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
 
 # message_delta usage fields that overwrite only when present and not null.
 OPTIONAL_DELTA_USAGE = (
