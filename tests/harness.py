@@ -189,3 +189,14 @@ class Gateway:
             if len(records) >= count or time.monotonic() > deadline:
                 return records
             time.sleep(0.05)
+
+    def wait_record(self, match, timeout: float = 10, kind: str | None = "usage") -> dict:
+        """The first record for which `match(record)` is true, waiting up to `timeout` for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.records(timeout=0, count=0, kind=kind) if match(r)]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching record within {timeout}s; records: {self.records(timeout=0, kind=None)}")
+            time.sleep(0.05)

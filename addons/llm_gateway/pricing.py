@@ -19,22 +19,28 @@ def price_for(pricing: tuple[Price, ...], model: str | None) -> Price | None:
     return next((p for p in pricing if p.model.match(model)), None)
 
 
+def tokens(usage: dict[str, Any], key: str) -> int:
+    """A token count from usage as sent; anything but a non-negative integer counts as none."""
+    value = usage.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def cost(pricing: tuple[Price, ...], model: str | None, usage: dict[str, Any] | None) -> tuple[float | None, float | None]:
     """(cost_usd, saved_usd) for one exchange's usage, or (None, None) where the price is unknown."""
     price = price_for(pricing, model)
     if price is None or not usage:
         return None, None
-    n = lambda key: usage.get(key) or 0  # noqa: E731
-    write_total = n("cache_creation_input_tokens")
+    write_total = tokens(usage, "cache_creation_input_tokens")
     breakdown = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
-    write_1h = breakdown.get("ephemeral_1h_input_tokens") or 0
-    write_5m = breakdown.get("ephemeral_5m_input_tokens") or max(write_total - write_1h, 0)
+    write_1h = tokens(breakdown, "ephemeral_1h_input_tokens")
+    write_5m = tokens(breakdown, "ephemeral_5m_input_tokens") or max(write_total - write_1h, 0)
+    read = tokens(usage, "cache_read_input_tokens")
     dollars = (
-        n("input_tokens") * price.input
-        + n("output_tokens") * price.output
+        tokens(usage, "input_tokens") * price.input
+        + tokens(usage, "output_tokens") * price.output
         + write_5m * price.cache_write_5m
         + write_1h * price.cache_write_1h
-        + n("cache_read_input_tokens") * price.cache_read
+        + read * price.cache_read
     ) / MILLION
-    saved = n("cache_read_input_tokens") * (price.input - price.cache_read) / MILLION
+    saved = read * (price.input - price.cache_read) / MILLION
     return round(dollars, 8), round(saved, 8)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from mitmproxy import ctx
 
@@ -20,11 +20,19 @@ from .rules import Rules
 logger = logging.getLogger("llm_gateway.records")
 
 
+def standard_output():
+    """Where `-` sends records: standard output, also when `llm-gateway-dump` (launch.py) has pointed
+    `sys.stdout`, which mitmproxy's own log and flow lines use, at standard error."""
+    return sys.__stdout__ if sys.stdout is sys.stderr and sys.__stdout__ is not None else sys.stdout
+
+
 class RecordLog:
     def __init__(self) -> None:
         self._path: str | None = None
         self._fd: int | None = None
         self.written = 0
+        # Called with every record, written or not (metrics count egress decisions this way).
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -42,18 +50,25 @@ class RecordLog:
         return ctx.options.gateway_log or rules.usage.log
 
     def write(self, record: dict[str, Any], rules: Rules) -> None:
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:
+                logger.exception("record observer")
         path = self.path_for(rules)
         if not path:
             return
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
         try:
+            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+            line = (text + "\n").encode("utf-8", "replace")  # a lone surrogate from a client's JSON
             if path == "-":
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                out = standard_output()
+                out.buffer.write(line)
+                out.flush()
             else:
                 os.write(self._open(path), line)
             self.written += 1
-        except OSError as e:
+        except (OSError, ValueError, TypeError) as e:  # also a closed stdout, a record that is not JSON
             logger.error(f"cannot write record to {path}: {e}")
             self._close()
 

@@ -90,8 +90,8 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "stream_requested": ex.stream_requested,
         "stream_upstream": ex.stream_upstream,
         **{key: token(usage, key) for key in TOKEN_FIELDS},
-        "cache_creation_5m_input_tokens": breakdown.get("ephemeral_5m_input_tokens"),
-        "cache_creation_1h_input_tokens": breakdown.get("ephemeral_1h_input_tokens"),
+        "cache_creation_5m_input_tokens": token(breakdown, "ephemeral_5m_input_tokens"),
+        "cache_creation_1h_input_tokens": token(breakdown, "ephemeral_1h_input_tokens"),
         "cache_hit_share": cache_share(usage),
         "cost_usd": cost,
         "saved_usd": saved,
@@ -152,7 +152,7 @@ class Usage:
             if wire.is_native_error(body):
                 ex.error_type = body["error"]["type"]
         if flow.response.status_code < 400 and ex.error_type is None:
-            ex.cache_break = self.cache.observe(ex.session, ex.usage)
+            ex.cache_break = self.cache.observe(ex.session, ex.usage, ex.model)
             if ex.cache_break:
                 self.warn_cache_break(flow, ex)
         self.finish(flow, ex)
@@ -188,10 +188,15 @@ class Usage:
         t["requests"] += 1
         for key in TOKEN_FIELDS:
             t[key] += record[key] or 0
-        t["cost_usd"] += record["cost_usd"] or 0
-        t["saved_usd"] += record["saved_usd"] or 0
+        if record["cost_usd"] is not None:  # an unknown cost is not $0
+            t["priced"] += 1
+            t["cost_usd"] += record["cost_usd"]
+            t["saved_usd"] += record["saved_usd"] or 0
+        elif any(record[key] for key in TOKEN_FIELDS):
+            t["unpriced"] += 1
         t["cache_breaks"] += bool(record["cache_break"])
-        t["errors"] += bool(record["error_type"])
+        status = record["status"]
+        t["errors"] += bool(record["error_type"] or status is None or status >= 400 or not record["complete"])
 
     @command.command("gateway.stats")
     def stats(self) -> str:
@@ -200,10 +205,13 @@ class Usage:
         for client, t in sorted(self.totals.items()):
             usage = {k: int(t[k]) for k in TOKEN_FIELDS}
             share = cache_share(usage)
+            money = f"cost ${t['cost_usd']:.4f}, saved ${t['saved_usd']:.4f}" if t["priced"] else "cost -, saved -"
+            if t["unpriced"]:
+                money += f" ({int(t['unpriced'])} requests of unknown price not included)"
             lines.append(
                 f"{client}: {int(t['requests'])} requests, in {usage['input_tokens']}, out {usage['output_tokens']}, "
                 f"cache read {usage['cache_read_input_tokens']}, cache write {usage['cache_creation_input_tokens']}, "
-                f"hit {'-' if share is None else f'{share:.0%}'}, cost ${t['cost_usd']:.4f}, saved ${t['saved_usd']:.4f}, "
+                f"hit {'-' if share is None else f'{share:.0%}'}, {money}, "
                 f"cache breaks {int(t['cache_breaks'])}, errors {int(t['errors'])}"
             )
         summary = "\n".join(lines) or "no API exchanges yet"

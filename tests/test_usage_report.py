@@ -1,0 +1,405 @@
+"""scripts/usage_report on a generated log: exact totals in every format, every filter, bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import subprocess
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from llm_gateway import report
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "usage_report"
+
+CC_A = "8be2e96a-a3ed-42d9-b652-ae345397006b"  # a Claude Code session
+CC_B = "c7f0d1a2-9b3e-4c5d-8e6f-1a2b3c4d5e6f"
+LITELLM_SESSION = "litellm-sess-1"
+
+NOW = datetime.now(timezone.utc)
+REQUEST_IDS = itertools.count(1)
+
+
+def record(age: timedelta, client: str, session: str | None, model: str, *, status: int = 200,
+           stream: bool = False, tokens: tuple[int, int, int, int] | None = None, cost: float | None = None,
+           saved: float | None = None, error_type: str | None = None, complete: bool = True,
+           cache_break: bool = False) -> dict:
+    """A usage record as the gateway writes it; tokens are (input, output, cache read, cache write)."""
+    inp, out, read, write = tokens if tokens else (None, None, None, None)
+    prompt = (inp or 0) + (read or 0) + (write or 0)
+    return {
+        "kind": "usage", "ts": (NOW - age).isoformat(timespec="milliseconds"), "mode": "reverse",
+        "client": client, "session": session, "api": "anthropic", "method": "POST", "host": "api.anthropic.com",
+        "path": "/v1/messages", "upstream": "https://api.anthropic.com:443", "model": model, "status": status,
+        "stream_requested": stream, "stream_upstream": stream, "input_tokens": inp, "output_tokens": out,
+        "cache_creation_input_tokens": write, "cache_read_input_tokens": read,
+        "cache_creation_5m_input_tokens": write, "cache_creation_1h_input_tokens": 0 if write is not None else None,
+        "cache_hit_share": round(read / prompt, 4) if prompt else None, "cost_usd": cost, "saved_usd": saved,
+        "request_id": f"req_{next(REQUEST_IDS):04d}", "error_type": error_type, "unwrapped": False,
+        "unwrapped_from": None, "converted": None, "cache_break": cache_break, "complete": complete,
+        "user_agent": None, "ttfb_ms": 120.5, "duration_ms": 900.0,
+    }
+
+
+M, H, D = timedelta(minutes=1), timedelta(hours=1), timedelta(days=1)
+SONNET, OPUS, HAIKU = "claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805", "claude-haiku-4-5"
+# Costs are what the default pricing gives: Sonnet 3/15 (write 3.75, read 0.3), Opus 4.1 15/75, Haiku 4.5 1/5.
+RECORDS = [
+    # 0-3: a Claude Code session on Sonnet: writes its cache, reads it, breaks it, then the client abandons a stream
+    record(3 * D, "claude-code", CC_A, SONNET, stream=True, tokens=(2000, 300, 0, 10000), cost=0.048, saved=0.0),
+    record(3 * D - M, "claude-code", CC_A, SONNET, stream=True, tokens=(50, 200, 10000, 500), cost=0.008025,
+           saved=0.027),
+    record(3 * H, "claude-code", CC_A, SONNET, stream=True, tokens=(12000, 400, 0, 0), cost=0.042, saved=0.0,
+           cache_break=True),
+    record(30 * M, "claude-code", CC_A, SONNET, stream=True, tokens=(100, 20, 12000, 0), cost=0.0042, saved=0.0324,
+           complete=False),
+    # 4-5: another Claude Code session on Opus, not streaming, then an overload
+    record(90 * M, "claude-code", CC_B, OPUS, tokens=(10, 10, 0, 0), cost=0.0009, saved=0.0),
+    record(60 * M, "claude-code", CC_B, OPUS, status=529, error_type="overloaded_error"),
+    # 6-7: the Python SDK without a session
+    record(2 * D, "anthropic-python", None, HAIKU, tokens=(100, 50, 0, 0), cost=0.00035, saved=0.0),
+    record(10 * M, "anthropic-python", None, HAIKU, stream=True, tokens=(5, 5, 0, 0), cost=0.00003, saved=0.0),
+    # 8-9: LiteLLM with a model alias the pricing table does not know, then a bad key
+    record(5 * H, "litellm", LITELLM_SESSION, "my-sonnet", tokens=(1000, 100, 500, 0)),
+    record(20 * M, "litellm", LITELLM_SESSION, "my-sonnet", status=401, error_type="authentication_error"),
+    # 10: an unknown client on an unknown model
+    record(1 * D, "unknown", None, "gpt-x", tokens=(7, 3, 0, 0)),
+]
+EGRESS = {"kind": "egress", "ts": NOW.isoformat(), "host": "github.com", "port": 443, "decision": "deny"}
+CORRUPT = '{"kind":"usage","ts":"' + NOW.isoformat()[:10] + '","client":"claude-co'  # cut off mid-write
+
+# The whole log, by hand (see the records above).
+TOTAL = {
+    "requests": 11, "errors": 3, "input_tokens": 15272, "output_tokens": 1088, "cache_read_input_tokens": 22500,
+    "cache_creation_input_tokens": 10500, "cache_hit_share": 0.4661, "cost_usd": 0.103505, "saved_usd": 0.0594,
+    "cache_breaks": 1, "unpriced": 2,
+}
+CLIENTS = {
+    "anthropic-python": {"requests": 2, "errors": 0, "input_tokens": 105, "output_tokens": 55,
+                         "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "cache_hit_share": 0.0,
+                         "cost_usd": 0.00038, "saved_usd": 0.0, "cache_breaks": 0, "unpriced": 0},
+    "claude-code": {"requests": 6, "errors": 2, "input_tokens": 14160, "output_tokens": 930,
+                    "cache_read_input_tokens": 22000, "cache_creation_input_tokens": 10500, "cache_hit_share": 0.4715,
+                    "cost_usd": 0.103125, "saved_usd": 0.0594, "cache_breaks": 1, "unpriced": 0},
+    "litellm": {"requests": 2, "errors": 1, "input_tokens": 1000, "output_tokens": 100,
+                "cache_read_input_tokens": 500, "cache_creation_input_tokens": 0, "cache_hit_share": 0.3333,
+                "cost_usd": None, "saved_usd": None, "cache_breaks": 0, "unpriced": 1},
+    "unknown": {"requests": 1, "errors": 0, "input_tokens": 7, "output_tokens": 3, "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": 0, "cache_hit_share": 0.0, "cost_usd": None, "saved_usd": None,
+                "cache_breaks": 0, "unpriced": 1},
+}
+SESSIONS = {  # (client, session) in order of first appearance in the log
+    ("claude-code", CC_A): {"requests": 4, "errors": 1, "input_tokens": 14150, "output_tokens": 920,
+                            "cache_read_input_tokens": 22000, "cache_creation_input_tokens": 10500,
+                            "cache_hit_share": 0.4716, "cost_usd": 0.102225, "saved_usd": 0.0594, "cache_breaks": 1,
+                            "unpriced": 0},
+    ("claude-code", CC_B): {"requests": 2, "errors": 1, "input_tokens": 10, "output_tokens": 10,
+                            "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "cache_hit_share": 0.0,
+                            "cost_usd": 0.0009, "saved_usd": 0.0, "cache_breaks": 0, "unpriced": 0},
+    ("anthropic-python", None): CLIENTS["anthropic-python"],
+    ("litellm", LITELLM_SESSION): CLIENTS["litellm"],
+    ("unknown", None): CLIENTS["unknown"],
+}
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory) -> Path:
+    """The records in two files, as after a restart, with an egress record, a corrupt line and a blank line."""
+    folder = tmp_path_factory.mktemp("usage")
+    lines = [json.dumps(r, separators=(",", ":")) for r in RECORDS]
+    first, second = folder / "usage.jsonl", folder / "usage.jsonl.1"
+    first.write_text("\n".join(lines[:4] + [json.dumps(EGRESS)] + lines[4:7]) + "\n")
+    second.write_text("\n".join(lines[7:9] + [CORRUPT, ""] + lines[9:]) + "\n")
+    return folder
+
+
+def files(folder: Path) -> list[str]:
+    return [str(folder / "usage.jsonl"), str(folder / "usage.jsonl.1")]
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = report.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def as_json(capsys, log: Path, *args: str) -> dict:
+    code, out, _ = run(capsys, "--format", "json", *args, *files(log))
+    assert code == 0
+    return json.loads(out)
+
+
+def sums(indices: set[int]) -> dict:
+    """requests and token totals of the given records, for checking which records a filter kept."""
+    chosen = [RECORDS[i] for i in indices]
+    return {
+        "requests": len(chosen),
+        "input_tokens": sum(r["input_tokens"] or 0 for r in chosen),
+        "output_tokens": sum(r["output_tokens"] or 0 for r in chosen),
+        "cost_usd": float(sum(Decimal(str(r["cost_usd"])) for r in chosen if r["cost_usd"] is not None)) or None,
+    }
+
+
+def kept(doc: dict) -> dict:
+    return {k: doc["total"][k] for k in ("requests", "input_tokens", "output_tokens", "cost_usd")}
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+def test_json_totals_per_session_and_client(capsys, log):
+    doc = as_json(capsys, log)
+    assert doc["total"] == TOTAL
+    assert {r["client"]: {k: v for k, v in r.items() if k != "client"} for r in doc["clients"]} == CLIENTS
+    assert [r["client"] for r in doc["clients"]] == sorted(CLIENTS)
+    sessions = {(r["client"], r["session"]): {k: v for k, v in r.items() if k not in ("client", "session")}
+                for r in doc["sessions"]}
+    assert sessions == SESSIONS
+    assert [(r["client"], r["session"]) for r in doc["sessions"]] == list(SESSIONS)
+    assert doc["skipped"] == {"other_records": 1, "corrupt_lines": 1}
+
+
+def test_skipped_lines_are_counted_on_stderr(capsys, log):
+    code, _, err = run(capsys, *files(log))
+    assert code == 0
+    assert "1 record(s) of another kind" in err
+    assert f"1 corrupt line(s), first at {log / 'usage.jsonl.1'}:3" in err
+
+
+def parse_table(text: str) -> dict[str, list[dict[str, str]]]:
+    """Sections of the table as rows of {HEADER: cell}; columns are cut where the header line has them."""
+    sections: dict[str, list[dict[str, str]]] = {}
+    for block in text.strip().split("\n\n"):
+        title, header, *rows = block.split("\n")
+        names = [h.strip() for h in header.split("  ") if h.strip()]
+        widths = [len(seg) for seg in rows[-2].split("  ")]  # the dashes line gives each column's width
+        assert len(widths) == len(names)
+        ends, pos = [], 0
+        for w in widths:
+            ends.append(pos + w)
+            pos += w + 2
+        parsed = []
+        for row in rows:
+            if set(row) <= {"-", " "}:
+                continue
+            cells = [row[e - w: e].strip() for e, w in zip(ends, widths)]
+            parsed.append(dict(zip(names, cells)))
+        sections[title.rstrip(":")] = parsed
+    return sections
+
+
+def table_value(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "cache_hit_share":
+        return f"{value * 100:.1f}%"
+    if key in ("cost_usd", "saved_usd"):
+        return f"{value:,.4f}"
+    return f"{value:,}"
+
+
+COLUMN = {"requests": "REQUESTS", "errors": "ERRORS", "input_tokens": "INPUT", "output_tokens": "OUTPUT",
+          "cache_read_input_tokens": "CACHE READ", "cache_creation_input_tokens": "CACHE WRITE",
+          "cache_hit_share": "HIT", "cost_usd": "COST $", "saved_usd": "SAVED $", "cache_breaks": "BREAKS",
+          "unpriced": "UNPRICED"}
+
+
+def test_table_is_aligned_with_totals_row_and_dashes_for_unknown_cost(capsys, log):
+    code, out, _ = run(capsys, *files(log))
+    assert code == 0
+    sections = parse_table(out)
+    assert list(sections) == ["By session", "By client"]
+    for name, rows in sections.items():
+        total = rows[-1]
+        first_key = "SESSION" if name == "By session" else "CLIENT"
+        assert total[first_key] == "TOTAL"
+        assert {COLUMN[k]: total[COLUMN[k]] for k in TOTAL} == {COLUMN[k]: table_value(k, v) for k, v in TOTAL.items()}
+    by_client = {row["CLIENT"]: row for row in sections["By client"][:-1]}
+    assert list(by_client) == sorted(CLIENTS)
+    for client, expected in CLIENTS.items():
+        assert {k: by_client[client][COLUMN[k]] for k in expected} == {k: table_value(k, v) for k, v in expected.items()}
+    assert by_client["litellm"]["COST $"] == "-" and by_client["litellm"]["SAVED $"] == "-"
+    by_session = sections["By session"][:-1]
+    assert [(r["CLIENT"], r["SESSION"]) for r in by_session] == [(c, s or "-") for c, s in SESSIONS]
+    for row, expected in zip(by_session, SESSIONS.values()):
+        assert {k: row[COLUMN[k]] for k in expected} == {k: table_value(k, v) for k, v in expected.items()}
+    # aligned: every line of a section has the same length up to trailing spaces of the last column
+    for block in out.strip().split("\n\n"):
+        lines = block.split("\n")[1:]
+        assert len({len(line) for line in lines}) == 1, lines
+
+
+def test_csv_rows_and_empty_cells_for_unknown_cost(capsys, log):
+    code, out, _ = run(capsys, "--format", "csv", *files(log))
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["group", "client", "session", *TOTAL]
+
+    def expected_cells(values: dict) -> dict:
+        return {k: "" if v is None else (f"{v:.8f}".rstrip("0").rstrip(".") if k in ("cost_usd", "saved_usd")
+                                         else str(v)) for k, v in values.items()}
+
+    total = [r for r in rows if r["group"] == "total"]
+    assert len(total) == 1 and rows[-1]["group"] == "total"
+    assert {k: total[0][k] for k in TOTAL} == expected_cells(TOTAL)
+    assert total[0]["cost_usd"] == "0.103505" and total[0]["saved_usd"] == "0.0594"
+    clients = {r["client"]: {k: r[k] for k in TOTAL} for r in rows if r["group"] == "client"}
+    assert clients == {c: expected_cells(v) for c, v in CLIENTS.items()}
+    assert clients["litellm"]["cost_usd"] == "" and clients["unknown"]["saved_usd"] == ""
+    sessions = {(r["client"], r["session"]): {k: r[k] for k in TOTAL} for r in rows if r["group"] == "session"}
+    assert sessions == {(c, s or ""): expected_cells(v) for (c, s), v in SESSIONS.items()}
+
+
+@pytest.mark.parametrize("by, present, absent", [("session", "sessions", "clients"), ("client", "clients", "sessions")])
+def test_by_one_grouping(capsys, log, by, present, absent):
+    doc = as_json(capsys, log, "--by", by)
+    assert present in doc and absent not in doc and doc["total"] == TOTAL
+    _, out, _ = run(capsys, "--by", by, *files(log))
+    assert out.startswith(f"By {by}:") and out.count("By ") == 1
+    _, out, _ = run(capsys, "--format", "csv", "--by", by, *files(log))
+    assert {r["group"] for r in csv.DictReader(io.StringIO(out))} == {by, "total"}
+
+
+# ------------------------------------------------------------------------------------------------ filters
+
+
+def iso(t: datetime) -> str:
+    return t.isoformat()
+
+
+@pytest.mark.parametrize("args, indices", [
+    (["--since", "2h"], {3, 4, 5, 7, 9}),
+    (["--since", "4h", "--until", "45m"], {2, 4, 5}),
+    (["--until", "60h"], {0, 1}),
+    (["--since", "2.5d", "--until", "1.5d"], {6}),
+    (["--since", "1w", "--until", "2000m"], {0, 1, 6}),
+    (["--since", "90s"], set()),
+    (["--client", "claude-code"], {0, 1, 2, 3, 4, 5}),
+    (["--client", "Claude-Code"], {0, 1, 2, 3, 4, 5}),
+    (["--client", "litellm", "--client", "unknown"], {8, 9, 10}),
+    (["--client", "anthropic-*"], {6, 7}),
+    (["--session", CC_A[:8]], {0, 1, 2, 3}),
+    (["--session", CC_A, "--session", LITELLM_SESSION], {0, 1, 2, 3, 8, 9}),
+    (["--client", "claude-code", "--since", "2h"], {3, 4, 5}),
+    (["--session", CC_B, "--client", "litellm"], set()),
+])
+def test_filters(capsys, log, args, indices):
+    doc = as_json(capsys, log, *args)
+    assert kept(doc) == sums(indices)
+    assert sum(r["requests"] for r in doc["clients"]) == len(indices)
+    assert {r["client"] for r in doc["clients"]} == {RECORDS[i]["client"] for i in indices}
+
+
+def test_iso_times_with_offset_z_and_none(capsys, log):
+    since = NOW - timedelta(days=2, hours=12)
+    until = NOW - timedelta(hours=12)
+    expected = sums({6, 10})
+    for s, u in [
+        (iso(since), iso(until)),
+        (since.strftime("%Y-%m-%dT%H:%M:%SZ"), until.strftime("%Y-%m-%dT%H:%M:%SZ")),
+        (since.strftime("%Y-%m-%dT%H:%M:%S"), until.strftime("%Y-%m-%dT%H:%M:%S")),  # no offset: UTC
+        (since.astimezone(timezone(timedelta(hours=2))).isoformat(), until.astimezone(timezone(-timedelta(hours=5))).isoformat()),
+    ]:
+        assert kept(as_json(capsys, log, "--since", s, "--until", u)) == expected, (s, u)
+    doc = as_json(capsys, log, "--since", NOW.date().isoformat())  # a date alone is midnight UTC
+    midnight = datetime(NOW.year, NOW.month, NOW.day, tzinfo=timezone.utc)
+    assert kept(doc) == sums({i for i, r in enumerate(RECORDS) if datetime.fromisoformat(r["ts"]) >= midnight})
+    assert doc["filters"]["since"] == midnight.isoformat()
+
+
+def test_no_match_gives_zero_totals_and_null_costs(capsys, log):
+    code, out, err = run(capsys, "--format", "json", "--client", "nobody", *files(log))
+    assert code == 0 and "no usage records match" in err
+    doc = json.loads(out)
+    assert doc["total"]["requests"] == 0 and doc["total"]["cost_usd"] is None and doc["total"]["cache_hit_share"] is None
+    assert doc["sessions"] == [] and doc["clients"] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--since", "yesterday"], "not a time: 'yesterday'"),
+    (["--until", "5y"], "not a time: '5y'"),
+])
+def test_bad_times_are_refused(capsys, log, args, message):
+    code, out, err = run(capsys, *args, *files(log))
+    assert code == 2 and out == "" and message in err
+
+
+def test_missing_file_is_refused(capsys, tmp_path):
+    code, out, err = run(capsys, str(tmp_path / "nope.jsonl"))
+    assert code == 2 and out == "" and "cannot read" in err and "nope.jsonl" in err
+
+
+def test_no_file_and_no_default(capsys, monkeypatch):
+    monkeypatch.delenv(report.DEFAULT_LOG_ENV, raising=False)
+    code, _, err = run(capsys)
+    assert code == 2 and "no FILE given" in err
+
+
+def test_records_with_junk_fields_do_not_break_the_report(capsys, tmp_path):
+    junk = [
+        {**RECORDS[0], "input_tokens": "2000", "cost_usd": "0.1", "cache_break": "yes", "client": None},
+        {**RECORDS[1], "ts": "not a time"},
+        {**RECORDS[2], "ts": None},
+        ["a", "list"],
+        {**RECORDS[4], "cost_usd": float("nan"), "saved_usd": float("inf")},
+    ]
+    path = tmp_path / "junk.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in junk) + "\n")
+    code, out, err = run(capsys, "--format", "json", str(path))
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["skipped"] == {"other_records": 0, "corrupt_lines": 3}
+    assert doc["total"]["requests"] == 2
+    # "2000" is not a token count, "0.1" and NaN not costs, "yes" not a cache break; a client None is unknown
+    assert doc["total"]["input_tokens"] == RECORDS[4]["input_tokens"]
+    assert doc["total"]["cache_breaks"] == 0 and doc["total"]["cost_usd"] is None
+    assert {r["client"] for r in doc["clients"]} == {"unknown", "claude-code"}
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def command(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], input=stdin, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_command_reads_files_and_reports_in_every_format(log):
+    assert os.access(SCRIPT, os.X_OK)
+    done = command("--format", "json", *files(log))
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["total"] == TOTAL and "1 corrupt line(s)" in done.stderr
+    done = command("--format", "csv", "--by", "client", *files(log))
+    assert done.returncode == 0
+    total = [r for r in csv.DictReader(io.StringIO(done.stdout)) if r["group"] == "total"][0]
+    assert (total["requests"], total["cost_usd"], total["unpriced"]) == ("11", "0.103505", "2")
+    done = command(*files(log))
+    assert done.returncode == 0
+    assert parse_table(done.stdout)["By client"][-1]["COST $"] == "0.1035"
+
+
+def test_command_filters_and_stdin(log):
+    text = "".join(Path(f).read_text() for f in files(log))
+    done = command("--format", "json", "--client", "claude-code", "--since", "2h", "-", stdin=text)
+    assert done.returncode == 0, done.stderr
+    assert kept(json.loads(done.stdout)) == sums({3, 4, 5})
+    done = command("--format", "json", "--session", CC_A, "--until", "1d", "-", stdin=text)
+    assert kept(json.loads(done.stdout)) == sums({0, 1})
+
+
+def test_command_default_log_and_errors(log, tmp_path):
+    done = command("--format", "json", "--by", "client", env={report.DEFAULT_LOG_ENV: str(log / "usage.jsonl")})
+    assert done.returncode == 0, done.stderr
+    assert kept(json.loads(done.stdout)) == sums(set(range(7)))
+    done = command("--since", "whenever", *files(log))
+    assert done.returncode == 2 and "not a time" in done.stderr and done.stdout == ""
+    done = command("--help")
+    assert done.returncode == 0 and "--since" in done.stdout and "--client" in done.stdout
