@@ -1,0 +1,427 @@
+"""Reading API traffic in mitmweb: the assembled message instead of raw frames, and annotated flows.
+
+When an agent misbehaves, people open mitmweb to see what it sent and what came back. Three things
+make that readable:
+
+- `MessageView`, a contentview for `text/event-stream` and Messages JSON bodies: the Message the
+  client assembled (text, tool calls with their input, thinking, stop reason) and its usage.
+- A bounded copy of each streamed body (`StreamCopyTap` on the relay), put in the flow when the
+  stream ends, so mitmweb shows it instead of "content missing". Forwarding stays unbuffered.
+- A short `flow.comment` per API flow (client, session, stream handling, unwrapped error, tokens,
+  cache share) and a marker for errors, cache breaks and denied egress.
+
+`WebView` is the addon; it registers the contentview itself and removes it in `done`. It must run
+after `Usage` in the hook order (it reads what the other parts found about the exchange).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mitmproxy import contentviews, ctx, exceptions, http
+from mitmproxy.contentviews import Contentview, Metadata
+from mitmproxy.utils import human
+
+from . import exchange, relay, wire
+from .usage import cache_share, token
+
+logger = logging.getLogger("llm_gateway.webview")
+
+VIEW_NAME = "llm-message"
+SSE_TYPE = "text/event-stream"
+# flow.metadata keys. The egress policy puts its decision on the flows it judges, as
+# {"decision": "denied" | "blocked" | "fronting" | "allowed" | …, "host": …, "port": …, "rule": …};
+# this module only reads it, and marks the refusals.
+EGRESS_KEY = "gateway_egress"
+EGRESS_REFUSALS = frozenset({"denied", "blocked", "fronting"})
+STREAM_COPY_KEY = "gateway_stream_copy"
+
+MARK_ERROR = ":x:"
+MARK_CACHE_BREAK = ":warning:"
+MARK_DENIED = ":no_entry:"
+
+# Only this much of a body is searched for the signs of an Anthropic stream when picking a view.
+_SNIFF_BYTES = 64 * 1024
+
+
+# --------------------------------------------------------------------------------------- the view
+
+
+class MessageView(Contentview):
+    """The Message a response body describes, as the client's SDK assembles it."""
+
+    name = VIEW_NAME
+    syntax_highlight = "none"
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        message = _message_json(data)
+        if message is not None:
+            return render_message(message)
+        acc = wire.message_from_sse(data)
+        if acc.message is None and acc.error is None:
+            raise ValueError("neither a Messages API stream nor a Message")
+        return render_message(
+            acc.message,
+            stream=True,
+            complete=acc.complete,
+            error=acc.error,
+            malformed=acc.malformed,
+            copy=_copy_note(metadata),
+        )
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        if not data or isinstance(metadata.http_message, http.Request):
+            return -1
+        if metadata.content_type == SSE_TYPE:
+            head = data[:_SNIFF_BYTES]
+            return 2 if b"message_start" in head or b"event: error" in head else -1
+        if metadata.content_type in (None, "application/json") and b'"message"' in data[:_SNIFF_BYTES]:
+            return 2 if _message_json(data) is not None else -1
+        return -1
+
+
+def _message_json(data: bytes) -> dict[str, Any] | None:
+    """The body as a Message, or None when it is not `{"type": "message", …}` JSON."""
+    body = exchange.parse_json_body(data)
+    return body if isinstance(body, dict) and body.get("type") == "message" else None
+
+
+def _copy_note(metadata: Metadata) -> str | None:
+    flow = metadata.flow
+    copy = flow.metadata.get(STREAM_COPY_KEY) if flow is not None else None
+    if isinstance(copy, dict) and copy.get("truncated"):
+        return (
+            f"only the first {human.pretty_size(copy.get('kept_bytes', 0))} of "
+            f"{human.pretty_size(copy.get('total_bytes', 0))} were kept for viewing (gateway_keep_stream_body)"
+        )
+    return None
+
+
+def render_message(
+    message: dict[str, Any] | None,
+    *,
+    stream: bool = False,
+    complete: bool = True,
+    error: dict[str, Any] | None = None,
+    malformed: bool = False,
+    copy: str | None = None,
+) -> str:
+    """The Message as text: a head (id, model, stop reason, usage, stream state), then each block."""
+    lines: list[str] = []
+    if copy:
+        lines.append(f"NOTE: {copy}")
+    if stream:
+        if error is not None:
+            err = error.get("error") if isinstance(error.get("error"), dict) else {}
+            lines.append(f"stream error: {err.get('type', '?')}: {err.get('message', '')}")
+        elif not complete:
+            lines.append("stream INCOMPLETE: it ended before message_stop")
+        if malformed:
+            lines.append("some events could not be applied (malformed); shown as far as they went")
+    if message is None:
+        return "\n".join(lines)
+
+    head = f"{message.get('role', 'assistant')} message {message.get('id', '?')}"
+    if message.get("model"):
+        head += f" · model {message['model']}"
+    lines.append(head)
+    stop = f"stop reason: {message.get('stop_reason')}"
+    if message.get("stop_sequence") is not None:
+        stop += f" (stop sequence {message['stop_sequence']!r})"
+    lines.append(stop)
+    if message.get("stop_details") is not None:
+        lines.append(f"stop details: {_compact(message['stop_details'])}")
+    if isinstance(message.get("usage"), dict):
+        lines.extend(describe_usage(message["usage"]))
+    extra = {k: v for k, v in message.items() if k not in _SHOWN_FIELDS and v is not None}
+    for key, value in extra.items():
+        lines.append(f"{key}: {_compact(value)}")
+
+    content = message.get("content")
+    for index, block in enumerate(content if isinstance(content, list) else []):
+        lines.append("")
+        lines.extend(render_block(index, block))
+    return "\n".join(lines)
+
+
+_SHOWN_FIELDS = frozenset({"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "stop_details", "usage"})
+
+
+def describe_usage(usage: dict[str, Any]) -> list[str]:
+    """`tokens: input 21 · output 9` and `cache: read 13 · write 7 (5m 7, 1h 0) · hit 32%` (+ server tools)."""
+    write = f"write {_count(usage, 'cache_creation_input_tokens')}"
+    breakdown = usage.get("cache_creation")
+    if isinstance(breakdown, dict) and breakdown:
+        write += f" (5m {_count(breakdown, 'ephemeral_5m_input_tokens')}, 1h {_count(breakdown, 'ephemeral_1h_input_tokens')})"
+    share = cache_share(usage)
+    lines = [
+        f"tokens: input {_count(usage, 'input_tokens')} · output {_count(usage, 'output_tokens')}",
+        f"cache: read {_count(usage, 'cache_read_input_tokens')} · {write} · hit {'-' if share is None else f'{share:.0%}'}",
+    ]
+    server = usage.get("server_tool_use")
+    if isinstance(server, dict) and server:
+        lines.append("server tools: " + " · ".join(f"{k} {v}" for k, v in server.items()))
+    return lines
+
+
+def _count(usage: dict[str, Any], key: str) -> str:
+    value = token(usage, key)
+    return "-" if value is None else str(value)
+
+
+def render_block(index: int, block: Any) -> list[str]:
+    """One content block: a title line, then its readable body."""
+    if not isinstance(block, dict):
+        return [f"── [{index}] ?", _pretty(block)]
+    kind = block.get("type", "?")
+    title = f"── [{index}] {kind}"
+    if block.get("name"):
+        title += f" {block['name']}"
+    if block.get("id"):
+        title += f" ({block['id']})"
+    if block.get("tool_use_id"):
+        title += f" for {block['tool_use_id']}"
+    lines = [title]
+    shown = {"type", "name", "id", "tool_use_id"}
+    if kind == "text":
+        lines.append(_text(block.get("text")))
+        for citation in block.get("citations") or []:
+            lines.append(f"  cited: {_citation(citation)}")
+        shown |= {"text", "citations"}
+    elif kind == "thinking":
+        lines.append(_text(block.get("thinking")))
+        signature = block.get("signature")
+        lines.append(f"  (signature: {len(signature) if isinstance(signature, str) else 0} chars)")
+        shown |= {"thinking", "signature"}
+    elif kind == "redacted_thinking":
+        data = block.get("data")
+        lines.append(f"(redacted: {len(data) if isinstance(data, str) else 0} chars of encrypted thinking)")
+        shown.add("data")
+    elif "input" in block:  # tool_use, server_tool_use, mcp_tool_use
+        lines.append(_pretty(block["input"]))
+        shown.add("input")
+    elif "content" in block:  # tool results (web_search_tool_result, mcp_tool_result, …), compaction
+        lines.append(_text(block["content"]) if isinstance(block["content"], str) else _pretty(block["content"]))
+        shown.add("content")
+    rest = {k: v for k, v in block.items() if k not in shown}
+    if rest:
+        lines.append(f"  {_compact(rest)}")
+    return lines
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else _pretty(value)
+
+
+def _citation(citation: Any) -> str:
+    if not isinstance(citation, dict):
+        return _compact(citation)
+    where = citation.get("url") or citation.get("document_title") or citation.get("title") or citation.get("type")
+    return f"{citation.get('cited_text', '')!r} ({where})"
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+# ------------------------------------------------------------------------------ the stream copy
+
+
+class StreamCopyTap:
+    """Keeps the raw bytes of the events that pass, whole events only, up to `limit` bytes.
+
+    Sits last on the relay, so it sees each event as it was forwarded (after other taps rewrote it).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.total = 0
+        self.truncated = False
+
+    def on_event(self, event) -> None:
+        size = len(event.raw)
+        self.total += size
+        if self.truncated:
+            return None
+        if self.kept + size > self.limit:
+            self.truncated = True
+            return None
+        self.parts.append(event.raw)
+        self.kept += size
+        return None
+
+    def on_end(self) -> bytes:
+        return b""
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+    def summary(self) -> dict[str, Any]:
+        return {"kept_bytes": self.kept, "total_bytes": self.total, "truncated": self.truncated}
+
+
+def _copy_tap(ex: exchange.Exchange) -> StreamCopyTap | None:
+    return next((tap for tap in ex.sse_taps if isinstance(tap, StreamCopyTap)), None)
+
+
+# ------------------------------------------------------------------------------ the annotations
+
+
+def short_session(session: str | None) -> str | None:
+    if not session:
+        return None
+    return session if len(session) <= 10 else session[:8] + "…"
+
+
+def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
+    """`claude-code · session 1a2b3c4d… · stream forced off, sse->json · in 21 · out 9 · cache read 13 …`."""
+    parts = [ex.client]
+    session = short_session(ex.session)
+    if session:
+        parts.append(f"session {session}")
+    stream = []
+    if ex.stream_requested is not None and ex.stream_upstream is not None and ex.stream_requested != ex.stream_upstream:
+        stream.append(f"stream forced {'on' if ex.stream_upstream else 'off'}")
+    if ex.converted:
+        stream.append(f"converted {ex.converted}")
+    if stream:
+        parts.append(", ".join(stream))
+    if ex.error_type:
+        error = f"error {ex.error_type}"
+        if ex.unwrapped:
+            error += f" unwrapped from {ex.unwrapped_from or 'an envelope'}"
+        parts.append(error)
+    elif flow.error:
+        parts.append(f"failed: {flow.error.msg}")
+    if ex.usage:
+        usage = ex.usage
+        share = cache_share(usage)
+        parts.append(
+            f"in {_count(usage, 'input_tokens')} out {_count(usage, 'output_tokens')}"
+            f" cache r{_count(usage, 'cache_read_input_tokens')} w{_count(usage, 'cache_creation_input_tokens')}"
+            f" hit {'-' if share is None else f'{share:.0%}'}"
+        )
+    if ex.cache_break:
+        parts.append("CACHE BREAK")
+    if flow.response is not None and flow.response.status_code < 400 and not ex.complete and not ex.error_type:
+        parts.append("incomplete")
+    copy = flow.metadata.get(STREAM_COPY_KEY)
+    if isinstance(copy, dict) and copy.get("truncated"):
+        parts.append(f"body copy cut at {human.pretty_size(copy.get('kept_bytes', 0))}")
+    return " · ".join(parts)
+
+
+def marker_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
+    failed = flow.error is not None or (flow.response is not None and flow.response.status_code >= 400)
+    if failed or ex.error_type:
+        return MARK_ERROR
+    if ex.cache_break:
+        return MARK_CACHE_BREAK
+    return ""
+
+
+def refused_egress(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    decision = flow.metadata.get(EGRESS_KEY)
+    return decision if isinstance(decision, dict) and decision.get("decision") in EGRESS_REFUSALS else None
+
+
+def egress_comment(flow: http.HTTPFlow, decision: dict[str, Any]) -> str:
+    """`egress denied: evil.example:443 (not in egress.allow)`."""
+    where = str(decision.get("host") or flow.request.pretty_host)
+    if decision.get("port"):
+        where += f":{decision['port']}"
+    rule = decision.get("rule") or decision.get("reason")
+    return f"egress {decision['decision']}: {where}" + (f" ({rule})" if rule else "")
+
+
+def annotate(flow: http.HTTPFlow) -> None:
+    """Set the flow's comment and marker from what the gateway found; a user's own are kept."""
+    refused = refused_egress(flow)
+    ex = exchange.of(flow)
+    if refused is not None:
+        comment, marker = egress_comment(flow, refused), MARK_DENIED
+    elif ex is not None:
+        comment, marker = comment_for(flow, ex), marker_for(flow, ex)
+    else:
+        return
+    if not flow.comment:
+        flow.comment = comment
+    if marker and not flow.marked:
+        flow.marked = marker
+
+
+# ------------------------------------------------------------------------------------ the addon
+
+
+class WebView:
+    def __init__(self) -> None:
+        self.view = MessageView()
+        self.keep_limit = 4 * 1024 * 1024
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "gateway_keep_stream_body",
+            str,
+            "4m",
+            "Keep a copy of each streamed API response body, up to this size (e.g. 512k, 4m; 0 to keep none), "
+            "so mitmweb can show it. Forwarding stays unbuffered; a longer stream keeps only its first events.",
+        )
+        contentviews.add(self.view)
+
+    def configure(self, updated: set[str]) -> None:
+        if "gateway_keep_stream_body" not in updated:
+            return
+        try:
+            limit = human.parse_size(ctx.options.gateway_keep_stream_body)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"gateway_keep_stream_body: {e}") from None
+        self.keep_limit = max(limit or 0, 0)
+
+    def done(self) -> None:
+        # mitmproxy 12 has no public way to unregister a contentview; remove ours only if it is still ours.
+        key = self.view.name.lower()
+        by_name = getattr(contentviews.registry, "_by_name", None)
+        if isinstance(by_name, dict) and by_name.get(key) is self.view:
+            del by_name[key]
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or not isinstance(flow.response.stream, relay.SSERelay) or self.keep_limit <= 0:
+            return
+        if "store_streamed_bodies" in ctx.options and ctx.options.store_streamed_bodies:
+            return  # mitmproxy keeps the whole body itself
+        ex.sse_taps.append(StreamCopyTap(self.keep_limit))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)  # a stream cut off: what came before it is still worth seeing
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._keep_copy(flow)
+            annotate(flow)
+        except Exception:  # viewing aids must never disturb the traffic
+            logger.exception(f"cannot annotate {flow.request.pretty_url}")
+
+    def _keep_copy(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        tap = _copy_tap(ex) if ex is not None else None
+        if tap is None or flow.response is None or flow.response.raw_content is not None:
+            return
+        flow.response.raw_content = tap.body()  # only the flow's copy: the client already has every byte
+        flow.metadata[STREAM_COPY_KEY] = tap.summary()
+        if tap.truncated:
+            ex.notes.append(f"stream copy cut at {tap.kept} of {tap.total} bytes")

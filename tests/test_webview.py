@@ -1,0 +1,470 @@
+"""mitmweb aids: the message contentview, the bounded stream copy, and flow comments and markers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import contentviews, exceptions, flow as mflow, http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.contentviews import Metadata
+from mitmproxy.test import taddons, tutils
+
+from gwtest import api_flow, rule_file, forward
+from llm_gateway import exchange, sse, wire, webview
+from llm_gateway.envelopes import StreamErrorTap
+from llm_gateway.routing import ApiRouter
+from llm_gateway.streams import StreamPreference
+from llm_gateway.usage import UsageTap
+from llm_gateway.webview import MessageView, StreamCopyTap, WebView
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sse"
+SSE = "text/event-stream"
+
+USAGE = {
+    "input_tokens": 21,
+    "cache_creation_input_tokens": 7,
+    "cache_read_input_tokens": 13,
+    "cache_creation": {"ephemeral_5m_input_tokens": 7, "ephemeral_1h_input_tokens": 0},
+    "output_tokens": 9,
+    "server_tool_use": {"web_search_requests": 1},
+}
+
+# One block of every kind the API sends, plus one it may send in the future.
+BLOCKS = [
+    {"type": "thinking", "thinking": "The user wants the weather.\nCheck Paris first.", "signature": "c2lnbmF0dXJl"},
+    {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"},
+    {
+        "type": "text",
+        "text": "Paris is sunny.",
+        "citations": [{"type": "web_search_result_location", "cited_text": "sunny all day", "url": "https://w.example/p"}],
+    },
+    {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {"city": "Paris", "days": [1, 2]}},
+    {"type": "server_tool_use", "id": "srvtoolu_01B", "name": "web_search", "input": {"query": "paris weather"}},
+    {
+        "type": "web_search_tool_result",
+        "tool_use_id": "srvtoolu_01B",
+        "content": [{"type": "web_search_result", "url": "https://w.example/p", "title": "Paris forecast"}],
+    },
+    {"type": "mcp_tool_use", "id": "mcptoolu_01C", "name": "lookup", "server_name": "docs", "input": {"q": "x"}},
+    {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_01C", "is_error": False, "content": [{"type": "text", "text": "found it"}]},
+    {"type": "future_block", "payload": {"answer": 42}},
+]
+MESSAGE = {
+    "id": "msg_01XYZ",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-5",
+    "content": BLOCKS,
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": USAGE,
+}
+
+
+def response_meta(content_type: str | None, flow=None) -> Metadata:
+    resp = tutils.tresp(headers=http.Headers(content_type=content_type) if content_type else http.Headers())
+    return Metadata(flow=flow, content_type=content_type, http_message=resp)
+
+
+def view_text(data: bytes, content_type: str | None = SSE, flow=None) -> str:
+    return MessageView().prettify(data, response_meta(content_type, flow))
+
+
+# --- the contentview ------------------------------------------------------------------------------
+
+
+def test_every_block_kind_is_readable():
+    text = view_text(wire.message_to_sse(MESSAGE))
+    lines = text.splitlines()
+    assert lines[0] == "assistant message msg_01XYZ · model claude-sonnet-4-5"
+    assert lines[1] == "stop reason: tool_use"
+    assert lines[2:5] == [
+        "tokens: input 21 · output 9",
+        "cache: read 13 · write 7 (5m 7, 1h 0) · hit 32%",
+        "server tools: web_search_requests 1",
+    ]
+    # thinking: the whole text, and only the size of the signature
+    assert "── [0] thinking\nThe user wants the weather.\nCheck Paris first.\n  (signature: 12 chars)" in text
+    assert "c2lnbmF0dXJl" not in text
+    assert f"── [1] redacted_thinking\n(redacted: {len(BLOCKS[1]['data'])} chars of encrypted thinking)" in text
+    assert "── [2] text\nParis is sunny.\n  cited: 'sunny all day' (https://w.example/p)" in text
+    # tool calls: name, id, and the input as indented JSON
+    tool = text.split("── [3] tool_use get_weather (toolu_01A)\n", 1)[1].split("\n\n", 1)[0]
+    assert json.loads(tool) == {"city": "Paris", "days": [1, 2]} and '\n  "city": "Paris"' in tool
+    server = text.split("── [4] server_tool_use web_search (srvtoolu_01B)\n", 1)[1].split("\n\n", 1)[0]
+    assert json.loads(server) == {"query": "paris weather"}
+    result = text.split("── [5] web_search_tool_result for srvtoolu_01B\n", 1)[1].split("\n\n", 1)[0]
+    assert json.loads(result) == BLOCKS[5]["content"]
+    mcp = text.split("── [6] mcp_tool_use lookup (mcptoolu_01C)\n", 1)[1].split("\n\n", 1)[0]
+    assert mcp.splitlines()[-1] == '  {"server_name":"docs"}' and json.loads(mcp.rsplit("\n", 1)[0]) == {"q": "x"}
+    assert "── [7] mcp_tool_result for mcptoolu_01C\n" in text and '"text": "found it"' in text
+    assert text.endswith('── [8] future_block\n  {"payload":{"answer":42}}')
+
+
+def test_json_and_stream_of_one_message_read_the_same():
+    as_json = view_text(wire.dumps(MESSAGE), "application/json")
+    assert as_json == view_text(wire.message_to_sse(MESSAGE))
+    assert "stream" not in as_json.splitlines()[0]
+
+
+def test_fake_upstream_style_stream_with_pings_and_split_deltas():
+    from fakes.upstream import Scenario, build_message, message_to_events, sse_frame
+
+    spec = Scenario.reply(*BLOCKS[:4], usage={"cache_read_input_tokens": 0}, chunk_size=3, json_chunk_size=4)
+    msg = build_message(spec, {"model": "claude-x"}, "msg_fake")
+    body = b"".join(sse_frame(name, data) for name, data in message_to_events(msg, spec))
+    text = view_text(body)
+    assert "── [2] text\nParis is sunny." in text and "cache: read 0 · write 7 (5m 7, 1h 0) · hit 0%" in text
+
+
+def test_stop_sequence_details_and_extra_fields_are_shown():
+    message = dict(MESSAGE, content=[{"type": "text", "text": "hi"}], stop_reason="stop_sequence", stop_sequence="END",
+                   stop_details={"type": "refusal"}, container={"id": "cont_1"})
+    text = view_text(wire.dumps(message), "application/json")
+    assert "stop reason: stop_sequence (stop sequence 'END')" in text
+    assert 'stop details: {"type":"refusal"}' in text and 'container: {"id":"cont_1"}' in text
+
+
+def test_incomplete_stream_says_so():
+    events = wire.message_to_events(MESSAGE)
+    cut = b"".join(sse.encode(name, data) for name, data in events[:8])  # a few blocks, no message_stop
+    text = view_text(cut)
+    assert text.splitlines()[0] == "stream INCOMPLETE: it ended before message_stop"
+    assert "── [0] thinking" in text and "stop reason: None" in text
+
+
+def test_stream_error_event_is_shown_with_what_came_before():
+    events = wire.message_to_events(dict(MESSAGE, content=[{"type": "text", "text": "half an answ"}]))[:3]
+    body = b"".join(sse.encode(n, d) for n, d in events) + sse.encode("error", wire.error_body("overloaded_error", "Overloaded"))
+    text = view_text(body)
+    assert text.splitlines()[0] == "stream error: overloaded_error: Overloaded"
+    assert "half an answ" in text
+
+
+def test_error_only_stream():
+    text = view_text(sse.encode("error", wire.error_body("rate_limit_error", "slow down")))
+    assert text == "stream error: rate_limit_error: slow down"
+
+
+def test_malformed_events_are_reported():
+    body = wire.message_to_sse(dict(MESSAGE, content=[{"type": "text", "text": "ok"}]))
+    body = body.replace(b"event: message_stop", b'event: content_block_delta\ndata: {"type":"content_block_delta","index":7,"delta":{}}\n\nevent: message_stop')
+    text = view_text(body)
+    assert "some events could not be applied (malformed)" in text and "── [0] text\nok" in text
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.txt")), ids=lambda p: p.stem)
+def test_sdk_fixtures_render(path):
+    data = path.read_bytes()
+    acc = wire.message_from_sse(data)
+    text = view_text(data)
+    assert f"model {acc.message['model']}" in text.splitlines()[1 if not acc.complete or acc.malformed else 0]
+    for index, block in enumerate(acc.message["content"]):
+        assert f"── [{index}] {block['type']}" in text
+        if block["type"] == "text":
+            assert block["text"] in text
+
+
+def test_not_a_message_is_refused():
+    view = MessageView()
+    for data, ctype in [(b"data: {}\n\n", SSE), (b'{"type":"error","error":{}}', "application/json"), (b"plain", None)]:
+        with pytest.raises(ValueError):
+            view.prettify(data, response_meta(ctype))
+        assert view.render_priority(data, response_meta(ctype)) < 0
+
+
+def test_priority_beats_json_and_raw_for_messages_only():
+    view = MessageView()
+    stream = wire.message_to_sse(MESSAGE)
+    body = wire.dumps(MESSAGE)
+    assert view.render_priority(stream, response_meta(SSE)) > 1
+    assert view.render_priority(body, response_meta("application/json")) > contentviews.json_view.render_priority(
+        body, response_meta("application/json")
+    )
+    request = tutils.treq(content=body)
+    assert view.render_priority(body, Metadata(content_type="application/json", http_message=request)) < 0
+    assert view.render_priority(b"", response_meta(SSE)) < 0
+    other_stream = b'event: update\ndata: {"type":"message","x":1}\n\n'
+    assert view.render_priority(other_stream, response_meta(SSE)) < 0
+
+
+def test_truncated_copy_is_noted_from_flow_metadata():
+    f = api_flow(resp=True)
+    f.metadata[webview.STREAM_COPY_KEY] = {"kept_bytes": 1024, "total_bytes": 5000, "truncated": True}
+    text = view_text(wire.message_to_sse(MESSAGE)[:600], flow=f)
+    assert text.splitlines()[0].startswith("NOTE: only the first 1.0k of 4.9k were kept")
+
+
+def test_addon_registers_the_view_and_removes_it():
+    addon = WebView()
+    with taddons.context(addon) as tctx:
+        assert contentviews.registry["llm-message"] is addon.view
+        f = api_flow(resp=True)
+        f.response.headers["content-type"] = "text/event-stream; charset=utf-8"
+        f.response.content = wire.message_to_sse(MESSAGE)
+        pretty = contentviews.prettify_message(f.response, f)
+        assert pretty.view_name == "llm-message" and "── [3] tool_use get_weather" in pretty.text
+        f.response.headers["content-type"] = "application/json"
+        f.response.content = wire.dumps(MESSAGE)
+        assert contentviews.prettify_message(f.response, f).view_name == "llm-message"
+        tctx.master.addons.remove(addon)
+    assert "llm-message" not in contentviews.registry
+    assert contentviews.prettify_message(f.response, f).view_name == "JSON"
+
+
+# --- the stream copy ------------------------------------------------------------------------------
+
+
+def events_of(body: bytes) -> list[sse.Event]:
+    parser = sse.SSEParser()
+    return parser.feed(body) + parser.flush()
+
+
+def test_copy_tap_keeps_whole_events_up_to_the_limit():
+    events = events_of(wire.message_to_sse(MESSAGE))
+    sizes = [len(e.raw) for e in events]
+    limit = sum(sizes[:5])  # exactly five events fit
+    tap = StreamCopyTap(limit)
+    for e in events:
+        assert tap.on_event(e) is None
+    assert tap.on_end() == b""
+    assert tap.body() == b"".join(e.raw for e in events[:5])
+    assert tap.summary() == {"kept_bytes": limit, "total_bytes": sum(sizes), "truncated": True}
+
+
+def test_copy_tap_stops_at_the_first_event_that_does_not_fit():
+    events = events_of(b"event: a\ndata: 1\n\n" + b"event: b\ndata: " + b"x" * 100 + b"\n\n" + b"event: c\ndata: 2\n\n")
+    tap = StreamCopyTap(40)
+    for e in events:
+        tap.on_event(e)
+    assert tap.body() == b"event: a\ndata: 1\n\n"  # "c" would fit, but the copy stays a prefix
+    assert tap.truncated and tap.total == sum(len(e.raw) for e in events)
+
+
+def test_copy_tap_under_the_limit_keeps_everything():
+    body = wire.message_to_sse(MESSAGE)
+    tap = StreamCopyTap(len(body))
+    for e in events_of(body):
+        tap.on_event(e)
+    assert tap.body() == body and not tap.truncated
+
+
+def streamed_flow(addons, body_chunks, *, content_type=SSE):
+    """An API flow whose SSE response passes the real relay in `body_chunks`; returns (flow, forwarded)."""
+    router = addons[0]
+    f = api_flow(b'{"model":"claude-x","max_tokens":5,"stream":true,"messages":[]}')
+    router.requestheaders(f)
+    router.request(f)
+    for addon in addons[1:]:
+        if hasattr(addon, "request"):
+            addon.request(f)
+    f.response = tutils.tresp(headers=http.Headers(content_type=content_type), content=b"")
+    for addon in addons[1:]:
+        if hasattr(addon, "responseheaders"):
+            addon.responseheaders(f)
+    forwarded = b""
+    if callable(f.response.stream):
+        forwarded = forward(f.response.stream, body_chunks)
+        f.response.data.content = None  # what mitmproxy leaves on a streamed response
+    for addon in addons[1:]:
+        if hasattr(addon, "response"):
+            addon.response(f)
+    return f, forwarded
+
+
+def chunks(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+class _Taps:  # the taps ErrorUnwrapper and Usage put on, in the gateway's order, without records
+    def responseheaders(self, f):
+        ex = exchange.of(f)
+        ex.sse_taps.append(StreamErrorTap(ex))
+        ex.sse_taps.append(UsageTap(ex))
+
+
+def pipeline():
+    return [ApiRouter(rule_file()), StreamPreference(), _Taps(), WebView()]
+
+
+def test_streamed_body_is_kept_for_viewing_and_forwarding_is_unchanged():
+    body = wire.message_to_sse(MESSAGE)
+    addons = pipeline()
+    with taddons.context(*addons):
+        f, forwarded = streamed_flow(addons, chunks(body, 7))
+        assert forwarded == body
+        assert f.response.raw_content == body
+        assert f.metadata[webview.STREAM_COPY_KEY] == {"kept_bytes": len(body), "total_bytes": len(body), "truncated": False}
+        assert "── [3] tool_use get_weather" in contentviews.prettify_message(f.response, f).text
+
+
+def test_stream_copy_keeps_what_was_forwarded_after_other_taps_rewrote_it():
+    events = wire.message_to_events(dict(MESSAGE, content=[{"type": "text", "text": "hi"}]))[:2]
+    wrapped = {"error": {"message": '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+                         "type": "None", "param": "None", "code": "529"}}
+    body = b"".join(sse.encode(n, d) for n, d in events) + sse.encode("error", wrapped)
+    addons = pipeline()
+    with taddons.context(*addons):
+        f, forwarded = streamed_flow(addons, chunks(body, 50))
+        assert b'"type":"overloaded_error"' in forwarded and b'"code":"529"' not in forwarded
+        assert f.response.raw_content == forwarded
+        assert f.marked == ":x:" and "error overloaded_error unwrapped from stream error event" in f.comment
+
+
+def test_stream_copy_limit_and_truncation_note():
+    body = wire.message_to_sse(dict(MESSAGE, content=[{"type": "text", "text": "word " * 2000}]))
+    addons = pipeline()
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[-1], gateway_keep_stream_body="1k")
+        f, forwarded = streamed_flow(addons, chunks(body, 333))
+        assert forwarded == body
+        kept = f.response.raw_content
+        assert 0 < len(kept) <= 1024 and body.startswith(kept) and kept.endswith(b"\n\n")
+        copy = f.metadata[webview.STREAM_COPY_KEY]
+        assert copy == {"kept_bytes": len(kept), "total_bytes": len(body), "truncated": True}
+        assert "body copy cut at" in f.comment
+        assert contentviews.prettify_message(f.response, f).text.startswith("NOTE: only the first")
+
+
+def test_stream_copy_can_be_turned_off_and_leaves_buffered_bodies_alone():
+    body = wire.message_to_sse(MESSAGE)
+    addons = pipeline()
+    with taddons.context(*addons, Proxyserver()) as tctx:
+        tctx.configure(addons[-1], gateway_keep_stream_body="0")
+        f, forwarded = streamed_flow(addons, chunks(body, 100))
+        assert forwarded == body and f.response.raw_content is None
+        tctx.configure(addons[-1], gateway_keep_stream_body="4m", store_streamed_bodies=True)
+        f, _ = streamed_flow(addons, chunks(body, 100))
+        assert not any(isinstance(t, StreamCopyTap) for t in exchange.of(f).sse_taps)
+        tctx.configure(addons[-1], store_streamed_bodies=False)
+        f, forwarded = streamed_flow(addons, [], content_type="application/json")
+        assert forwarded == b"" and f.response.raw_content == b""  # buffered: nothing to copy, body untouched
+        assert not any(isinstance(t, StreamCopyTap) for t in exchange.of(f).sse_taps)
+
+
+def test_bad_size_is_refused():
+    addon = WebView()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, gateway_keep_stream_body="lots")
+        tctx.configure(addon, gateway_keep_stream_body="512k")
+        assert addon.keep_limit == 512 * 1024
+
+
+def test_cut_off_stream_keeps_its_copy_on_error():
+    body = wire.message_to_sse(MESSAGE)
+    addons = pipeline()
+    with taddons.context(*addons):
+        f = api_flow(b'{"model":"claude-x","max_tokens":5,"stream":true,"messages":[]}')
+        addons[0].requestheaders(f)
+        addons[0].request(f)
+        addons[1].request(f)
+        f.response = tutils.tresp(headers=http.Headers(content_type=SSE), content=b"")
+        for addon in addons[1:]:
+            addon.responseheaders(f)
+        forwarded = f.response.stream(body[:700])
+        f.response.data.content = None
+        f.error = mflow.Error("peer closed connection")
+        addons[-1].error(f)
+        assert f.response.raw_content == forwarded and forwarded
+        assert f.marked == ":x:" and "failed: peer closed connection" in f.comment
+
+
+# --- comments and markers -------------------------------------------------------------------------
+
+
+def api_exchange(**fields) -> tuple[http.HTTPFlow, exchange.Exchange]:
+    router = ApiRouter(rule_file())
+    f = api_flow()
+    with taddons.context(router):
+        router.requestheaders(f)
+        router.request(f)
+    f.response = tutils.tresp()
+    ex = exchange.of(f)
+    for k, v in fields.items():
+        setattr(ex, k, v)
+    return f, ex
+
+
+def test_comment_names_client_session_stream_and_tokens():
+    f, ex = api_exchange(
+        client="claude-code", session="0f9e8d7c-6b5a-4321-8765-43210fedcba9", stream_requested=True,
+        stream_upstream=False, converted="sse->json", usage=dict(USAGE), complete=True,
+    )
+    webview.annotate(f)
+    assert f.comment == "claude-code · session 0f9e8d7c… · stream forced off, converted sse->json · in 21 out 9 cache r13 w7 hit 32%"
+    assert f.marked == ""
+
+
+def test_short_session_is_kept_whole():
+    f, ex = api_exchange(client="goose", session="s-42", complete=True)
+    webview.annotate(f)
+    assert f.comment == "goose · session s-42"
+
+
+def test_unwrapped_error_is_marked():
+    f, ex = api_exchange(client="litellm", error_type="rate_limit_error", unwrapped=True,
+                         unwrapped_from="litellm-passthrough 429")
+    f.response.status_code = 429
+    webview.annotate(f)
+    assert f.comment == "litellm · error rate_limit_error unwrapped from litellm-passthrough 429"
+    assert f.marked == ":x:"
+
+
+def test_error_status_without_type_and_failed_flow_are_marked():
+    f, ex = api_exchange()
+    f.response.status_code = 502
+    webview.annotate(f)
+    assert f.marked == ":x:"
+    f, ex = api_exchange()
+    f.response = None
+    f.error = mflow.Error("connection refused")
+    webview.annotate(f)
+    assert f.marked == ":x:" and f.comment == "unknown · failed: connection refused"
+
+
+def test_cache_break_is_marked_with_a_warning():
+    usage = dict(USAGE, cache_read_input_tokens=0)
+    f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True)
+    webview.annotate(f)
+    assert f.marked == ":warning:" and f.comment.endswith("cache r0 w7 hit 0% · CACHE BREAK")
+
+
+def test_incomplete_answer_is_said():
+    f, ex = api_exchange(client="x", complete=False)
+    webview.annotate(f)
+    assert f.comment == "x · incomplete"
+
+
+def test_refused_egress_is_marked():
+    for decision in ("denied", "blocked", "fronting"):
+        f = api_flow(resp=True, host="evil.example")
+        f.response.status_code = 403
+        f.metadata[webview.EGRESS_KEY] = {"decision": decision, "host": "evil.example", "port": 443, "rule": "default deny"}
+        webview.annotate(f)
+        assert f.marked == ":no_entry:" and f.comment == f"egress {decision}: evil.example:443 (default deny)"
+    f = api_flow(resp=True, host="ok.example")
+    f.metadata[webview.EGRESS_KEY] = {"decision": "allowed", "host": "ok.example"}
+    webview.annotate(f)
+    assert f.marked == "" and f.comment == ""
+
+
+def test_connect_refusal_is_annotated_by_the_hook():
+    addon = WebView()
+    with taddons.context(addon):
+        f = api_flow(resp=True, host="evil.example")
+        f.metadata[webview.EGRESS_KEY] = {"decision": "denied"}
+        addon.http_connect_error(f)
+        assert f.marked == ":no_entry:" and f.comment == "egress denied: evil.example"
+
+
+def test_other_flows_and_users_own_notes_are_left_alone():
+    f = api_flow(resp=True, host="example.com")
+    webview.annotate(f)
+    assert f.comment == "" and f.marked == ""
+    f, ex = api_exchange(client="claude-code", error_type="api_error")
+    f.comment, f.marked = "mine", ":star:"
+    webview.annotate(f)
+    assert f.comment == "mine" and f.marked == ":star:"
