@@ -63,6 +63,8 @@ class RuleFile:
 
     def running(self) -> None:
         self._warn_unknown_options()
+        if not self.loaded:  # e.g. gateway_rules given twice, which mitmproxy drops without a word
+            logger.error(f"no rule file loaded (gateway_rules={ctx.options.gateway_rules!r}): refusing to run without rules")
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 

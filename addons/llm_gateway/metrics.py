@@ -1,0 +1,152 @@
+"""Prometheus metrics: what the usage records say, summed, for the platform's dashboards and alerts.
+
+Counted once per finished API exchange (after `Usage` wrote its record, in the same `response`/`error`
+hook), labelled by client and model, never by session: labels must stay few, and a session id is new
+every run. Client and model names come from requests, so each label keeps at most `MAX_VALUES` distinct
+values and folds the rest into "other".
+
+Egress decisions are counted from the egress records as `RecordLog` writes them (its `observers`):
+the egress addon writes exactly one record per decision, including those it takes on a TLS ClientHello,
+where there is no flow. The exposition is served by `endpoints.Endpoints`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from typing import Any
+
+from mitmproxy import http
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import choose_encoder
+
+from . import exchange, wire
+from .records import RecordLog
+from .usage import token
+
+logger = logging.getLogger("llm_gateway.metrics")
+
+MAX_VALUES = 64  # distinct values per label before "other"
+OTHER = "other"
+TOKEN_KINDS = {  # label value -> usage field
+    "input": "input_tokens",
+    "output": "output_tokens",
+    "cache_read": "cache_read_input_tokens",
+    "cache_write": "cache_creation_input_tokens",
+}
+_DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+class _Bounded:
+    """Label values as they come, until there are `limit` of them; then "other"."""
+
+    def __init__(self, limit: int = MAX_VALUES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None, default: str = "unknown") -> str:
+        value = (value or default)[:200]
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+class Metrics:
+    def __init__(self, records: RecordLog | None = None) -> None:
+        # A registry of our own: a reloaded script registers its metrics again without clashing, and
+        # the exposition holds the gateway's numbers only.
+        self.registry = CollectorRegistry()
+        labels = ["client", "model"]
+        r = self.registry
+        self.requests = Counter(
+            "llm_gateway_requests", "API exchanges finished, by HTTP status ('none': no response)",
+            [*labels, "status"], registry=r,
+        )
+        self.tokens = Counter(
+            "llm_gateway_tokens", "Tokens reported in usage, by kind: input, output, cache_read, cache_write",
+            [*labels, "kind"], registry=r,
+        )
+        self.cache_hit_ratio = Gauge(
+            "llm_gateway_cache_hit_ratio",
+            "Share of prompt tokens read from cache since start: cache_read / (input + cache_read + cache_write)",
+            labels, registry=r,
+        )
+        self.cache_breaks = Counter(
+            "llm_gateway_cache_breaks", "Requests of a session that had cached its prompt and read none of it",
+            labels, registry=r,
+        )
+        self.errors = Counter(
+            "llm_gateway_errors", "Exchanges that ended in an Anthropic error, by error type", [*labels, "error_type"],
+            registry=r,
+        )
+        self.unwrapped = Counter(
+            "llm_gateway_unwrapped_errors",
+            "Errors restored to Anthropic's native form from a proxy's envelope or a stream error event",
+            [*labels, "error_type"], registry=r,
+        )
+        self.egress = Counter(
+            "llm_gateway_egress_decisions", "Egress policy decisions (egress mode), by decision", ["decision"],
+            registry=r,
+        )
+        self._clients, self._models = _Bounded(), _Bounded()
+        self._prompt: dict[tuple[str, str], list[int]] = {}  # (client, model) -> [cache_read, all prompt tokens]
+        self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        if records is not None:
+            records.observers.append(self.record)
+
+    def exposition(self, accept: str | None = None) -> tuple[str, bytes]:
+        """(content type, body): the format the scraper's Accept header asks for (OpenMetrics or text)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return content_type, encoder(self.registry)
+
+    # -- API exchanges -------------------------------------------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._exchange(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._exchange(flow)
+
+    def _exchange(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow in self._counted:
+            return
+        self._counted.add(flow)
+        try:
+            self.observe(ex, flow.response.status_code if flow.response else None)
+        except Exception:  # metrics must never cost an exchange
+            logger.exception("metrics")
+
+    def observe(self, ex: exchange.Exchange, status: int | None) -> None:
+        client, model = self._clients(ex.client), self._models(ex.model)
+        self.requests.labels(client, model, str(status) if status else "none").inc()
+        for kind, field in TOKEN_KINDS.items():
+            n = token(ex.usage, field)
+            if n:
+                self.tokens.labels(client, model, kind).inc(n)
+        read = token(ex.usage, "cache_read_input_tokens") or 0
+        prompt = read + sum(token(ex.usage, f) or 0 for f in ("input_tokens", "cache_creation_input_tokens"))
+        if prompt:
+            totals = self._prompt.setdefault((client, model), [0, 0])
+            totals[0] += read
+            totals[1] += prompt
+            self.cache_hit_ratio.labels(client, model).set(totals[0] / totals[1])
+        if ex.cache_break:
+            self.cache_breaks.labels(client, model).inc()
+        if ex.error_type:
+            error_type = ex.error_type if ex.error_type in wire.STATUS_BY_ERROR_TYPE else OTHER
+            self.errors.labels(client, model, error_type).inc()
+            if ex.unwrapped:
+                self.unwrapped.labels(client, model, error_type).inc()
+
+    # -- egress decisions ----------------------------------------------------------------------------
+
+    def record(self, record: dict[str, Any]) -> None:
+        """A `RecordLog` observer: counts egress decision records."""
+        decision = record.get("decision")
+        if record.get("kind") == "egress" and isinstance(decision, str):
+            self.egress.labels(decision if _DECISION.fullmatch(decision) else OTHER).inc()
