@@ -385,6 +385,34 @@ def test_nested_twice():
         assert json.loads(u.body) == OVERLOADED
 
 
+@pytest.mark.parametrize("outer", ["chat", "ascii-escaped", "passthrough", "detail", "text", "chat-bytes"])
+@pytest.mark.parametrize("inner", ["chat-bytes", "bytes-repr", "dict-repr"])
+@pytest.mark.parametrize("message", ["\x1f", "a\\b", 'say "hi"\n', "\\u001f"])
+def test_python_literal_quoted_inside_another_envelope(inner, outer, message):
+    """An envelope holding a bytes (or dict) repr, quoted as a JSON string in another envelope: the Python
+    literal is valid at the quoted level too, and read there it loses one level of backslashes."""
+    n = native("api_error", message, "req_q")
+    if inner == "dict-repr":
+        wrapped = litellm_body(_prefix(repr(n)), 400)
+    else:
+        wrapped = ENVELOPES[inner](n, 400)
+    body = ENVELOPES[outer](wrapped.decode(), 400)
+    u = unwrap_response(400, "application/json", body)
+    assert u.body == wire.dumps(n)
+
+
+def test_quoted_text_before_the_error():
+    bytes_repr = repr(compact(UNICODE).encode())
+    for message in (
+        'model "claude" said: ' + compact(UNICODE),
+        'path "C:\\tmp\\{x}" then ' + bytes_repr,  # a JSON string with an escape and a `{`, no error
+        'odd " quote then ' + bytes_repr,
+        '"unterminated \\" ' + bytes_repr,
+    ):
+        u = unwrap_response(400, "application/json", litellm_body(message, 400))
+        assert json.loads(u.body) == UNICODE, message
+
+
 def test_other_prefixes_and_suffixes():
     for message in (
         "Error code: 429 - " + compact(RATE),

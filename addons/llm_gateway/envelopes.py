@@ -13,9 +13,10 @@ Shapes handled (each with the LiteLLM versions that send it, in `unwrap_response
 escaped in `error.message`; the same
 as a Python bytes repr (`b'{…}'`); with a `. Received Model Group=…` or `\\n\\nLiteLLM: model group …`
 suffix; with a `litellm.<X>Error: Anthropic(Exception|Error) - ` prefix; an Anthropic-shaped outer error
-whose message holds the real one; any of these nested; and in general the first `{` (or `b'`) in a string
-that starts a parseable native error. Where there is no inner native error the error is built from the
-status, with the proxy's own message (or the body text) as the message.
+whose message holds the real one; any of these nested (an envelope quoted as a JSON string inside another);
+and in general the first `{` (or `b'`, or JSON string literal) in a string that starts a parseable native
+error. Where there is no inner native error the error is built from the status, with the proxy's own
+message (or the body text) as the message.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ MAX_ATTEMPTS = 256
 
 TRUNCATION_MARK = "…[truncated]"
 
-# Where a JSON object or a Python bytes literal may start inside a string.
-_START = re.compile(r"""\{|(?<![\w'"])b['"]""")
+# Where a JSON object, a Python bytes literal or a JSON string literal may start inside a string (an
+# escaped quote cannot open a string at this level).
+_START = re.compile(r"""\{|(?<![\w'"])b['"]|(?<!\\)\"""")
 # A whole Python bytes literal on one line (escapes included); possessive, so it cannot backtrack.
 _BYTES_LITERAL = re.compile(r"""b(?:'(?:[^'\\\n]++|\\.)*+'|"(?:[^"\\\n]++|\\.)*+")""", re.S)
 # One JSON string escape, for strings escaped once more than JSON needs (`{\"type\":\"error\"…`).
@@ -452,7 +454,16 @@ def _search(value: Any, depth: int, budget: _Budget) -> dict | None:
 
 
 def _find_native(text: str, depth: int, budget: _Budget) -> dict | None:
-    """The innermost native error inside a string: the first `{` (or `b'` / `b"`) that starts one."""
+    """The innermost native error inside a string: the first `{`, `b'` / `b"` or JSON string literal that
+    holds one.
+
+    Candidates are taken in order of position, and each is decoded at its own escaping level. A JSON string
+    literal (an envelope quoted inside another) comes before anything inside it, so its decoded text is
+    searched first: a bytes literal (or dict repr) inside it is valid Python at both levels (`\\\\` and
+    `\\"` are bytes escapes too), and read in place it loses one level of backslashes (a control character
+    in the native message comes out as the text `\\u001f`). Only when the decoded text holds nothing is the
+    inside scanned in place, in case the `"` was a stray or closing quote.
+    """
     if depth >= MAX_DEPTH or not text:
         return None
     if "{" not in text:
@@ -465,8 +476,11 @@ def _find_native(text: str, depth: int, budget: _Budget) -> dict | None:
         if not budget.take():
             return None
         start = match.start()
-        if text[start] == "{":
+        kind = text[start]
+        if kind == "{":
             value, end = _object_at(text, start, budget)
+        elif kind == '"':
+            value, end = _string_at(text, start)
         else:
             value, end = _bytes_at(text, start)
         if end is None:
@@ -476,8 +490,9 @@ def _find_native(text: str, depth: int, budget: _Budget) -> dict | None:
         if found is not None:
             return found
         # A JSON object is exact: nothing inside it is left to find. A bytes literal may have been
-        # mis-delimited by text around it, so look inside it again.
-        pos = end if text[start] == "{" and end > start else start + 2
+        # mis-delimited by text around it, and a `"` may have been a closing quote (its "string" then ends
+        # inside the next real one), so look inside them again.
+        pos = end if kind == "{" and end > start else start + (1 if kind == '"' else 2)
     # A string escaped once more than JSON needs: unescape one level and look again.
     if '\\"' in text and budget.take():
         try:
@@ -505,6 +520,21 @@ def _object_at(text: str, start: int, budget: _Budget) -> tuple[Any, int | None]
         return None, None
     value = _literal(text[start:end])
     return (value, end) if isinstance(value, dict) else (None, None)
+
+
+def _string_at(text: str, start: int) -> tuple[Any, int | None]:
+    """The JSON string literal starting at `text[start] == '"'`, decoded, and where it ends.
+
+    (None, None) when it is not one, or when decoding changes nothing that matters (no escape in it, or no
+    `{` in its text): then the `"` may as well be a closing quote, and the scan goes on right after it.
+    """
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except Exception:  # noqa: BLE001
+        return None, None
+    if not isinstance(value, str) or "{" not in value or text.find("\\", start, end) < 0:
+        return None, None
+    return value, end
 
 
 def _bytes_at(text: str, start: int) -> tuple[Any, int | None]:

@@ -81,6 +81,7 @@ class Exchange:
             "unwrapped": self.unwrapped,
             "unwrapped_from": self.unwrapped_from,
             "complete": self.complete,
+            "cache_break": self.cache_break,
             "usage": dict(self.usage) if self.usage else None,
         }
 
