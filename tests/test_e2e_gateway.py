@@ -105,3 +105,27 @@ def test_scripts_gateway_brings_up_both_listeners(tmp_path):
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["base-url", "egress"])
+@pytest.mark.parametrize("use_async, client", [(False, "anthropic-python"), (True, "anthropic-python-async")])
+def test_the_python_sdk_is_detected_sync_and_async(gw, module_fake, mode, use_async, client):
+    module_fake.clear()
+    if mode == "base-url":
+        result = sdk_client.run("create", base_url=gw.base_url, use_async=use_async)
+    else:
+        result = sdk_client.run("create", env=egress_env(gw), use_async=use_async)
+    assert result["ok"], result
+    [seen] = module_fake.requests
+    record = gw.wait_record(lambda r: r["request_id"] == seen.request_id)
+    assert record["client"] == client
+    assert "x-gateway-client" not in seen.headers
+
+
+def test_override_header_names_the_client_and_is_stripped(gw, module_fake):
+    module_fake.clear()
+    result = sdk_client.run("create", base_url=gw.base_url, headers={"x-gateway-client": "nightly-batch"})
+    assert result["ok"], result
+    [seen] = module_fake.requests
+    assert "x-gateway-client" not in seen.headers
+    assert gw.wait_record(lambda r: r["request_id"] == seen.request_id)["client"] == "nightly-batch"

@@ -96,3 +96,34 @@ def litellm_behind_gateway(module_fake):
     with Gateway(routed_rules(module_fake.url)) as gw:
         with realclients.LiteLLMProxy(realclients.LITELLM_VERSIONS[-1], models=[MODEL], routed_api_base=gw.base_url) as proxy:
             yield proxy, gw, module_fake
+
+
+@pytest.fixture(scope="module")
+def litellm_through_forcing_gateway(module_fake):
+    """LiteLLM (routed model) -> a gateway that forces LiteLLM's upstream requests to non-streaming -> fake."""
+    clients = [{"name": "litellm", "user_agent": ["litellm/*"], "headers": ["x-litellm-*"], "stream": "off"}]
+    with Gateway(routed_rules(module_fake.url, clients=clients)) as gw:
+        with realclients.LiteLLMProxy(realclients.LITELLM_VERSIONS[-1], models=[MODEL], routed_api_base=gw.base_url) as proxy:
+            yield proxy, gw
+
+
+@pytest.mark.parametrize("call", ["stream", "create-stream"])
+def test_litellm_streaming_through_a_forced_off_gateway_gives_its_caller_a_full_stream(
+    litellm_through_forcing_gateway, module_fake, call
+):
+    proxy, gw = litellm_through_forcing_gateway
+    module_fake.clear()
+    text = "A complete answer in several words, converted back into a stream for LiteLLM"
+    module_fake.script(Scenario(text=text))
+    result = sdk_client.run(call, base_url=proxy.url, env={"ANTHROPIC_API_KEY": proxy.master_key}, model=MODEL)
+    assert result["ok"], result
+    [seen] = module_fake.requests
+    assert seen.json["stream"] is False  # forced off upstream
+    if call == "stream":
+        assert result["message"]["content"][0]["text"] == text  # LiteLLM's caller got the whole text
+    else:
+        deltas = [e["delta"].get("text", "") for e in result["events"] if e["type"] == "content_block_delta"]
+        assert "".join(deltas) == text and all(d for d in deltas[:1])  # no empty chunks
+    record = gw.wait_record(lambda r: r["request_id"] == seen.request_id)
+    assert (record["client"], record["stream_requested"], record["stream_upstream"], record["converted"]) == (
+        "litellm", True, False, "json->sse")
