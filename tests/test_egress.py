@@ -417,6 +417,7 @@ def test_blocked_path_inside_tunnel(policy, path):
     assert "egress.block[0]: api.anthropic.com /api/*" in text and SOURCE in text
     rec = records_of(policy)[-1]
     assert rec["decision"] == "blocked" and rec["path"] == path.split("?")[0]
+    assert inner.metadata["gateway_egress"]["decision"] == "blocked"  # mitmweb marks it
 
 
 def test_rules_reloaded_mid_tunnel_apply_to_its_next_request(policy):
@@ -451,6 +452,7 @@ def test_plain_http_denied_names_host_and_rule_file(policy):
     assert "evil.example:80" in text and SOURCE in text and "token" not in text
     rec = records_of(policy)[-1]
     assert (rec["decision"], rec["method"], rec["host"], rec["port"], rec["path"]) == ("denied", "GET", "evil.example", 80, "/x")
+    assert f.metadata["gateway_egress"] == {"decision": "denied", "host": "evil.example", "port": 80, "rule": rec["rule"]}
 
 
 def test_plain_http_allowed_is_recorded_and_normalized(policy):

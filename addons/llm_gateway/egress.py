@@ -46,6 +46,8 @@ from .rulefile import RuleFile
 from .rules import Egress, HostPattern, Rules
 
 logger = logging.getLogger("llm_gateway.egress")
+# Where a refused flow says so, for mitmweb's markers (webview.py reads it).
+EGRESS_METADATA = "gateway_egress"
 
 MAX_FIELD = 255  # client-supplied names in records and messages are cut to this length
 _HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*")
@@ -227,6 +229,7 @@ class EgressPolicy:
                         note="API host: tunnel accepted to answer with permission_error")
             return
         flow.response = self.refusal(rules, "denied", host, port, None, verdict.rule)
+        flow.metadata[EGRESS_METADATA] = {"decision": "denied", "host": host, "port": port, "rule": verdict.rule}
         self.decide(flow.client_conn, rules, "denied", host, port, verdict.rule, method="CONNECT")
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
@@ -339,6 +342,7 @@ class EgressPolicy:
                rule: str, **extra: Any) -> None:
         flow.request.stream = False  # a response and a streamed request body cannot go together
         flow.response = self.refusal(rules, decision, host, port, path, rule, **extra)
+        flow.metadata[EGRESS_METADATA] = {"decision": decision, "host": host, "port": port, "rule": rule}
         self.decide(flow.client_conn, rules, decision, host, port, rule, method=flow.request.method, path=path, **extra)
 
     @staticmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,8 @@ from .globs import Glob
 
 STREAM_MODES = ("on", "off", "as-sent")
 MODES = ("regular", "reverse")
+MAX_NESTING = 100  # deeper YAML is refused (PyYAML's composer recurses once per level)
+_LINE_BREAKS = re.compile(r"\r\n|[\n\r\x85\u2028\u2029]")  # what YAML counts as line breaks
 
 
 class RulesError(ValueError):
@@ -147,11 +150,33 @@ def parse(text: str, source: str = "<string>") -> Rules:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 0
+        line = mark.line + 1 if mark else 1
         raise RulesError(f"{source}:{line}: YAML syntax error: {e.problem or e}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, e.g. NUL
+        line = len(_LINE_BREAKS.findall(text, 0, e.position)) + 1
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise RulesError(f"{source}:{line}: YAML error: {e.reason} (character {char})") from None
     except yaml.YAMLError as e:
-        raise RulesError(f"{source}: YAML error: {e}") from None
+        raise RulesError(f"{source}:1: YAML error: {e}") from None
+    except RecursionError:  # the composer recurses once per level of nesting
+        raise RulesError(f"{source}:{_too_deep(text)}: nested too deeply") from None
     return _Reader(source).rules(root)
+
+
+def _too_deep(text: str) -> int:
+    """The line where the nesting first goes deeper than MAX_NESTING (the event parser does not recurse)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    return event.start_mark.line + 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except (yaml.YAMLError, RecursionError):
+        pass
+    return 1
 
 
 class _Reader:
@@ -196,7 +221,11 @@ class _Reader:
     def scalar(self, node: yaml.Node) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, "expected a single value, not a list or mapping")
-        return self.constructor.construct_object(node, deep=True)
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except Exception as e:  # noqa: BLE001 - PyYAML's constructors on `!!int abc`, `!!bool maybe`, a 13th month
+            reason = getattr(e, "problem", None) or str(e)
+            raise self.fail(node, f"cannot read the value {node.value[:40]!r}: {reason}") from None
 
     def string(self, node: yaml.Node, where: str) -> str:
         value = self.scalar(node)

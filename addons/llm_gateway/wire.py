@@ -69,8 +69,15 @@ def is_native_error(body: Any) -> bool:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON bytes, non-ASCII kept as UTF-8 (the API's own style)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON bytes, non-ASCII kept as UTF-8 (the API's own style).
+
+    A lone surrogate (a client's `"\\ud83d"`, half an emoji) cannot be UTF-8: then the text is written
+    with escapes, which is the same JSON value, instead of raising."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 # --- Messages as SSE streams -----------------------------------------------------------------------
