@@ -442,11 +442,11 @@ def test_refused_egress_is_marked():
     for decision in ("denied", "blocked", "fronting"):
         f = api_flow(resp=True, host="evil.example")
         f.response.status_code = 403
-        f.metadata[webview.EGRESS_KEY] = {"decision": decision, "host": "evil.example", "port": 443, "rule": "default deny"}
+        f.metadata[webview.EGRESS_METADATA] = {"decision": decision, "host": "evil.example", "port": 443, "rule": "default deny"}
         webview.annotate(f)
         assert f.marked == ":no_entry:" and f.comment == f"egress {decision}: evil.example:443 (default deny)"
     f = api_flow(resp=True, host="ok.example")
-    f.metadata[webview.EGRESS_KEY] = {"decision": "allowed", "host": "ok.example"}
+    f.metadata[webview.EGRESS_METADATA] = {"decision": "allowed", "host": "ok.example"}
     webview.annotate(f)
     assert f.marked == "" and f.comment == ""
 
@@ -455,7 +455,7 @@ def test_connect_refusal_is_annotated_by_the_hook():
     addon = WebView()
     with taddons.context(addon):
         f = api_flow(resp=True, host="evil.example")
-        f.metadata[webview.EGRESS_KEY] = {"decision": "denied"}
+        f.metadata[webview.EGRESS_METADATA] = {"decision": "denied"}
         addon.http_connect_error(f)
         assert f.marked == ":no_entry:" and f.comment == "egress denied: evil.example"
 

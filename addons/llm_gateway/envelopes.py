@@ -258,9 +258,9 @@ def _from_inner(inner: dict, original_status: int, source: str, outer: Any) -> U
     error_type = err["type"]
     request_id = _request_id(inner) or _request_id(outer)
     if isinstance(err.get("message"), str):
-        body = _dumps(inner)
+        body = wire.dumps(inner)
     else:  # a native shape with a missing or odd message: normalise it
-        body = _dumps(wire.error_body(error_type, _as_text(err.get("message")), _request_id(inner)))
+        body = wire.dumps(wire.error_body(error_type, _as_text(err.get("message")), _request_id(inner)))
     return Unwrapped(
         status=wire.status_for_error_type(error_type, default=original_status),
         body=body,
@@ -284,20 +284,12 @@ def _built(
     message = _bounded(message, max_message, force_mark)
     return Unwrapped(
         status=status,
-        body=_dumps(wire.error_body(error_type, message, request_id)),
+        body=wire.dumps(wire.error_body(error_type, message, request_id)),
         error_type=error_type,
         request_id=request_id,
         source=source,
         original_status=status,
     )
-
-
-def _dumps(value: Any) -> bytes:
-    """`wire.dumps`, or ASCII-escaped JSON where the text holds lone surrogates (UTF-8 cannot carry them)."""
-    try:
-        return wire.dumps(value)
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _bounded(message: str, max_message: int, force_mark: bool = False) -> str:
@@ -594,6 +586,8 @@ TRUNCATED_MESSAGE = "the upstream stream ended before message_stop; the answer i
 class StreamErrorTap:
     """On a passing stream: unwrap a wrapped `event: error` in place, and mark a silently cut stream
     with a native `api_error` event, so clients do not take a truncated answer as complete."""
+
+    event_names = frozenset({"message_stop", "error", None})  # what the relay shows it (see on_event)
 
     def __init__(self, ex: exchange.Exchange) -> None:
         self.ex = ex

@@ -7,12 +7,17 @@ exchange. A compressed upstream body is decoded on the fly and forwarded as iden
 removes `content-encoding`), so taps can rewrite events without re-encoding. Untouched events go out
 as their original bytes; only a partial event at the end of a chunk is held until it completes.
 
+Every event of every stream passes here, so the relay only calls a tap for the events it reads: a tap
+may name them in `event_names` (a set of event names, None for events without one); a tap without it
+sees every event. Most of a stream is `content_block_delta` events that only the body copy reads.
+
 Nothing here may raise into mitmproxy: an exception inside a stream callable kills the connection.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from mitmproxy import http
 
@@ -21,6 +26,12 @@ from .decoding import Decoder, decoder_for
 from .sse import SSEParser
 
 logger = logging.getLogger("llm_gateway.relay")
+_UNREAD = object()
+# No Anthropic event comes near this: a body labelled SSE without a blank line for this long is not read
+# any further (forwarded as it comes) rather than held in memory whole.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+# What the parser holds back at the end only because a last "\r" might have become "\r\n": a whole event.
+_ENDED = re.compile(rb"(?:\r\n|\r|\n)\r\Z|\A\r\Z")
 
 
 class SSERelay:
@@ -30,10 +41,18 @@ class SSERelay:
         self.parser = SSEParser()
         self.tapping = True
         self.decoding = decoder is not None
+        self.undecoded: bytes | None = b""  # what the decoder took before its first output (None after it)
+        self._taps: list = []  # the exchange's taps when `_routes` was built
+        self._routes: list[tuple] = []  # (on_event, event_names or None, tap), in tap order
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         try:
             # Nothing to send yet must be [], not b"": mitmproxy writes b"" as the chunk that ends the body.
+            if chunk and self.tapping and not self.decoding:  # the common case, in as few calls as possible
+                events = self.parser.feed(chunk)
+                if self.parser.held > MAX_EVENT_BYTES:
+                    return self._forward(events) + self._give_up()
+                return (self._forward(events) if events else b"") or []
             return self._relay(chunk) or []
         except Exception:  # never reached in normal operation: see the module docstring
             logger.exception(f"stream relay failed; forwarding the rest untouched ({self.ex.host}{self.ex.path})")
@@ -49,32 +68,67 @@ class SSERelay:
             except Exception as e:
                 logger.warning(f"cannot decode the {self.ex.host} stream ({e}); forwarding it as received")
                 self.decoding = self.tapping = False
-                return self._held() + chunk
+                # A body that was never encoded: the bytes the decoder swallowed go out too.
+                return self._held() + (self.undecoded or b"") + chunk
+            if self.undecoded is not None:
+                self.undecoded = None if data or len(self.undecoded) > 65536 else self.undecoded + chunk
         if not self.tapping:
             return data
         events = self.parser.feed(data) if data else []
-        if end:
-            events += self.parser.flush()
-        out = [self._tap(ev) for ev in events]
-        if end:
-            out.extend(self._end())
-        return b"".join(out)
+        if not end:
+            return self._forward(events) + (self._give_up() if self.parser.held > MAX_EVENT_BYTES else b"")
+        cut = b""
+        for event in self.parser.flush():
+            if _ENDED.search(event.raw):  # whole after all: its last line break was a lone "\r"
+                events.append(event)
+            else:  # cut inside an event: no client dispatches it, so no tap counts it
+                cut = event.raw
+        out = self._forward(events)
+        extra = b"".join(self._end())
+        if cut and extra:
+            # Bytes appended to an unfinished event would merge with it: drop it, as clients would.
+            logger.info(f"{self.ex.host} stream cut inside an event; its {len(cut)} bytes dropped")
+            cut = b""
+        return b"".join([out, cut, extra])
+
+    def _give_up(self) -> bytes:
+        logger.warning(f"{self.ex.host} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
+        self.tapping = False
+        return self._held()
 
     def _held(self) -> bytes:
         """Give up parsing: the bytes held back for an incomplete event, to forward as they are."""
         held, self.parser = self.parser.pending, SSEParser()
         return held
 
-    def _tap(self, event) -> bytes:
-        for tap in self.ex.sse_taps:
-            try:
-                replaced = tap.on_event(event)
-            except Exception:
-                logger.exception(f"{type(tap).__name__} failed on an event; forwarding it unchanged")
-                continue
-            if replaced is not None:
-                event = replaced
-        return event.raw
+    def _forward(self, events: list) -> bytes:
+        """The bytes to send for these events, after every tap that reads them saw (and maybe replaced) them."""
+        if not events:
+            return b""
+        if self.ex.sse_taps != self._taps:  # which tap reads which events: rebuilt when the taps change
+            self._taps = list(self.ex.sse_taps)
+            self._routes = [(tap.on_event, getattr(tap, "event_names", None), tap) for tap in self._taps]
+        routes = self._routes
+        if not routes:
+            return events[0].raw if len(events) == 1 else b"".join([event.raw for event in events])
+        out = []
+        for event in events:
+            name = _UNREAD
+            for on_event, names, tap in routes:
+                if names is not None:
+                    if name is _UNREAD:
+                        name = event.name
+                    if name not in names:
+                        continue
+                try:
+                    replaced = on_event(event)
+                except Exception:
+                    logger.exception(f"{type(tap).__name__} failed on an event; forwarding it unchanged")
+                    continue
+                if replaced is not None:
+                    event, name = replaced, _UNREAD
+            out.append(event.raw)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _end(self) -> list[bytes]:
         extra = []

@@ -21,11 +21,14 @@ from .sessions import CacheWatch
 
 logger = logging.getLogger("llm_gateway.usage")
 
+MAX_CLIENTS = 256  # client names come from requests (x-gateway-client): past this many, totals go to "other"
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 class UsageTap:
     """Reads usage from a passing stream; rewrites nothing."""
+
+    event_names = frozenset({"message_start", "message_delta", "message_stop", "error"})  # what the relay shows it
 
     def __init__(self, ex: exchange.Exchange) -> None:
         self.ex = ex
@@ -184,7 +187,10 @@ class Usage:
         )
 
     def count(self, record: dict[str, Any]) -> None:
-        t = self.totals[record["client"]]
+        client = record["client"]
+        if client not in self.totals and len(self.totals) >= MAX_CLIENTS:
+            client = "other"
+        t = self.totals[client]
         t["requests"] += 1
         for key in TOKEN_FIELDS:
             t[key] += record[key] or 0

@@ -25,6 +25,7 @@ from mitmproxy.contentviews import Contentview, Metadata
 from mitmproxy.utils import human
 
 from . import exchange, relay, wire
+from .egress import EGRESS_METADATA
 from .usage import cache_share, token
 
 logger = logging.getLogger("llm_gateway.webview")
@@ -34,7 +35,6 @@ SSE_TYPE = "text/event-stream"
 # flow.metadata keys. The egress policy puts its decision on the flows it judges, as
 # {"decision": "denied" | "blocked" | "fronting" | "allowed" | …, "host": …, "port": …, "rule": …};
 # this module only reads it, and marks the refusals.
-EGRESS_KEY = "gateway_egress"
 EGRESS_REFUSALS = frozenset({"denied", "blocked", "fronting"})
 STREAM_COPY_KEY = "gateway_stream_copy"
 
@@ -241,20 +241,21 @@ class StreamCopyTap:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.parts: list[bytes] = []
+        self.copy = bytearray()  # one buffer, not a list of the events: the events' own bytes can be reused
         self.kept = 0
         self.total = 0
         self.truncated = False
 
     def on_event(self, event) -> None:
-        size = len(event.raw)
+        raw = event.raw
+        size = len(raw)
         self.total += size
         if self.truncated:
             return None
         if self.kept + size > self.limit:
             self.truncated = True
             return None
-        self.parts.append(event.raw)
+        self.copy += raw
         self.kept += size
         return None
 
@@ -262,7 +263,7 @@ class StreamCopyTap:
         return b""
 
     def body(self) -> bytes:
-        return b"".join(self.parts)
+        return bytes(self.copy)
 
     def summary(self) -> dict[str, Any]:
         return {"kept_bytes": self.kept, "total_bytes": self.total, "truncated": self.truncated}
@@ -329,7 +330,7 @@ def marker_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
 
 
 def refused_egress(flow: http.HTTPFlow) -> dict[str, Any] | None:
-    decision = flow.metadata.get(EGRESS_KEY)
+    decision = flow.metadata.get(EGRESS_METADATA)
     return decision if isinstance(decision, dict) and decision.get("decision") in EGRESS_REFUSALS else None
 
 

@@ -517,6 +517,7 @@ class _Server(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-anthropic/1.0"
+    disable_nagle_algorithm = True  # else each kept-alive answer waits ~40 ms for a delayed ACK
 
     def version_string(self) -> str:
         return self.server_version
