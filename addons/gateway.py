@@ -21,11 +21,12 @@ from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
 from llm_gateway.metrics import Metrics  # noqa: E402
 from llm_gateway.records import RecordLog  # noqa: E402
 from llm_gateway.routing import ApiRouter  # noqa: E402
-from llm_gateway.rulefile import RuleFile  # noqa: E402
+from llm_gateway.rulefile import RuleFile, refuse_repeated_options  # noqa: E402
 from llm_gateway.streams import StreamPreference  # noqa: E402
 from llm_gateway.usage import Usage  # noqa: E402
 from llm_gateway.webview import WebView  # noqa: E402
 
+refuse_repeated_options()
 rule_file = RuleFile()
 records = RecordLog()
 metrics = Metrics(records)  # also counts egress decision records

@@ -129,3 +129,14 @@ def test_override_header_names_the_client_and_is_stripped(gw, module_fake):
     [seen] = module_fake.requests
     assert "x-gateway-client" not in seen.headers
     assert gw.wait_record(lambda r: r["request_id"] == seen.request_id)["client"] == "nightly-batch"
+
+
+def test_an_option_given_twice_stops_startup_instead_of_running_without_rules(module_fake):
+    """mitmproxy silently drops a script option set twice; the gateway makes it an error."""
+    gw = Gateway(routed_rules(module_fake.url), extra_args=("--set", "gateway_log=/tmp/other.jsonl"))
+    try:
+        gw.start()
+    except RuntimeError:
+        pass
+    assert gw.proc.wait(15) != 0
+    assert "option gateway_log is set 2 times" in gw.output()

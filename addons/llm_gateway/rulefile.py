@@ -33,6 +33,14 @@ def file_stamp(path: str) -> tuple | None:
         return None
 
 
+def refuse_repeated_options() -> None:
+    """mitmproxy drops a script option given twice with --set when the script registers, and says
+    nothing: the gateway would run without its rules. Make that a start-up error instead."""
+    for name, value in getattr(ctx.options, "deferred", {}).items():
+        if name.startswith("gateway_") and len(getattr(value, "val", ())) > 1:
+            logger.error(f"option {name} is set {len(value.val)} times ({value.val}): give it once")
+
+
 class RuleFile:
     def __init__(self) -> None:
         self.rules = Rules()
