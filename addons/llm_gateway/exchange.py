@@ -23,7 +23,10 @@ METADATA_KEY = "gateway"
 
 
 class SSETap(Protocol):
-    """A part that watches (and may rewrite) the events of a stream as they pass."""
+    """A part that watches (and may rewrite) the events of a stream as they pass.
+
+    A tap may also have `event_names`, the set of event names it reads (None for events without one):
+    the relay then calls it for those events only, which keeps the path of every other event short."""
 
     def on_event(self, event: Any) -> Any | None:
         """Return the event to forward: the same one, a replacement, or None to keep it unchanged."""
