@@ -126,41 +126,8 @@ def check_during(gw: Gateway, t: threading.Thread) -> None:
 # ------------------------------------------------------------------------------------------- upstreams
 
 
-class TLSUpstream:
-    """An HTTPS server on 127.0.0.1 with a certificate the gateway does not trust."""
-
-    def __init__(self, folder: Path) -> None:
-        cert = ca.create("untrusted.test", 2)
-        (folder / "key.pem").write_bytes(cert.key_pem())
-        (folder / "cert.pem").write_bytes(cert.cert_pem())
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
-
-    def handle(self, conn: socket.socket) -> None:
-        try:
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                tls.recv(65536)
-                tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-        except OSError:  # the gateway refuses the certificate and hangs up: expected
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class GarbageUpstream:
-    """A plain TCP server that answers anything with bytes that are not HTTP."""
+class BadUpstream:
+    """A TCP server on 127.0.0.1 that reads a request and answers each connection with `answer`."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -173,15 +140,45 @@ class GarbageUpstream:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            with conn:
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"\x00\xff\x13garbage, not HTTP\r\n\r\n" * 4)
-                except OSError:
-                    pass
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.sock.close()
+
+
+class TLSUpstream(BadUpstream):
+    """An HTTPS server with a certificate the gateway does not trust."""
+
+    def __init__(self, folder: Path) -> None:
+        cert = ca.create("untrusted.test", 2)
+        (folder / "key.pem").write_bytes(cert.key_pem())
+        (folder / "cert.pem").write_bytes(cert.cert_pem())
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(65536)
+                tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        except OSError:  # the gateway refuses the certificate and hangs up: expected
+            pass
+
+
+class GarbageUpstream(BadUpstream):
+    """A plain TCP server that answers anything with bytes that are not HTTP."""
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"\x00\xff\x13garbage, not HTTP\r\n\r\n" * 4)
+            except OSError:
+                pass
 
 
 def faulty_rules(fake_url: str, tls_port: int, garbage_port: int) -> str:

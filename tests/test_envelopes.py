@@ -79,6 +79,24 @@ UNICODE = native(
 # ------------------------------------------------------------------------------------ raw captures
 
 U = "unwrapped"
+
+
+def wrapped_family(prefix: str, source: str) -> dict:
+    """The captures of one LiteLLM route for every upstream error, streamed or not: what each must become."""
+    errors = (
+        ("400", 400, "invalid_request_error"),
+        ("400u", 400, "invalid_request_error"),
+        ("401", 401, "authentication_error"),
+        ("429", 429, "rate_limit_error"),
+        ("529", 529, "overloaded_error"),
+    )
+    return {
+        f"{prefix}_{s}{c}": (status, etype, f"req_011FAKE{c.upper()}", source)
+        for s in ("", "stream_")
+        for c, status, etype in errors
+    }
+
+
 # name -> (restored status, error type, request id, source), or None: left untouched
 EXPECTED: dict[str, dict[str, tuple | None]] = {
     "1.91.5": {
@@ -105,17 +123,7 @@ EXPECTED: dict[str, dict[str, tuple | None]] = {
         "pt_down": (500, "api_error", None, "proxy-error"),
         "pt_stream_down": (500, "api_error", None, "proxy-error"),
         # routed /v1/messages: Anthropic-shaped outside, the native error inside (stream or not alike)
-        **{
-            f"msg_{s}{c}": (st_, t, f"req_011FAKE{c.upper()}", "litellm-wrapped-anthropic")
-            for s in ("", "stream_")
-            for c, st_, t in (
-                ("400", 400, "invalid_request_error"),
-                ("400u", 400, "invalid_request_error"),
-                ("401", 401, "authentication_error"),
-                ("429", 429, "rate_limit_error"),
-                ("529", 529, "overloaded_error"),
-            )
-        },
+        **wrapped_family("msg", "litellm-wrapped-anthropic"),
         "msg_ok": None,
         "msg_stream_ok": None,
         "msg_stream_midfail": None,
@@ -123,17 +131,7 @@ EXPECTED: dict[str, dict[str, tuple | None]] = {
         "msg_stream_down": None,
         # routed /v1/chat/completions: `litellm.<X>Error: AnthropicException - {…}`, a bytes repr when
         # streaming
-        **{
-            f"chat_{s}{c}": (st_, t, f"req_011FAKE{c.upper()}", "litellm-chat")
-            for s in ("", "stream_")
-            for c, st_, t in (
-                ("400", 400, "invalid_request_error"),
-                ("400u", 400, "invalid_request_error"),
-                ("401", 401, "authentication_error"),
-                ("429", 429, "rate_limit_error"),
-                ("529", 529, "overloaded_error"),
-            )
-        },
+        **wrapped_family("chat", "litellm-chat"),
         "chat_ok": None,
         "chat_stream_ok": None,
         "chat_stream_midfail": None,
