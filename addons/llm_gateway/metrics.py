@@ -23,7 +23,7 @@ from prometheus_client.exposition import choose_encoder
 
 from . import exchange, wire
 from .records import RecordLog
-from .usage import token
+from .wire import token
 
 logger = logging.getLogger("llm_gateway.metrics")
 
@@ -129,7 +129,7 @@ class Metrics:
             if n:
                 self.tokens.labels(client, model, kind).inc(n)
         read = token(ex.usage, "cache_read_input_tokens") or 0
-        prompt = read + sum(token(ex.usage, f) or 0 for f in ("input_tokens", "cache_creation_input_tokens"))
+        prompt = read + wire.full_price_prompt_tokens(ex.usage)
         if prompt:
             totals = self._prompt.setdefault((client, model), [0, 0])
             totals[0] += read

@@ -1,7 +1,7 @@
 """Usage report: totals per session and per client from the gateway's JSONL record log.
 
-Run as `scripts/usage_report [FILE ...]` (or `python -m llm_gateway.report`). Standard library only and
-no mitmproxy import, so it runs anywhere the log is copied to.
+Run as `scripts/usage_report [FILE ...]` (or `python -m llm_gateway.report`). Standard library and the
+gateway's own wire module only, no mitmproxy import, so it runs anywhere the log is copied to.
 
 Only `"kind": "usage"` records count; other records sharing the file (egress decisions, …) are skipped,
 and so are lines that are not JSON objects (a line cut short while the gateway was writing it): both are
@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any, Iterable, Iterator
+
+from .wire import cache_share
 
 PROG = "usage_report"
 DEFAULT_LOG_ENV = "LLM_GATEWAY_USAGE_LOG"
@@ -233,9 +235,7 @@ class Totals:
         self.cache_breaks += record.get("cache_break") is True
 
     def hit_share(self) -> float | None:
-        read = self.tokens["cache_read_input_tokens"]
-        prompt = read + self.tokens["input_tokens"] + self.tokens["cache_creation_input_tokens"]
-        return round(read / prompt, 4) if prompt else None
+        return cache_share(self.tokens)
 
     def row(self) -> dict[str, Any]:
         """The metrics, with None where nothing is known."""

@@ -17,6 +17,8 @@ from mitmproxy import command, http
 
 from . import exchange, pricing, wire
 from .records import RecordLog
+from .report import is_error
+from .wire import cache_share, token
 from .sessions import CacheWatch
 
 logger = logging.getLogger("llm_gateway.usage")
@@ -57,18 +59,6 @@ class UsageTap:
 
     def on_end(self) -> bytes:
         return b""
-
-
-def token(usage: dict | None, key: str) -> int | None:
-    value = usage.get(key) if usage else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def cache_share(usage: dict | None) -> float | None:
-    """The share of prompt tokens read from cache."""
-    read = token(usage, "cache_read_input_tokens") or 0
-    total = read + (token(usage, "input_tokens") or 0) + (token(usage, "cache_creation_input_tokens") or 0)
-    return round(read / total, 4) if total else None
 
 
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
@@ -178,7 +168,7 @@ class Usage:
         exchange.publish(flow, ex)
 
     def warn_cache_break(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
-        full_price = (token(ex.usage, "input_tokens") or 0) + (token(ex.usage, "cache_creation_input_tokens") or 0)
+        full_price = wire.full_price_prompt_tokens(ex.usage)
         request_id = flow.response.headers.get("request-id") or flow.id
         logger.warning(
             f"cache break: session {ex.session} ({ex.client}) request {request_id} read no cached tokens; "
@@ -201,8 +191,7 @@ class Usage:
         elif any(record[key] for key in TOKEN_FIELDS):
             t["unpriced"] += 1
         t["cache_breaks"] += bool(record["cache_break"])
-        status = record["status"]
-        t["errors"] += bool(record["error_type"] or status is None or status >= 400 or not record["complete"])
+        t["errors"] += is_error(record)
 
     @command.command("gateway.stats")
     def stats(self) -> str:

@@ -26,7 +26,7 @@ from mitmproxy.utils import human
 
 from . import exchange, relay, wire
 from .egress import EGRESS_METADATA
-from .usage import cache_share, token
+from .wire import cache_share, token
 
 logger = logging.getLogger("llm_gateway.webview")
 

@@ -107,6 +107,24 @@ OPTIONAL_DELTA_USAGE = (
 _DELTA_USAGE_SENT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "server_tool_use")
 
 
+def token(usage: dict[str, Any] | None, key: str) -> int | None:
+    """A token count from a usage object, or None where it is absent or not an integer."""
+    value = usage.get(key) if usage else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def full_price_prompt_tokens(usage: dict[str, Any] | None) -> int:
+    """Prompt tokens not read from cache: `input_tokens` excludes cache reads and cache writes."""
+    return (token(usage, "input_tokens") or 0) + (token(usage, "cache_creation_input_tokens") or 0)
+
+
+def cache_share(usage: dict[str, Any] | None) -> float | None:
+    """The share of prompt tokens read from cache, or None where there were no prompt tokens."""
+    read = token(usage, "cache_read_input_tokens") or 0
+    total = read + full_price_prompt_tokens(usage)
+    return round(read / total, 4) if total else None
+
+
 def merge_delta_usage(usage: dict[str, Any], delta_usage: dict[str, Any]) -> None:
     """Apply a message_delta's usage to `usage` in place.
 
