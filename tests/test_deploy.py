@@ -94,7 +94,8 @@ def test_containerfile_is_minimal_and_runs_as_the_non_root_user_the_pod_expects(
     assert sorted(map(int, exposed.split())) == sorted(ports().values())
     assert 'ENTRYPOINT ["/usr/local/bin/llm-gateway-entrypoint"]' in text
     assert "COPY deploy/entrypoint.sh /usr/local/bin/llm-gateway-entrypoint" in text
-    assert "RUN pip install /app" in text
+    assert "RUN pip install --require-hashes --no-deps -r requirements/gateway.txt" in text  # the lock, hashed
+    assert "RUN pip install --no-deps /app" in text
     assert container()["securityContext"]["readOnlyRootFilesystem"] is True
 
 
@@ -199,3 +200,25 @@ def test_networkpolicy_lets_agents_reach_only_the_gateway_listeners():
 @pytest.mark.parametrize("script", ["scripts/make-ca", "deploy/make-configmap", "deploy/entrypoint.sh"])
 def test_scripts_are_executable(script):
     assert (ROOT / script).stat().st_mode & 0o111
+
+
+@pytest.mark.e2e
+def test_containerfile_install_steps_give_a_working_gateway(tmp_path):
+    """The image's RUN pip lines, run as they stand in a new venv with plain pip (no container engine here):
+    the hashed lock installs, and the installed gateway loads its addons in mitmdump."""
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    text = (DEPLOY / "Containerfile").read_text()
+    runs = [line[len("RUN "):].split(" && ")[0] for line in text.splitlines() if line.startswith("RUN pip install")]
+    assert len(runs) == 2
+    for run in runs:
+        args = run.split()[2:]  # after "pip install"
+        args = [str(ROOT) if a == "/app" else a for a in args]
+        result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *args],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import llm_gateway.decoding, llm_gateway.ca, mitmproxy.tools.dump"],
+        capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
