@@ -86,6 +86,7 @@ def test_fingerprint_ignores_cache_control_and_the_string_form():
 def test_fingerprint_of_junk_never_raises(junk):
     fp = fingerprint(junk)
     assert fp is None or fp.messages == (("?", 0), ("?", 0))
+    assert fingerprint({"messages": [{"role": "tool\n", "content": "x"}]}).messages == (("?", 1),)
 
 
 def test_names_from_clients_are_cleaned_for_log_lines():
@@ -128,6 +129,22 @@ def test_edited_earlier_message_and_removed_message():
 
     found = explained(rewind)
     assert found.reason == "messages_changed" and "message 2 removed" in found.detail
+
+
+def test_thinking_or_tool_choice_changes_lose_the_messages_cache_only():
+    def think(b):
+        b["thinking"] = {"type": "enabled", "budget_tokens": 2048}
+        b["messages"][0]["content"][0]["cache_control"] = {"type": "ephemeral"}  # so that the fake caches there
+
+    s = Session()
+    first = body()
+    first["messages"][0]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    s.send(first, 0.0)
+    second = copy.deepcopy(first)
+    think(second)
+    usage, found = s.send(second, 1.0)
+    assert found is not None and found.reason == "messages_changed" and "thinking or tool_choice" in found.detail
+    assert usage["cache_read_input_tokens"] > 0  # tools and system still read: a drop, not to zero
 
 
 def test_model_switch_ttl_and_breakpoint():

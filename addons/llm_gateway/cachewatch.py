@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ MIN_CACHEABLE: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"haiku"), 2048),  # Claude Haiku 3 and 3.5
 )
 DEFAULT_MIN_CACHEABLE = 1024  # Opus 4/4.1, Sonnet 3.7/4/4.5, and models not listed
+ROLES = {"u": "user", "a": "assistant", "s": "system"}  # message roles by their first letter
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:@/+-]")
 
 
@@ -71,8 +73,15 @@ class Fingerprint:
     digests: bytes  # DIGEST bytes per block
     tools: tuple[str, ...]  # cleaned tool names, in order
     system: int  # number of system blocks
-    messages: tuple[tuple[str, int], ...]  # (role, number of content blocks) per message
+    roles: str  # one letter per message: the first of its role ("u", "a"; "?" for anything else)
+    counts: bytes  # the number of content blocks per message, as array("I") bytes (compact: sessions are many)
     breakpoints: tuple[tuple[int, str], ...]  # (position, "5m" | "1h"), in position order
+    settings: bytes = b""  # hash of `thinking` and `tool_choice`: a change loses the messages' cache, not the rest
+
+    @property
+    def messages(self) -> tuple[tuple[str, int], ...]:
+        """(role, number of content blocks) per message."""
+        return tuple(zip((ROLES.get(r, "?") for r in self.roles), array("I", self.counts)))
 
     @property
     def blocks(self) -> int:
@@ -141,23 +150,28 @@ def fingerprint(body: Any) -> Fingerprint | None:
         system = _blocks(body.get("system"))
         for block in system:
             add(block)
-        shape = []
+        roles, counts = [], array("I")
         for message in body["messages"]:
             message = message if isinstance(message, dict) else {}
             content = _blocks(message.get("content"))
             for block in content:
                 add(block)
-            shape.append((clean(message.get("role", "?"), 16), len(content)))
+            role = message.get("role")
+            roles.append(role[0] if role in ROLES.values() else "?")
+            counts.append(len(content))
     except (ValueError, TypeError, RecursionError):
         return None
     model = body.get("model")
+    settings = _hash({k: body.get(k) for k in ("thinking", "tool_choice")})
     return Fingerprint(
         model=clean(model, 128) if isinstance(model, str) else None,
         digests=bytes(digests),
         tools=tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools),
         system=len(system),
-        messages=tuple(shape),
+        roles="".join(roles),
+        counts=counts.tobytes(),
         breakpoints=tuple(breakpoints),
+        settings=settings,
     )
 
 
@@ -260,6 +274,8 @@ def explain(
             if prev.system != cur.system or prev.section(start, prev.system) != cur.section(start, cur.system):
                 return "system_changed", system_detail(prev, cur)
             return "messages_changed", messages_detail(prev, cur)
+        if position >= len(prev.tools) + prev.system and prev.settings != cur.settings:
+            return "messages_changed", "thinking or tool_choice changed (the messages' cache goes with them)"
         if elapsed > ttl_seconds.get(ttl, DEFAULT_TTL[ttl]):
             return "ttl_expired", f"{elapsed_text(elapsed)} since the last request; TTL {ttl}"
     if prev.breakpoints and not _in_reach(prev.breakpoints[-1][0], cur.breakpoints):
@@ -273,10 +289,11 @@ def same_conversation(a: Fingerprint | None, b: Fingerprint | None) -> bool:
     """Two requests to different models continue one conversation when their system prompts and first message
     are equal: a model switch (tools may change with it). Side requests (Claude Code's small Haiku calls, with a
     system prompt of their own) are not, and neither break nor build the main conversation's cache."""
-    if a is None or b is None or a.system != b.system or not a.messages or not b.messages:
+    if a is None or b is None or a.system != b.system or not a.roles or not b.roles:
         return False
-    ta, tb = len(a.tools), len(b.tools)
-    return a.section(ta, a.system + a.messages[0][1]) == b.section(tb, b.system + b.messages[0][1])
+    size = array("I").itemsize
+    first_a, first_b = array("I", a.counts[:size])[0], array("I", b.counts[:size])[0]
+    return a.section(len(a.tools), a.system + first_a) == b.section(len(b.tools), b.system + first_b)
 
 
 # ---------------------------------------------------------------------------------------------- the store

@@ -446,15 +446,17 @@ class CacheAccounting:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _blocks(request_json: Mapping[str, Any]) -> list[Any]:
+    def _blocks(request_json: Mapping[str, Any]) -> tuple[list[Any], int]:
+        """The blocks in prefix order, and where the messages start."""
         def as_blocks(value: Any) -> list[Any]:
             return [{"type": "text", "text": value}] if isinstance(value, str) else list(value or [])
 
         blocks = list(request_json.get("tools") or [])
         blocks += as_blocks(request_json.get("system"))
+        first_message = len(blocks)
         for message in request_json.get("messages") or []:
             blocks += as_blocks(message.get("content") if isinstance(message, dict) else None)
-        return blocks
+        return blocks, first_message
 
     def usage(self, request_json: Any, now: float | None = None) -> dict:
         """The four prompt token counts (and ``cache_creation``) the API would report for this request."""
@@ -463,7 +465,12 @@ class CacheAccounting:
         now = time.monotonic() if now is None else now
         chain = hashlib.sha256(str(request_json.get("model")).encode())
         prefixes, totals, breakpoints, total = [], [], [], 0
-        for block in self._blocks(request_json):
+        blocks, first_message = self._blocks(request_json)
+        # thinking and tool_choice changes invalidate the cached messages, not tools or system (API docs)
+        settings = json.dumps([request_json.get("thinking"), request_json.get("tool_choice")], sort_keys=True)
+        for i, block in enumerate(blocks):
+            if i == first_message:
+                chain.update(settings.encode() + b"\x00")
             control = block.get("cache_control") if isinstance(block, dict) else None
             bare = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
             text = json.dumps(bare, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
