@@ -22,7 +22,7 @@ from harness import Gateway, free_port
 
 pytestmark = pytest.mark.e2e
 
-TTL = 3.0  # seconds a "5m" entry lives in the fake, and what the gateway is told
+TTL = 5.0  # seconds a "5m" entry lives in the fake, and what the gateway is told
 RULES_EXTRA = f"""\
 usage:
   cache_ttl_5m: {TTL}

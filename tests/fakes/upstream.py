@@ -1063,8 +1063,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="A fake Anthropic Messages API on 127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    ap.add_argument("--cache-ttl-5m", type=float, metavar="SECONDS",
+                    help="emulate the prompt cache (CacheAccounting), its '5m' entries living this long")
     args = ap.parse_args(argv)
-    fake = FakeUpstream(args.port, verbose=args.verbose).start()
+    cache = CacheAccounting(ttl_5m=args.cache_ttl_5m) if args.cache_ttl_5m is not None else None
+    fake = FakeUpstream(args.port, verbose=args.verbose, cache=cache).start()
     print(f"listening on {fake.url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
