@@ -89,6 +89,15 @@ def test_fingerprint_of_junk_never_raises(junk):
     assert fingerprint({"messages": [{"role": "tool\n", "content": "x"}]}).messages == (("?", 1),)
 
 
+@pytest.mark.parametrize("junk", [None, "x", {"model": {"a": 1}}, {"model": ["m"], "messages": []}, {"messages": {}}])
+def test_the_store_takes_any_body(junk):
+    w = CacheWatch()
+    wrote = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 5000}
+    assert w.observe("s", wrote, junk, 0) is None
+    found = w.observe("s", {"cache_read_input_tokens": 0, "input_tokens": 5000}, junk, 1)
+    assert found.reason == "unknown", found
+
+
 def test_names_from_clients_are_cleaned_for_log_lines():
     fp = fingerprint({"model": "m\n\x1b[31m", "tools": [{"name": "a\nb" + "x" * 100}], "messages": []})
     assert fp.model == "m???31m" and fp.tools[0].startswith("a?bx") and len(fp.tools[0]) == 64

@@ -358,7 +358,7 @@ class CacheWatch:
         state.requests += 1
         read, wrote = _count(usage, "cache_read_input_tokens"), _count(usage, "cache_creation_input_tokens") or 0
         fp = fingerprint(body)
-        model = fp.model if fp else (body.get("model") if isinstance(body, dict) else None)
+        model = fp.model if fp else None
         prev = state.conversations.get(model)
         if prev is None and state.conversations:
             last = next(reversed(state.conversations.values()))
