@@ -19,6 +19,7 @@ import realclients
 from conftest import routed_rules
 from fakes.upstream import CacheAccounting, FakeUpstream
 from harness import Gateway, free_port
+from llm_gateway import report
 
 pytestmark = pytest.mark.e2e
 
@@ -174,6 +175,11 @@ def test_each_change_of_the_prefix_is_explained(gw, fake):
         assert f"lost {record['cache_break_tokens_lost']} cached tokens" in out and session in out
     breaks = [r for r in gw.records(timeout=0) if r["session"] == session and r["cache_break"]]
     assert [r["cache_break_reason"] for r in breaks] == [reason for _, reason, _ in CHANGES]
+    # the usage report: breaks by client and reason, the same when found again from the records alone
+    recorded, recomputed = (report.build([str(gw.usage_log)], report.Filters(sessions=(session,)), "client", again)
+                            for again in (False, True))
+    assert recorded.breaks.result() == recomputed.breaks.result()
+    assert sum(row["breaks"] for row in recorded.breaks.result()) == len(CHANGES)
     metrics = urllib.request.urlopen(gw.metrics_url, timeout=5).read().decode()
     for reason in {reason for _, reason, _ in CHANGES}:
         count = sum(1 for _, r, _ in CHANGES if r == reason)

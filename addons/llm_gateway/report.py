@@ -1,7 +1,9 @@
 """Usage report: totals per session and per client from the gateway's JSONL record log.
 
 Run as `scripts/usage_report [FILE ...]` (or `python -m llm_gateway.report`). Standard library and the
-gateway's own wire module only, no mitmproxy import, so it runs anywhere the log is copied to.
+gateway's own wire and breakreport modules only, no mitmproxy import, so it runs anywhere the log is copied to.
+Cache breaks are also shown by client and reason (breakreport.py); `--recompute-breaks` finds them again in the
+merged records of every replica.
 
 Only `"kind": "usage"` records count; other records sharing the file (egress decisions, …) are skipped,
 and so are lines that are not JSON objects (a line cut short while the gateway was writing it): both are
