@@ -79,7 +79,10 @@ def _reason(record: dict[str, Any]) -> str | None:
     return reason if isinstance(reason, str) and reason else None
 
 
-def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[tuple[dict[str, Any], str, int, float | None]]:
+Found = tuple[dict[str, Any], str, int, float | None]  # (record, reason, tokens lost, US dollars lost or None)
+
+
+def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Found]:
     """(record, reason, tokens lost, lost US dollars or None) for every break in merged records, whatever replica
     wrote them; `records` are (record, time) pairs in any order. Breaks a replica recorded across models (a model
     switch) are kept as recorded."""
@@ -96,7 +99,8 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[tu
         recorded = _reason(record) if record.get("cache_break") is True else None
         if prev is None or read >= prev[1]:
             if recorded:  # found by the replica against another model's request: a model switch
-                yield record, recorded, _int(record.get("cache_break_tokens_lost")) or 0, _money(record.get("cache_break_cost_usd"))
+                lost = _int(record.get("cache_break_tokens_lost")) or 0
+                yield record, recorded, lost, _money(record.get("cache_break_cost_usd"))
             continue
         lost = prev[1] - read
         if recorded:

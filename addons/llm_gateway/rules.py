@@ -389,8 +389,9 @@ class _Reader:
         return PathBlock(self.glob(m["host"], f"{where}.host"), self.glob(m["path"], f"{where}.path"))
 
     def usage(self, node: yaml.Node) -> Usage:
-        m = self.mapping(node, "usage", {"log": False, "cache_sessions": False, "cache_ttl_5m": False, "cache_ttl_1h": False})
-        cache = {k: self.number(m[k], f"usage.{k}") for k in ("cache_sessions", "cache_ttl_5m", "cache_ttl_1h") if k in m}
+        cache_keys = ("cache_sessions", "cache_ttl_5m", "cache_ttl_1h")
+        m = self.mapping(node, "usage", {"log": False, **dict.fromkeys(cache_keys, False)})
+        cache = {k: self.number(m[k], f"usage.{k}") for k in cache_keys if k in m}
         if "cache_sessions" in cache:
             if cache["cache_sessions"] < 1 or cache["cache_sessions"] != int(cache["cache_sessions"]):
                 raise self.fail(m["cache_sessions"], "usage.cache_sessions must be a whole number of at least 1")
