@@ -170,7 +170,9 @@ def test_cache_break_is_marked(web):
     [one], [two] = api.flows(first), api.flows(second)
     assert one["marked"] == ""
     assert two["marked"] == "⚠"
-    assert two["comment"] == f"unknown · session {session} · in 21 out 9 cache r0 w7 hit 0% · CACHE BREAK"
+    assert two["comment"] == (  # the fake's fixed usage: a 28-token prompt, which no model caches
+        f"unknown · session {session} · in 21 out 9 cache r0 w7 hit 0% · CACHE BREAK lost 20 cached tokens: "
+        "below_minimum (prompt of 28 tokens; claude-test-1 caches from 1024)")
 
 
 def test_stream_copy_is_bounded_and_forwarding_is_untouched(web):

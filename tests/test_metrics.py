@@ -105,6 +105,7 @@ def test_cache_breaks_errors_and_unwrapped_errors():
     m.error(finished(status=None, usage=None))
     labels = {"client": "claude-code", "model": "claude-sonnet-4-5"}
     assert value(m, "llm_gateway_cache_breaks_total", **labels) == 1
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="unknown") is None
     assert value(m, "llm_gateway_errors_total", **labels, error_type="rate_limit_error") == 1
     assert value(m, "llm_gateway_errors_total", **labels, error_type="authentication_error") == 1
     assert value(m, "llm_gateway_errors_total", **labels, error_type="other") == 1  # unknown types do not grow labels
@@ -113,6 +114,18 @@ def test_cache_breaks_errors_and_unwrapped_errors():
     assert value(m, "llm_gateway_requests_total", **labels, status="none") == 1
     # no usage, no tokens
     assert value(m, "llm_gateway_tokens_total", **labels, kind="input") == 21
+
+
+def test_cache_breaks_by_reason_are_labelled_by_client_and_reason_only():
+    m = Metrics()
+    for reason in ("system_changed", "system_changed", "ttl_expired", "not-a-reason"):
+        flow = finished(cache_break=True, usage={**USAGE, "cache_read_input_tokens": 0})
+        exchange.of(flow).cache_break_reason = reason
+        m.response(flow)
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="system_changed") == 2
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="ttl_expired") == 1
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="not-a-reason") is None
+    assert m.cache_break_reasons._labelnames == ("client", "reason")
 
 
 def test_never_labelled_by_session():

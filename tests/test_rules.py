@@ -102,6 +102,9 @@ def test_empty_file_is_empty_rules():
         ("apis: {}\n", 1, "must be a list"),
         ("- 1\n", 1, "must be a mapping"),
         ("usage:\n  log: a\nusage:\n  log: b\n", 3, "duplicate key"),
+        ("usage:\n  cache_sessions: 0\n", 2, "whole number of at least 1"),
+        ("usage:\n  cache_sessions: 2.5\n", 2, "whole number of at least 1"),
+        ("usage:\n  cache_ttl_5m: soon\n", 2, "usage.cache_ttl_5m must be a non-negative number"),
     ],
 )
 def test_refusals_name_file_line_and_reason(text, line, reason):
@@ -109,6 +112,13 @@ def test_refusals_name_file_line_and_reason(text, line, reason):
         rules.parse(text, "conf/rules.yaml")
     assert str(e.value).startswith(f"conf/rules.yaml:{line}: "), str(e.value)
     assert reason in str(e.value)
+
+
+def test_cache_watch_keys():
+    r = rules.parse("usage:\n  cache_sessions: 20\n  cache_ttl_5m: 2.5\n  cache_ttl_1h: 30\n")
+    assert (r.usage.log, r.usage.cache_sessions, r.usage.cache_ttl_5m, r.usage.cache_ttl_1h) == (None, 20, 2.5, 30.0)
+    d = rules.parse("").usage
+    assert (d.cache_sessions, d.cache_ttl_5m, d.cache_ttl_1h) == (5000, 300.0, 3600.0)
 
 
 def test_unreadable_file(tmp_path):

@@ -430,6 +430,11 @@ def test_cache_break_is_marked_with_a_warning():
     f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True)
     webview.annotate(f)
     assert f.marked == ":warning:" and f.comment.endswith("cache r0 w7 hit 0% · CACHE BREAK")
+    f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True,
+                         cache_break_reason="tools_changed", cache_break_detail="tool 'x' removed",
+                         cache_break_tokens_lost=900, cache_break_cost_usd=0.00243)
+    webview.annotate(f)
+    assert f.comment.endswith("· CACHE BREAK lost 900 cached tokens ($0.0024): tools_changed (tool 'x' removed)")
 
 
 def test_incomplete_answer_is_said():

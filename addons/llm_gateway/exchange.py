@@ -63,6 +63,10 @@ class Exchange:
     converted: str | None = None  # "sse->json" | "json->sse"
     complete: bool = False
     cache_break: bool = False
+    cache_break_reason: str | None = None  # why (cachewatch.REASONS), when cache_break
+    cache_break_detail: str | None = None  # e.g. "system block 2 changed"
+    cache_break_tokens_lost: int | None = None  # cached before, not read now
+    cache_break_cost_usd: float | None = None  # what those tokens cost more than a cache read (None: no price)
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
     sse_taps: list[SSETap] = field(default_factory=list)
@@ -85,6 +89,8 @@ class Exchange:
             "unwrapped_from": self.unwrapped_from,
             "complete": self.complete,
             "cache_break": self.cache_break,
+            "cache_break_reason": self.cache_break_reason,
+            "cache_break_detail": self.cache_break_detail,
             "usage": dict(self.usage) if self.usage else None,
         }
 

@@ -21,7 +21,7 @@ from mitmproxy import http
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
-from . import exchange, wire
+from . import cachewatch, exchange, wire
 from .records import RecordLog
 from .wire import token
 
@@ -78,6 +78,10 @@ class Metrics:
         self.cache_breaks = Counter(
             "llm_gateway_cache_breaks", "Requests of a session that had cached its prompt and read none of it",
             labels, registry=r,
+        )
+        self.cache_break_reasons = Counter(
+            "llm_gateway_cache_break_reasons", "Cache breaks by the reason the gateway found (see cachewatch.REASONS)",
+            ["client", "reason"], registry=r,
         )
         self.errors = Counter(
             "llm_gateway_errors", "Exchanges that ended in an Anthropic error, by error type", [*labels, "error_type"],
@@ -137,6 +141,8 @@ class Metrics:
             self.cache_hit_ratio.labels(client, model).set(totals[0] / totals[1])
         if ex.cache_break:
             self.cache_breaks.labels(client, model).inc()
+            if ex.cache_break_reason in cachewatch.REASONS:
+                self.cache_break_reasons.labels(client, ex.cache_break_reason).inc()
         if ex.error_type:
             error_type = ex.error_type if ex.error_type in wire.STATUS_BY_ERROR_TYPE else OTHER
             self.errors.labels(client, model, error_type).inc()

@@ -44,3 +44,15 @@ def cost(pricing: tuple[Price, ...], model: str | None, usage: dict[str, Any] | 
     ) / MILLION
     saved = read * (price.input - price.cache_read) / MILLION
     return round(dollars, 8), round(saved, 8)
+
+
+def lost_cost(pricing: tuple[Price, ...], model: str | None, lost: int, usage: dict[str, Any] | None) -> float | None:
+    """US dollars a cache break cost: `lost` tokens that a cache read would have served, paid instead at the
+    cache-write price (as far as this request wrote cache, 5m price) and the rest at the input price; None where
+    the price is unknown."""
+    price = price_for(pricing, model)
+    if price is None or lost <= 0:
+        return None
+    written = min(lost, tokens(usage or {}, "cache_creation_input_tokens"))
+    paid = written * price.cache_write_5m + (lost - written) * price.input
+    return round((paid - lost * price.cache_read) / MILLION, 8)

@@ -103,6 +103,9 @@ class Egress:
 @dataclass(frozen=True)
 class Usage:
     log: str | None = None  # absolute path, "-" for stdout, None for no file
+    cache_sessions: int = 5000  # sessions whose prompt-cache fingerprints are kept (cachewatch), least recent out
+    cache_ttl_5m: float = 300.0  # seconds the API keeps a "5m" cache entry; other values only for a test upstream
+    cache_ttl_1h: float = 3600.0  # seconds the API keeps a "1h" cache entry
 
 
 @dataclass(frozen=True)
@@ -386,10 +389,16 @@ class _Reader:
         return PathBlock(self.glob(m["host"], f"{where}.host"), self.glob(m["path"], f"{where}.path"))
 
     def usage(self, node: yaml.Node) -> Usage:
-        m = self.mapping(node, "usage", {"log": False})
+        cache_keys = ("cache_sessions", "cache_ttl_5m", "cache_ttl_1h")
+        m = self.mapping(node, "usage", {"log": False, **dict.fromkeys(cache_keys, False)})
+        cache = {k: self.number(m[k], f"usage.{k}") for k in cache_keys if k in m}
+        if "cache_sessions" in cache:
+            if cache["cache_sessions"] < 1 or cache["cache_sessions"] != int(cache["cache_sessions"]):
+                raise self.fail(m["cache_sessions"], "usage.cache_sessions must be a whole number of at least 1")
+            cache["cache_sessions"] = int(cache["cache_sessions"])
         if "log" not in m or self.scalar(m["log"]) in (None, False):
-            return Usage(log=None)
-        return Usage(log=self.log_path(self.string(m["log"], "usage.log")))
+            return Usage(log=None, **cache)
+        return Usage(log=self.log_path(self.string(m["log"], "usage.log")), **cache)
 
     def log_path(self, value: str) -> str:
         """Relative paths are relative to the rule file's folder; `-` is stdout."""

@@ -15,11 +15,11 @@ from typing import Any
 
 from mitmproxy import command, http
 
-from . import exchange, pricing, wire
+from . import cachewatch, exchange, pricing, wire
 from .records import RecordLog
 from .report import is_error
 from .wire import cache_share, token
-from .sessions import CacheWatch
+from .cachewatch import CacheWatch
 
 logger = logging.getLogger("llm_gateway.usage")
 
@@ -94,6 +94,10 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "unwrapped_from": ex.unwrapped_from,
         "converted": ex.converted,
         "cache_break": ex.cache_break,
+        "cache_break_reason": ex.cache_break_reason,
+        "cache_break_detail": ex.cache_break_detail,
+        "cache_break_tokens_lost": ex.cache_break_tokens_lost,
+        "cache_break_cost_usd": ex.cache_break_cost_usd,
         "complete": ex.complete,
         "user_agent": ex.user_agent if ex.client == "unknown" else None,
         "ttfb_ms": round((first_byte - ex.started) * 1000, 1) if first_byte else None,
@@ -111,6 +115,8 @@ def human_line(record: dict[str, Any]) -> str:
         f" cache_read={record['cache_read_input_tokens']} cache_write={record['cache_creation_input_tokens']}"
         f" hit={'-' if share is None else f'{share:.0%}'}{cost}"
         + ("" if record["complete"] else " INCOMPLETE")
+        + (f" CACHE BREAK {record['cache_break_reason']}: {record['cache_break_detail']}"
+           if record.get("cache_break_reason") else "")
     )
 
 
@@ -145,7 +151,7 @@ class Usage:
             if wire.is_native_error(body):
                 ex.error_type = body["error"]["type"]
         if flow.response.status_code < 400 and ex.error_type is None:
-            ex.cache_break = self.cache.observe(ex.session, ex.usage, ex.model)
+            cachewatch.explain_break(self.cache, ex)
             if ex.cache_break:
                 self.warn_cache_break(flow, ex)
         self.finish(flow, ex)
@@ -171,9 +177,9 @@ class Usage:
         full_price = wire.full_price_prompt_tokens(ex.usage)
         request_id = flow.response.headers.get("request-id") or flow.id
         logger.warning(
-            f"cache break: session {ex.session} ({ex.client}) request {request_id} read no cached tokens; "
-            f"{full_price} prompt tokens paid at full price (break #{self.cache.sessions[ex.session].breaks} "
-            f"in this session)"
+            f"cache break: session {ex.session} ({ex.client}) request {request_id} "
+            f"{cachewatch.break_text(ex)}; {full_price} prompt tokens paid at full price "
+            f"(break #{self.cache.sessions[ex.session].breaks} in this session)"
         )
 
     def count(self, record: dict[str, Any]) -> None:

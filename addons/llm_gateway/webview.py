@@ -24,7 +24,7 @@ from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.contentviews import Contentview, Metadata
 from mitmproxy.utils import human
 
-from . import exchange, relay, wire
+from . import cachewatch, exchange, relay, wire
 from .egress import EGRESS_METADATA
 from .wire import cache_share, token
 
@@ -311,7 +311,7 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
             f" hit {'-' if share is None else f'{share:.0%}'}"
         )
     if ex.cache_break:
-        parts.append("CACHE BREAK")
+        parts.append("CACHE BREAK" + (f" {cachewatch.break_text(ex)}" if ex.cache_break_reason else ""))
     if flow.response is not None and flow.response.status_code < 400 and not ex.complete and not ex.error_type:
         parts.append("incomplete")
     copy = flow.metadata.get(STREAM_COPY_KEY)
