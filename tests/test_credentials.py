@@ -17,6 +17,7 @@ from llm_gateway import credentials, exchange, lastmoment, rules
 from llm_gateway.clients import ClientDetector
 from llm_gateway.credspec import token_hash
 from llm_gateway.routing import ApiRouter
+from secretvolume import write_secret
 
 TOKEN_A = "llmgw-team-a-token-0123456789"
 TOKEN_B = "llmgw-team-b-token-9876543210"
@@ -166,31 +167,18 @@ def test_read_key_strips_and_refuses_without_showing_content(tmp_path, monkeypat
         credentials.read_key(credentials.UpstreamKey("e", key_env="LLMGW_K"))
 
 
-def kubernetes_secret(folder: Path, value: str, version: int) -> Path:
-    """A Secret volume as the kubelet writes it: key -> ..data/key, ..data -> ..<version> (swapped atomically)."""
-    data = folder / f"..v{version}"
-    data.mkdir()
-    (data / "api-key").write_text(value)
-    link = folder / "..data_tmp"
-    os.symlink(data.name, link)
-    os.replace(link, folder / "..data")
-    if not (folder / "api-key").is_symlink():
-        os.symlink("..data/api-key", folder / "api-key")
-    return folder / "api-key"
-
-
 def test_key_store_follows_a_secret_swap_and_keeps_the_last_good_key(tmp_path, caplog):
-    path = kubernetes_secret(tmp_path, KEY + "\n", 1)
+    path = write_secret(tmp_path, "api-key", KEY + "\n")
     store = credentials.KeyStore()
     store.use((spec(path),))
     assert store.key("main") == KEY
     store.refresh()
     assert store.reloads == 0
-    kubernetes_secret(tmp_path, "sk-ant-api03-ROTATED", 2)
+    write_secret(tmp_path, "api-key", "sk-ant-api03-ROTATED")
     store.refresh()
     assert store.key("main") == "sk-ant-api03-ROTATED" and store.reloads == 1
     with caplog.at_level(logging.ERROR):
-        kubernetes_secret(tmp_path, "", 3)
+        write_secret(tmp_path, "api-key", "")
         store.refresh()
     assert store.key("main") == "sk-ant-api03-ROTATED"
     assert "is empty (keeping the key read before)" in caplog.text and "ROTATED" not in caplog.text
@@ -365,3 +353,17 @@ def test_mint_prints_the_token_once_and_a_line_that_parses(capsys):
 def test_mint_refuses_a_bad_name():
     with pytest.raises(SystemExit):
         credentials.main(["bad name"])
+
+
+def test_off_api_paths_of_api_hosts_lose_tokens_but_pass_through_passes(chain):
+    f = api_flow(path="/api/claude_code/settings", headers={"x-api-key": TOKEN_A})
+    chain.run("requestheaders", f)
+    chain.run("request", f)
+    assert exchange.of(f) is None and f.response is None
+    assert "x-api-key" not in f.request.headers and TOKEN_A.encode() not in sent_head(f) and KEY.encode() not in sent_head(f)
+    f = api_flow(path="/api/oauth/profile", headers={"authorization": f"Bearer {OAUTH}", "anthropic-beta": "oauth-1"})
+    chain.run("requestheaders", f)
+    assert OAUTH not in str(f.request.headers) and f"Bearer {OAUTH}".encode() in sent_head(f)
+    f = api_flow(host="example.com", path="/x", headers={"x-api-key": TOKEN_A})
+    chain.run("requestheaders", f)
+    assert f.request.headers["x-api-key"] == TOKEN_A  # not an API host: none of the gateway's business

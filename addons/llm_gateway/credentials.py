@@ -258,14 +258,40 @@ class KeyCustody:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Take the client's credentials out of the flow before anything shows it."""
+        if flow.response or flow in _custody:
+            return
         ex = exchange.of(flow)
-        if ex is None or flow.response or ex.rules.credentials is None or flow in _custody:
+        if ex is None:
+            self._off_api(flow)
+            return
+        if ex.rules.credentials is None:
             return
         headers = flow.request.headers
         original = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
         _custody[flow] = Custody(original)
         for name in original:
             headers[name] = mask("client credential")
+
+    def _off_api(self, flow: http.HTTPFlow) -> None:
+        """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`):
+        it gets no upstream key, and a gateway token goes no further; a pass-through credential passes."""
+        rules = self.rule_file.rules
+        host = flow.request.host.lower().rstrip(".")
+        if rules.credentials is None or not any(h.match(host) for api in rules.apis for h in api.hosts):
+            return
+        headers = flow.request.headers
+        original = {name: headers.pop(name) for name in CREDENTIAL_HEADERS if name in headers}
+        if not original:
+            return
+        custody = _custody[flow] = Custody(original)
+        found = {k.lower(): v for k, v in headers.items()}
+        decision = decide(rules.credentials, presented(original), found, "unknown")
+        if decision.action == "pass" and self.wire_ready:
+            for name, value in original.items():
+                self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
+        else:
+            where = f"{host}{flow.request.path.split('?', 1)[0][:200]!r}"
+            logger.info(f"credentials: {where} is not an API path: its {', '.join(original)} is not forwarded")
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
