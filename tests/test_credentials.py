@@ -367,3 +367,12 @@ def test_off_api_paths_of_api_hosts_lose_tokens_but_pass_through_passes(chain):
     f = api_flow(host="example.com", path="/x", headers={"x-api-key": TOKEN_A})
     chain.run("requestheaders", f)
     assert f.request.headers["x-api-key"] == TOKEN_A  # not an API host: none of the gateway's business
+
+
+def test_a_token_sent_to_a_path_the_gateway_answers_itself_leaves_the_flow(chain):
+    from mitmproxy import http
+
+    f = api_flow(path="/-/metrics", headers={"authorization": f"Bearer {TOKEN_A}"})
+    f.response = http.Response.make(200, b"metrics")  # as Endpoints answers, before custody's hook
+    chain.run("requestheaders", f)
+    assert TOKEN_A not in str(f.request.headers)

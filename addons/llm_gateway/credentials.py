@@ -258,13 +258,13 @@ class KeyCustody:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Take the client's credentials out of the flow before anything shows it."""
-        if flow.response or flow in _custody:
+        if flow in _custody:
             return
         ex = exchange.of(flow)
         if ex is None:
             self._off_api(flow)
             return
-        if ex.rules.credentials is None:
+        if flow.response or ex.rules.credentials is None:
             return
         headers = flow.request.headers
         original = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
@@ -273,8 +273,9 @@ class KeyCustody:
             headers[name] = mask("client credential")
 
     def _off_api(self, flow: http.HTTPFlow) -> None:
-        """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`):
-        it gets no upstream key, and a gateway token goes no further; a pass-through credential passes."""
+        """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
+        the gateway's own `/-/metrics`): it gets no upstream key, and a gateway token goes no further (nor stays
+        in the flow); a pass-through credential passes."""
         rules = self.rule_file.rules
         host = flow.request.host.lower().rstrip(".")
         if rules.credentials is None or not any(h.match(host) for api in rules.apis for h in api.hosts):
@@ -286,7 +287,7 @@ class KeyCustody:
         custody = _custody[flow] = Custody(original)
         found = {k.lower(): v for k, v in headers.items()}
         decision = decide(rules.credentials, presented(original), found, "unknown")
-        if decision.action == "pass" and self.wire_ready:
+        if decision.action == "pass" and self.wire_ready and not flow.response:
             for name, value in original.items():
                 self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
         else:
