@@ -292,3 +292,20 @@ def test_mitmweb_never_serves_the_key_even_while_the_request_is_in_flight(module
         assert_clean("mitmweb's /flows after the request", after)
     finally:
         gw.stop()
+
+
+def test_claude_code_with_a_subscription_oauth_token_passes_through(gateway_factory, fake, tmp_path):
+    """A subscription user: Claude Code sends `Authorization: Bearer sk-ant-oat…` with an `oauth-…` beta header;
+    the pass-through rule forwards it unchanged, and the flow holds a mask."""
+    key_file = write_secret(tmp_path / "secret", "api-key", UPSTREAM_KEY)
+    gw = gateway_factory(credentials_rules(fake.url, key_file))
+    fake.script(Scenario(text="Hi subscriber"))
+    done = realclients.run_claude("hello", base_url=gw.base_url,
+                                  env_extra={"ANTHROPIC_API_KEY": "", "CLAUDE_CODE_OAUTH_TOKEN": OAUTH})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Hi subscriber"
+    seen = messages(fake.requests)
+    assert seen and all(q.headers.get("authorization") == f"Bearer {OAUTH}" for q in seen)
+    assert all("oauth-" in q.headers.get("anthropic-beta", "") and "x-api-key" not in q.headers for q in seen)
+    assert {r["principal"] for r in gw.records(count=len(seen))} == {"subscription"}
+    assert OAUTH not in gw.output()

