@@ -260,6 +260,7 @@ def test_saved_flows_hold_masks_not_credentials(traffic):
     swapped = [f for f in api if f.metadata["gateway"]["principal"] == "team-a" and f.response.status_code == 200]
     assert swapped and all(f.request.headers["x-api-key"].startswith("[upstream key main; masked by the gateway")
                            for f in swapped)
+    assert all("principal team-a" in f.comment for f in swapped)
     oauth = [f for f in api if f.metadata["gateway"]["principal"] == "subscription"]
     assert oauth and OAUTH not in oauth[0].request.headers["authorization"]
 
@@ -273,15 +274,15 @@ def test_mitmweb_never_serves_the_key_even_while_the_request_is_in_flight(module
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.read().decode()
 
-        slow = Scenario(text="slow", delay=2.0).to_header()
+        slow = Scenario(text="slow", delay=3.0).to_header()
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "sdk_client.py"), "create", "--base-url", gw.base_url,
              "--header", f"x-fake-scenario={slow}"],
             env={**os.environ, "ANTHROPIC_API_KEY": TOKEN}, stdout=subprocess.PIPE, text=True,
         )
-        during = ""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "upstream key main; masked by the gateway" not in during:
+        during = ""  # polled until the request is in flight (the fake holds it for 3 s), however slow the start
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and "upstream key main; masked by" not in during:
             during = flows_json()
             time.sleep(0.1)
         out, _ = proc.communicate(timeout=30)
