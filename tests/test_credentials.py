@@ -376,3 +376,15 @@ def test_a_token_sent_to_a_path_the_gateway_answers_itself_leaves_the_flow(chain
     f.response = http.Response.make(200, b"metrics")  # as Endpoints answers, before custody's hook
     chain.run("requestheaders", f)
     assert TOKEN_A not in str(f.request.headers)
+
+
+def test_the_mint_token_command(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "mint-token"
+    done = subprocess.run([str(script), "ci-pool", "--client", "claude-code"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    token, line = done.stdout.splitlines()[1], done.stdout.splitlines()[3]
+    assert line == f'- {{name: ci-pool, sha256: "{token_hash(token)}", client: claude-code}}'
+    bad = subprocess.run([str(script), "no spaces please"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "token name" in bad.stderr and not bad.stdout
