@@ -4,7 +4,6 @@ the addon on flows, and the last-moment placing of the upstream key into the wir
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
