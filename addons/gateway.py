@@ -15,6 +15,7 @@ if _here not in sys.path:
 
 from llm_gateway.ca import GatewayCA  # noqa: E402
 from llm_gateway.clients import ClientDetector  # noqa: E402
+from llm_gateway.credentials import KeyCustody  # noqa: E402
 from llm_gateway.egress import EgressPolicy  # noqa: E402
 from llm_gateway.endpoints import Endpoints  # noqa: E402
 from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
@@ -40,6 +41,7 @@ addons = [
     Endpoints(rule_file, metrics),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics; own port
     ApiRouter(rule_file),  # request: is it API traffic? which upstream?
     ClientDetector(),  # request: which client and session, which stream preference
+    KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key, or 401
     ErrorUnwrapper(),  # response: native errors from envelopes; stream error events
     StreamPreference(),  # request: force the stream flag; response: convert back to what the client asked
     Usage(records),  # response/error: one usage record per exchange

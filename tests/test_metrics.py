@@ -135,7 +135,7 @@ def test_never_labelled_by_session():
     text = m.exposition()[1].decode()
     assert "secretish" not in text
     label_names = {k for samples in families(m).values() for labels in samples for k, _ in labels}
-    assert label_names == {"client", "model", "status", "kind"}
+    assert label_names == {"client", "model", "status", "kind", "principal"}
 
 
 def test_client_and_model_labels_are_bounded():
@@ -323,3 +323,17 @@ async def test_metrics_port_follows_option_changes(endpoints):
         with pytest.raises(OSError):
             await http_get(second, b"GET /-/healthz HTTP/1.1\r\n\r\n")
         endpoints.done()
+
+
+def test_principal_counters_are_bounded_and_name_no_token():
+    m = Metrics()
+    for i in range(metrics_mod.MAX_VALUES + 3):
+        ex = finished(client="claude-code")
+        exchange.of(ex).principal = f"team-{i}"
+        m.response(ex)
+    m.response(finished(client="claude-code"))  # no principal: counted as "none"
+    requests = families(m)["llm_gateway_principal_requests_total"]
+    principals = {dict(labels)["principal"] for labels in requests}
+    assert len(principals) == metrics_mod.MAX_VALUES + 1 and {"other", "team-0"} <= principals
+    assert value(m, "llm_gateway_principal_requests_total", principal="other", status="200") == 4
+    assert value(m, "llm_gateway_principal_tokens_total", principal="team-0", kind="input") > 0

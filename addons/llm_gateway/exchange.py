@@ -53,6 +53,7 @@ class Exchange:
     stream_preference: str = "as-sent"  # from the matched client rule
     stream_requested: bool | None = None
     stream_upstream: bool | None = None
+    principal: str | None = None  # the gateway token's (or pass-through rule's) name (credentials.py)
     # filled while the response passes
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
@@ -77,6 +78,7 @@ class Exchange:
             "api": self.api,
             "mode": self.mode,
             "client": self.client,
+            "principal": self.principal,
             "session": self.session,
             "user_agent": self.user_agent,
             "model": self.model,

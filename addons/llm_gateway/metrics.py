@@ -96,7 +96,16 @@ class Metrics:
             "llm_gateway_egress_decisions", "Egress policy decisions (egress mode), by decision", ["decision"],
             registry=r,
         )
-        self._clients, self._models = _Bounded(), _Bounded()
+        self.principal_requests = Counter(
+            "llm_gateway_principal_requests",
+            "API exchanges finished, by principal (the gateway token's name; 'none': no token) and HTTP status",
+            ["principal", "status"], registry=r,
+        )
+        self.principal_tokens = Counter(
+            "llm_gateway_principal_tokens", "Tokens reported in usage, by principal and kind", ["principal", "kind"],
+            registry=r,
+        )
+        self._clients, self._models, self._principals = _Bounded(), _Bounded(), _Bounded()
         self._prompt: dict[tuple[str, str], list[int]] = {}  # (client, model) -> [cache_read, all prompt tokens]
         self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         if records is not None:
@@ -127,11 +136,14 @@ class Metrics:
 
     def observe(self, ex: exchange.Exchange, status: int | None) -> None:
         client, model = self._clients(ex.client), self._models(ex.model)
+        principal = self._principals(ex.principal, "none")
         self.requests.labels(client, model, str(status) if status else "none").inc()
+        self.principal_requests.labels(principal, str(status) if status else "none").inc()
         for kind, field in TOKEN_KINDS.items():
             n = token(ex.usage, field)
             if n:
                 self.tokens.labels(client, model, kind).inc(n)
+                self.principal_tokens.labels(principal, kind).inc(n)
         read = token(ex.usage, "cache_read_input_tokens") or 0
         prompt = read + wire.full_price_prompt_tokens(ex.usage)
         if prompt:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .clients import ClientSignature
+from .credspec import UPSTREAM_HEADERS, Credentials, GatewayToken, PassThrough, UpstreamKey
 from .globs import Glob
 
 STREAM_MODES = ("on", "off", "as-sent")
@@ -136,6 +137,7 @@ class Rules:
     usage: Usage = field(default_factory=Usage)
     errors: Errors = field(default_factory=Errors)
     pricing: tuple[Price, ...] = ()
+    credentials: Credentials | None = None  # key custody (credentials.py); None: clients' credentials pass
 
 
 def load(path: str | os.PathLike[str]) -> Rules:
@@ -277,18 +279,20 @@ class _Reader:
         top = self.mapping(
             root,
             "the rule file",
-            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing")},
+            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
+        clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
         return Rules(
             source=self.source,
             apis=section("apis", lambda n: self.list_of(n, "apis", self.api), ()),
             routes=section("routes", lambda n: self.list_of(n, "routes", self.route), ()),
-            clients=section("clients", lambda n: self.list_of(n, "clients", self.client), ()),
+            clients=clients,
             egress=section("egress", self.egress, Egress()),
             usage=section("usage", self.usage, Usage()),
             errors=section("errors", self.errors, Errors()),
             pricing=section("pricing", lambda n: self.list_of(n, "pricing", self.price), ()),
+            credentials=section("credentials", lambda n: self.credentials(n, clients), None),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:
@@ -420,3 +424,74 @@ class _Reader:
         fields = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
         m = self.mapping(node, where, {"model": True, **dict.fromkeys(fields, True)})
         return Price(self.glob(m["model"], f"{where}.model"), *(self.number(m[f], f"{where}.{f}") for f in fields))
+
+    # --- credentials (key custody: credentials.py) ----------------------------------------------
+
+    def credentials(self, node: yaml.Node, client_rules: tuple[ClientSignature, ...]) -> Credentials:
+        m = self.mapping(node, "credentials", {"upstream": True, "tokens": False, "pass_through": False})
+        upstream = self.list_of(m["upstream"], "credentials.upstream", self.upstream_key)
+        if not upstream:
+            raise self.fail(m["upstream"], "credentials.upstream needs at least one key (the first is the default)")
+        self.unique(m["upstream"], upstream, "credentials.upstream")
+        names = {u.name for u in upstream}
+        clients = {c.name.lower() for c in client_rules}
+        tokens = []
+        for i, item in enumerate(self.seq(m["tokens"], "credentials.tokens") if "tokens" in m else []):
+            where = f"credentials.tokens[{i}]"
+            t = self.mapping(item, where, {"name": True, "sha256": True, "upstream": False, "client": False})
+            digest = self.string(t["sha256"], f"{where}.sha256").strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise self.fail(t["sha256"], f"{where}.sha256 must be 64 hex digits (the token's SHA-256; scripts/mint-token)")
+            up = self.string(t["upstream"], f"{where}.upstream") if "upstream" in t else upstream[0].name
+            if up not in names:
+                raise self.fail(t["upstream"], f"{where}.upstream {up!r} is not a credentials.upstream name")
+            client = self.string(t["client"], f"{where}.client") if "client" in t else None
+            if client is not None and client.lower() not in clients:
+                raise self.fail(t["client"], f"{where}.client {client!r} is not a name from the clients section")
+            tokens.append(GatewayToken(self.name(t["name"], f"{where}.name"), digest, up, client))
+        self.unique(m.get("tokens"), tokens, "credentials.tokens")
+        if len({t.sha256 for t in tokens}) < len(tokens):
+            raise self.fail(m["tokens"], "credentials.tokens holds the same sha256 twice")
+        passes = self.list_of(m["pass_through"], "credentials.pass_through", self.pass_through) if "pass_through" in m else ()
+        return Credentials(upstream=upstream, tokens=tuple(tokens), pass_through=passes)
+
+    def name(self, node: yaml.Node, where: str) -> str:
+        value = self.string(node, where)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise self.fail(node, f"{where} must be 1-64 letters, digits, '.', '_' or '-' (got {value!r})")
+        return value
+
+    def unique(self, node: yaml.Node | None, items: Any, where: str) -> None:
+        seen = [item.name for item in items]
+        dup = next((n for n in seen if seen.count(n) > 1), None)
+        if dup is not None:
+            raise self.fail(node, f"{where} names {dup!r} twice")
+
+    def upstream_key(self, node: yaml.Node, where: str) -> UpstreamKey:
+        m = self.mapping(node, where, {"name": True, "key_file": False, "key_env": False, "header": False, "key": False})
+        if "key" in m:
+            raise self.fail(m["key"], f"{where}: the key itself never goes in the rule file; give key_file or key_env")
+        if ("key_file" in m) == ("key_env" in m):
+            raise self.fail(node, f"{where} needs exactly one of key_file, key_env")
+        key_file = os.path.expanduser(self.string(m["key_file"], f"{where}.key_file")) if "key_file" in m else None
+        return UpstreamKey(
+            name=self.name(m["name"], f"{where}.name"),
+            key_file=str(self.folder / key_file) if key_file else None,
+            key_env=self.string(m["key_env"], f"{where}.key_env") if "key_env" in m else None,
+            header=self.choice(m["header"], f"{where}.header", UPSTREAM_HEADERS) if "header" in m else "x-api-key",
+        )
+
+    def pass_through(self, node: yaml.Node, where: str) -> PassThrough:
+        m = self.mapping(node, where, dict.fromkeys(("name", "bearer", "api_key", "header_values"), False) | {"name": True})
+        if "bearer" not in m and "api_key" not in m:
+            raise self.fail(node, f"{where} needs bearer or api_key: which credential it lets through")
+        values = tuple(
+            (self.string(k, "a header name").lower(), self.glob(v, f"{where}.header_values"))
+            for k, v in self.mapping_any(m["header_values"], f"{where}.header_values")
+        ) if "header_values" in m else ()
+        return PassThrough(
+            name=self.name(m["name"], f"{where}.name"),
+            bearer=self.globs(m["bearer"], f"{where}.bearer") if "bearer" in m else (),
+            api_key=self.globs(m["api_key"], f"{where}.api_key") if "api_key" in m else (),
+            header_values=values,
+        )

@@ -72,6 +72,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "ts": datetime.fromtimestamp(ex.started, timezone.utc).isoformat(timespec="milliseconds"),
         "mode": ex.mode,
         "client": ex.client,
+        "principal": ex.principal,
         "session": ex.session,
         "api": ex.api,
         "method": ex.method,

@@ -285,6 +285,8 @@ def short_session(session: str | None) -> str | None:
 def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
     """`claude-code · session 1a2b3c4d… · stream forced off, sse->json · in 21 · out 9 · cache read 13 …`."""
     parts = [ex.client]
+    if ex.principal:  # key custody: the gateway token's name (credentials.py)
+        parts.append(f"principal {ex.principal}")
     session = short_session(ex.session)
     if session:
         parts.append(f"session {session}")
