@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import command, http
 
 from . import exchange, pricing, wire
+from .logsafe import clean, clean_or_dash
 from .records import RecordLog
 from .report import is_error
 from .wire import cache_share, token
@@ -103,10 +104,10 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
 
 def human_line(record: dict[str, Any]) -> str:
     share = record["cache_hit_share"]
-    session = (record["session"] or "-")[:12]
+    session = clean_or_dash((record["session"] or "")[:12])
     cost = f" ${record['cost_usd']:.4f}" if record["cost_usd"] is not None else ""
     return (
-        f"{record['client']} session={session} {record['model'] or '-'} {record['status']}"
+        f"{clean(record['client'])} session={session} {clean_or_dash(record['model'])} {record['status']}"
         f" in={record['input_tokens']} out={record['output_tokens']}"
         f" cache_read={record['cache_read_input_tokens']} cache_write={record['cache_creation_input_tokens']}"
         f" hit={'-' if share is None else f'{share:.0%}'}{cost}"
@@ -171,7 +172,7 @@ class Usage:
         full_price = wire.full_price_prompt_tokens(ex.usage)
         request_id = flow.response.headers.get("request-id") or flow.id
         logger.warning(
-            f"cache break: session {ex.session} ({ex.client}) request {request_id} read no cached tokens; "
+            f"cache break: session {clean(ex.session)} ({clean(ex.client)}) request {clean(request_id)} read no cached tokens; "
             f"{full_price} prompt tokens paid at full price (break #{self.cache.sessions[ex.session].breaks} "
             f"in this session)"
         )
