@@ -74,8 +74,19 @@ def test_default_rule_file_loads():
     assert r.usage.log and r.usage.log.endswith("usage.jsonl")
 
 
-def test_empty_file_is_empty_rules():
-    assert rules.parse("", "x.yaml").apis == ()
+@pytest.mark.parametrize("text", ["", "\n\n", "# all rules commented out\n#apis: []\n", "---\n"])
+def test_empty_file_is_refused(text):
+    """An emptied rule file would switch every rule off at once: it is refused like a broken one."""
+    with pytest.raises(RulesError, match=r"^x.yaml:1: the rule file is empty"):
+        rules.parse(text, "x.yaml")
+
+
+@pytest.mark.parametrize("value, mode", [("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"),
+                                         ("false", "off"), ("true", "on"), ('"off"', "off"), ("as-sent", "as-sent")])
+def test_stream_accepts_what_yaml_makes_of_on_and_off(value, mode):
+    """`stream: off` unquoted is YAML 1.1's boolean false: take it as the author meant it."""
+    r = rules.parse(f"clients:\n  - name: x\n    user_agent: x\n    stream: {value}\n", "x.yaml")
+    assert r.clients[0].stream == mode
 
 
 @pytest.mark.parametrize(
