@@ -19,10 +19,12 @@ from llm_gateway.credentials import KeyCustody  # noqa: E402
 from llm_gateway.egress import EgressPolicy  # noqa: E402
 from llm_gateway.endpoints import Endpoints  # noqa: E402
 from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
+from llm_gateway.gatewaylog import GatewayLog  # noqa: E402
 from llm_gateway.metrics import Metrics  # noqa: E402
 from llm_gateway.records import RecordLog  # noqa: E402
 from llm_gateway.routing import ApiRouter  # noqa: E402
 from llm_gateway.rulefile import RuleFile, refuse_repeated_options  # noqa: E402
+from llm_gateway.startup import StartupReport  # noqa: E402
 from llm_gateway.streams import StreamPreference  # noqa: E402
 from llm_gateway.usage import Usage  # noqa: E402
 from llm_gateway.webview import WebView  # noqa: E402
@@ -47,4 +49,6 @@ addons = [
     Usage(records),  # response/error: one usage record per exchange
     metrics,  # response/error: Prometheus counters from the finished exchange, after Usage
     WebView(),  # last: mitmweb's message view, stream body copy, flow comments and markers
+    GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
+    StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups
 ]

@@ -153,6 +153,15 @@ def test_client_and_model_labels_are_bounded():
     assert value(m, "llm_gateway_requests_total", client="client-0", model="model-0", status="200") == 2
 
 
+def test_label_values_from_requests_are_escaped():
+    m = Metrics()
+    m.response(finished(client="evil\rclient", model='claude\nllm_gateway_requests_total{client="x"} 999'))
+    body = m.exposition()[1].decode()
+    assert "\r" not in body and not any(line.startswith('llm_gateway_requests_total{client="x"}') for line in body.splitlines())
+    model = 'claude\\nllm_gateway_requests_total{client="x"} 999'
+    assert value(m, "llm_gateway_requests_total", client="evil\\rclient", model=model, status="200") == 1
+
+
 def test_missing_client_and_model_read_unknown():
     m = Metrics()
     m.response(finished(client="", model=None))

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
 from . import cachewatch, exchange, wire
+from .logsafe import clean
 from .records import RecordLog
 from .wire import token
 
@@ -39,14 +40,15 @@ _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class _Bounded:
-    """Label values as they come, until there are `limit` of them; then "other"."""
+    """Label values as they come (escaped: a `\r` in a model name would break the exposition's lines),
+    until there are `limit` of them; then "other"."""
 
     def __init__(self, limit: int = MAX_VALUES) -> None:
         self.limit = limit
         self.seen: set[str] = set()
 
     def __call__(self, value: str | None, default: str = "unknown") -> str:
-        value = (value or default)[:200]
+        value = clean(value or default, 200)
         if value in self.seen:
             return value
         if len(self.seen) >= self.limit:

@@ -23,6 +23,7 @@ from mitmproxy import http
 
 from . import exchange
 from .decoding import Decoder, decoder_for
+from .logsafe import clean
 from .sse import SSEParser
 
 logger = logging.getLogger("llm_gateway.relay")
@@ -55,7 +56,7 @@ class SSERelay:
                 return (self._forward(events) if events else b"") or []
             return self._relay(chunk) or []
         except Exception:  # never reached in normal operation: see the module docstring
-            logger.exception(f"stream relay failed; forwarding the rest untouched ({self.ex.host}{self.ex.path})")
+            logger.exception(f"stream relay failed; forwarding the rest untouched ({clean(self.ex.host + self.ex.path)})")
             self.tapping = False
             return chunk if self.decoding else self._held() + chunk
 
@@ -66,7 +67,7 @@ class SSERelay:
             try:
                 data = self.decoder.decode(chunk) + (self.decoder.flush() if end else b"")
             except Exception as e:
-                logger.warning(f"cannot decode the {self.ex.host} stream ({e}); forwarding it as received")
+                logger.warning(f"cannot decode the {clean(self.ex.host)} stream ({clean(e)}); forwarding it as received")
                 self.decoding = self.tapping = False
                 # A body that was never encoded: the bytes the decoder swallowed go out too.
                 return self._held() + (self.undecoded or b"") + chunk
@@ -87,12 +88,12 @@ class SSERelay:
         extra = b"".join(self._end())
         if cut and extra:
             # Bytes appended to an unfinished event would merge with it: drop it, as clients would.
-            logger.info(f"{self.ex.host} stream cut inside an event; its {len(cut)} bytes dropped")
+            logger.info(f"{clean(self.ex.host)} stream cut inside an event; its {len(cut)} bytes dropped")
             cut = b""
         return b"".join([out, cut, extra])
 
     def _give_up(self) -> bytes:
-        logger.warning(f"{self.ex.host} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
+        logger.warning(f"{clean(self.ex.host)} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
         self.tapping = False
         return self._held()
 
@@ -145,7 +146,7 @@ def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
     try:
         decoder = decoder_for(flow.response.headers.get("content-encoding"))
     except ValueError as e:
-        logger.warning(f"{e}: streaming {ex.host}{ex.path} untouched, usage not read")
+        logger.warning(f"{clean(e)}: streaming {clean(ex.host + ex.path)} untouched, usage not read")
         flow.response.stream = True
         return False
     if decoder is not None:

@@ -274,8 +274,8 @@ class _Reader:
     # --- sections -----------------------------------------------------------------------------
 
     def rules(self, root: yaml.Node | None) -> Rules:
-        if root is None:
-            return Rules(source=self.source)
+        if root is None or (isinstance(root, yaml.ScalarNode) and self.scalar(root) is None):  # an emptied file (or one of comments only) would silently switch every rule off
+            raise self.fail(None, "the rule file is empty (no apis, clients or egress rules): refusing it")
         top = self.mapping(
             root,
             "the rule file",
@@ -346,13 +346,20 @@ class _Reader:
             key: self.globs(m[key], f"{where}.{key}") for key in ("user_agent", "headers", "metadata_user_id") if key in m
         }
         name = self.string(m["name"], f"{where}.name")
-        stream = self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent"
+        stream = self.stream(m["stream"], f"{where}.stream") if "stream" in m else "as-sent"
         try:
             return ClientSignature(
                 name=name, header_values=values, system_prompt=prompts, stream=stream, **optional_globs
             )
         except (TypeError, ValueError) as e:
             raise self.fail(node, f"{where}: {e}") from None
+
+    def stream(self, node: yaml.Node, where: str) -> str:
+        """`on` and `off` unquoted are YAML 1.1 booleans (so are yes/no, true/false): take them as meant."""
+        value = self.scalar(node)
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return self.choice(node, where, STREAM_MODES)
 
     def mapping_any(self, node: yaml.Node, where: str) -> list[tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):

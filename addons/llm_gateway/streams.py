@@ -15,6 +15,7 @@ import logging
 from mitmproxy import http
 
 from . import exchange, relay, wire
+from .logsafe import clean
 
 logger = logging.getLogger("llm_gateway.streams")
 
@@ -86,7 +87,7 @@ class StreamPreference:
             elif ex.stream_requested and flow.response.status_code == 200 and not is_sse(flow.response):
                 self.json_to_sse(flow, ex)
         except Exception:
-            logger.exception(f"could not convert the answer for {ex.client}; passing it on unchanged")
+            logger.exception(f"could not convert the answer for {clean(ex.client)}; passing it on unchanged")
         exchange.publish(flow, ex)
 
     def sse_to_json(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
@@ -113,7 +114,7 @@ class StreamPreference:
     def json_to_sse(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
         message = exchange.parse_json_body(flow.response.get_content(strict=False))
         if not (isinstance(message, dict) and message.get("type") == "message"):
-            logger.warning(f"upstream answer is not a Message; passing it on unchanged ({ex.host}{ex.path})")
+            logger.warning(f"upstream answer is not a Message; passing it on unchanged ({clean(ex.host + ex.path)})")
             return
         ex.message = message
         ex.converted = "json->sse"

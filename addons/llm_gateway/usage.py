@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import command, http
 
 from . import cachewatch, exchange, pricing, wire
+from .logsafe import clean, clean_or_dash
 from .records import RecordLog
 from .report import is_error
 from .wire import cache_share, token
@@ -108,15 +109,15 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
 
 def human_line(record: dict[str, Any]) -> str:
     share = record["cache_hit_share"]
-    session = (record["session"] or "-")[:12]
+    session = clean_or_dash((record["session"] or "")[:12])
     cost = f" ${record['cost_usd']:.4f}" if record["cost_usd"] is not None else ""
     return (
-        f"{record['client']} session={session} {record['model'] or '-'} {record['status']}"
+        f"{clean(record['client'])} session={session} {clean_or_dash(record['model'])} {record['status']}"
         f" in={record['input_tokens']} out={record['output_tokens']}"
         f" cache_read={record['cache_read_input_tokens']} cache_write={record['cache_creation_input_tokens']}"
         f" hit={'-' if share is None else f'{share:.0%}'}{cost}"
         + ("" if record["complete"] else " INCOMPLETE")
-        + (f" CACHE BREAK {record['cache_break_reason']}: {record['cache_break_detail']}"
+        + (f" CACHE BREAK {clean(record['cache_break_reason'])}: {clean(record['cache_break_detail'], 400)}"
            if record.get("cache_break_reason") else "")
     )
 
@@ -178,8 +179,8 @@ class Usage:
         full_price = wire.full_price_prompt_tokens(ex.usage)
         request_id = flow.response.headers.get("request-id") or flow.id
         logger.warning(
-            f"cache break: session {ex.session} ({ex.client}) request {request_id} "
-            f"{cachewatch.break_text(ex)}; {full_price} prompt tokens paid at full price "
+            f"cache break: session {clean(ex.session)} ({clean(ex.client)}) request {clean(request_id)} "
+            f"{clean(cachewatch.break_text(ex), 400)}; {full_price} prompt tokens paid at full price "
             f"(break #{self.cache.sessions[ex.session].breaks} in this session)"
         )
 
