@@ -23,6 +23,7 @@ from llm_gateway.records import RecordLog  # noqa: E402
 from llm_gateway.routing import ApiRouter  # noqa: E402
 from llm_gateway.rulefile import RuleFile, refuse_repeated_options  # noqa: E402
 from llm_gateway.streams import StreamPreference  # noqa: E402
+from llm_gateway.timeouts import Timeouts  # noqa: E402
 from llm_gateway.usage import Usage  # noqa: E402
 from llm_gateway.webview import WebView  # noqa: E402
 
@@ -42,6 +43,7 @@ addons = [
     ClientDetector(),  # request: which client and session, which stream preference
     ErrorUnwrapper(),  # response: native errors from envelopes; stream error events
     StreamPreference(),  # request: force the stream flag; response: convert back to what the client asked
+    Timeouts(),  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
     Usage(records),  # response/error: one usage record per exchange
     metrics,  # response/error: Prometheus counters from the finished exchange, after Usage
     WebView(),  # last: mitmweb's message view, stream body copy, flow comments and markers

@@ -62,6 +62,7 @@ class Exchange:
     unwrapped_from: str | None = None
     converted: str | None = None  # "sse->json" | "json->sse"
     complete: bool = False
+    reason: str | None = None  # why the exchange ended early or failed (e.g. "first_byte_timeout")
     cache_break: bool = False
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
@@ -84,6 +85,7 @@ class Exchange:
             "unwrapped": self.unwrapped,
             "unwrapped_from": self.unwrapped_from,
             "complete": self.complete,
+            "reason": self.reason,
             "cache_break": self.cache_break,
             "usage": dict(self.usage) if self.usage else None,
         }

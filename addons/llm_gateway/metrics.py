@@ -92,6 +92,11 @@ class Metrics:
             "llm_gateway_egress_decisions", "Egress policy decisions (egress mode), by decision", ["decision"],
             registry=r,
         )
+        self.ended_early = Counter(
+            "llm_gateway_ended_early",
+            "Exchanges the gateway ended itself, by reason: first_byte_timeout, stream_idle_timeout, shutdown",
+            ["reason"], registry=r,
+        )
         self._clients, self._models = _Bounded(), _Bounded()
         self._prompt: dict[tuple[str, str], list[int]] = {}  # (client, model) -> [cache_read, all prompt tokens]
         self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
@@ -135,6 +140,8 @@ class Metrics:
             totals[0] += read
             totals[1] += prompt
             self.cache_hit_ratio.labels(client, model).set(totals[0] / totals[1])
+        if ex.reason:
+            self.ended_early.labels(ex.reason).inc()
         if ex.cache_break:
             self.cache_breaks.labels(client, model).inc()
         if ex.error_type:
