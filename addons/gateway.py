@@ -15,6 +15,7 @@ if _here not in sys.path:
 
 from llm_gateway.ca import GatewayCA  # noqa: E402
 from llm_gateway.clients import ClientDetector  # noqa: E402
+from llm_gateway.drain import Drain  # noqa: E402
 from llm_gateway.egress import EgressPolicy  # noqa: E402
 from llm_gateway.endpoints import Endpoints  # noqa: E402
 from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
@@ -31,6 +32,7 @@ refuse_repeated_options()
 rule_file = RuleFile()
 records = RecordLog()
 metrics = Metrics(records)  # also counts egress decision records
+drain = Drain()
 
 # Hook order matters: for each event mitmproxy calls the addons in this order.
 addons = [
@@ -38,8 +40,9 @@ addons = [
     records,  # gateway_log: where records go
     GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
     EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go; first
-    Endpoints(rule_file, metrics),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics; own port
+    Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics; own port
     ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+    drain,  # SIGTERM/SIGINT: not ready, listeners closed, new requests 529, in-flight exchanges finish
     ClientDetector(),  # request: which client and session, which stream preference
     ErrorUnwrapper(),  # response: native errors from envelopes; stream error events
     StreamPreference(),  # request: force the stream flag; response: convert back to what the client asked
