@@ -13,6 +13,7 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
+from llm_gateway.bodies import BodyLimit  # noqa: E402
 from llm_gateway.ca import GatewayCA  # noqa: E402
 from llm_gateway.clients import ClientDetector  # noqa: E402
 from llm_gateway.drain import Drain  # noqa: E402
@@ -42,6 +43,7 @@ addons = [
     EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go; first
     Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics; own port
     ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+    BodyLimit(),  # requestheaders/request: a native 413 over limits.request_body, the body never held
     drain,  # SIGTERM/SIGINT: not ready, listeners closed, new requests 529, in-flight exchanges finish
     ClientDetector(),  # request: which client and session, which stream preference
     ErrorUnwrapper(),  # response: native errors from envelopes; stream error events
