@@ -19,6 +19,7 @@ from llm_gateway.clients import ClientDetector  # noqa: E402
 from llm_gateway.drain import Drain  # noqa: E402
 from llm_gateway.egress import EgressPolicy  # noqa: E402
 from llm_gateway.endpoints import Endpoints  # noqa: E402
+from llm_gateway.fdlimit import OpenFileLimit  # noqa: E402
 from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
 from llm_gateway.metrics import Metrics  # noqa: E402
 from llm_gateway.records import RecordLog  # noqa: E402
@@ -39,6 +40,7 @@ drain = Drain()
 addons = [
     rule_file,  # gateway_rules: the rules in force
     records,  # gateway_log: where records go
+    OpenFileLimit(),  # running: soft RLIMIT_NOFILE raised; refused accepts counted, one line a second
     GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
     EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go; first
     Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics; own port
