@@ -94,7 +94,8 @@ class Metrics:
         )
         self.ended_early = Counter(
             "llm_gateway_ended_early",
-            "Exchanges the gateway ended itself, by reason: first_byte_timeout, stream_idle_timeout, shutdown",
+            "Exchanges the gateway ended or refused itself, by the record's reason: first_byte_timeout, "
+            "stream_idle_timeout, shutdown, request_too_large",
             ["reason"], registry=r,
         )
         self._clients, self._models = _Bounded(), _Bounded()
