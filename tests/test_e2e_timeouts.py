@@ -107,3 +107,37 @@ def test_timeouts_are_hot_reloaded(fake, gateway_factory):
     gw.wait_for_output("rules reloaded", timeout=10)
     status, _, _, seconds = raw_post(gw.reverse_port, Scenario(hang=True), stream=False, session="reloaded")
     assert status == 504 and seconds < 1.5
+
+
+def test_upstream_stuck_in_its_tls_handshake_is_given_up(fake, gateway_factory):
+    """An upstream that accepts TCP and never answers the TLS handshake: mitmproxy's layer waits for the
+    connection, so the gateway can only close it; the client gets mitmproxy's 502 in time, never a hang."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        upstream = f"https://127.0.0.1:{server.getsockname()[1]}"
+        gw = gateway_factory(routed_rules(upstream, TIMEOUTS), regular=False)
+        status, _, _, seconds = raw_post(gw.reverse_port, Scenario(), stream=True, session="tls-stuck")
+        assert status == 502 and seconds < FIRST_BYTE + 1
+        record = gw.wait_record(lambda r: r["session"] == "tls-stuck")
+        assert record["complete"] is False and record["reason"] == "first_byte_timeout", record
+        assert "mitmproxy has crashed" not in gw.output() and "Traceback" not in gw.output()
+    finally:
+        stop.set()
+        for s in held:
+            s.close()
+        server.close()

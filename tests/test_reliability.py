@@ -167,3 +167,15 @@ def test_record_says_why_an_exchange_ended_early():
     metrics = Metrics()
     metrics.observe(ex, 200)
     assert b'llm_gateway_ended_early_total{reason="stream_idle_timeout"} 1.0' in metrics.exposition()[1]
+
+
+def test_deployment_gives_the_drain_time_and_open_files():
+    import test_deploy
+
+    pod = test_deploy.deployment()["spec"]["template"]["spec"]
+    [prestop_sleep] = [int(a) for a in test_deploy.container()["lifecycle"]["preStop"]["exec"]["command"] if a.isdigit()]
+    grace = int(test_deploy.env()["LLM_GATEWAY_DRAIN_GRACE"])
+    with taddons.context(Drain()) as ctx:
+        assert grace == ctx.options.gateway_drain_grace  # the option's default, as the docs say
+    assert pod["terminationGracePeriodSeconds"] > prestop_sleep + grace
+    assert int(test_deploy.env()["LLM_GATEWAY_NOFILE"]) >= 65536

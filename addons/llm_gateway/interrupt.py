@@ -12,8 +12,9 @@ events an upstream would have sent:
 - a stream under way: the end of the body, after the relay was told to append a native `event: error` frame.
 
 The upstream connection is closed first; events the upstream still sends for this exchange are dropped.
-An upstream spoken to over HTTP/2 (egress mode, a client that chose h2) cannot be addressed this way: there the
-upstream connection is only closed, and mitmproxy answers or cuts as it would for an upstream that failed.
+An upstream spoken to over HTTP/2 (egress mode, a client that chose h2), or one still being connected to (TCP or
+TLS handshake: the layer waits for it and queues what it is sent), cannot be addressed this way: there the upstream
+connection is only closed, and mitmproxy answers (its 502) or cuts as it would for an upstream that failed.
 Read from mitmproxy 12's proxy/layers/http/__init__.py (HttpStream states, HttpLayer's MessageInjected routing).
 """
 
@@ -85,9 +86,16 @@ def state_of(stream: HttpStream) -> str:
 def close_upstream(flow: http.HTTPFlow) -> None:
     """Close the flow's upstream connection (mitmproxy then answers or cuts as for a failed upstream)."""
     handler = _connection_handler(flow)
-    io = handler.transports.get(flow.server_conn) if handler is not None else None
-    if io is not None and io.handler is not None:
-        io.handler.cancel("ended by the gateway")
+    if handler is None:
+        return
+    targets = [flow.server_conn]
+    if flow.server_conn not in handler.transports:  # still being opened: the flow gets its connection once it is up
+        address = (flow.request.host, flow.request.port)
+        targets = [c for c in handler.transports if c is not handler.client and c.address == address and not c.tls_established]
+    for connection in targets:
+        io = handler.transports.get(connection)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("ended by the gateway")
 
 
 def end_early(flow: http.HTTPFlow, answer: http.Response, frame: bytes) -> str:
@@ -102,7 +110,8 @@ def end_early(flow: http.HTTPFlow, answer: http.Response, frame: bytes) -> str:
             return "gone"
         state = state_of(stream)
         sid = stream.stream_id
-        if flow.server_conn.alpn == b"h2" or state not in (WAITING, BUFFERING, STREAMING):
+        connecting = state == WAITING and stream._paused is not None  # connect or TLS handshake under way
+        if connecting or flow.server_conn.alpn == b"h2" or state not in (WAITING, BUFFERING, STREAMING):
             close_upstream(flow)
             return "closed"
         body = answer.content or b""
