@@ -179,3 +179,29 @@ def test_deployment_gives_the_drain_time_and_open_files():
         assert grace == ctx.options.gateway_drain_grace  # the option's default, as the docs say
     assert pod["terminationGracePeriodSeconds"] > prestop_sleep + grace
     assert int(test_deploy.env()["LLM_GATEWAY_NOFILE"]) >= 65536
+
+
+# -- the idle watcher -------------------------------------------------------------------------------------------
+
+
+async def test_idle_watcher_ends_a_silent_relayed_stream_only(monkeypatch):
+    import asyncio
+
+    from mitmproxy.test import tflow
+
+    from llm_gateway import timeouts
+
+    fired = []
+    monkeypatch.setattr(timeouts, "end_with_error", lambda flow, ex, reason, *a, **k: fired.append(reason))
+    f, ex = streaming_exchange()
+    f.response = tflow.tresp()
+    f.live = True
+    f.response.stream = relay.SSERelay(ex, None)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(timeouts.Timeouts()._watch_body(f, ex, 0.2), 2)
+    assert fired == ["stream_idle_timeout"] and asyncio.get_running_loop().time() - started >= 0.19
+
+    fired.clear()
+    f.response.stream = True  # streamed untouched: no chunk clock, so never ended for silence
+    await asyncio.wait_for(timeouts.Timeouts()._watch_body(f, ex, 0.05), 2)
+    assert fired == []

@@ -55,7 +55,7 @@ class Drain:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.begin)
-            except (NotImplementedError, RuntimeError):  # not the main thread (tests), or no signals here
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), no signals here
                 return
 
     def done(self) -> None:

@@ -101,6 +101,8 @@ class Timeouts:
         seen, last = -1, time.monotonic()
         while flow.live:
             stream = flow.response.stream if flow.response else None
+            if stream and not isinstance(stream, relay.SSERelay):
+                return  # streamed untouched (an unknown encoding): no clock on its chunks, and no way to end it well
             if isinstance(stream, relay.SSERelay):
                 last = stream.last_chunk  # the relay stamps every chunk: sleep exactly until the deadline
                 step = last + idle - time.monotonic()
