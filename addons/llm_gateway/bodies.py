@@ -9,7 +9,7 @@ answered at once and its bytes are read and dropped, so that the client, which w
 it reads, gets the 413 instead of a reset; a chunked body is cut off the same way when it crosses the limit.
 
 Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
-(briefly twice its size), then read by `exchange.parse_json_body`.
+(briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
 """
 
 from __future__ import annotations
