@@ -154,6 +154,7 @@ def test_drain_answers_new_requests_and_turns_not_ready():
     drain.requestheaders(api)
     assert api.response.status_code == 529 and api.response.headers["retry-after"]
     assert json.loads(api.response.content)["error"]["type"] == "overloaded_error"
+    assert exchange.of(api).reason == "shutdown"
     other = api_flow(host="example.com")
     drain.requestheaders(other)
     assert other.response.status_code == 503

@@ -93,7 +93,9 @@ class Drain:
     def refuse(self, flow: http.HTTPFlow) -> None:
         """Answer a request that arrived during the drain: native 529 for API flows, a plain 503 otherwise."""
         headers = {"retry-after": RETRY_AFTER, "connection": "close", "x-should-retry": "true"}
-        if exchange.of(flow) is not None:
+        ex = exchange.of(flow)
+        if ex is not None:
+            ex.reason = "shutdown"
             flow.response = interrupt.native_answer(
                 "overloaded_error", "This gateway replica is shutting down; retry (another replica will answer).",
                 headers,
