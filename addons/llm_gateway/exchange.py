@@ -63,6 +63,7 @@ class Exchange:
     unwrapped_from: str | None = None
     converted: str | None = None  # "sse->json" | "json->sse"
     complete: bool = False
+    reason: str | None = None  # why the exchange ended early or failed (e.g. "first_byte_timeout")
     cache_break: bool = False
     cache_break_reason: str | None = None  # why (cachewatch.REASONS), when cache_break
     cache_break_detail: str | None = None  # e.g. "system block 2 changed"
@@ -90,6 +91,7 @@ class Exchange:
             "unwrapped": self.unwrapped,
             "unwrapped_from": self.unwrapped_from,
             "complete": self.complete,
+            "reason": self.reason,
             "cache_break": self.cache_break,
             "cache_break_reason": self.cache_break_reason,
             "cache_break_detail": self.cache_break_detail,

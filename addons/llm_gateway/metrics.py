@@ -98,6 +98,12 @@ class Metrics:
             "llm_gateway_egress_decisions", "Egress policy decisions (egress mode), by decision", ["decision"],
             registry=r,
         )
+        self.ended_early = Counter(
+            "llm_gateway_ended_early",
+            "Exchanges the gateway ended or refused itself, by the record's reason: first_byte_timeout, "
+            "stream_idle_timeout, shutdown, request_too_large",
+            ["reason"], registry=r,
+        )
         self.principal_requests = Counter(
             "llm_gateway_principal_requests",
             "API exchanges finished, by principal (the gateway token's name; 'none': no token) and HTTP status",
@@ -153,6 +159,8 @@ class Metrics:
             totals[0] += read
             totals[1] += prompt
             self.cache_hit_ratio.labels(client, model).set(totals[0] / totals[1])
+        if ex.reason:
+            self.ended_early.labels(ex.reason).inc()
         if ex.cache_break:
             self.cache_breaks.labels(client, model).inc()
             if ex.cache_break_reason in cachewatch.REASONS:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 from mitmproxy import http
 
@@ -45,8 +46,16 @@ class SSERelay:
         self.undecoded: bytes | None = b""  # what the decoder took before its first output (None after it)
         self._taps: list = []  # the exchange's taps when `_routes` was built
         self._routes: list[tuple] = []  # (on_event, event_names or None, tap), in tap order
+        self.last_chunk = time.monotonic()  # when the upstream last sent bytes (timeouts.stream_idle reads it)
+        self.final: bytes | None = None  # set by `interrupt`
+
+    def interrupt(self, frame: bytes) -> None:
+        """The gateway ends this stream early (a timeout, a shutdown): at the end that follows, an event
+        half received is dropped and `frame` (one whole SSE event) passes the taps in its place."""
+        self.final = frame
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        self.last_chunk = time.monotonic()
         try:
             # Nothing to send yet must be [], not b"": mitmproxy writes b"" as the chunk that ends the body.
             if chunk and self.tapping and not self.decoding:  # the common case, in as few calls as possible
@@ -74,7 +83,7 @@ class SSERelay:
             if self.undecoded is not None:
                 self.undecoded = None if data or len(self.undecoded) > 65536 else self.undecoded + chunk
         if not self.tapping:
-            return data
+            return data + (self.final or b"") if end else data
         events = self.parser.feed(data) if data else []
         if not end:
             return self._forward(events) + (self._give_up() if self.parser.held > MAX_EVENT_BYTES else b"")
@@ -84,6 +93,9 @@ class SSERelay:
                 events.append(event)
             else:  # cut inside an event: no client dispatches it, so no tap counts it
                 cut = event.raw
+        if self.final:
+            cut = b""
+            events += SSEParser().feed(self.final)
         out = self._forward(events)
         extra = b"".join(self._end())
         if cut and extra:

@@ -13,7 +13,7 @@ import logging
 
 from mitmproxy import http
 
-from . import exchange
+from . import exchange, leanjson
 from .rulefile import RuleFile
 from .rules import Api, Route, Rules
 
@@ -78,7 +78,7 @@ class ApiRouter:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        ex.body = exchange.parse_json_body(flow.request.get_content(strict=False))
+        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False))
         if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
             ex.model = ex.body["model"][:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import yaml
+from mitmproxy.utils import human
 
 from .clients import ClientSignature
 from .credspec import UPSTREAM_HEADERS, Credentials, GatewayToken, PassThrough, UpstreamKey
@@ -116,6 +117,19 @@ class Errors:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Seconds; see timeouts.py."""
+
+    first_byte: float = 300.0  # from the request sent upstream to the upstream's response headers
+    stream_idle: float = 120.0  # longest silence between two chunks of an answer's body
+
+
+@dataclass(frozen=True)
+class Limits:
+    request_body: int = 32 * 1024 * 1024  # bytes; Anthropic's API refuses larger requests with 413 too
+
+
+@dataclass(frozen=True)
 class Price:
     """US dollars per million tokens for models matching `model`."""
 
@@ -138,6 +152,8 @@ class Rules:
     errors: Errors = field(default_factory=Errors)
     pricing: tuple[Price, ...] = ()
     credentials: Credentials | None = None  # key custody (credentials.py); None: clients' credentials pass
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
 
 
 def load(path: str | os.PathLike[str]) -> Rules:
@@ -279,7 +295,8 @@ class _Reader:
         top = self.mapping(
             root,
             "the rule file",
-            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")},
+            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
+            | {"timeouts": False, "limits": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -293,6 +310,8 @@ class _Reader:
             errors=section("errors", self.errors, Errors()),
             pricing=section("pricing", lambda n: self.list_of(n, "pricing", self.price), ()),
             credentials=section("credentials", lambda n: self.credentials(n, clients), None),
+            timeouts=section("timeouts", self.timeouts, Timeouts()),
+            limits=section("limits", self.limits, Limits()),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:
@@ -426,6 +445,28 @@ class _Reader:
             unwrap=self.boolean(m["unwrap"], "errors.unwrap") if "unwrap" in m else True,
             max_message=max_message,
         )
+
+    def timeouts(self, node: yaml.Node) -> Timeouts:
+        m = self.mapping(node, "timeouts", {"first_byte": False, "stream_idle": False})
+        seconds = {}
+        for key in m:
+            seconds[key] = self.number(m[key], f"timeouts.{key}")
+            if seconds[key] <= 0:
+                raise self.fail(m[key], f"timeouts.{key} must be more than 0 seconds")
+        return Timeouts(**seconds)
+
+    def limits(self, node: yaml.Node) -> Limits:
+        m = self.mapping(node, "limits", {"request_body": False})
+        if "request_body" not in m:
+            return Limits()
+        value = self.scalar(m["request_body"])
+        try:  # bytes, or a size with a unit as mitmproxy's options take it ("32m")
+            size = value if isinstance(value, int) and not isinstance(value, bool) else human.parse_size(str(value))
+        except ValueError:
+            size = None
+        if not size or size <= 0:
+            raise self.fail(m["request_body"], "limits.request_body must be a size in bytes, e.g. 33554432 or 32m")
+        return Limits(request_body=size)
 
     def price(self, node: yaml.Node, where: str) -> Price:
         fields = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")

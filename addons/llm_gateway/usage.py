@@ -101,6 +101,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "cache_break_tokens_lost": ex.cache_break_tokens_lost,
         "cache_break_cost_usd": ex.cache_break_cost_usd,
         "complete": ex.complete,
+        "reason": ex.reason,
         "user_agent": ex.user_agent if ex.client == "unknown" else None,
         "ttfb_ms": round((first_byte - ex.started) * 1000, 1) if first_byte else None,
         "duration_ms": round((now - ex.started) * 1000, 1),
@@ -147,7 +148,7 @@ class Usage:
             if ex.message is not None and isinstance(ex.message.get("usage"), dict):
                 ex.usage = ex.message["usage"]
             if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
-                ex.complete = True
+                ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
         if flow.response.status_code >= 400 and ex.error_type is None:
             body = exchange.parse_json_body(flow.response.get_content(strict=False))
             if wire.is_native_error(body):

@@ -137,7 +137,9 @@ class Scenario:
     Timing and failures: ``delay`` (seconds before the headers), ``event_delay`` (seconds between SSE events),
     ``error_after`` (after N events send ``event: error`` with ``stream_error`` (default overloaded_error) and end
     the body cleanly), ``truncate_after`` (after N events end the body cleanly, no message_stop), ``abort_after``
-    (after N events, or for a JSON body after N bytes, close the socket mid-body), ``gzip`` (Content-Encoding:
+    (after N events, or for a JSON body after N bytes, close the socket mid-body), ``stall_after`` (after N
+    events send nothing more, keeping the connection open until the fake stops; 0: stall right after the
+    headers), ``gzip`` (Content-Encoding:
     gzip; SSE as a real streaming gzip, flushed after every event).
     """
 
@@ -181,6 +183,7 @@ class Scenario:
     stream_error: dict | None = None
     truncate_after: int | None = None
     abort_after: int | None = None
+    stall_after: int | None = None
     gzip: bool = False
 
     # -- constructors
@@ -835,6 +838,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         n = 0
         for name, data in events:
             if spec.abort_after is not None and n >= spec.abort_after:
+                raise _Abort
+            if spec.stall_after is not None and n >= spec.stall_after:
+                self.wfile.flush()
+                fake._stopping.wait()
                 raise _Abort
             if spec.truncate_after is not None and n >= spec.truncate_after:
                 break
