@@ -29,10 +29,11 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import unquote
 
 from mitmproxy import http
 
-from . import exchange, lastmoment, wire
+from . import exchange, lastmoment, routing, wire
 from .credspec import Credentials, PassThrough, UpstreamKey, token_hash
 from .rulefile import RuleFile, file_stamp
 from .sse import Event
@@ -108,6 +109,24 @@ def _passes(rule: PassThrough, seen: Presented, headers: Mapping[str, str]) -> b
     if rule.api_key and not any(g.match(seen.api_key) for g in rule.api_key):
         return False
     return all(g.match(headers.get(name)) for name, g in rule.header_values)
+
+
+def dot_segments(path: str) -> bool:
+    """Whether the path (query dropped) holds a `.` or `..` segment, also percent-encoded (once or more) or
+    separated by a backslash: the upstream may resolve it (RFC 3986 section 5.2.4) to an endpoint outside the
+    API paths the rules matched, e.g. `/v1/messages/../files`."""
+    path = path.split("?", 1)[0]
+    for _ in range(4):  # %252e -> %2e -> .: undo nested encodings, boundedly
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    return any(seg in (".", "..") for seg in path.replace("\\", "/").split("/"))
+
+
+def shown(host: str, path: str) -> str:
+    """Where a request went, for a log line: the path without its query, cut and escaped."""
+    return f"{host}{path.split('?', 1)[0][:200]!r}"
 
 
 # ------------------------------------------------------------------------------------------ the keys
@@ -290,8 +309,7 @@ class KeyCustody:
             for name, value in original.items():
                 self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
         else:
-            where = f"{host}{flow.request.path.split('?', 1)[0][:200]!r}"
-            logger.info(f"credentials: {where} is not an API path: its {', '.join(original)} is not forwarded")
+            logger.info(f"credentials: {shown(host, flow.request.path)} is not an API path: its {', '.join(original)} is not forwarded")
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
@@ -306,7 +324,7 @@ class KeyCustody:
         ex.notes.append(f"credentials: {decision.why}")
         exchange.publish(flow, ex)
         if decision.action == "refuse":
-            logger.warning(f"refused {ex.client} {ex.method} {ex.host}{ex.path.split('?', 1)[0]}: {decision.why}")
+            logger.warning(f"refused {ex.client} {ex.method} {shown(ex.host, ex.path)}: {decision.why}")
             self._answer(flow, "authentication_error", UNAUTHENTICATED_MESSAGE)
             return
         if not self.wire_ready:
@@ -316,6 +334,11 @@ class KeyCustody:
             label = f"passed through ({decision.principal})"
             for name, value in custody.original.items():
                 self._place(flow, custody, name, value, f"{label} {name}")
+            return
+        unsafe = self._unsafe_destination(flow, ex)
+        if unsafe:
+            logger.warning(f"no upstream key for {ex.client} {ex.method} {shown(ex.host, ex.path)}: {unsafe}")
+            self._answer(flow, "invalid_request_error", f"the gateway does not send its upstream key here: {unsafe}")
             return
         self._sync()
         up = decision.upstream
@@ -330,6 +353,19 @@ class KeyCustody:
         value = key if up.header == "x-api-key" else f"Bearer {key}"
         custody.key = key
         self._place(flow, custody, up.header, value, f"upstream key {up.name}")
+
+    @staticmethod
+    def _unsafe_destination(flow: http.HTTPFlow, ex: exchange.Exchange) -> str | None:
+        """Why the upstream key must not go with this request, or None. A token grants the API paths the rules
+        match, not what the path resolves to upstream; and the key never crosses the network in clear to a
+        scheme and port the agent picked (egress or transparent mode, no route). A route's or the reverse
+        target's plain `http://` is the operator's choice (a sidecar, a test upstream) and stays allowed."""
+        if dot_segments(ex.path):
+            return "a path with '.' or '..' segments"
+        if flow.request.scheme != "https" and ex.mode != "reverse":
+            if routing.match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path) is None:
+                return "plain http (use https)"
+        return None
 
     def _place(self, flow: http.HTTPFlow, custody: Custody, name: str, value: str, label: str) -> None:
         placeholder = lastmoment.hold(value, label, flow.request.host, flow.request.port)

@@ -1,0 +1,93 @@
+"""Key custody under attack: what an agent running untrusted code can send to get the upstream key sent where it
+should not go, or onto the wire in clear, and what reaches the gateway's log from such a request."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from mitmproxy.net.http import http1
+from mitmproxy.test import taddons
+
+from gwtest import api_flow
+from llm_gateway import exchange
+from test_credentials import KEY, TOKEN_A, Chain, creds_rules
+
+
+@pytest.fixture
+def chain(tmp_path, monkeypatch):
+    (tmp_path / "k").write_text(KEY)
+    monkeypatch.setenv("LLMGW_TEST_ALT_KEY", "sk-alt-key")
+    c = Chain(creds_rules(tmp_path / "k"))
+    with taddons.context(*c.parts):
+        c.custody.load(None)
+        c.custody._sync()
+        yield c
+
+
+def custody_of(chain, flow):
+    chain.run("requestheaders", flow)
+    chain.run("request", flow)
+    return flow
+
+
+def wire(flow) -> bytes:
+    return http1.assemble_request_head(flow.request)
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/messages/../files",  # the API path glob `/v1/messages/*` matches; the server resolves it to /v1/files
+    "/v1/messages/./../../v1/files?x=1",
+    "/v1/messages/%2e%2e/files",  # the same, percent-encoded
+    "/v1/messages/%2E%2E%2Ffiles",
+    "/v1/messages/..%2ffiles",
+    "/v1/messages/..\\files",
+    "/v1/messages/..",
+])
+def test_a_dot_segment_path_never_gets_the_upstream_key(chain, path):
+    """A gateway token grants the API paths of the rules, not every endpoint the upstream key can reach."""
+    f = custody_of(chain, api_flow(path=path, headers={"x-api-key": TOKEN_A}))
+    assert exchange.of(f) is not None  # it matched an API path glob
+    assert KEY.encode() not in wire(f) and TOKEN_A.encode() not in wire(f)
+    assert f.response is not None and f.response.status_code == 400
+    assert f.response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches?limit=2",
+                                  "/v1/messages/a..b", "/v1/messages/.well"])
+def test_ordinary_api_paths_still_get_it(chain, path):
+    f = custody_of(chain, api_flow(path=path, headers={"x-api-key": TOKEN_A}))
+    assert f.response is None and f"x-api-key: {KEY}\r\n".encode() in wire(f)
+
+
+def test_the_upstream_key_never_goes_out_in_clear_to_a_host_the_agent_chose(chain):
+    """Egress mode, plain HTTP through the proxy (`POST http://api.anthropic.com/v1/messages`, or to port 443):
+    the agent picks scheme and port; the key would cross the network unencrypted."""
+    for port in (80, 443):
+        f = api_flow(headers={"x-api-key": TOKEN_A})
+        f.request.scheme, f.request.port = "http", port
+        custody_of(chain, f)
+        assert KEY.encode() not in wire(f)
+        assert f.response is not None and f.response.status_code == 400
+
+
+def test_a_route_or_reverse_target_chosen_by_the_operator_may_be_plain_http(tmp_path, monkeypatch):
+    (tmp_path / "k").write_text(KEY)
+    monkeypatch.setenv("LLMGW_TEST_ALT_KEY", "sk-alt-key")
+    route = "routes:\n  - {match: {host: api.anthropic.com}, upstream: 'http://127.0.0.1:9'}\n"
+    c = Chain(creds_rules(tmp_path / "k", extra=route))
+    with taddons.context(*c.parts):
+        c.custody.load(None)
+        c.custody._sync()
+        f = custody_of(c, api_flow(headers={"x-api-key": TOKEN_A}))
+        assert f.response is None and f.request.scheme == "http" and f"x-api-key: {KEY}\r\n".encode() in wire(f)
+        f = api_flow(mode="reverse", headers={"x-api-key": TOKEN_A})
+        f.request.scheme, f.request.port = "http", 80  # reverse:http://… : the operator's choice
+        custody_of(c, f)
+        assert f.response is None and f"x-api-key: {KEY}\r\n".encode() in wire(f)
+
+
+def test_the_refusal_log_line_escapes_what_the_request_sent(chain, caplog):
+    with caplog.at_level(logging.INFO):
+        custody_of(chain, api_flow(path="/v1/messages/\x1b[31mred\u2028x", headers={"x-api-key": "llmgw-wrong"}))
+    assert "refused" in caplog.text and "\x1b" not in caplog.text and "\u2028" not in caplog.text
