@@ -91,3 +91,40 @@ def test_the_refusal_log_line_escapes_what_the_request_sent(chain, caplog):
     with caplog.at_level(logging.INFO):
         custody_of(chain, api_flow(path="/v1/messages/\x1b[31mred\u2028x", headers={"x-api-key": "llmgw-wrong"}))
     assert "refused" in caplog.text and "\x1b" not in caplog.text and "\u2028" not in caplog.text
+
+
+@pytest.mark.parametrize("host, path", [
+    ("api.anthropic.com", "/v1/messages"),  # an API path: refused (no token in a header), and masked
+    ("api.anthropic.com", "/api/claude_code/settings"),  # an API host, another path
+    ("example.com", "/collect"),  # anywhere else: the token is for the gateway only
+])
+def test_a_token_in_the_query_string_is_masked_in_the_flow(chain, host, path):
+    """A misconfigured client (or a curious agent) sends `?x-api-key=<token>`: the flow (mitmweb, `-w` files),
+    the exchange's path (log lines) and the wire never carry it."""
+    f = api_flow(host=host, path=f"{path}?beta=true&x-api-key={TOKEN_A}")
+    chain.run("requestheaders", f)
+    chain.run("request", f)
+    assert TOKEN_A not in f.request.path and TOKEN_A.encode() not in wire(f)
+    assert f.request.query["beta"] == "true" and "masked by the gateway" in f.request.query["x-api-key"]
+    ex = exchange.of(f)
+    assert ex is None or TOKEN_A not in ex.path
+    if path == "/v1/messages":
+        assert f.response.status_code == 401
+
+
+def test_a_query_without_tokens_is_left_as_sent(chain):
+    f = api_flow(path="/v1/messages?beta=true&a=%2Fb", headers={"x-api-key": TOKEN_A})
+    chain.run("requestheaders", f)
+    chain.run("request", f)
+    assert f.request.path == "/v1/messages?beta=true&a=%2Fb" and f.response is None
+
+
+def test_without_its_wire_wrapping_the_gateway_forwards_no_credential(chain, monkeypatch):
+    """`lastmoment.install` failed (a mitmproxy without those serialisers): API requests are answered, not
+    forwarded with a placeholder, and a pass-through credential off the API paths is not forwarded either."""
+    chain.custody.wire_ready = False
+    f = custody_of(chain, api_flow(headers={"x-api-key": TOKEN_A}))
+    assert f.response.status_code == 500 and KEY.encode() not in wire(f) and TOKEN_A.encode() not in wire(f)
+    f = custody_of(chain, api_flow(path="/api/oauth/profile", headers={
+        "authorization": "Bearer sk-ant-oat01-x", "anthropic-beta": "oauth-1"}))
+    assert "authorization" not in f.request.headers and b"sk-ant-oat01-x" not in wire(f)

@@ -279,6 +279,7 @@ class KeyCustody:
         if flow in _custody:
             return
         ex = exchange.of(flow)
+        self._mask_query_tokens(flow, ex)
         if ex is None:
             self._off_api(flow)
             return
@@ -289,6 +290,20 @@ class KeyCustody:
         _custody[flow] = Custody(original)
         for name in original:
             headers[name] = mask("client credential")
+
+    def _mask_query_tokens(self, flow: http.HTTPFlow, ex: exchange.Exchange | None) -> None:
+        """A gateway token in the query string (a misconfigured client, a curious agent) is never a credential
+        here, and never stays in the flow, the exchange's path (log lines) or what goes upstream, whatever the
+        host: it is for the gateway only. Costs a hash per query value, only on requests with a query."""
+        creds = (ex.rules if ex is not None else self.rule_file.rules).credentials
+        if creds is None or not creds.tokens or "?" not in flow.request.path:
+            return
+        query = flow.request.query.items(multi=True)
+        if not any(creds.token_for(v) for _, v in query):
+            return
+        flow.request.query = [(k, mask("gateway token") if creds.token_for(v) else v) for k, v in query]
+        if ex is not None:
+            ex.path = flow.request.path
 
     def _off_api(self, flow: http.HTTPFlow) -> None:
         """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
