@@ -128,3 +128,18 @@ def test_without_its_wire_wrapping_the_gateway_forwards_no_credential(chain, mon
     f = custody_of(chain, api_flow(path="/api/oauth/profile", headers={
         "authorization": "Bearer sk-ant-oat01-x", "anthropic-beta": "oauth-1"}))
     assert "authorization" not in f.request.headers and b"sk-ant-oat01-x" not in wire(f)
+
+
+def test_mint_prints_a_line_that_means_what_was_asked():
+    """`--client` takes any client name of the rules (they may hold spaces or `#`): quoted where needed, so the
+    printed line parses into exactly that; `--upstream` is a credentials.upstream name and is checked as one."""
+    import yaml
+
+    from llm_gateway import credentials
+
+    for client in ("claude-code", "claude code #1", "x, upstream: other}"):
+        token, line = credentials.mint("a", client=client)
+        [entry] = yaml.safe_load(line)
+        assert entry == {"name": "a", "sha256": credentials.token_hash(token), "client": client}
+    with pytest.raises(ValueError, match="upstream"):
+        credentials.mint("a", upstream="main}, client: x")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
@@ -434,8 +435,12 @@ def mint(name: str, upstream: str | None = None, client: str | None = None) -> t
     """A new token and the rule line that admits it: (token, line). The token is random (256 bits)."""
     if not NAME.fullmatch(name):
         raise ValueError(f"a token name is 1-64 letters, digits, '.', '_' or '-' (got {name!r})")
+    if upstream is not None and not NAME.fullmatch(upstream):
+        raise ValueError(f"an upstream name is 1-64 letters, digits, '.', '_' or '-' (got {upstream!r})")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    extra = "".join(f", {k}: {v}" for k, v in (("upstream", upstream), ("client", client)) if v)
+    # client names are free text in the rules: quote (a JSON string is a YAML scalar) what is not a plain name
+    extra = "".join(f", {k}: {v if NAME.fullmatch(v) else json.dumps(v)}"
+                    for k, v in (("upstream", upstream), ("client", client)) if v)
     return token, f'- {{name: {name}, sha256: "{token_hash(token)}"{extra}}}'
 
 
