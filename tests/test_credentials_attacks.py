@@ -43,6 +43,8 @@ def wire(flow) -> bytes:
     "/v1/messages/..%2ffiles",
     "/v1/messages/..\\files",
     "/v1/messages/..",
+    "/v1/messages/..;/files",  # servlet-style path parameters: `..;` is `..` to them
+    "/v1/messages/%252e%252e/files",  # encoded twice, for an upstream behind a decoding proxy
 ])
 def test_a_dot_segment_path_never_gets_the_upstream_key(chain, path):
     """A gateway token grants the API paths of the rules, not every endpoint the upstream key can reach."""

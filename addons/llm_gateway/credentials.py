@@ -114,15 +114,16 @@ def _passes(rule: PassThrough, seen: Presented, headers: Mapping[str, str]) -> b
 
 def dot_segments(path: str) -> bool:
     """Whether the path (query dropped) holds a `.` or `..` segment, also percent-encoded (once or more) or
-    separated by a backslash: the upstream may resolve it (RFC 3986 section 5.2.4) to an endpoint outside the
-    API paths the rules matched, e.g. `/v1/messages/../files`."""
+    separated by a backslash, or followed by `;` parameters (`..;`, which servlet containers read as `..`): the
+    upstream may resolve it (RFC 3986 section 5.2.4) to an endpoint outside the API paths the rules matched,
+    e.g. `/v1/messages/../files`."""
     path = path.split("?", 1)[0]
     for _ in range(4):  # %252e -> %2e -> .: undo nested encodings, boundedly
         decoded = unquote(path)
         if decoded == path:
             break
         path = decoded
-    return any(seg in (".", "..") for seg in path.replace("\\", "/").split("/"))
+    return any(seg.split(";", 1)[0] in (".", "..") for seg in path.replace("\\", "/").split("/"))
 
 
 def shown(host: str, path: str) -> str:
