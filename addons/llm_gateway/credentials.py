@@ -326,7 +326,8 @@ class KeyCustody:
             for name, value in original.items():
                 self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
         else:
-            logger.info(f"credentials: {shown(host, flow.request.path)} is not an API path: its {', '.join(original)} is not forwarded")
+            where = shown(host, flow.request.path)
+            logger.info(f"credentials: {where} is not an API path: its {', '.join(original)} is not forwarded")
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
