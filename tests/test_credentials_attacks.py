@@ -12,17 +12,7 @@ from mitmproxy.test import taddons
 from gwtest import api_flow
 from llm_gateway import exchange
 from test_credentials import KEY, TOKEN_A, Chain, creds_rules
-
-
-@pytest.fixture
-def chain(tmp_path, monkeypatch):
-    (tmp_path / "k").write_text(KEY)
-    monkeypatch.setenv("LLMGW_TEST_ALT_KEY", "sk-alt-key")
-    c = Chain(creds_rules(tmp_path / "k"))
-    with taddons.context(*c.parts):
-        c.custody.load(None)
-        c.custody._sync()
-        yield c
+from test_credentials import chain  # noqa: F401  (the fixture: routing, detection, custody)
 
 
 def custody_of(chain, flow):
@@ -121,7 +111,7 @@ def test_a_query_without_tokens_is_left_as_sent(chain):
     assert f.request.path == "/v1/messages?beta=true&a=%2Fb" and f.response is None
 
 
-def test_without_its_wire_wrapping_the_gateway_forwards_no_credential(chain, monkeypatch):
+def test_without_its_wire_wrapping_the_gateway_forwards_no_credential(chain):
     """`lastmoment.install` failed (a mitmproxy without those serialisers): API requests are answered, not
     forwarded with a placeholder, and a pass-through credential off the API paths is not forwarded either."""
     chain.custody.wire_ready = False
