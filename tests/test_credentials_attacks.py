@@ -135,3 +135,16 @@ def test_mint_prints_a_line_that_means_what_was_asked():
         assert entry == {"name": "a", "sha256": credentials.token_hash(token), "client": client}
     with pytest.raises(ValueError, match="upstream"):
         credentials.mint("a", upstream="main}, client: x")
+
+
+def test_the_log_says_why_a_refused_api_request_lost_its_credential(chain, caplog):
+    """The egress policy refused a request to the API path (domain fronting): the log must not call
+    `/v1/messages` "not an API path", which sends whoever reads it looking at the wrong rule."""
+    from mitmproxy import http
+
+    f = api_flow(headers={"x-api-key": TOKEN_A})
+    f.response = http.Response.make(403, b"refused")  # as EgressPolicy answers, before routing and custody
+    with caplog.at_level(logging.INFO):
+        chain.run("requestheaders", f)
+    assert "x-api-key" not in f.request.headers
+    assert "not an API path" not in caplog.text and "answered by the gateway" in caplog.text

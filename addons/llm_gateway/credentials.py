@@ -326,8 +326,9 @@ class KeyCustody:
             for name, value in original.items():
                 self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
         else:
+            why = "is answered by the gateway" if flow.response else "is not an API path"
             where = shown(host, flow.request.path)
-            logger.info(f"credentials: {where} is not an API path: its {', '.join(original)} is not forwarded")
+            logger.info(f"credentials: {where} {why}: its {', '.join(original)} is not forwarded")
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
