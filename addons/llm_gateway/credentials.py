@@ -126,9 +126,12 @@ def dot_segments(path: str) -> bool:
     return any(seg.split(";", 1)[0] in (".", "..") for seg in path.replace("\\", "/").split("/"))
 
 
-def shown(host: str, path: str) -> str:
-    """Where a request went, for a log line: the path without its query, cut and escaped."""
-    return f"{host}{path.split('?', 1)[0][:200]!r}"
+def shown(host: str, path: str, method: str = "") -> str:
+    """Where a request went, for a log line: the method (escaped unless plain letters) and the path without its
+    query, cut and escaped. The host was matched against the rules' API hosts, so it is plain."""
+    if method and not (method.isascii() and method.isalpha()):
+        method = repr(method[:20])
+    return f"{method + ' ' if method else ''}{host}{path.split('?', 1)[0][:200]!r}"
 
 
 # ------------------------------------------------------------------------------------------ the keys
@@ -343,7 +346,7 @@ class KeyCustody:
         ex.notes.append(f"credentials: {decision.why}")
         exchange.publish(flow, ex)
         if decision.action == "refuse":
-            logger.warning(f"refused {ex.client} {ex.method} {shown(ex.host, ex.path)}: {decision.why}")
+            logger.warning(f"refused {ex.client} {shown(ex.host, ex.path, ex.method)}: {decision.why}")
             self._answer(flow, "authentication_error", UNAUTHENTICATED_MESSAGE)
             return
         if not self.wire_ready:
@@ -356,7 +359,7 @@ class KeyCustody:
             return
         unsafe = self._unsafe_destination(flow, ex)
         if unsafe:
-            logger.warning(f"no upstream key for {ex.client} {ex.method} {shown(ex.host, ex.path)}: {unsafe}")
+            logger.warning(f"no upstream key for {ex.client} {shown(ex.host, ex.path, ex.method)}: {unsafe}")
             self._answer(flow, "invalid_request_error", f"the gateway does not send its upstream key here: {unsafe}")
             return
         self._sync()
