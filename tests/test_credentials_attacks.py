@@ -155,3 +155,14 @@ def test_the_log_says_why_a_refused_api_request_lost_its_credential(chain, caplo
         chain.run("requestheaders", f)
     assert "x-api-key" not in f.request.headers
     assert "not an API path" not in caplog.text and "answered by the gateway" in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/api/oauth/profile"])
+def test_a_pass_through_rule_passes_only_the_credential_it_matched(chain, path):
+    """The rule lets subscription OAuth bearers through; an `x-api-key` sent beside one (an agent's own key, a
+    guess) is not what the rule admitted, and goes no further."""
+    own = "sk-ant-api03-agents-own-key"
+    f = custody_of(chain, api_flow(path=path, headers={
+        "x-api-key": own, "authorization": "Bearer sk-ant-oat01-x", "anthropic-beta": "oauth-2025-04-20"}))
+    assert f.response is None and b"authorization: Bearer sk-ant-oat01-x\r\n" in wire(f)
+    assert own.encode() not in wire(f) and b"x-api-key" not in wire(f) and own not in str(f.request.headers)

@@ -78,13 +78,15 @@ def presented(headers: Mapping[str, str]) -> Presented:
 
 @dataclass(frozen=True)
 class Decision:
-    """`swap` (send the upstream key `upstream`), `pass` (forward the client's own credentials) or `refuse`
-    (answer 401). `principal` is the token's or pass-through rule's name; `why` says why, with no secret."""
+    """`swap` (send the upstream key `upstream`), `pass` (forward the client's own credentials named in
+    `passes`, the ones the rule matched) or `refuse` (answer 401). `principal` is the token's or pass-through
+    rule's name; `why` says why, with no secret."""
 
     action: str
     principal: str | None = None
     upstream: UpstreamKey | None = None
     why: str = ""
+    passes: tuple[str, ...] = ()  # for `pass`: the credential headers that go upstream
 
 
 def decide(creds: Credentials, seen: Presented, headers: Mapping[str, str], client: str) -> Decision:
@@ -98,7 +100,8 @@ def decide(creds: Credentials, seen: Presented, headers: Mapping[str, str], clie
         return Decision("swap", token.name, creds.upstream_named(token.upstream), f"token {token.name}")
     for rule in creds.pass_through:
         if _passes(rule, seen, headers):
-            return Decision("pass", rule.name, None, f"pass_through {rule.name}")
+            passes = tuple(name for name, on in (("authorization", rule.bearer), ("x-api-key", rule.api_key)) if on)
+            return Decision("pass", rule.name, None, f"pass_through {rule.name}", passes)
     if creds.tokens:
         return Decision("refuse", None, None, "unknown gateway token" if seen.values() else "no gateway token")
     return Decision("swap", None, creds.upstream[0], "no tokens configured")
@@ -326,8 +329,7 @@ class KeyCustody:
         found = {k.lower(): v for k, v in headers.items()}
         decision = decide(rules.credentials, presented(original), found, "unknown")
         if decision.action == "pass" and self.wire_ready and not flow.response:
-            for name, value in original.items():
-                self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
+            self._pass(flow, custody, decision)
         else:
             why = "is answered by the gateway" if flow.response else "is not an API path"
             where = shown(host, flow.request.path)
@@ -353,9 +355,7 @@ class KeyCustody:
             self._answer(flow, "api_error", "the gateway cannot place upstream credentials (see its log)")
             return
         if decision.action == "pass":
-            label = f"passed through ({decision.principal})"
-            for name, value in custody.original.items():
-                self._place(flow, custody, name, value, f"{label} {name}")
+            self._pass(flow, custody, decision)
             return
         unsafe = self._unsafe_destination(flow, ex)
         if unsafe:
@@ -388,6 +388,14 @@ class KeyCustody:
             if routing.match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path) is None:
                 return "plain http (use https)"
         return None
+
+    def _pass(self, flow: http.HTTPFlow, custody: Custody, decision: Decision) -> None:
+        """Forward the credentials the pass-through rule matched, and no other the client sent beside them."""
+        for name, value in custody.original.items():
+            if name in decision.passes:
+                self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
+            else:
+                flow.request.headers.pop(name, None)
 
     def _place(self, flow: http.HTTPFlow, custody: Custody, name: str, value: str, label: str) -> None:
         placeholder = lastmoment.hold(value, label, flow.request.host, flow.request.port)
