@@ -10,6 +10,7 @@ import json
 import pytest
 
 from fakes.upstream import FakeUpstream
+from gwtest import BASE_RULES
 from harness import ROOT
 from llm_gateway import credentials
 from llm_gateway.credspec import token_hash
@@ -23,11 +24,7 @@ BODY = json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "
 
 
 def rules(key_file, extra: str = "") -> str:
-    return f"""\
-apis:
-  - name: anthropic
-    hosts: [api.anthropic.com]
-    paths: ["/v1/messages", "/v1/messages/*"]
+    return BASE_RULES + f"""\
 egress:
   default: deny
   allow: [api.anthropic.com]
