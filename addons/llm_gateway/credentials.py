@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
@@ -29,10 +30,11 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import unquote
 
 from mitmproxy import http
 
-from . import exchange, lastmoment, wire
+from . import exchange, lastmoment, routing, wire
 from .credspec import Credentials, PassThrough, UpstreamKey, token_hash
 from .rulefile import RuleFile, file_stamp
 from .sse import Event
@@ -76,13 +78,15 @@ def presented(headers: Mapping[str, str]) -> Presented:
 
 @dataclass(frozen=True)
 class Decision:
-    """`swap` (send the upstream key `upstream`), `pass` (forward the client's own credentials) or `refuse`
-    (answer 401). `principal` is the token's or pass-through rule's name; `why` says why, with no secret."""
+    """`swap` (send the upstream key `upstream`), `pass` (forward the client's own credentials named in
+    `passes`, the ones the rule matched) or `refuse` (answer 401). `principal` is the token's or pass-through
+    rule's name; `why` says why, with no secret."""
 
     action: str
     principal: str | None = None
     upstream: UpstreamKey | None = None
     why: str = ""
+    passes: tuple[str, ...] = ()  # for `pass`: the credential headers that go upstream
 
 
 def decide(creds: Credentials, seen: Presented, headers: Mapping[str, str], client: str) -> Decision:
@@ -96,7 +100,8 @@ def decide(creds: Credentials, seen: Presented, headers: Mapping[str, str], clie
         return Decision("swap", token.name, creds.upstream_named(token.upstream), f"token {token.name}")
     for rule in creds.pass_through:
         if _passes(rule, seen, headers):
-            return Decision("pass", rule.name, None, f"pass_through {rule.name}")
+            passes = tuple(name for name, on in (("authorization", rule.bearer), ("x-api-key", rule.api_key)) if on)
+            return Decision("pass", rule.name, None, f"pass_through {rule.name}", passes)
     if creds.tokens:
         return Decision("refuse", None, None, "unknown gateway token" if seen.values() else "no gateway token")
     return Decision("swap", None, creds.upstream[0], "no tokens configured")
@@ -108,6 +113,28 @@ def _passes(rule: PassThrough, seen: Presented, headers: Mapping[str, str]) -> b
     if rule.api_key and not any(g.match(seen.api_key) for g in rule.api_key):
         return False
     return all(g.match(headers.get(name)) for name, g in rule.header_values)
+
+
+def dot_segments(path: str) -> bool:
+    """Whether the path (query dropped) holds a `.` or `..` segment, also percent-encoded (once or more) or
+    separated by a backslash, or followed by `;` parameters (`..;`, which servlet containers read as `..`): the
+    upstream may resolve it (RFC 3986 section 5.2.4) to an endpoint outside the API paths the rules matched,
+    e.g. `/v1/messages/../files`."""
+    path = path.split("?", 1)[0]
+    for _ in range(4):  # %252e -> %2e -> .: undo nested encodings, boundedly
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    return any(seg.split(";", 1)[0] in (".", "..") for seg in path.replace("\\", "/").split("/"))
+
+
+def shown(host: str, path: str, method: str = "") -> str:
+    """Where a request went, for a log line: the method (escaped unless plain letters) and the path without its
+    query, cut and escaped. The host was matched against the rules' API hosts, so it is plain."""
+    if method and not (method.isascii() and method.isalpha()):
+        method = repr(method[:20])
+    return f"{method + ' ' if method else ''}{host}{path.split('?', 1)[0][:200]!r}"
 
 
 # ------------------------------------------------------------------------------------------ the keys
@@ -260,6 +287,7 @@ class KeyCustody:
         if flow in _custody:
             return
         ex = exchange.of(flow)
+        self._mask_query_tokens(flow, ex)
         if ex is None:
             self._off_api(flow)
             return
@@ -270,6 +298,20 @@ class KeyCustody:
         _custody[flow] = Custody(original)
         for name in original:
             headers[name] = mask("client credential")
+
+    def _mask_query_tokens(self, flow: http.HTTPFlow, ex: exchange.Exchange | None) -> None:
+        """A gateway token in the query string (a misconfigured client, a curious agent) is never a credential
+        here, and never stays in the flow, the exchange's path (log lines) or what goes upstream, whatever the
+        host: it is for the gateway only. Costs a hash per query value, only on requests with a query."""
+        creds = (ex.rules if ex is not None else self.rule_file.rules).credentials
+        if creds is None or not creds.tokens or "?" not in flow.request.path:
+            return
+        query = flow.request.query.items(multi=True)
+        if not any(creds.token_for(v) for _, v in query):
+            return
+        flow.request.query = [(k, mask("gateway token") if creds.token_for(v) else v) for k, v in query]
+        if ex is not None:
+            ex.path = flow.request.path
 
     def _off_api(self, flow: http.HTTPFlow) -> None:
         """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
@@ -287,11 +329,11 @@ class KeyCustody:
         found = {k.lower(): v for k, v in headers.items()}
         decision = decide(rules.credentials, presented(original), found, "unknown")
         if decision.action == "pass" and self.wire_ready and not flow.response:
-            for name, value in original.items():
-                self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
+            self._pass(flow, custody, decision)
         else:
-            where = f"{host}{flow.request.path.split('?', 1)[0][:200]!r}"
-            logger.info(f"credentials: {where} is not an API path: its {', '.join(original)} is not forwarded")
+            why = "is answered by the gateway" if flow.response else "is not an API path"
+            where = shown(host, flow.request.path)
+            logger.info(f"credentials: {where} {why}: its {', '.join(original)} is not forwarded")
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
@@ -306,16 +348,19 @@ class KeyCustody:
         ex.notes.append(f"credentials: {decision.why}")
         exchange.publish(flow, ex)
         if decision.action == "refuse":
-            logger.warning(f"refused {ex.client} {ex.method} {ex.host}{ex.path.split('?', 1)[0]}: {decision.why}")
+            logger.warning(f"refused {ex.client} {shown(ex.host, ex.path, ex.method)}: {decision.why}")
             self._answer(flow, "authentication_error", UNAUTHENTICATED_MESSAGE)
             return
         if not self.wire_ready:
             self._answer(flow, "api_error", "the gateway cannot place upstream credentials (see its log)")
             return
         if decision.action == "pass":
-            label = f"passed through ({decision.principal})"
-            for name, value in custody.original.items():
-                self._place(flow, custody, name, value, f"{label} {name}")
+            self._pass(flow, custody, decision)
+            return
+        unsafe = self._unsafe_destination(flow, ex)
+        if unsafe:
+            logger.warning(f"no upstream key for {ex.client} {shown(ex.host, ex.path, ex.method)}: {unsafe}")
+            self._answer(flow, "invalid_request_error", f"the gateway does not send its upstream key here: {unsafe}")
             return
         self._sync()
         up = decision.upstream
@@ -330,6 +375,27 @@ class KeyCustody:
         value = key if up.header == "x-api-key" else f"Bearer {key}"
         custody.key = key
         self._place(flow, custody, up.header, value, f"upstream key {up.name}")
+
+    @staticmethod
+    def _unsafe_destination(flow: http.HTTPFlow, ex: exchange.Exchange) -> str | None:
+        """Why the upstream key must not go with this request, or None. A token grants the API paths the rules
+        match, not what the path resolves to upstream; and the key never crosses the network in clear to a
+        scheme and port the agent picked (egress or transparent mode, no route). A route's or the reverse
+        target's plain `http://` is the operator's choice (a sidecar, a test upstream) and stays allowed."""
+        if dot_segments(ex.path):
+            return "a path with '.' or '..' segments"
+        if flow.request.scheme != "https" and ex.mode != "reverse":
+            if routing.match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path) is None:
+                return "plain http (use https)"
+        return None
+
+    def _pass(self, flow: http.HTTPFlow, custody: Custody, decision: Decision) -> None:
+        """Forward the credentials the pass-through rule matched, and no other the client sent beside them."""
+        for name, value in custody.original.items():
+            if name in decision.passes:
+                self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
+            else:
+                flow.request.headers.pop(name, None)
 
     def _place(self, flow: http.HTTPFlow, custody: Custody, name: str, value: str, label: str) -> None:
         placeholder = lastmoment.hold(value, label, flow.request.host, flow.request.port)
@@ -383,8 +449,12 @@ def mint(name: str, upstream: str | None = None, client: str | None = None) -> t
     """A new token and the rule line that admits it: (token, line). The token is random (256 bits)."""
     if not NAME.fullmatch(name):
         raise ValueError(f"a token name is 1-64 letters, digits, '.', '_' or '-' (got {name!r})")
+    if upstream is not None and not NAME.fullmatch(upstream):
+        raise ValueError(f"an upstream name is 1-64 letters, digits, '.', '_' or '-' (got {upstream!r})")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    extra = "".join(f", {k}: {v}" for k, v in (("upstream", upstream), ("client", client)) if v)
+    # client names are free text in the rules: quote (a JSON string is a YAML scalar) what is not a plain name
+    extra = "".join(f", {k}: {v if NAME.fullmatch(v) else json.dumps(v)}"
+                    for k, v in (("upstream", upstream), ("client", client)) if v)
     return token, f'- {{name: {name}, sha256: "{token_hash(token)}"{extra}}}'
 
 
