@@ -256,7 +256,7 @@ def test_memory_is_bounded_least_recent_first():
     w2 = CacheWatch()
     for i in range(100):
         w2.observe("s", wrote, body(model=f"model-{i}"), i)
-    assert len(w2.sessions["s"].conversations) == cachewatch.MAX_MODELS
+    assert len(w2.sessions["s"].conversations) == cachewatch.MAX_CONVERSATIONS
 
 
 def test_fake_cache_accounting_follows_the_documented_rules():
@@ -273,3 +273,39 @@ def test_fake_cache_accounting_follows_the_documented_rules():
              "messages": []}
     assert c.usage(small, now=0)["cache_creation_input_tokens"] == 0  # below the minimum: never cached
     assert json.dumps(c.usage(None)) == "{}"
+
+
+def next_turn(b: dict, text: str) -> dict:
+    """The conversation one turn on, as Claude Code sends it: the breakpoint moves to the new last user block."""
+    b = copy.deepcopy(b)
+    for m in b["messages"]:
+        for block in m["content"] if isinstance(m["content"], list) else ():
+            block.pop("cache_control", None)
+    b["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": f"done: {text}"}]},
+                      {"role": "user", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}]
+    return b
+
+
+def test_a_subagent_of_the_same_session_and_model_is_its_own_conversation():
+    """Claude Code's Task tool runs subagents in the same process: same session id, same model, their own system
+    prompt, tools and first message. Interleaved with the main loop, neither may look like a break of the other."""
+    s = Session()
+    main = body()
+    sub = body(tools=[{"name": "Grep", "description": "grep " * 300, "input_schema": {"type": "object"}}],
+               system=[{"type": "text", "text": "You are a search agent. " * 300, "cache_control": {"type": "ephemeral"}}],
+               messages=[{"role": "user", "content": [{"type": "text", "text": "find the callers of foo " * 20,
+                                                      "cache_control": {"type": "ephemeral"}}]}])
+    at = 0.0
+    for turn in range(4):
+        assert s.send(main, at)[1] is None, turn
+        main, at = next_turn(main, f"main {turn}"), at + 2
+        for step in range(2):
+            assert s.send(sub, at)[1] is None, (turn, step)
+            sub, at = next_turn(sub, f"sub {turn}.{step}"), at + 2
+    assert s.watch.breaks == 0
+    # a real break of either one is still found, against its own previous request
+    edited = copy.deepcopy(sub)
+    edited["system"][0]["text"] += " Today is Monday."
+    usage, found = s.send(edited, at)
+    assert found is not None and found.reason == "system_changed"
+    assert found.tokens_lost > 0

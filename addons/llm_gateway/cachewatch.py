@@ -37,7 +37,8 @@ REASONS = (
 )
 DIGEST = 8  # bytes of hash per block: collisions within one session are negligible at 2**-64
 LOOKBACK = 20  # blocks a cache read looks back from a breakpoint (Anthropic: "about 20 blocks")
-MAX_MODELS = 16  # conversations kept per session, one per model (the model name comes from the client)
+# conversations kept per session: the main loop, each subagent, each model switched to (all client-chosen)
+MAX_CONVERSATIONS = 16
 DEFAULT_TTL = {"5m": 300.0, "1h": 3600.0}  # seconds; the API's two cache lifetimes
 # Minimum cacheable prompt length in tokens, per model (Anthropic's prompt-caching docs, "Cache limitations");
 # first match wins; anything else: DEFAULT_MIN_CACHEABLE.
@@ -92,6 +93,21 @@ class Fingerprint:
 
     def section(self, start: int, count: int) -> bytes:
         return self.digests[start * DIGEST : (start + count) * DIGEST]
+
+    def system_digests(self) -> bytes:
+        return self.section(len(self.tools), self.system)
+
+    def message(self, number: int) -> bytes:
+        """The digests of message `number` (0 = the first; b"" when there is none)."""
+        counts = array("I", self.counts[: (number + 1) * array("I").itemsize])
+        if len(counts) <= number:
+            return b""
+        return self.section(len(self.tools) + self.system + sum(counts[:number]), counts[number])
+
+    def opening(self) -> bytes:
+        """The digests of the first message: with the system prompt, what tells one conversation of a session
+        (the main loop, a subagent) from another."""
+        return self.message(0)
 
     def label(self, position: int) -> str:
         """Where a position is, in words: "tool 'x'", "system block 2", "message 3 (user) block 1"."""
@@ -289,11 +305,26 @@ def same_conversation(a: Fingerprint | None, b: Fingerprint | None) -> bool:
     """Two requests to different models continue one conversation when their system prompts and first message
     are equal: a model switch (tools may change with it). Side requests (Claude Code's small Haiku calls, with a
     system prompt of their own) are not, and neither break nor build the main conversation's cache."""
-    if a is None or b is None or a.system != b.system or not a.roles or not b.roles:
+    if a is None or b is None or not a.roles or not b.roles:
         return False
-    size = array("I").itemsize
-    first_a, first_b = array("I", a.counts[:size])[0], array("I", b.counts[:size])[0]
-    return a.section(len(a.tools), a.system + first_a) == b.section(len(b.tools), b.system + first_b)
+    return a.system_digests() == b.system_digests() and a.opening() == b.opening()
+
+
+def edited(a: Fingerprint | None, b: Fingerprint | None) -> bool:
+    """Does `b` continue `a` (same model) with an edited first message or system prompt? It does when the system
+    prompt or the second message (the first answer) is still the same. Another system prompt and other first
+    messages is another conversation of the session, such as a Claude Code subagent (Task tool: same session id,
+    same model), and breaks nothing."""
+    if a is None or b is None or a.model != b.model:
+        return False
+    return a.system_digests() == b.system_digests() or a.message(1) == b.message(1) != b""
+
+
+def conversation_key(fp: Fingerprint | None) -> tuple[str | None, bytes]:
+    """(model, hash of the first message): which conversation of its session a request continues."""
+    if fp is None:
+        return None, b""
+    return fp.model, hashlib.blake2b(fp.opening(), digest_size=DIGEST).digest()
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -316,7 +347,8 @@ class _Seen:
 
 @dataclass
 class SessionCache:
-    conversations: OrderedDict[str | None, _Seen] = field(default_factory=OrderedDict)  # by model, most recent last
+    # by conversation_key, most recent last
+    conversations: OrderedDict[tuple[str | None, bytes], _Seen] = field(default_factory=OrderedDict)
     requests: int = 0
     breaks: int = 0
 
@@ -358,11 +390,11 @@ class CacheWatch:
         state.requests += 1
         read, wrote = _count(usage, "cache_read_input_tokens"), _count(usage, "cache_creation_input_tokens") or 0
         fp = fingerprint(body)
-        model = fp.model if fp else None
-        prev = state.conversations.get(model)
-        if prev is None and state.conversations:
-            last = next(reversed(state.conversations.values()))
-            prev = last if same_conversation(last.fingerprint, fp) else None
+        key = conversation_key(fp)
+        prev = state.conversations.get(key)
+        if prev is None:  # the most recent conversation this one continues with an edit or a model switch
+            prev = next((seen for seen in reversed(state.conversations.values())
+                         if edited(seen.fingerprint, fp) or same_conversation(seen.fingerprint, fp)), None)
         found = None
         if prev is not None and read is not None and read < prev.cached:
             prompt = read + wrote + (_count(usage, "input_tokens") or 0)
@@ -371,9 +403,9 @@ class CacheWatch:
             self.breaks += 1
             found = Break(reason, detail, prev.cached - read, state.breaks)
         if read is not None:
-            state.conversations.pop(model, None)
-            state.conversations[model] = _Seen(fp, started, read + wrote)
-            while len(state.conversations) > MAX_MODELS:
+            state.conversations.pop(key, None)
+            state.conversations[key] = _Seen(fp, started, read + wrote)
+            while len(state.conversations) > MAX_CONVERSATIONS:
                 state.conversations.popitem(last=False)
         return found
 
