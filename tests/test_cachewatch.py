@@ -309,3 +309,25 @@ def test_a_subagent_of_the_same_session_and_model_is_its_own_conversation():
     usage, found = s.send(edited, at)
     assert found is not None and found.reason == "system_changed"
     assert found.tokens_lost > 0
+
+
+def test_many_sessions_with_many_tools_share_the_tool_names():
+    """Every request is parsed anew, so each fingerprint would hold its own copy of every tool name: with 300 MCP
+    tools that is most of a session's memory. The names (and the whole list) are shared between fingerprints."""
+    import tracemalloc
+
+    tools = [{"name": f"mcp__server_{i % 10}__tool_number_{i}", "description": "d", "input_schema": {}}
+             for i in range(300)]
+    raw = json.dumps(body(tools=tools))
+    a, b = fingerprint(json.loads(raw)), fingerprint(json.loads(raw))
+    assert a.tools == b.tools and a.tools is b.tools
+    watch = CacheWatch()
+    usage = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 2000}
+    tracemalloc.start()
+    try:
+        for session in range(200):
+            watch.observe(f"session-{session}", usage, json.loads(raw), 0.0)
+        per_session = tracemalloc.get_traced_memory()[0] / 200
+    finally:
+        tracemalloc.stop()
+    assert per_session < 6_000, per_session  # bytes: 300 tools cost 8 bytes of digest each, their names once

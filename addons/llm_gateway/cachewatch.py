@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -124,6 +125,21 @@ class Fingerprint:
         return "the end of the prompt"
 
 
+_TOOLSETS: dict[tuple[str, ...], tuple[str, ...]] = {}  # tool lists seen, each kept once (see _shared)
+MAX_TOOLSETS = 1_000  # distinct tool lists kept for sharing; past it the map starts over
+
+
+def _shared(names: tuple[str, ...]) -> tuple[str, ...]:
+    """One copy of a tool list for every fingerprint that has it: each request is parsed anew, and 300 MCP tool
+    names held per conversation would be most of a session's memory. Bounded to MAX_TOOLSETS lists."""
+    found = _TOOLSETS.get(names)
+    if found is None:
+        if len(_TOOLSETS) >= MAX_TOOLSETS:
+            _TOOLSETS.clear()
+        found = _TOOLSETS[names] = tuple(sys.intern(n) for n in names)
+    return found
+
+
 def _hash(block: Any) -> bytes:
     if isinstance(block, dict) and "cache_control" in block:  # a breakpoint is not part of the cached text
         block = {k: v for k, v in block.items() if k != "cache_control"}
@@ -182,7 +198,7 @@ def fingerprint(body: Any) -> Fingerprint | None:
     return Fingerprint(
         model=clean(model, 128) if isinstance(model, str) else None,
         digests=bytes(digests),
-        tools=tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools),
+        tools=_shared(tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools)),
         system=len(system),
         roles="".join(roles),
         counts=counts.tobytes(),
