@@ -9,6 +9,13 @@ UV_VERSION=0.13.9
 # uv must never fetch a Python of its own: the scripts hand it one that is on the machine.
 export UV_PYTHON_DOWNLOADS=never
 
+# help_text USAGE: print USAGE, then the calling script's opening comment (what it does, its switches), for
+# --help: which must answer at once, never install anything.
+help_text() {
+  echo "usage: $1"
+  sed -n '2,/^[^#]/s/^#\( \|$\)//p' "$0"
+}
+
 # python_ok PY [MINOR]: PY runs and is >= 3.12 (or exactly 3.MINOR when given).
 python_ok() {
   local want="${2:-}"
