@@ -83,3 +83,18 @@ def test_garbage_body_is_no_problem():
             ex = run(router, f)
             assert ex is not None and ex.model is None
             assert f.request.content == body
+
+
+def test_a_base_url_listener_forwarding_to_a_host_no_api_names_says_so_once(caplog):
+    """`scripts/gateway --upstream http://127.0.0.1:9000` (a local fake, LiteLLM): the reverse target is the host,
+    no `apis` entry names it, and Messages requests passed through unrecorded without a word."""
+    router = ApiRouter(rule_file())
+    with taddons.context(router), caplog.at_level("WARNING"):
+        for _ in range(3):
+            f = api_flow(mode="reverse", host="127.0.0.1")
+            assert run(router, f) is None  # still not an API flow: the rules decide
+        run(router, api_flow(mode="reverse", host="127.0.0.1", path="/health"))  # not an API path: no word
+        run(router, api_flow(mode="regular", host="example.com"))  # egress: not the listener's target
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "127.0.0.1" in warnings[0] and "apis" in warnings[0] and "routes" in warnings[0]

@@ -43,9 +43,27 @@ def proxy_mode(flow: http.HTTPFlow) -> str:
     return flow.client_conn.proxy_mode.type_name
 
 
+MAX_UNNAMED = 100  # reverse targets warned about (each once)
+
+
 class ApiRouter:
     def __init__(self, rule_file: RuleFile) -> None:
         self.rule_file = rule_file
+        self.unnamed: set[str] = set()  # reverse targets on an API path that no `apis` entry names
+
+    def warn_unnamed(self, rules: Rules, flow: http.HTTPFlow, host: str) -> None:
+        """A base-URL listener that forwards to a host no `apis` entry names (`scripts/gateway --upstream
+        http://127.0.0.1:9000`) passes Messages requests through unrecorded: say so, once per host."""
+        path = flow.request.path.split("?", 1)[0]
+        if proxy_mode(flow) != "reverse" or host in self.unnamed or len(self.unnamed) >= MAX_UNNAMED:
+            return
+        if any(p.match(path) for api in rules.apis for p in api.paths):
+            self.unnamed.add(host)
+            logger.warning(
+                f"base-URL listener forwards to {host!r}, which no apis[].hosts names: its API requests pass "
+                "through unrecorded. Keep the listener's target api.anthropic.com and send the traffic elsewhere "
+                "with a routes[] entry, or add the host to apis[].hosts."
+            )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or exchange.of(flow):
@@ -54,6 +72,7 @@ class ApiRouter:
         host = flow.request.host.lower().rstrip(".")
         api = match_api(rules, host, flow.request.path)
         if api is None:
+            self.warn_unnamed(rules, flow, host)
             return
         # API request bodies are small and get rewritten: never stream them.
         flow.request.stream = False
