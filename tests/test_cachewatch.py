@@ -331,3 +331,35 @@ def test_many_sessions_with_many_tools_share_the_tool_names():
     finally:
         tracemalloc.stop()
     assert per_session < 6_000, per_session  # bytes: 300 tools cost 8 bytes of digest each, their names once
+
+
+def test_memory_is_bounded_in_bytes_too():
+    """The session cap counts sessions, but a fingerprint grows with its prompt (8 bytes a block): 5000 sessions of
+    16 conversations of a prompt of 50,000 small blocks would be 32 GB. A byte budget forgets the least recently
+    seen sessions first, never the one just seen."""
+    big = body(messages=[{"role": "user", "content": [{"type": "text", "text": str(i)} for i in range(5_000)]}])
+    size = fingerprint(big).blocks * cachewatch.DIGEST
+    w = CacheWatch(max_bytes=3 * size)
+    usage = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 2000}
+    for session in range(10):
+        w.observe(f"s{session}", usage, big, float(session))
+        assert w.size <= 3 * size + 2_000 and "s%d" % session in w.sessions
+    assert list(w.sessions) == ["s8", "s9"]
+    other = body(system="another agent", messages=[{"role": "user", "content": [{"type": "text", "text": f"-{i}"}
+                                                                             for i in range(5_000)]}])
+    w.observe("s9", usage, other, 11.0)  # another conversation of s9: s8 goes first
+    assert list(w.sessions) == ["s9"] and len(w.sessions["s9"].conversations) == 2
+    lonely = CacheWatch(max_bytes=size // 2)  # one conversation over the budget is kept: its session is current
+    lonely.observe("s", usage, big, 0.0)
+    assert list(lonely.sessions) == ["s"]
+    sizes = sum(cachewatch.footprint(seen.fingerprint) for s in w.sessions.values() for seen in s.conversations.values())
+    assert w.size == sizes
+
+
+def test_the_shared_tool_names_are_bounded_however_many_lists_clients_send(monkeypatch):
+    monkeypatch.setattr(cachewatch, "MAX_SHARED_NAMES", 1_000)
+    for i in range(100):
+        fp = fingerprint(body(tools=[{"name": f"t{i}_{k}"} for k in range(30)]))
+        assert fp.tools[0] == f"t{i}_0"
+        assert cachewatch._TOOL_LISTS.names <= 1_000
+        assert sum(map(len, cachewatch._TOOL_LISTS.lists)) == cachewatch._TOOL_LISTS.names

@@ -40,6 +40,10 @@ DIGEST = 8  # bytes of hash per block: collisions within one session are negligi
 LOOKBACK = 20  # blocks a cache read looks back from a breakpoint (Anthropic: "about 20 blocks")
 # conversations kept per session: the main loop, each subagent, each model switched to (all client-chosen)
 MAX_CONVERSATIONS = 16
+# bytes of fingerprints kept in all (see footprint): the session cap counts sessions, but a fingerprint grows
+# with its prompt, 8 bytes a block; 5000 sessions of long conversations and subagents stay well below this
+MAX_BYTES = 256 * 2**20
+OVERHEAD = 400  # bytes of a fingerprint besides its arrays: the objects, the conversation's key and entry
 DEFAULT_TTL = {"5m": 300.0, "1h": 3600.0}  # seconds; the API's two cache lifetimes
 # Minimum cacheable prompt length in tokens, per model (Anthropic's prompt-caching docs, "Cache limitations");
 # first match wins; anything else: DEFAULT_MIN_CACHEABLE.
@@ -125,19 +129,37 @@ class Fingerprint:
         return "the end of the prompt"
 
 
-_TOOLSETS: dict[tuple[str, ...], tuple[str, ...]] = {}  # tool lists seen, each kept once (see _shared)
-MAX_TOOLSETS = 1_000  # distinct tool lists kept for sharing; past it the map starts over
+MAX_SHARED_NAMES = 50_000  # tool names held for sharing (each at most 64 characters); past it, start over
 
 
-def _shared(names: tuple[str, ...]) -> tuple[str, ...]:
+class _ToolLists:
     """One copy of a tool list for every fingerprint that has it: each request is parsed anew, and 300 MCP tool
-    names held per conversation would be most of a session's memory. Bounded to MAX_TOOLSETS lists."""
-    found = _TOOLSETS.get(names)
-    if found is None:
-        if len(_TOOLSETS) >= MAX_TOOLSETS:
-            _TOOLSETS.clear()
-        found = _TOOLSETS[names] = tuple(sys.intern(n) for n in names)
-    return found
+    names held per conversation would be most of a session's memory. Holds at most MAX_SHARED_NAMES names (a few
+    MB), however many distinct lists clients send."""
+
+    def __init__(self) -> None:
+        self.lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.names = 0
+
+    def shared(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        found = self.lists.get(names)
+        if found is None:
+            if self.names + len(names) > MAX_SHARED_NAMES:
+                self.lists.clear()
+                self.names = 0
+            found = self.lists[names] = tuple(sys.intern(n) for n in names)
+            self.names += len(names)
+        return found
+
+
+_TOOL_LISTS = _ToolLists()
+
+
+def footprint(fp: Fingerprint | None) -> int:
+    """About how many bytes a kept fingerprint holds (its tool names are shared, see _ToolLists)."""
+    if fp is None:
+        return OVERHEAD
+    return OVERHEAD + len(fp.digests) + len(fp.counts) + len(fp.roles) + 8 * len(fp.tools) + 64 * len(fp.breakpoints)
 
 
 def _hash(block: Any) -> bytes:
@@ -198,7 +220,7 @@ def fingerprint(body: Any) -> Fingerprint | None:
     return Fingerprint(
         model=clean(model, 128) if isinstance(model, str) else None,
         digests=bytes(digests),
-        tools=_shared(tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools)),
+        tools=_TOOL_LISTS.shared(tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools)),
         system=len(system),
         roles="".join(roles),
         counts=counts.tobytes(),
@@ -367,6 +389,7 @@ class SessionCache:
     conversations: OrderedDict[tuple[str | None, bytes], _Seen] = field(default_factory=OrderedDict)
     requests: int = 0
     breaks: int = 0
+    size: int = 0  # footprint of its conversations' fingerprints, bytes
 
 
 def _count(usage: dict, key: str) -> int | None:
@@ -375,12 +398,20 @@ def _count(usage: dict, key: str) -> int | None:
 
 
 class CacheWatch:
-    """Per-session memory of the last request of each conversation; bounded to `max_sessions` sessions."""
+    """Per-session memory of the last request of each conversation; bounded to `max_sessions` sessions and
+    `max_bytes` bytes of fingerprints, least recently seen sessions forgotten first."""
 
-    def __init__(self, max_sessions: int = 5_000) -> None:
+    def __init__(self, max_sessions: int = 5_000, max_bytes: int = MAX_BYTES) -> None:
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
         self.sessions: OrderedDict[str, SessionCache] = OrderedDict()
         self.breaks = 0
+        self.size = 0  # bytes: the sum of the sessions' sizes
+
+    def _trim(self) -> None:
+        """Forget the least recently seen sessions past either cap; the most recent one always stays."""
+        while len(self.sessions) > 1 and (len(self.sessions) > self.max_sessions or self.size > self.max_bytes):
+            self.size -= self.sessions.popitem(last=False)[1].size
 
     def observe(
         self,
@@ -401,8 +432,7 @@ class CacheWatch:
             self.max_sessions = max_sessions
         state = self.sessions.pop(session, None) or SessionCache()
         self.sessions[session] = state
-        while len(self.sessions) > self.max_sessions:
-            self.sessions.popitem(last=False)
+        self._trim()
         state.requests += 1
         read, wrote = _count(usage, "cache_read_input_tokens"), _count(usage, "cache_creation_input_tokens") or 0
         fp = fingerprint(body)
@@ -419,10 +449,15 @@ class CacheWatch:
             self.breaks += 1
             found = Break(reason, detail, prev.cached - read, state.breaks)
         if read is not None:
-            state.conversations.pop(key, None)
+            before = state.size
+            gone = state.conversations.pop(key, None)
+            state.size -= footprint(gone.fingerprint) if gone else 0
             state.conversations[key] = _Seen(fp, started, read + wrote)
+            state.size += footprint(fp)
             while len(state.conversations) > MAX_CONVERSATIONS:
-                state.conversations.popitem(last=False)
+                state.size -= footprint(state.conversations.popitem(last=False)[1].fingerprint)
+            self.size += state.size - before
+            self._trim()
         return found
 
 
