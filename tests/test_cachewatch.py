@@ -363,3 +363,14 @@ def test_the_shared_tool_names_are_bounded_however_many_lists_clients_send(monke
         assert fp.tools[0] == f"t{i}_0"
         assert cachewatch._TOOL_LISTS.names <= 1_000
         assert sum(map(len, cachewatch._TOOL_LISTS.lists)) == cachewatch._TOOL_LISTS.names
+
+
+def test_a_model_switch_whose_system_prompt_names_the_model_is_model_changed():
+    """Claude Code's system prompt names its model ("You are powered by the model named …"), so /model changes
+    the system prompt too: the conversation (same first message, same first answer) still goes on."""
+    def switch(b):
+        b["model"] = "claude-opus-4-1"
+        b["system"][1]["text"] += " You are powered by claude-opus-4-1."
+
+    found = explained(switch)
+    assert (found.reason, found.detail) == ("model_changed", "model claude-sonnet-4-5 -> claude-opus-4-1")

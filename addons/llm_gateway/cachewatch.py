@@ -339,21 +339,20 @@ def explain(
     return "unknown", f"prefix and breakpoints unchanged, {elapsed_text(elapsed)} since the last request"
 
 
-def same_conversation(a: Fingerprint | None, b: Fingerprint | None) -> bool:
-    """Two requests to different models continue one conversation when their system prompts and first message
-    are equal: a model switch (tools may change with it). Side requests (Claude Code's small Haiku calls, with a
-    system prompt of their own) are not, and neither break nor build the main conversation's cache."""
+def continues(a: Fingerprint | None, b: Fingerprint | None) -> bool:
+    """Does request `b` go on with the conversation of request `a` (after an edit or a model switch), when their
+    first messages do not both say so? The first answer (message 2) or the system prompt is still the same:
+
+    - to the same model: an edited first message or system prompt, a break;
+    - to another model, whose first message is also the same: a model switch (tools may change with it, and so
+      may the system prompt: Claude Code's names its model).
+
+    Anything else is another conversation of the session and breaks nothing: Claude Code's small side requests
+    to Haiku, and its subagents (Task tool: same session id, often the same model, their own system prompt and
+    first message)."""
     if a is None or b is None or not a.roles or not b.roles:
         return False
-    return a.system_digests() == b.system_digests() and a.opening() == b.opening()
-
-
-def edited(a: Fingerprint | None, b: Fingerprint | None) -> bool:
-    """Does `b` continue `a` (same model) with an edited first message or system prompt? It does when the system
-    prompt or the second message (the first answer) is still the same. Another system prompt and other first
-    messages is another conversation of the session, such as a Claude Code subagent (Task tool: same session id,
-    same model), and breaks nothing."""
-    if a is None or b is None or a.model != b.model:
+    if a.model != b.model and a.opening() != b.opening():
         return False
     return a.system_digests() == b.system_digests() or a.message(1) == b.message(1) != b""
 
@@ -440,7 +439,7 @@ class CacheWatch:
         prev = state.conversations.get(key)
         if prev is None:  # the most recent conversation this one continues with an edit or a model switch
             prev = next((seen for seen in reversed(state.conversations.values())
-                         if edited(seen.fingerprint, fp) or same_conversation(seen.fingerprint, fp)), None)
+                         if continues(seen.fingerprint, fp)), None)
         found = None
         if prev is not None and read is not None and read < prev.cached:
             prompt = read + wrote + (_count(usage, "input_tokens") or 0)
