@@ -374,3 +374,18 @@ def test_a_model_switch_whose_system_prompt_names_the_model_is_model_changed():
 
     found = explained(switch)
     assert (found.reason, found.detail) == ("model_changed", "model claude-sonnet-4-5 -> claude-opus-4-1")
+
+
+def test_subagents_of_one_kind_started_side_by_side_are_separate_conversations():
+    """Claude Code starts several subagents of one kind at once (three Explore agents): same session, model and
+    system prompt, each its own task as first message. The second is not an edit of the first."""
+    s = Session()
+    agents = [body(messages=[{"role": "user", "content": [{"type": "text", "text": f"explore part {i} " * 40,
+                                                           "cache_control": {"type": "ephemeral"}}]}])
+              for i in range(3)]
+    at = 0.0
+    for step in range(3):
+        for i, agent in enumerate(agents):
+            assert s.send(agent, at)[1] is None, (step, i)
+            agents[i], at = next_turn(agent, f"step {step}"), at + 1
+    assert s.watch.breaks == 0

@@ -340,21 +340,23 @@ def explain(
 
 
 def continues(a: Fingerprint | None, b: Fingerprint | None) -> bool:
-    """Does request `b` go on with the conversation of request `a` (after an edit or a model switch), when their
-    first messages do not both say so? The first answer (message 2) or the system prompt is still the same:
+    """Does request `b` go on with the conversation of request `a` although their first messages or models
+    differ (else they share a conversation_key)?
 
-    - to the same model: an edited first message or system prompt, a break;
-    - to another model, whose first message is also the same: a model switch (tools may change with it, and so
-      may the system prompt: Claude Code's names its model).
+    - the same model, another first message: an edit (a break) when the first answer (message 2) is still the
+      same; not when `b` is alone, as Claude Code's subagents of one kind begin side by side (same session id,
+      model and system prompt, each its own task);
+    - another model, the same first message, and the same system prompt or first answer: a model switch (tools
+      may change with it, and so may the system prompt: Claude Code's names its model).
 
     Anything else is another conversation of the session and breaks nothing: Claude Code's small side requests
-    to Haiku, and its subagents (Task tool: same session id, often the same model, their own system prompt and
-    first message)."""
-    if a is None or b is None or not a.roles or not b.roles:
+    to Haiku, its subagents (Task tool: their own system prompt and first message)."""
+    if a is None or b is None:
         return False
-    if a.model != b.model and a.opening() != b.opening():
-        return False
-    return a.system_digests() == b.system_digests() or a.message(1) == b.message(1) != b""
+    same_answer = a.message(1) == b.message(1) != b""
+    if a.model == b.model:
+        return same_answer
+    return a.opening() == b.opening() != b"" and (a.system_digests() == b.system_digests() or same_answer)
 
 
 def conversation_key(fp: Fingerprint | None) -> tuple[str | None, bytes]:
