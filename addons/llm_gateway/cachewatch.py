@@ -163,8 +163,18 @@ def footprint(fp: Fingerprint | None) -> int:
 
 
 def _hash(block: Any) -> bytes:
+    """DIGEST bytes that change with anything in the block but its `cache_control`. Blocks of strings only (text,
+    thinking, tool results as text: most of a long conversation) skip JSON, which halves the cost of a request:
+    each string is hashed with its length, after a first byte no JSON text starts with."""
     if isinstance(block, dict) and "cache_control" in block:  # a breakpoint is not part of the cached text
         block = {k: v for k, v in block.items() if k != "cache_control"}
+    if type(block) is dict and all(type(v) is str for v in block.values()):
+        h = hashlib.blake2b(b"\x02", digest_size=DIGEST)
+        for key in sorted(block):
+            for part in (key.encode("utf-8", "surrogatepass"), block[key].encode("utf-8", "surrogatepass")):
+                h.update(len(part).to_bytes(8, "little"))
+                h.update(part)
+        return h.digest()
     text = json.dumps(block, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST).digest()
 
