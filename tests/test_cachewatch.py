@@ -256,7 +256,7 @@ def test_memory_is_bounded_least_recent_first():
     w2 = CacheWatch()
     for i in range(100):
         w2.observe("s", wrote, body(model=f"model-{i}"), i)
-    assert len(w2.sessions["s"].conversations) == cachewatch.MAX_MODELS
+    assert len(w2.sessions["s"].conversations) == cachewatch.MAX_CONVERSATIONS
 
 
 def test_fake_cache_accounting_follows_the_documented_rules():
@@ -273,3 +273,119 @@ def test_fake_cache_accounting_follows_the_documented_rules():
              "messages": []}
     assert c.usage(small, now=0)["cache_creation_input_tokens"] == 0  # below the minimum: never cached
     assert json.dumps(c.usage(None)) == "{}"
+
+
+def next_turn(b: dict, text: str) -> dict:
+    """The conversation one turn on, as Claude Code sends it: the breakpoint moves to the new last user block."""
+    b = copy.deepcopy(b)
+    for m in b["messages"]:
+        for block in m["content"] if isinstance(m["content"], list) else ():
+            block.pop("cache_control", None)
+    b["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": f"done: {text}"}]},
+                      {"role": "user", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}]
+    return b
+
+
+def test_a_subagent_of_the_same_session_and_model_is_its_own_conversation():
+    """Claude Code's Task tool runs subagents in the same process: same session id, same model, their own system
+    prompt, tools and first message. Interleaved with the main loop, neither may look like a break of the other."""
+    s = Session()
+    main = body()
+    sub = body(tools=[{"name": "Grep", "description": "grep " * 300, "input_schema": {"type": "object"}}],
+               system=[{"type": "text", "text": "You are a search agent. " * 300, "cache_control": {"type": "ephemeral"}}],
+               messages=[{"role": "user", "content": [{"type": "text", "text": "find the callers of foo " * 20,
+                                                      "cache_control": {"type": "ephemeral"}}]}])
+    at = 0.0
+    for turn in range(4):
+        assert s.send(main, at)[1] is None, turn
+        main, at = next_turn(main, f"main {turn}"), at + 2
+        for step in range(2):
+            assert s.send(sub, at)[1] is None, (turn, step)
+            sub, at = next_turn(sub, f"sub {turn}.{step}"), at + 2
+    assert s.watch.breaks == 0
+    # a real break of either one is still found, against its own previous request
+    edited = copy.deepcopy(sub)
+    edited["system"][0]["text"] += " Today is Monday."
+    usage, found = s.send(edited, at)
+    assert found is not None and found.reason == "system_changed"
+    assert found.tokens_lost > 0
+
+
+def test_many_sessions_with_many_tools_share_the_tool_names():
+    """Every request is parsed anew, so each fingerprint would hold its own copy of every tool name: with 300 MCP
+    tools that is most of a session's memory. The names (and the whole list) are shared between fingerprints."""
+    import tracemalloc
+
+    tools = [{"name": f"mcp__server_{i % 10}__tool_number_{i}", "description": "d", "input_schema": {}}
+             for i in range(300)]
+    raw = json.dumps(body(tools=tools))
+    a, b = fingerprint(json.loads(raw)), fingerprint(json.loads(raw))
+    assert a.tools == b.tools and a.tools is b.tools
+    watch = CacheWatch()
+    usage = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 2000}
+    tracemalloc.start()
+    try:
+        for session in range(200):
+            watch.observe(f"session-{session}", usage, json.loads(raw), 0.0)
+        per_session = tracemalloc.get_traced_memory()[0] / 200
+    finally:
+        tracemalloc.stop()
+    assert per_session < 6_000, per_session  # bytes: 300 tools cost 8 bytes of digest each, their names once
+
+
+def test_memory_is_bounded_in_bytes_too():
+    """The session cap counts sessions, but a fingerprint grows with its prompt (8 bytes a block): 5000 sessions of
+    16 conversations of a prompt of 50,000 small blocks would be 32 GB. A byte budget forgets the least recently
+    seen sessions first, never the one just seen."""
+    big = body(messages=[{"role": "user", "content": [{"type": "text", "text": str(i)} for i in range(5_000)]}])
+    size = fingerprint(big).blocks * cachewatch.DIGEST
+    w = CacheWatch(max_bytes=3 * size)
+    usage = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 2000}
+    for session in range(10):
+        w.observe(f"s{session}", usage, big, float(session))
+        assert w.size <= 3 * size + 2_000 and "s%d" % session in w.sessions
+    assert list(w.sessions) == ["s8", "s9"]
+    other = body(system="another agent", messages=[{"role": "user", "content": [{"type": "text", "text": f"-{i}"}
+                                                                             for i in range(5_000)]}])
+    w.observe("s9", usage, other, 11.0)  # another conversation of s9: s8 goes first
+    assert list(w.sessions) == ["s9"] and len(w.sessions["s9"].conversations) == 2
+    lonely = CacheWatch(max_bytes=size // 2)  # one conversation over the budget is kept: its session is current
+    lonely.observe("s", usage, big, 0.0)
+    assert list(lonely.sessions) == ["s"]
+    sizes = sum(cachewatch.footprint(seen.fingerprint) for s in w.sessions.values() for seen in s.conversations.values())
+    assert w.size == sizes
+
+
+def test_the_shared_tool_names_are_bounded_however_many_lists_clients_send(monkeypatch):
+    monkeypatch.setattr(cachewatch, "MAX_SHARED_NAMES", 1_000)
+    for i in range(100):
+        fp = fingerprint(body(tools=[{"name": f"t{i}_{k}"} for k in range(30)]))
+        assert fp.tools[0] == f"t{i}_0"
+        assert cachewatch._TOOL_LISTS.names <= 1_000
+        assert sum(map(len, cachewatch._TOOL_LISTS.lists)) == cachewatch._TOOL_LISTS.names
+
+
+def test_a_model_switch_whose_system_prompt_names_the_model_is_model_changed():
+    """Claude Code's system prompt names its model ("You are powered by the model named …"), so /model changes
+    the system prompt too: the conversation (same first message, same first answer) still goes on."""
+    def switch(b):
+        b["model"] = "claude-opus-4-1"
+        b["system"][1]["text"] += " You are powered by claude-opus-4-1."
+
+    found = explained(switch)
+    assert (found.reason, found.detail) == ("model_changed", "model claude-sonnet-4-5 -> claude-opus-4-1")
+
+
+def test_subagents_of_one_kind_started_side_by_side_are_separate_conversations():
+    """Claude Code starts several subagents of one kind at once (three Explore agents): same session, model and
+    system prompt, each its own task as first message. The second is not an edit of the first."""
+    s = Session()
+    agents = [body(messages=[{"role": "user", "content": [{"type": "text", "text": f"explore part {i} " * 40,
+                                                           "cache_control": {"type": "ephemeral"}}]}])
+              for i in range(3)]
+    at = 0.0
+    for step in range(3):
+        for i, agent in enumerate(agents):
+            assert s.send(agent, at)[1] is None, (step, i)
+            agents[i], at = next_turn(agent, f"step {step}"), at + 1
+    assert s.watch.breaks == 0

@@ -112,6 +112,19 @@ def test_a_session_without_a_break_never_gets_a_reason(gw, fake):
     assert reads[0] == 0 and all(b > a for a, b in zip(reads, reads[1:]))  # the cache grows turn by turn
 
 
+def test_a_subagent_in_the_same_session_and_model_breaks_nothing(gw, fake):
+    """Claude Code's Task tool: a subagent shares the session id and the model, with its own system prompt, tools
+    and task; its turns interleave with the main loop's, and neither side's record may show a break."""
+    main, sub = Agent(gw, fake, "sess-subagent"), Agent(gw, fake, "sess-subagent")
+    sub.tools = [tool("grep"), tool("glob")]
+    sub.system = [{"type": "text", "text": text("searcher", 6000), "cache_control": {"type": "ephemeral"}}]
+    sub.messages = [user("find every caller " + text("task", 300))]
+    records = [agent.turn() for agent in (main, main, sub, sub, main, sub, main)]
+    for record in records:
+        no_break(record)
+    assert [r["cache_read_input_tokens"] > 0 for r in records] == [False, True, False, True, True, True, True]
+
+
 def edit_system_block_2(agent: Agent) -> None:
     agent.system[1]["text"] = agent.system[1]["text"].replace("rules1 ", "rules1 (edited) ", 1)
 

@@ -470,3 +470,19 @@ def test_breaks_recomputed_from_the_merged_records_of_two_replicas(capsys, tmp_p
         ("claude-code", "ttl_expired", 1, 9500, None, 1),
         ("claude-code", "unknown", 1, 7100, None, 1),  # 9100 cached by the request before (on replica b)
     ]
+
+
+def test_recomputed_breaks_ignore_a_record_shipped_twice(capsys, tmp_path):
+    """Log shippers deliver at least once, and rotated files overlap: a record seen twice is one request. Compared
+    with itself it would read less than it had cached, a break that never happened."""
+    s = "sess-dup"
+    records = [
+        record(60 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 9000)),
+        record(59 * M, "claude-code", s, SONNET, tokens=(10, 5, 9000, 300)),
+        record(58 * M, "claude-code", s, SONNET, tokens=(10, 5, 9300, 300)),
+    ]
+    once, again = tmp_path / "once.jsonl", tmp_path / "again.jsonl"
+    once.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))  # an overlapping copy
+    code, out, _ = run(capsys, "--format", "json", "--recompute-breaks", str(once), str(again), str(once))
+    assert code == 0 and break_rows(json.loads(out)) == []

@@ -4,8 +4,9 @@ Standard library only (the report runs wherever the log is copied to). Two sourc
 
 - the breaks the gateway recorded (`cache_break`, `cache_break_reason`, `cache_break_tokens_lost`,
   `cache_break_cost_usd`): exact, but a replica sees only the requests that reached it;
-- `recompute`: the merged records of every replica, in time order. A successful request that read fewer cache
-  tokens than the previous request of its session and model had cached (read + write) is a break. Its reason is
+- `recompute`: the merged records of every replica, in time order, each distinct record once. A successful
+  request that read fewer cache tokens than the previous request of its session and model had cached (read +
+  write) is a break. Its reason is
   the one a replica recorded for it, else `ttl_expired` when the pause exceeded the cache TTL (5 minutes, or an
   hour when the previous request wrote 1h cache), else `unknown` (the prompt's fingerprints live only in the
   replica that saw the request, never in records). Its cost is the recorded one; a break no replica saw has none.
@@ -13,6 +14,8 @@ Standard library only (the report runs wherever the log is copied to). Two sourc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -87,7 +90,12 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
     wrote them; `records` are (record, time) pairs in any order. Breaks a replica recorded across models (a model
     switch) are kept as recorded."""
     last: dict[tuple[str, Any], tuple[datetime, int, bool]] = {}  # (session, model) -> (time, cached, wrote 1h)
+    seen: set[bytes] = set()  # records already counted: shippers deliver at least once, rotated logs overlap
     for record, when in sorted(records, key=lambda pair: pair[1]):
+        same = hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16).digest()
+        if same in seen:  # compared with itself, a copy reads less than it cached: a break that never was
+            continue
+        seen.add(same)
         session, read = record.get("session"), _int(record.get("cache_read_input_tokens"))
         status = _int(record.get("status"))
         if not isinstance(session, str) or read is None or status is None or status >= 400 or record.get("error_type"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,7 +38,12 @@ REASONS = (
 )
 DIGEST = 8  # bytes of hash per block: collisions within one session are negligible at 2**-64
 LOOKBACK = 20  # blocks a cache read looks back from a breakpoint (Anthropic: "about 20 blocks")
-MAX_MODELS = 16  # conversations kept per session, one per model (the model name comes from the client)
+# conversations kept per session: the main loop, each subagent, each model switched to (all client-chosen)
+MAX_CONVERSATIONS = 16
+# bytes of fingerprints kept in all (see footprint): the session cap counts sessions, but a fingerprint grows
+# with its prompt, 8 bytes a block; 5000 sessions of long conversations and subagents stay well below this
+MAX_BYTES = 256 * 2**20
+OVERHEAD = 400  # bytes of a fingerprint besides its arrays: the objects, the conversation's key and entry
 DEFAULT_TTL = {"5m": 300.0, "1h": 3600.0}  # seconds; the API's two cache lifetimes
 # Minimum cacheable prompt length in tokens, per model (Anthropic's prompt-caching docs, "Cache limitations");
 # first match wins; anything else: DEFAULT_MIN_CACHEABLE.
@@ -93,6 +99,21 @@ class Fingerprint:
     def section(self, start: int, count: int) -> bytes:
         return self.digests[start * DIGEST : (start + count) * DIGEST]
 
+    def system_digests(self) -> bytes:
+        return self.section(len(self.tools), self.system)
+
+    def message(self, number: int) -> bytes:
+        """The digests of message `number` (0 = the first; b"" when there is none)."""
+        counts = array("I", self.counts[: (number + 1) * array("I").itemsize])
+        if len(counts) <= number:
+            return b""
+        return self.section(len(self.tools) + self.system + sum(counts[:number]), counts[number])
+
+    def opening(self) -> bytes:
+        """The digests of the first message: with the system prompt, what tells one conversation of a session
+        (the main loop, a subagent) from another."""
+        return self.message(0)
+
     def label(self, position: int) -> str:
         """Where a position is, in words: "tool 'x'", "system block 2", "message 3 (user) block 1"."""
         if position < len(self.tools):
@@ -108,9 +129,52 @@ class Fingerprint:
         return "the end of the prompt"
 
 
+MAX_SHARED_NAMES = 50_000  # tool names held for sharing (each at most 64 characters); past it, start over
+
+
+class _ToolLists:
+    """One copy of a tool list for every fingerprint that has it: each request is parsed anew, and 300 MCP tool
+    names held per conversation would be most of a session's memory. Holds at most MAX_SHARED_NAMES names (a few
+    MB), however many distinct lists clients send."""
+
+    def __init__(self) -> None:
+        self.lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.names = 0
+
+    def shared(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        found = self.lists.get(names)
+        if found is None:
+            if self.names + len(names) > MAX_SHARED_NAMES:
+                self.lists.clear()
+                self.names = 0
+            found = self.lists[names] = tuple(sys.intern(n) for n in names)
+            self.names += len(names)
+        return found
+
+
+_TOOL_LISTS = _ToolLists()
+
+
+def footprint(fp: Fingerprint | None) -> int:
+    """About how many bytes a kept fingerprint holds (its tool names are shared, see _ToolLists)."""
+    if fp is None:
+        return OVERHEAD
+    return OVERHEAD + len(fp.digests) + len(fp.counts) + len(fp.roles) + 8 * len(fp.tools) + 64 * len(fp.breakpoints)
+
+
 def _hash(block: Any) -> bytes:
+    """DIGEST bytes that change with anything in the block but its `cache_control`. Blocks of strings only (text,
+    thinking, tool results as text: most of a long conversation) skip JSON, which halves the cost of a request:
+    each string is hashed with its length, after a first byte no JSON text starts with."""
     if isinstance(block, dict) and "cache_control" in block:  # a breakpoint is not part of the cached text
         block = {k: v for k, v in block.items() if k != "cache_control"}
+    if type(block) is dict and all(type(v) is str for v in block.values()):
+        h = hashlib.blake2b(b"\x02", digest_size=DIGEST)
+        for key in sorted(block):
+            for part in (key.encode("utf-8", "surrogatepass"), block[key].encode("utf-8", "surrogatepass")):
+                h.update(len(part).to_bytes(8, "little"))
+                h.update(part)
+        return h.digest()
     text = json.dumps(block, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST).digest()
 
@@ -166,7 +230,7 @@ def fingerprint(body: Any) -> Fingerprint | None:
     return Fingerprint(
         model=clean(model, 128) if isinstance(model, str) else None,
         digests=bytes(digests),
-        tools=tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools),
+        tools=_TOOL_LISTS.shared(tuple(clean(t.get("name", "?") if isinstance(t, dict) else "?") for t in tools)),
         system=len(system),
         roles="".join(roles),
         counts=counts.tobytes(),
@@ -285,15 +349,31 @@ def explain(
     return "unknown", f"prefix and breakpoints unchanged, {elapsed_text(elapsed)} since the last request"
 
 
-def same_conversation(a: Fingerprint | None, b: Fingerprint | None) -> bool:
-    """Two requests to different models continue one conversation when their system prompts and first message
-    are equal: a model switch (tools may change with it). Side requests (Claude Code's small Haiku calls, with a
-    system prompt of their own) are not, and neither break nor build the main conversation's cache."""
-    if a is None or b is None or a.system != b.system or not a.roles or not b.roles:
+def continues(a: Fingerprint | None, b: Fingerprint | None) -> bool:
+    """Does request `b` go on with the conversation of request `a` although their first messages or models
+    differ (else they share a conversation_key)?
+
+    - the same model, another first message: an edit (a break) when the first answer (message 2) is still the
+      same; not when `b` is alone, as Claude Code's subagents of one kind begin side by side (same session id,
+      model and system prompt, each its own task);
+    - another model, the same first message, and the same system prompt or first answer: a model switch (tools
+      may change with it, and so may the system prompt: Claude Code's names its model).
+
+    Anything else is another conversation of the session and breaks nothing: Claude Code's small side requests
+    to Haiku, its subagents (Task tool: their own system prompt and first message)."""
+    if a is None or b is None:
         return False
-    size = array("I").itemsize
-    first_a, first_b = array("I", a.counts[:size])[0], array("I", b.counts[:size])[0]
-    return a.section(len(a.tools), a.system + first_a) == b.section(len(b.tools), b.system + first_b)
+    same_answer = a.message(1) == b.message(1) != b""
+    if a.model == b.model:
+        return same_answer
+    return a.opening() == b.opening() != b"" and (a.system_digests() == b.system_digests() or same_answer)
+
+
+def conversation_key(fp: Fingerprint | None) -> tuple[str | None, bytes]:
+    """(model, hash of the first message): which conversation of its session a request continues."""
+    if fp is None:
+        return None, b""
+    return fp.model, hashlib.blake2b(fp.opening(), digest_size=DIGEST).digest()
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -316,9 +396,11 @@ class _Seen:
 
 @dataclass
 class SessionCache:
-    conversations: OrderedDict[str | None, _Seen] = field(default_factory=OrderedDict)  # by model, most recent last
+    # by conversation_key, most recent last
+    conversations: OrderedDict[tuple[str | None, bytes], _Seen] = field(default_factory=OrderedDict)
     requests: int = 0
     breaks: int = 0
+    size: int = 0  # footprint of its conversations' fingerprints, bytes
 
 
 def _count(usage: dict, key: str) -> int | None:
@@ -327,12 +409,20 @@ def _count(usage: dict, key: str) -> int | None:
 
 
 class CacheWatch:
-    """Per-session memory of the last request of each conversation; bounded to `max_sessions` sessions."""
+    """Per-session memory of the last request of each conversation; bounded to `max_sessions` sessions and
+    `max_bytes` bytes of fingerprints, least recently seen sessions forgotten first."""
 
-    def __init__(self, max_sessions: int = 5_000) -> None:
+    def __init__(self, max_sessions: int = 5_000, max_bytes: int = MAX_BYTES) -> None:
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
         self.sessions: OrderedDict[str, SessionCache] = OrderedDict()
         self.breaks = 0
+        self.size = 0  # bytes: the sum of the sessions' sizes
+
+    def _trim(self) -> None:
+        """Forget the least recently seen sessions past either cap; the most recent one always stays."""
+        while len(self.sessions) > 1 and (len(self.sessions) > self.max_sessions or self.size > self.max_bytes):
+            self.size -= self.sessions.popitem(last=False)[1].size
 
     def observe(
         self,
@@ -353,16 +443,15 @@ class CacheWatch:
             self.max_sessions = max_sessions
         state = self.sessions.pop(session, None) or SessionCache()
         self.sessions[session] = state
-        while len(self.sessions) > self.max_sessions:
-            self.sessions.popitem(last=False)
+        self._trim()
         state.requests += 1
         read, wrote = _count(usage, "cache_read_input_tokens"), _count(usage, "cache_creation_input_tokens") or 0
         fp = fingerprint(body)
-        model = fp.model if fp else None
-        prev = state.conversations.get(model)
-        if prev is None and state.conversations:
-            last = next(reversed(state.conversations.values()))
-            prev = last if same_conversation(last.fingerprint, fp) else None
+        key = conversation_key(fp)
+        prev = state.conversations.get(key)
+        if prev is None:  # the most recent conversation this one continues with an edit or a model switch
+            prev = next((seen for seen in reversed(state.conversations.values())
+                         if continues(seen.fingerprint, fp)), None)
         found = None
         if prev is not None and read is not None and read < prev.cached:
             prompt = read + wrote + (_count(usage, "input_tokens") or 0)
@@ -371,10 +460,15 @@ class CacheWatch:
             self.breaks += 1
             found = Break(reason, detail, prev.cached - read, state.breaks)
         if read is not None:
-            state.conversations.pop(model, None)
-            state.conversations[model] = _Seen(fp, started, read + wrote)
-            while len(state.conversations) > MAX_MODELS:
-                state.conversations.popitem(last=False)
+            before = state.size
+            gone = state.conversations.pop(key, None)
+            state.size -= footprint(gone.fingerprint) if gone else 0
+            state.conversations[key] = _Seen(fp, started, read + wrote)
+            state.size += footprint(fp)
+            while len(state.conversations) > MAX_CONVERSATIONS:
+                state.size -= footprint(state.conversations.popitem(last=False)[1].fingerprint)
+            self.size += state.size - before
+            self._trim()
         return found
 
 
