@@ -59,7 +59,8 @@ class Agent:
                                           default_headers={"x-session-id": session})
         self.model = MODEL
         self.tools = [tool(n) for n in ("read_file", "write_file", "mcp__x__search", "bash", "grep")]
-        self.system = [{"type": "text", "text": text("intro", 6000)},
+        # the session in the prompt: the fake's cache outlives a test, and each test's session starts cold
+        self.system = [{"type": "text", "text": f"[{session}] " + text("intro", 6000)},
                        {"type": "text", "text": text("rules", 2000), "cache_control": {"type": "ephemeral"}}]
         self.messages = [user("first question " + text("q", 300))]
         self.turns = 0

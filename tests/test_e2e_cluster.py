@@ -260,11 +260,14 @@ def test_metrics_endpoint_counts_match_the_traffic(fake, tmp_path):
         assert request.json["model"] == model
         labels = (("client", client), ("model", model))
         expected[sample("llm_gateway_requests_total", client=client, model=model, status=str(status))] += 1
+        # no credentials section: every exchange is the principal "none"
+        expected[sample("llm_gateway_principal_requests_total", principal="none", status=str(status))] += 1
         usage = request.message["usage"] if request.message else None
         if usage:
             for kind, field in fields.items():
                 if usage[field]:
                     expected[sample("llm_gateway_tokens_total", client=client, model=model, kind=kind)] += usage[field]
+                    expected[sample("llm_gateway_principal_tokens_total", principal="none", kind=kind)] += usage[field]
             read = usage["cache_read_input_tokens"]
             total = read + usage["input_tokens"] + usage["cache_creation_input_tokens"]
             prompt[labels] = [a + b for a, b in zip(prompt.get(labels, [0, 0]), [read, total])]
