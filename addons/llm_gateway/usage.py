@@ -164,7 +164,7 @@ class Usage:
         record = build_record(flow, ex, time.time())
         self.records.write(record, ex.rules)
         self.count(record)
-        logger.info(human_line(record))
+        self.records.later(lambda: logger.info(human_line(record)))  # formatted and logged off the request path
         exchange.publish(flow, ex)
 
     def warn_cache_break(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
