@@ -12,6 +12,7 @@ import logging
 from mitmproxy import http
 
 from . import exchange
+from .globs import glob_set
 from .rulefile import RuleFile
 from .rules import Api, Route, Rules
 
@@ -21,7 +22,7 @@ logger = logging.getLogger("llm_gateway.routing")
 def match_api(rules: Rules, host: str, path: str) -> Api | None:
     path = path.split("?", 1)[0]
     for api in rules.apis:
-        if any(h.match(host) for h in api.hosts) and any(p.match(path) for p in api.paths):
+        if glob_set(api.hosts).match(host) and glob_set(api.paths).match(path):  # compiled once per rule load
             return api
     return None
 
