@@ -85,3 +85,23 @@ async def test_records_for_two_files_go_each_to_its_own(tmp_path):
             records.write({"n": n}, r)
         records.done()
     assert [r["n"] for r in lines(first)] == [1, 3] and [r["n"] for r in lines(second)] == [2]
+
+
+async def test_usage_lines_between_two_flushes_share_one_log_record(tmp_path, caplog):
+    from test_usage import RULES, Gateway, message, usage_of
+    from llm_gateway.usage import Usage
+
+    log = tmp_path / "usage.jsonl"
+    records = RecordLog()
+    caplog.set_level(logging.INFO, logger="llm_gateway.usage")
+    with taddons.context(records, Usage(records)) as tctx:
+        tctx.configure(records, gateway_log=str(log))
+        gw = Gateway(tctx, log, RULES)
+        for n in (10, 20, 30):
+            gw.json_exchange(message(usage_of(inp=n, out=1, read=0, write=0)))
+        assert [r for r in caplog.records if r.name == "llm_gateway.usage"] == []  # not on the request path
+        await asyncio.sleep(records_mod.FLUSH_INTERVAL * 3)
+        [record] = [r for r in caplog.records if r.name == "llm_gateway.usage"]
+        assert [line.split(" in=")[1].split()[0] for line in record.getMessage().split("\n")] == ["10", "20", "30"]
+        assert len(lines(log)) == 3
+        records.done()
