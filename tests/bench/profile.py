@@ -82,6 +82,7 @@ def main(workload: str, target_name: str, seconds: float, rules: str, request_fo
         return 2
     with contextlib.ExitStack() as stack:
         source = procs.source().start()
+        stack.callback(shutil.rmtree, source.dir, ignore_errors=True)
         stack.callback(source.stop)
         url = f"http://127.0.0.1:{source.port}"
         if target_name == "mitmdump":
@@ -89,6 +90,7 @@ def main(workload: str, target_name: str, seconds: float, rules: str, request_fo
             proxy = procs.BareMitmdump(url, options).start()
         else:
             proxy = procs.Gateway(rules(url), reverse_to=url).start()
+        stack.callback(shutil.rmtree, proxy.dir, ignore_errors=True)  # its confdir, logs and the raw profile
         stack.callback(proxy.stop)
         target = Target(target_name, "127.0.0.1", proxy.reverse_port,
                         headers={"User-Agent": "bench/1.0", "x-api-key": "sk-ant-bench-0000"})
