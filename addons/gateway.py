@@ -1,6 +1,7 @@
 """The LLM interception gateway, as mitmproxy loads it: `mitmdump -s addons/gateway.py`.
 
-Thin on purpose: it only composes one addon per concern, in the order their hooks must run.
+Thin on purpose: it only composes one object per concern, in the order their hooks must run, and
+hands them to mitmproxy as one addon (`llm_gateway.dispatch`), which calls them in that order.
 The parts live in the `llm_gateway` package beside this file.
 """
 
@@ -13,10 +14,12 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
+from llm_gateway.backlog import ListenBacklog  # noqa: E402
 from llm_gateway.bodies import BodyLimit  # noqa: E402
 from llm_gateway.ca import GatewayCA  # noqa: E402
 from llm_gateway.clients import ClientDetector  # noqa: E402
 from llm_gateway.credentials import KeyCustody  # noqa: E402
+from llm_gateway.dispatch import Dispatcher  # noqa: E402
 from llm_gateway.drain import Drain  # noqa: E402
 from llm_gateway.egress import EgressPolicy  # noqa: E402
 from llm_gateway.endpoints import Endpoints  # noqa: E402
@@ -60,4 +63,8 @@ addons = [
     WebView(),  # last: mitmweb's message view, stream body copy, flow comments and markers
     GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
     StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups
+    ListenBacklog(),  # gateway_listen_backlog: a deeper listen queue than mitmproxy's 100, for bursts
 ]
+
+# mitmproxy sees one addon, which calls the concerns above in their order (dispatch.py says why).
+addons = [Dispatcher(addons)]

@@ -79,6 +79,9 @@ lock_stamp() { cat "$@" | sha256sum | cut -c1-16; }
 # the lock or pyproject.toml changed since the last install into this venv.
 ensure_venv() {
   local extras="${1:-}" lock marker stamp py
+  # a venv that held the test set keeps it: syncing it down to the gateway's set would pull pytest out from
+  # under a test run that starts scripts/gateway
+  [ -z "$extras" ] && [ -f "$VENV/.installed-test" ] && extras=test
   lock="$ROOT/requirements/${extras:-gateway}.txt"
   [ -f "$lock" ] || { echo "error: $lock is missing (scripts/lock makes it)" >&2; return 1; }
   # one stamp for both sets, so a venv holding the test set also counts as holding the gateway's

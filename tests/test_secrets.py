@@ -120,7 +120,7 @@ def traffic(tmp_path_factory):
     flows = tmp_path_factory.mktemp("flows") / "flows.mitm"
     with FakeUpstream() as fake:
         rules = routed_rules(fake.url)
-        gw = Gateway(rules, extra_args=("-w", str(flows), "-s", str(RESOLVE)),
+        gw = Gateway(rules, extra_args=("-w", str(flows), "-s", str(RESOLVE), "--set", "gateway_keep_stream_body=4m"),
                      env={"LLM_GATEWAY_TEST_HOSTS": "evil.test=127.0.0.1"})
         with gw:
             cookie = {"set-cookie": UPSTREAM_SET_COOKIE}

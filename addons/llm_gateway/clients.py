@@ -19,7 +19,7 @@ from itertools import islice
 from typing import Any
 
 from . import exchange
-from .globs import Glob
+from .globs import Glob, GlobSet
 
 UNKNOWN = "unknown"
 STREAM_MODES = ("on", "off", "as-sent")
@@ -119,10 +119,9 @@ def detect(signatures: Sequence[ClientSignature], headers: Mapping[str, str] | A
         override = _override(signatures, h.get(OVERRIDE_HEADER))
         if override:
             return Detection(override, session, user_agent, "override header")
-        for sig in signatures:
-            how = _match(sig, h, ua, body)
-            if how:
-                return Detection(sig.name, session, user_agent, how)
+        found = _first_match(signatures, h, ua, body)
+        if found:
+            return Detection(found[0].name, session, user_agent, found[1])
         return Detection(UNKNOWN, session, user_agent, "none")
     except Exception:  # pragma: no cover - a bug here must not break the flow
         return Detection(UNKNOWN, None, None, "none")
@@ -147,6 +146,62 @@ def find_signature(signatures: Iterable[ClientSignature], name: str | None) -> C
 # --- matching -------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _NameMatchers:
+    """The user agent and header-name globs of all signatures, each kind as one regular expression, with
+    the index of the signature each glob belongs to."""
+
+    user_agent: GlobSet
+    user_agent_owner: tuple[int, ...]
+    headers: GlobSet
+    headers_owner: tuple[int, ...]
+
+
+_name_matchers: dict[int, tuple[tuple[ClientSignature, ...], _NameMatchers]] = {}
+
+
+def _matchers(signatures: tuple[ClientSignature, ...]) -> _NameMatchers:
+    """Built once per tuple of signatures (once per rule load); the entry keeps the tuple alive."""
+    entry = _name_matchers.get(id(signatures))
+    if entry is None or entry[0] is not signatures:
+        if len(_name_matchers) >= 64:
+            _name_matchers.clear()
+        pairs = {kind: [(i, g) for i, sig in enumerate(signatures) for g in getattr(sig, kind)]
+                 for kind in ("user_agent", "headers")}
+        built = _NameMatchers(
+            GlobSet(g for _, g in pairs["user_agent"]), tuple(i for i, _ in pairs["user_agent"]),
+            GlobSet(g for _, g in pairs["headers"]), tuple(i for i, _ in pairs["headers"]),
+        )
+        entry = _name_matchers[id(signatures)] = (signatures, built)
+    return entry[1]
+
+
+def _first_match(
+    signatures: Sequence[ClientSignature], h: dict[str, str], ua: str | None, body: Any
+) -> tuple[ClientSignature, str] | None:
+    """The first signature that matches and how, as `_match` on each in order would find it, but with one
+    regular expression for every user agent glob and one for every header-name glob."""
+    if not isinstance(signatures, tuple):  # a list may change: no compiled form to keep
+        return next(((sig, how) for sig in signatures if (how := _match(sig, h, ua, body))), None)
+    m = _matchers(signatures)
+    best = len(signatures)  # the first signature that matches by user agent or header name
+    found = m.user_agent.first(ua[:MATCH_MAX_CHARS]) if ua is not None else None
+    if found is not None:
+        best = m.user_agent_owner[found]
+    if m.headers.globs:
+        for name in h:
+            found = m.headers.first(name)
+            if found is not None and m.headers_owner[found] < best:
+                best = m.headers_owner[found]
+    for sig in signatures[:best]:  # an earlier one may still match by a header value or the body
+        how = _match_rest(sig, h, body)
+        if how:
+            return sig, how
+    if best < len(signatures):
+        return signatures[best], _match(signatures[best], h, ua, body) or "?"
+    return None
+
+
 def _match(sig: ClientSignature, h: dict[str, str], ua: str | None, body: Any) -> str | None:
     """How `sig` matches (the first of its matchers that does), or None."""
     if ua is not None:
@@ -157,6 +212,11 @@ def _match(sig: ClientSignature, h: dict[str, str], ua: str | None, body: Any) -
     for g in sig.headers:
         if any(g.match(name) for name in h):
             return f"header {g}"
+    return _match_rest(sig, h, body)
+
+
+def _match_rest(sig: ClientSignature, h: dict[str, str], body: Any) -> str | None:
+    """How `sig` matches by its matchers other than the user agent and header names, or None."""
     for name, g in sig.header_values:
         value = h.get(name)
         if value is not None and g.match(value[:MATCH_MAX_CHARS]):

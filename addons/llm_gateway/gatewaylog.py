@@ -43,9 +43,14 @@ def where(flow: http.HTTPFlow) -> str:
     return clean(f"{request.method} {request.scheme}://{request.pretty_host}:{request.port}{path}")
 
 
+# One filter for the process: logging keeps a filter once however often it is added, so a gateway script loaded
+# again (mitmproxy reloads it on change) or a test that never reached `done` leaves no second copy behind.
+CHATTER = ConnectionChatter()
+
+
 class GatewayLog:
     def __init__(self) -> None:
-        self.chatter = ConnectionChatter()
+        self.chatter = CHATTER
 
     def load(self, loader) -> None:
         logging.getLogger(CHATTY_LOGGER).addFilter(self.chatter)

@@ -116,6 +116,7 @@ class Metrics:
         self._clients, self._models, self._principals = _Bounded(), _Bounded(), _Bounded()
         self._prompt: dict[tuple[str, str], list[int]] = {}  # (client, model) -> [cache_read, all prompt tokens]
         self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._children: dict[tuple, Any] = {}  # (metric, label values) -> its child
         if records is not None:
             records.observers.append(self.record)
 
@@ -145,31 +146,40 @@ class Metrics:
     def observe(self, ex: exchange.Exchange, status: int | None) -> None:
         client, model = self._clients(ex.client), self._models(ex.model)
         principal = self._principals(ex.principal, "none")
-        self.requests.labels(client, model, str(status) if status else "none").inc()
-        self.principal_requests.labels(principal, str(status) if status else "none").inc()
+        self._child(self.requests, client, model, str(status) if status else "none").inc()
+        self._child(self.principal_requests, principal, str(status) if status else "none").inc()
         for kind, field in TOKEN_KINDS.items():
             n = token(ex.usage, field)
             if n:
-                self.tokens.labels(client, model, kind).inc(n)
-                self.principal_tokens.labels(principal, kind).inc(n)
+                self._child(self.tokens, client, model, kind).inc(n)
+                self._child(self.principal_tokens, principal, kind).inc(n)
         read = token(ex.usage, "cache_read_input_tokens") or 0
         prompt = read + wire.full_price_prompt_tokens(ex.usage)
         if prompt:
             totals = self._prompt.setdefault((client, model), [0, 0])
             totals[0] += read
             totals[1] += prompt
-            self.cache_hit_ratio.labels(client, model).set(totals[0] / totals[1])
+            self._child(self.cache_hit_ratio, client, model).set(totals[0] / totals[1])
         if ex.reason:
-            self.ended_early.labels(ex.reason).inc()
+            self._child(self.ended_early, ex.reason).inc()
         if ex.cache_break:
-            self.cache_breaks.labels(client, model).inc()
+            self._child(self.cache_breaks, client, model).inc()
             if ex.cache_break_reason in cachewatch.REASONS:
-                self.cache_break_reasons.labels(client, ex.cache_break_reason).inc()
+                self._child(self.cache_break_reasons, client, ex.cache_break_reason).inc()
         if ex.error_type:
             error_type = ex.error_type if ex.error_type in wire.STATUS_BY_ERROR_TYPE else OTHER
-            self.errors.labels(client, model, error_type).inc()
+            self._child(self.errors, client, model, error_type).inc()
             if ex.unwrapped:
-                self.unwrapped.labels(client, model, error_type).inc()
+                self._child(self.unwrapped, client, model, error_type).inc()
+
+    def _child(self, metric, *labels: str):
+        """The labelled child of a metric, looked up in prometheus_client (a lock and a few tuples) once per
+        label set, then kept: the label values are bounded, so the children are too."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- egress decisions ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .globs import glob_set
 from .rules import Price
 
 MILLION = 1_000_000
@@ -16,7 +17,12 @@ MILLION = 1_000_000
 def price_for(pricing: tuple[Price, ...], model: str | None) -> Price | None:
     if not model:
         return None
-    return next((p for p in pricing if p.model.match(model)), None)
+    found = glob_set(pricing, _model_glob).first(model)  # one regular expression for the whole table
+    return None if found is None else pricing[found]
+
+
+def _model_glob(price: Price):
+    return price.model
 
 
 def tokens(usage: dict[str, Any], key: str) -> int:

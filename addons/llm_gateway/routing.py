@@ -14,6 +14,7 @@ import logging
 from mitmproxy import http
 
 from . import exchange, leanjson
+from .globs import glob_set
 from .rulefile import RuleFile
 from .rules import Api, Route, Rules
 
@@ -24,7 +25,7 @@ def match_api(rules: Rules, host: str | None, path: str) -> Api | None:
     """The first API whose host and path globs match; `host=None` (the base-URL listener) matches any host."""
     path = path.split("?", 1)[0]
     for api in rules.apis:
-        if (host is None or any(h.match(host) for h in api.hosts)) and any(p.match(path) for p in api.paths):
+        if (host is None or glob_set(api.hosts).match(host)) and glob_set(api.paths).match(path):  # compiled once per rule load
             return api
     return None
 

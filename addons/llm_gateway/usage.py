@@ -128,6 +128,7 @@ class Usage:
         self.records = records
         self.cache = CacheWatch()
         self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._unlogged: list[dict[str, Any]] = []  # records whose human line is still to be logged
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
@@ -173,8 +174,18 @@ class Usage:
         record = build_record(flow, ex, time.time())
         self.records.write(record, ex.rules)
         self.count(record)
-        logger.info(human_line(record))
+        self._unlogged.append(record)  # its human line: formatted and logged off the request path
+        if len(self._unlogged) == 1:
+            self.records.later(self.log_lines)
         exchange.publish(flow, ex)
+
+    def log_lines(self) -> None:
+        """One log record for the lines of every exchange since the last flush: mitmproxy hands each log
+        record to every addon (its deprecated `add_log` event) and wakes its event loop for it, which cost
+        more than the line itself when each exchange had a record of its own."""
+        done, self._unlogged = self._unlogged, []
+        if done:
+            logger.info("\n".join(human_line(record) for record in done))
 
     def warn_cache_break(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
         full_price = wire.full_price_prompt_tokens(ex.usage)

@@ -23,6 +23,7 @@ from typing import Any
 
 from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.contentviews import Contentview, Metadata
+from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.utils import human
 
 from . import cachewatch, exchange, pricing, relay, wire
@@ -40,6 +41,7 @@ SSE_TYPE = "text/event-stream"
 EGRESS_REFUSALS = frozenset({"denied", "blocked", "fronting"})
 STREAM_COPY_KEY = "gateway_stream_copy"
 
+KEEP_LIMIT = 4 * 1024 * 1024  # bytes of a streamed body kept for viewing, by default, where flows are viewed
 MARK_ERROR = ":x:"
 MARK_CACHE_BREAK = ":warning:"
 MARK_DENIED = ":no_entry:"
@@ -377,23 +379,29 @@ def annotate(flow: http.HTTPFlow) -> None:
 class WebView:
     def __init__(self) -> None:
         self.view = MessageView()
-        self.keep_limit = 4 * 1024 * 1024
+        self.keep_limit = KEEP_LIMIT
 
     def load(self, loader) -> None:
         loader.add_option(
             "gateway_keep_stream_body",
             str,
-            "4m",
+            "auto",
             "Keep a copy of each streamed API response body, up to this size (e.g. 512k, 4m; 0 to keep none), "
-            "so mitmweb can show it. Forwarding stays unbuffered; a longer stream keeps only its first events.",
+            "so mitmweb can show it. Forwarding stays unbuffered; a longer stream keeps only its first events. "
+            "auto: 4m where someone can look at flows (mitmweb, mitmproxy), none in mitmdump.",
         )
         contentviews.add(self.view)
 
     def configure(self, updated: set[str]) -> None:
         if "gateway_keep_stream_body" not in updated:
             return
+        value = ctx.options.gateway_keep_stream_body
+        if value.strip().lower() == "auto":
+            # mitmdump shows no flow, and the copy is most of the memory a stream holds (up to 4 MB each)
+            self.keep_limit = 0 if isinstance(ctx.master, DumpMaster) else KEEP_LIMIT
+            return
         try:
-            limit = human.parse_size(ctx.options.gateway_keep_stream_body)
+            limit = human.parse_size(value)
         except ValueError as e:
             raise exceptions.OptionsError(f"gateway_keep_stream_body: {e}") from None
         self.keep_limit = max(limit or 0, 0)

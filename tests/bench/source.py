@@ -171,10 +171,11 @@ class Source:
             writer.write(head + b"Content-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n"
                          b"Cache-Control: no-cache\r\n\r\n")
             written = 0
+            start = asyncio.get_running_loop().time()
             for i, frame in enumerate(frames):
-                if i and spec.event_delay:
+                if i and spec.event_delay:  # on a fixed schedule: a late event does not delay the next ones
                     await writer.drain()
-                    await asyncio.sleep(spec.event_delay)
+                    await asyncio.sleep(max(0.0, start + i * spec.event_delay - asyncio.get_running_loop().time()))
                 writer.write(frame)
                 written += len(frame)
                 if written >= DRAIN_EVERY:
