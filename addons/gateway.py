@@ -1,7 +1,8 @@
 """The LLM interception gateway, as mitmproxy loads it: `mitmdump -s addons/gateway.py`.
 
-Thin on purpose: it only composes one addon per concern, in the order their hooks must run.
-The parts live in the `llm_gateway` package beside this file.
+Thin on purpose: `llm_gateway.compose.default_addons()` composes one addon per concern, in the order
+their hooks must run (the tests drive the same list). The parts live in the `llm_gateway` package beside
+this file.
 """
 
 import os
@@ -13,36 +14,9 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
-from llm_gateway.ca import GatewayCA  # noqa: E402
-from llm_gateway.clients import ClientDetector  # noqa: E402
-from llm_gateway.egress import EgressPolicy  # noqa: E402
-from llm_gateway.endpoints import Endpoints  # noqa: E402
-from llm_gateway.envelopes import ErrorUnwrapper  # noqa: E402
-from llm_gateway.metrics import Metrics  # noqa: E402
-from llm_gateway.records import RecordLog  # noqa: E402
-from llm_gateway.routing import ApiRouter  # noqa: E402
-from llm_gateway.rulefile import RuleFile, refuse_repeated_options  # noqa: E402
-from llm_gateway.streams import StreamPreference  # noqa: E402
-from llm_gateway.usage import Usage  # noqa: E402
-from llm_gateway.webview import WebView  # noqa: E402
+from llm_gateway.compose import default_addons  # noqa: E402
+from llm_gateway.rulefile import refuse_repeated_options  # noqa: E402
 
 refuse_repeated_options()
-rule_file = RuleFile()
-records = RecordLog()
-metrics = Metrics(records)  # also counts egress decision records
-
-# Hook order matters: for each event mitmproxy calls the addons in this order.
-addons = [
-    rule_file,  # gateway_rules: the rules in force
-    records,  # gateway_log: where records go
-    GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
-    EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go; first
-    Endpoints(rule_file, metrics),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics; own port
-    ApiRouter(rule_file),  # request: is it API traffic? which upstream?
-    ClientDetector(),  # request: which client and session, which stream preference
-    ErrorUnwrapper(),  # response: native errors from envelopes; stream error events
-    StreamPreference(),  # request: force the stream flag; response: convert back to what the client asked
-    Usage(records),  # response/error: one usage record per exchange
-    metrics,  # response/error: Prometheus counters from the finished exchange, after Usage
-    WebView(),  # last: mitmweb's message view, stream body copy, flow comments and markers
-]
+# Hook order matters: for each event mitmproxy calls the addons in this order (see compose.py).
+addons = default_addons()

@@ -153,3 +153,12 @@ def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
         flow.response.headers.pop("content-length", None)
     flow.response.stream = SSERelay(ex, decoder)
     return True
+
+
+def replay(ex: exchange.Exchange, body: bytes) -> bytes:
+    """A buffered stream (already decoded) passed through the exchange's taps exactly as a relayed one
+    would be, end included: the bytes the taps pass on. The SSE→JSON conversion accumulates these, so a
+    converted stream means what the same stream means when relayed."""
+    stream = SSERelay(ex, None)
+    sent = [stream(body), stream(b"")]
+    return b"".join(b"".join(part) if isinstance(part, list) else part for part in sent)

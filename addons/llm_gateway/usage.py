@@ -1,12 +1,13 @@
 """Usage: one record per API exchange, read from JSON bodies and from SSE streams as they pass.
 
 `cache_read_input_tokens` is the number that matters most: an agent session without prompt caching
-costs about ten times more. Streams are never buffered for this: a tap on the relay reads
-`message_start` and the cumulative `message_delta` usage while the events go by.
+costs about ten times more. What the answer means (usage, status, error) is decided once by the answer
+pipeline (answer.py); this addon writes the record, the human line, and watches for cache breaks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -27,45 +28,12 @@ MAX_CLIENTS = 256  # client names come from requests (x-gateway-client): past th
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-class UsageTap:
-    """Reads usage from a passing stream; rewrites nothing."""
-
-    event_names = frozenset({"message_start", "message_delta", "message_stop", "error"})  # what the relay shows it
-
-    def __init__(self, ex: exchange.Exchange) -> None:
-        self.ex = ex
-
-    def on_event(self, event) -> None:
-        name = event.name
-        if name == "message_start":
-            data = event.json()
-            message = data.get("message") if isinstance(data, dict) else None
-            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-                self.ex.usage = dict(message["usage"])
-        elif name == "message_delta":
-            data = event.json()
-            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
-                if self.ex.usage is None:
-                    self.ex.usage = {}
-                wire.merge_delta_usage(self.ex.usage, data["usage"])
-        elif name == "message_stop":
-            self.ex.complete = True
-        elif name == "error":
-            data = event.json()
-            error = data.get("error") if isinstance(data, dict) else None
-            if isinstance(error, dict) and isinstance(error.get("type"), str):
-                self.ex.error_type = error["type"]
-        return None
-
-    def on_end(self) -> bytes:
-        return b""
-
-
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
+    """The usage record of one exchange: from the exchange alone, as the answer pipeline (answer.py) left
+    it; `status`, `error_type`, `request_id` and `reason` are what the client received."""
     usage = ex.usage
-    response = flow.response
-    breakdown = usage.get("cache_creation") if usage and isinstance(usage.get("cache_creation"), dict) else {}
-    cost, saved = pricing.cost(ex.rules.pricing, ex.model, usage)
+    five, hour = wire.cache_write_split(usage)
+    price = pricing.cost(ex.rules.pricing, ex.model, usage)
     first_byte = ex.response_started
     return {
         "kind": "usage",
@@ -79,17 +47,19 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "path": ex.path.split("?", 1)[0],
         "upstream": ex.upstream,
         "model": ex.model,
-        "status": response.status_code if response else None,
+        "status": ex.status,
         "stream_requested": ex.stream_requested,
         "stream_upstream": ex.stream_upstream,
         **{key: token(usage, key) for key in TOKEN_FIELDS},
-        "cache_creation_5m_input_tokens": token(breakdown, "ephemeral_5m_input_tokens"),
-        "cache_creation_1h_input_tokens": token(breakdown, "ephemeral_1h_input_tokens"),
+        "cache_creation_5m_input_tokens": five,
+        "cache_creation_1h_input_tokens": hour,
         "cache_hit_share": cache_share(usage),
-        "cost_usd": cost,
-        "saved_usd": saved,
-        "request_id": response.headers.get("request-id") if response else None,
+        "cost_usd": price.cost_usd,
+        "saved_usd": price.saved_usd,
+        "price_source": price.source,
+        "request_id": ex.request_id,
         "error_type": ex.error_type,
+        "reason": ex.reason,
         "unwrapped": ex.unwrapped,
         "unwrapped_from": ex.unwrapped_from,
         "converted": ex.converted,
@@ -102,16 +72,25 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
 
 
 def human_line(record: dict[str, Any]) -> str:
+    """One line for people: never Python's None; an error shows its type, request id and reason."""
+
+    def shown(value: Any) -> str:  # escaped: model names and request ids come from requests and answers
+        return "-" if value is None else json.dumps(str(value), ensure_ascii=True)[1:-1]
+
     share = record["cache_hit_share"]
     session = (record["session"] or "-")[:12]
-    cost = f" ${record['cost_usd']:.4f}" if record["cost_usd"] is not None else ""
-    return (
-        f"{record['client']} session={session} {record['model'] or '-'} {record['status']}"
-        f" in={record['input_tokens']} out={record['output_tokens']}"
-        f" cache_read={record['cache_read_input_tokens']} cache_write={record['cache_creation_input_tokens']}"
-        f" hit={'-' if share is None else f'{share:.0%}'}{cost}"
-        + ("" if record["complete"] else " INCOMPLETE")
+    cost = "unpriced" if record["cost_usd"] is None else f"${record['cost_usd']:.4f}"
+    line = (
+        f"{record['client']} session={session} {shown(record['model'])} {shown(record['status'])}"
+        f" in={shown(record['input_tokens'])} out={shown(record['output_tokens'])}"
+        f" cache_read={shown(record['cache_read_input_tokens'])}"
+        f" cache_write={shown(record['cache_creation_input_tokens'])}"
+        f" hit={'-' if share is None else f'{share:.0%}'} {cost}"
     )
+    if record["error_type"] or record["reason"]:
+        line += f" error={shown(record['error_type'])} request_id={shown(record['request_id'])}"
+        line += f' reason="{shown(record["reason"])}"' if record["reason"] else ""
+    return line + ("" if record["complete"] else " INCOMPLETE")
 
 
 class Usage:
@@ -120,41 +99,20 @@ class Usage:
         self.cache = CacheWatch()
         self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        ex = exchange.of(flow)
-        if ex is None:
-            return
-        ex.response_started = time.time()
-        ex.sse_taps.append(UsageTap(ex))
-
     def response(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None:
             return
-        if not flow.response.stream:  # buffered: the whole body is here
-            if ex.message is None and flow.response.status_code < 400:
-                body = exchange.parse_json_body(flow.response.get_content(strict=False))
-                if isinstance(body, dict) and body.get("type") == "message":
-                    ex.message = body
-            if ex.message is not None and isinstance(ex.message.get("usage"), dict):
-                ex.usage = ex.message["usage"]
-            if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
-                ex.complete = True
-        if flow.response.status_code >= 400 and ex.error_type is None:
-            body = exchange.parse_json_body(flow.response.get_content(strict=False))
-            if wire.is_native_error(body):
-                ex.error_type = body["error"]["type"]
-        if flow.response.status_code < 400 and ex.error_type is None:
+        if ex.status is not None and ex.status < 400 and ex.error_type is None:
             ex.cache_break = self.cache.observe(ex.session, ex.usage, ex.model)
             if ex.cache_break:
-                self.warn_cache_break(flow, ex)
+                self.warn_cache_break(ex)
         self.finish(flow, ex)
 
     def error(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None or ex.recorded:
             return
-        ex.complete = False
         self.finish(flow, ex)
 
     def finish(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
@@ -167,9 +125,9 @@ class Usage:
         logger.info(human_line(record))
         exchange.publish(flow, ex)
 
-    def warn_cache_break(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+    def warn_cache_break(self, ex: exchange.Exchange) -> None:
         full_price = wire.full_price_prompt_tokens(ex.usage)
-        request_id = flow.response.headers.get("request-id") or flow.id
+        request_id = ex.request_id or "-"
         logger.warning(
             f"cache break: session {ex.session} ({ex.client}) request {request_id} read no cached tokens; "
             f"{full_price} prompt tokens paid at full price (break #{self.cache.sessions[ex.session].breaks} "

@@ -1,0 +1,42 @@
+"""The gateway's addons, composed once, in hook order: what `addons/gateway.py` loads and what the tests drive.
+
+Like mitmproxy's own `mitmproxy.addons.default_addons()`: one function, so the program and its tests can
+never disagree on which parts run or in which order (for each event mitmproxy calls the addons in list order).
+"""
+
+from __future__ import annotations
+
+from .answer import AnswerPipeline
+from .ca import GatewayCA
+from .clients import ClientDetector
+from .egress import EgressPolicy
+from .endpoints import Endpoints
+from .metrics import Metrics
+from .records import RecordLog
+from .routing import ApiRouter
+from .rulefile import RuleFile
+from .streams import StreamPreference
+from .usage import Usage
+from .webview import WebView
+
+
+def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None = None) -> list:
+    """One addon per concern, in the order their hooks must run. `rule_file` and `records` may be given
+    (tests hand in a RuleFile holding parsed rules); the first two entries are always those two."""
+    rule_file = rule_file or RuleFile()
+    records = records or RecordLog()
+    metrics = Metrics(records)  # also counts egress decision records
+    return [
+        rule_file,  # gateway_rules: the rules in force
+        records,  # gateway_log: where records go
+        GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
+        EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go
+        Endpoints(rule_file, metrics),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
+        ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+        ClientDetector(),  # request: which client and session, which stream preference
+        StreamPreference(),  # request: force the upstream stream flag
+        AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
+        Usage(records),  # response/error: one usage record per exchange
+        metrics,  # response/error: Prometheus counters from the finished exchange, after Usage
+        WebView(),  # last: mitmweb's message view, stream body copy, flow comments and markers
+    ]
