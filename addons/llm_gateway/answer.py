@@ -49,13 +49,14 @@ def is_sse(response: http.Response) -> bool:
 class StreamReader:
     """The one reader of stream events, on every path that carries events (relay, replayed conversion).
 
-    Reads `message_start` (usage, the model that answered), the cumulative `message_delta` usage,
+    Reads `message_start` (usage, the model that answered; a `fallback` block names another), the cumulative
+    `message_delta` usage,
     `message_stop`, and error frames: named `event: error` and LiteLLM's unnamed `data: {"error":…}`, which
     it replaces by the native error event (when `errors.unwrap` is on). A stream that ends with neither
     message_stop nor an error gets a native `api_error` event appended, so a cut answer is never taken as
     complete. What it finds goes on the exchange; it decides nothing else."""
 
-    event_names = frozenset({"message_start", "message_delta", "message_stop", "error", None})
+    event_names = frozenset({"message_start", "content_block_start", "message_delta", "message_stop", "error", None})
 
     def __init__(self, ex: exchange.Exchange) -> None:
         self.ex = ex
@@ -79,6 +80,13 @@ class StreamReader:
                 wire.merge_delta_usage(ex.usage, data["usage"])
         elif name == "message_stop":
             self.finished = ex.complete = True
+        elif name == "content_block_start":
+            if b'"fallback"' in event.raw:  # the block naming the model that served the answer (beta)
+                data = event.json()
+                block = data.get("content_block") if isinstance(data, dict) else None
+                to = block.get("to") if isinstance(block, dict) and block.get("type") == "fallback" else None
+                if isinstance(to, dict) and isinstance(to.get("model"), str) and to["model"]:
+                    ex.model = to["model"]
         elif name == "error" or (name is None and '"error"' in event.data):
             return self._error(event)
         return None
