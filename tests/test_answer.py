@@ -315,12 +315,13 @@ def test_one_row_one_record(gw, name):
         ("peer closed connection without sending complete message body: received 40 bytes, expected 100",
          False, 502, "api_error", "upstream closed before the end of its body"),
         ("Connection refused", None, 502, "api_error", "upstream refused the connection"),
+        ("[Errno 111] Connect call failed ('127.0.0.1', 9)", None, 502, "api_error", "upstream refused the connection"),
         ("[Errno 104] Connection reset by peer", None, 502, "api_error", "upstream reset the connection"),
         ("peer closed connection", True, 200, None, "upstream closed the stream"),
         ("Client disconnected.", True, 200, None, "client disconnected"),
         ("Client disconnected.", None, None, None, "client disconnected"),
     ],
-    ids=["closed-before-content-length", "refused", "reset", "cut-mid-stream", "client-left-mid-stream",
+    ids=["closed-before-content-length", "refused", "refused-asyncio", "reset", "cut-mid-stream", "client-left-mid-stream",
          "client-left-before-answer"],
 )
 def test_failures_record_what_the_client_got(gw, message, streamed, status, error_type, reason):

@@ -256,8 +256,10 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
 def failure_reason(message: str, had_headers: bool) -> str:
     """A short reason for an upstream failure, from mitmproxy's error message."""
     text = message.lower()
-    if "refused" in text:
+    if "refused" in text or "errno 111]" in text:  # ECONNREFUSED: asyncio says "Connect call failed"
         return "upstream refused the connection"
+    if "connect call failed" in text or "cannot connect" in text:
+        return "could not connect to the upstream"
     if "reset" in text:
         return "upstream reset the connection"
     if had_headers:
