@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 
 import pytest
 import yaml
@@ -18,6 +17,7 @@ import sdk_client
 from conftest import DEFAULT_RULES, routed_rules
 from fakes.upstream import Scenario
 from harness import Gateway, free_port
+from test_e2e_faults import BadUpstream
 from test_answer import (BEDROCK_FRAME, FIRST_CHUNK_ERROR, GROWING, OVERLOAD, SSE, VERTEX, frame, litellm_frame,
                          message_start)
 
@@ -26,28 +26,15 @@ pytestmark = pytest.mark.e2e
 MODES = ("base-url", "egress")
 
 
-class ResettingUpstream:
+class ResettingUpstream(BadUpstream):
     """Reads a request, then resets the connection (RST, no answer)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                conn.recv(65536)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            finally:
-                conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def answer(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        finally:
+            conn.close()
 
 
 @pytest.fixture(scope="module")

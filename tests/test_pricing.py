@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from mitmproxy.test import taddons
-
 from llm_gateway import pricing, rules
-from test_answer import SSE, Gateway, Shape, frame, message_start
+from test_answer import SSE, Shape, frame, gw, message_start  # noqa: F401 (gw: the addons, as a fixture)
 
 SONNET_45 = "claude-sonnet-4-5-20250929"
 # Sonnet 4.5: standard, and past 200K prompt tokens (input + cache reads + cache writes) for the whole request
@@ -72,14 +70,6 @@ def test_the_rule_file_overrides_and_adds():
     assert pricing.cost(table, "my-alias", usage(out=1_000_000)) == (2.0, 0.0, "rules")
     assert pricing.cost(table, "claude-opus-4-6", usage(inp=1_000_000)).source == pricing.LIBRARY
     assert pricing.cost(table, "claude-test-1", usage(inp=1)) == pricing.UNPRICED
-
-
-@pytest.fixture(scope="module")
-def gw():
-    gateway = Gateway()
-    with taddons.context(*gateway.addons) as tctx:
-        tctx.configure(gateway.addons[1], gateway_log="")
-        yield gateway
 
 
 def answer_json(model: str, tokens: dict) -> Shape:

@@ -117,7 +117,7 @@ class Metrics:
             return
         self._counted.add(flow)
         try:
-            self.observe(ex, flow.response.status_code if flow.response else None)
+            self.observe(ex, ex.status)  # what the client got (answer.py), as the record says
         except Exception:  # metrics must never cost an exchange
             logger.exception("metrics")
 
