@@ -245,12 +245,13 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
     if response is not None and response.stream:
         ex.status = response.status_code
         ex.request_id = response.headers.get("request-id") or ex.request_id
-        ex.reason = "client disconnected" if message.startswith(CLIENT_GONE) else "upstream closed the stream"
+        reason = "client disconnected" if message.startswith(CLIENT_GONE) else "upstream closed the stream"
     elif message.startswith(CLIENT_GONE) or message == "killed" or flow.client_conn.timestamp_end:
-        ex.status, ex.reason = None, "client disconnected"
+        ex.status, reason = None, "client disconnected"
     else:
         ex.status, ex.error_type = MITMPROXY_ERROR_STATUS, "api_error"
-        ex.reason = failure_reason(message, response is not None)
+        reason = failure_reason(message, response is not None)
+    ex.reason = ex.reason or reason  # a part that ended the exchange itself (a timeout) already said why
 
 
 def failure_reason(message: str, had_headers: bool) -> str:

@@ -215,7 +215,7 @@ class Totals:
     cost: list[float] = field(default_factory=list)  # the known costs
     saved: list[float] = field(default_factory=list)
     cache_breaks: int = 0
-    unpriced: int = 0  # requests that used tokens but have no cost (model not in the pricing table)
+    unpriced: int = 0  # requests that used tokens but have no cost (model neither priced by genai-prices nor the rules)
 
     def add(self, record: dict[str, Any]) -> None:
         self.requests += 1
