@@ -300,7 +300,7 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         if ex.unwrapped:
             error += f" unwrapped from {ex.unwrapped_from or 'an envelope'}"
         parts.append(error)
-    elif flow.error:
+    if flow.error:  # mitmproxy's own words: the record's `reason` says it in short
         parts.append(f"failed: {flow.error.msg}")
     if ex.usage:
         usage = ex.usage
