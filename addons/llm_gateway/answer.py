@@ -303,10 +303,9 @@ class AnswerPipeline:
                 sse_to_json(response, ex)
             elif ex.stream_requested and ex.stream_upstream is False and not is_sse(response):
                 json_to_sse(response, ex)
-        except Exception:  # a bug here must not cost the answer: pass it on as it came
-            logger.exception(f"could not read the answer for {ex.client}; passing it on unchanged")
-        settle(response, ex)
-        exchange.publish(flow, ex)
+        finally:  # a bug above is mitmproxy's to log (the answer goes on as it is); the record still says what went
+            settle(response, ex)
+            exchange.publish(flow, ex)
 
     def error(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
