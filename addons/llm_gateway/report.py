@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any, Iterable, Iterator
 
-from .wire import cache_share
+from .wire import TOKEN_FIELDS, cache_share
 
 PROG = "usage_report"
 DEFAULT_LOG_ENV = "LLM_GATEWAY_USAGE_LOG"
 
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 # Output columns after the group keys, in order; CSV headers and JSON keys use these names.
 METRICS = (
     "requests",

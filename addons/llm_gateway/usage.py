@@ -19,13 +19,12 @@ from mitmproxy import command, http
 from . import exchange, pricing, wire
 from .records import RecordLog
 from .report import is_error
-from .wire import cache_share, token
+from .wire import TOKEN_FIELDS, cache_share, token
 from .sessions import CacheWatch
 
 logger = logging.getLogger("llm_gateway.usage")
 
 MAX_CLIENTS = 256  # client names come from requests (x-gateway-client): past this many, totals go to "other"
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:

@@ -107,6 +107,11 @@ OPTIONAL_DELTA_USAGE = (
 _DELTA_USAGE_SENT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "server_tool_use")
 
 
+# The four token counts of a usage object, in the order records, reports and metrics show them. Cache reads
+# and cache writes are not part of input_tokens.
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def token(usage: dict[str, Any] | None, key: str) -> int | None:
     """A token count from a usage object, or None where it is absent or not an integer."""
     value = usage.get(key) if usage else None
