@@ -15,6 +15,11 @@ rules=${LLM_GATEWAY_RULES:-/etc/llm-gateway/rules.yaml}
 ca=${LLM_GATEWAY_CA-/etc/llm-gateway/ca}            # empty: each replica makes a CA of its own
 confdir=${LLM_GATEWAY_CONFDIR:-/tmp/mitmproxy}       # writable (an emptyDir); the shared CA is copied beside it
 script=${LLM_GATEWAY_SCRIPT:-/app/addons/gateway.py}
+drain_grace=${LLM_GATEWAY_DRAIN_GRACE:-25}           # seconds; below the pod's terminationGracePeriodSeconds
+nofile=${LLM_GATEWAY_NOFILE:-65536}                  # open files: two per connection (docs/reliability.md)
+
+# The open-file limit: as high as asked, within the hard limit the container runtime gives.
+ulimit -n "$nofile" 2>/dev/null || echo "llm-gateway: cannot raise the open-file limit to $nofile (hard limit $(ulimit -Hn))" >&2
 
 # connection_strategy=lazy: connect upstream only for a request that needs it, so the probes answered
 # on the base-URL listener never depend on the upstream being reachable.
@@ -27,6 +32,7 @@ exec llm-gateway-dump -s "$script" \
   --set gateway_log=- \
   --set "gateway_metrics_host=$host" \
   --set "gateway_metrics_port=$metrics_port" \
+  --set "gateway_drain_grace=$drain_grace" \
   --set connection_strategy=lazy \
   --set flow_detail=0 \
   "$@"

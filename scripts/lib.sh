@@ -9,6 +9,13 @@ UV_VERSION=0.13.9
 # uv must never fetch a Python of its own: the scripts hand it one that is on the machine.
 export UV_PYTHON_DOWNLOADS=never
 
+# help_text USAGE: print USAGE, then the calling script's opening comment (what it does, its switches), for
+# --help: which must answer at once, never install anything.
+help_text() {
+  echo "usage: $1"
+  sed -n '2,/^[^#]/s/^#\( \|$\)//p' "$0"
+}
+
 # python_ok PY [MINOR]: PY runs and is >= 3.12 (or exactly 3.MINOR when given).
 python_ok() {
   local want="${2:-}"
@@ -24,7 +31,11 @@ python_ok() {
 # are searched for the real binary.
 find_python() {
   local want="${1:-}" candidate version
-  if [ -z "$want" ] && [ -n "${LLM_GATEWAY_PYTHON:-}" ]; then echo "$LLM_GATEWAY_PYTHON"; return 0; fi
+  if [ -z "$want" ] && [ -n "${LLM_GATEWAY_PYTHON:-}" ]; then
+    python_ok "$LLM_GATEWAY_PYTHON" && { echo "$LLM_GATEWAY_PYTHON"; return 0; }
+    echo "error: LLM_GATEWAY_PYTHON=$LLM_GATEWAY_PYTHON is not a Python >= 3.12 (mitmproxy 12 needs one)" >&2
+    return 1
+  fi
   local names=(python3.12 python3.13 python3)
   [ -n "$want" ] && names=("python3.$want")
   for candidate in "${names[@]}"; do
@@ -77,6 +88,10 @@ ensure_venv() {
       return 0
     fi
   done
+  if [ -x "$VENV/bin/python" ] && ! python_ok "$VENV/bin/python"; then  # left from an older Python: never reused
+    echo "error: $VENV has $("$VENV/bin/python" -V 2>&1); mitmproxy 12 needs Python >= 3.12. Remove it (rm -rf $VENV) and run again." >&2
+    return 1
+  fi
   ensure_uv || return 1
   if [ ! -x "$VENV/bin/python" ]; then
     py="$(find_python)" || {

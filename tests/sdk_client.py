@@ -22,13 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(call: str, *, base_url: str | None = None, env: dict[str, str] | None = None, use_async: bool = False,
         model: str = "claude-test-1", headers: dict[str, str] | None = None, max_retries: int = 0,
-        timeout: float = 60) -> dict:
+        timeout: float = 60, pad: int = 0) -> dict:
     """Run one SDK call in a subprocess and return what it printed."""
     args = [sys.executable, str(Path(__file__)), call, "--model", model, "--max-retries", str(max_retries)]
     if base_url:
         args += ["--base-url", base_url]
     if use_async:
         args.append("--async")
+    if pad:
+        args += ["--pad", str(pad)]
     for k, v in (headers or {}).items():
         args += ["--header", f"{k}={v}"]
     clean = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and k != "SSL_CERT_FILE"}
@@ -49,8 +51,13 @@ def without_nulls(value):
     return value
 
 
-def _request(model: str) -> dict:
-    return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
+def _request(model: str, pad: int = 0) -> dict:
+    """A Messages request; `pad` bytes more make it a long conversation (turns of about 4 KB, as an agent's)."""
+    turns = []
+    for i in range(pad // 4096):
+        turns += [{"role": "user", "content": [{"type": "text", "text": f"{i:08d} " + "lorem ipsum " * 328}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    return {"model": model, "max_tokens": 64, "messages": [*turns, {"role": "user", "content": "hello"}]}
 
 
 async def _call(args) -> dict:
@@ -60,7 +67,7 @@ async def _call(args) -> dict:
     if args.base_url:
         kw["base_url"] = args.base_url
     client = (anthropic.AsyncAnthropic if args.use_async else anthropic.Anthropic)(**kw)
-    req = _request(args.model)
+    req = _request(args.model, args.pad)
 
     async def maybe(x):
         return await x if args.use_async else x
@@ -104,6 +111,7 @@ def main() -> None:
     p.add_argument("--model", default="claude-test-1")
     p.add_argument("--max-retries", type=int, default=0)
     p.add_argument("--header", action="append", default=[])
+    p.add_argument("--pad", type=int, default=0, help="make the request about this many bytes larger")
     print(json.dumps(asyncio.run(_call(p.parse_args()))))
 
 

@@ -21,10 +21,9 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from gwtest import api_flow, forward, rule_file
+from gwtest import api_flow, flow_addons, forward, rule_file
 from llm_gateway import pricing, sse, wire
 from llm_gateway.answer import TRUNCATED_MESSAGE, failure_reason
-from llm_gateway.compose import default_addons
 from test_envelopes import EXPECTED, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +203,7 @@ ROWS = [(name, path) for name, shape in SHAPES.items() for path in shape.paths()
 
 class Gateway:
     def __init__(self) -> None:
-        self.addons = default_addons(rule_file(RULES))
+        self.addons = flow_addons(rule_file(RULES))
         self.records: list[dict] = []
         self.addons[1].observers.append(lambda r: self.records.append(r) if r.get("kind") == "usage" else None)
 

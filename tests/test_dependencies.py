@@ -73,3 +73,14 @@ def test_gateway_lock_is_the_test_lock_less_the_test_packages():
     for lock in ("gateway.txt", "test.txt"):  # every pin carries its hashes, so pip and uv install with --require-hashes
         pins = re.split(r"^(?=[A-Za-z0-9])", (ROOT / "requirements" / lock).read_text(), flags=re.M)
         assert all("--hash=sha256:" in pin for pin in pins if "==" in pin), lock
+
+
+def test_no_second_lock_that_scripts_lock_does_not_refresh():
+    """requirements/*.txt is the lock. A uv.lock beside it is what `uv sync` and `uv run` read, and scripts/lock
+    never refreshes it: the one committed with issue 14 already lacked zstandard, the very module whose absence
+    broke fresh machines. Any other lock file must hold every pin of requirements/test.txt."""
+    stray = ROOT / "uv.lock"
+    if stray.exists():
+        locked = {p["name"].lower().replace("_", "-"): p.get("version")
+                  for p in tomllib.loads(stray.read_text())["package"]}
+        assert {n: locked.get(n) for n in _locked("test.txt")} == _locked("test.txt")

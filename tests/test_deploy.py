@@ -175,6 +175,14 @@ def test_one_service_per_listener_selecting_the_pods():
     assert f"ANTHROPIC_BASE_URL=http://{targets['base-url']}.{ca.NAMESPACE}.svc:{named['base-url']}" in docs
 
 
+def test_agent_services_keep_one_client_on_one_replica():
+    """Cache-break explanations compare a session's turns in one replica's memory (cachewatch.py)."""
+    for name in ("llm-gateway", "llm-gateway-egress"):
+        assert one("Service", name)["spec"]["sessionAffinity"] == "ClientIP"
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    assert "sessionAffinity: ClientIP" in docs and "--recompute-breaks" in docs
+
+
 def test_networkpolicy_lets_agents_reach_only_the_gateway_listeners():
     policies = {d["metadata"]["name"]: d for d in documents() if d["kind"] == "NetworkPolicy"}
     agents = policies["agents-egress-via-llm-gateway"]["spec"]

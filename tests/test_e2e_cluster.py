@@ -270,6 +270,8 @@ def test_metrics_endpoint_counts_match_the_traffic(fake, tmp_path):
             prompt[labels] = [a + b for a, b in zip(prompt.get(labels, [0, 0]), [read, total])]
     a, b = {"client": "team-a", "model": "claude-a"}, {"client": "team-b", "model": "claude-b"}
     expected[sample("llm_gateway_cache_breaks_total", **a)] = 1
+    # the fake's fixed usage: a 28-token prompt, which no model caches
+    expected[sample("llm_gateway_cache_break_reasons_total", client="team-a", reason="below_minimum")] = 1
     expected[sample("llm_gateway_errors_total", **a, error_type="rate_limit_error")] = 1
     expected[sample("llm_gateway_errors_total", **b, error_type="authentication_error")] = 1
     expected[sample("llm_gateway_unwrapped_errors_total", **b, error_type="authentication_error")] = 1

@@ -346,14 +346,14 @@ def test_inspected_api_host_with_upper_case_and_trailing_dot_is_decrypted_and_ro
 
 @pytest.mark.parametrize("target, host", [("evil.test:443", "evil.test"), ("EVIL.Test.:8443", "evil.test"),
                                           ("github.com:443", "github.com")])
-def test_denied_connect_gets_403_naming_host_and_rule_file(gw, target, host):
+def test_denied_connect_gets_403_naming_host_and_rule(gw, target, host):
     before = len(egress_records(gw))
     sock, status, body = connect(gw, target)
     sock.close()
     assert status == 403
     text = body.decode()
     port = target.rsplit(":", 1)[1]
-    assert f"{host}:{port}" in text and str(gw.rules_path) in text and "egress.default: deny" in text
+    assert f"{host}:{port}" in text and str(gw.rules_path) not in text and "egress.default: deny" in text
     [rec] = new_records(gw, before)
     assert (rec["decision"], rec["host"], rec["port"], rec["rule"]) == ("denied", host, int(port), "egress.default: deny")
 
@@ -362,13 +362,13 @@ def proxy_opener(gw: Gateway):
     return urllib.request.build_opener(urllib.request.ProxyHandler({"http": gw.proxy_url, "https": gw.proxy_url}))
 
 
-def test_denied_plain_http_gets_403_naming_host_and_rule_file(gw):
+def test_denied_plain_http_gets_403_naming_host_and_rule(gw):
     before = len(egress_records(gw))
     with pytest.raises(urllib.error.HTTPError) as e:
         proxy_opener(gw).open("http://evil.test/x?token=secret-token", timeout=10)
     assert e.value.code == 403
     text = e.value.read().decode()
-    assert "evil.test:80" in text and str(gw.rules_path) in text and "secret-token" not in text
+    assert "evil.test:80" in text and str(gw.rules_path) not in text and "secret-token" not in text
     [rec] = new_records(gw, before)
     assert (rec["decision"], rec["method"], rec["host"], rec["path"]) == ("denied", "GET", "evil.test", "/x")
 
@@ -424,7 +424,7 @@ def test_host_header_of_another_host_inside_a_decrypted_tunnel_is_refused(gw, mo
     assert status == 403
     error = json.loads(body)
     assert error["type"] == "error" and error["error"]["type"] == "permission_error"
-    assert "domain fronting" in error["error"]["message"] and str(gw.rules_path) in error["error"]["message"]
+    assert "domain fronting" in error["error"]["message"] and str(gw.rules_path) not in error["error"]["message"]
     assert module_fake.requests == []
     rec = new_records(gw, before, 2)[-1]
     assert (rec["decision"], rec["host"], rec["rule"]) == ("fronting", "api.anthropic.com", "Host header differs from the CONNECT target")
@@ -471,7 +471,7 @@ def test_blocked_path_on_an_inspected_host(gw, module_fake, path, target):
     _, status, _, body = tls_request(sock, sni="api.anthropic.com", cafile=gw.ca_cert, request=post(path, "api.anthropic.com"))
     assert status == 403
     text = body.decode()
-    assert "egress.block[0]: api.anthropic.com /api/*" in text and str(gw.rules_path) in text
+    assert "egress.block[0]: api.anthropic.com /api/*" in text and str(gw.rules_path) not in text
     assert module_fake.requests == []
     rec = new_records(gw, before, 2)[-1]
     assert (rec["decision"], rec["host"], rec["path"]) == ("blocked", "api.anthropic.com", path.split("?")[0])
@@ -513,7 +513,7 @@ def test_denied_api_host_gives_the_sdk_a_native_permission_error(module_fake, tm
         result = sdk_client.run("create", env={"HTTPS_PROXY": env["HTTPS_PROXY"], "SSL_CERT_FILE": env["SSL_CERT_FILE"]})
         assert not result["ok"]
         assert (result["status"], result["type"], result["error"]) == (403, "permission_error", "PermissionDeniedError")
-        assert "api.anthropic.com" in result["message"] and str(gw2.rules_path) in result["message"]
+        assert "api.anthropic.com" in result["message"] and str(gw2.rules_path) not in result["message"]
         assert module_fake.requests == []
         decisions = [(r["decision"], r["method"]) for r in egress_records(gw2, 2)]
         assert decisions == [("denied", "CONNECT"), ("denied", "POST")]

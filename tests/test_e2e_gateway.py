@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -99,6 +100,39 @@ def test_scripts_gateway_brings_up_both_listeners(tmp_path):
         assert f"HTTPS_PROXY=http://127.0.0.1:{ports[0]}" in out
         assert f"HTTP(S) proxy listening at 127.0.0.1:{ports[0]}" in out
         assert f"reverse proxy to https://api.anthropic.com listening at 127.0.0.1:{ports[1]}" in out
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_scripts_gateway_routes_an_sdk_request_to_a_local_upstream_and_records_it(tmp_path, module_fake):
+    """README: to reach another upstream keep the listener's target and add a route. The target itself may be
+    unreachable (an air-gapped cluster behind LiteLLM; here a name that never resolves, RFC 2606): mitmproxy's
+    default connection_strategy=eager connected to it first, failed, and dropped the client's request."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(routed_rules(module_fake.url).replace("api.anthropic.com", "api.anthropic.invalid"))
+    log, port = tmp_path / "usage.jsonl", free_port()
+    proc = subprocess.Popen(
+        ["scripts/gateway", "--egress-port", "0", "--base-port", str(port), "--confdir", str(tmp_path),
+         "--rules", str(rules), "--upstream", "https://api.anthropic.invalid", "--", "--set", f"gateway_log={log}"],
+        cwd=sdk_client.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, deadline = "", time.monotonic() + 30
+        while "listening at" not in out and time.monotonic() < deadline:
+            out += proc.stdout.readline()
+        module_fake.clear()
+        result = sdk_client.run("create", base_url=f"http://127.0.0.1:{port}")
+        assert result["ok"], result
+        assert len(module_fake.requests) == 1
+        deadline = time.monotonic() + 10
+        while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [record] = [json.loads(line) for line in log.read_text().splitlines()]
+        assert record["status"] == 200 and record["client"] == "anthropic-python"
     finally:
         import os
         import signal

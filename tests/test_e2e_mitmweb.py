@@ -105,7 +105,7 @@ def test_streamed_answer_reads_as_the_assembled_message(web):
     test_id, result = call(gw, "stream", Scenario.reply(THINKING, TEXT, TOOL), **{"x-test-agent": "1", "x-session-id": session})
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    assert flow["comment"] == f"test-agent · session {session[:8]}… · in 21 out 9 cache r13 w7 hit 32%"
+    assert flow["comment"] == f"hit 32% · test-agent · session {session[:8]}… · in 21 out 9 cache r13 w7"
     assert flow["marked"] == ""
     # the body was kept for viewing: exactly the events the client assembled its message from
     assert flow["response"]["contentLength"] > 0
@@ -134,14 +134,14 @@ def test_json_answer_and_converted_stream(web):
     test_id, result = call(gw, "create", Scenario.reply(TEXT), **{"x-test-agent": "1"})
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    assert flow["comment"] == "test-agent · in 21 out 9 cache r13 w7 hit 32%"
+    assert flow["comment"] == "hit 32% · test-agent · in 21 out 9 cache r13 w7"
     view = api.view(flow["id"], "auto")
     assert view["view_name"] == "llm-message" and "── [0] text\nLet me look up the forecast for Paris." in view["text"]
 
     test_id, result = call(gw, "stream", Scenario.reply(TEXT), **{"x-json-only": "1"})
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    assert flow["comment"] == "json-only · stream forced off, converted json->sse · in 21 out 9 cache r13 w7 hit 32%"
+    assert flow["comment"] == "hit 32% · json-only · stream forced off, converted json->sse · in 21 out 9 cache r13 w7"
     assert "Let me look up the forecast for Paris." in api.view(flow["id"], "auto")["text"]
 
 
@@ -150,13 +150,13 @@ def test_errors_are_marked_and_say_what_was_unwrapped(web):
     test_id, result = call(gw, "create", Scenario.error(529), **{"x-test-agent": "1"})
     assert result["status"] == 529
     [flow] = api.flows(test_id)
-    assert flow["marked"] == "❌" and flow["comment"] == "test-agent · error overloaded_error"
+    assert flow["marked"] == "❌" and flow["comment"] == "error overloaded_error · test-agent"
 
     test_id, result = call(gw, "create", litellm_wrapped_error(429))
     assert result["status"] == 429 and result["type"] == "rate_limit_error"
     [flow] = api.flows(test_id)
     assert flow["marked"] == "❌"
-    assert flow["comment"] == "unknown · error rate_limit_error unwrapped from litellm-passthrough 429"
+    assert flow["comment"] == "error rate_limit_error unwrapped from litellm-passthrough 429 · unknown"
 
 
 def test_cache_break_is_marked(web):
@@ -170,7 +170,9 @@ def test_cache_break_is_marked(web):
     [one], [two] = api.flows(first), api.flows(second)
     assert one["marked"] == ""
     assert two["marked"] == "⚠"
-    assert two["comment"] == f"unknown · session {session} · in 21 out 9 cache r0 w7 hit 0% · CACHE BREAK"
+    assert two["comment"] == (  # the fake's fixed usage: a 28-token prompt, which no model caches
+        f"hit 0% CACHE BREAK below_minimum · unknown · session {session} · in 21 out 9 cache r0 w7 · lost 20 cached tokens: "
+        "below_minimum (prompt of 28 tokens; claude-test-1 caches from 1024)")
 
 
 def test_stream_copy_is_bounded_and_forwarding_is_untouched(web):
@@ -275,7 +277,7 @@ def test_scripts_gateway_web_prints_its_url_and_serves_the_api(module_fake, tmp_
                                 headers={"x-test-agent": "1", "x-test-id": "via-script"})
         assert result["ok"], result
         [flow] = api.flows("via-script")
-        assert flow["comment"].startswith("test-agent · in 21 out 9")
+        assert flow["comment"].startswith("hit 32% · test-agent · in 21 out 9")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -399,6 +401,6 @@ def test_mitmweb_ui_shows_the_assembled_message_in_chromium(web):
     assert "── [2] tool_use get_weather (toolu_01Web)" in text
     assert "llm-message" in text  # the view mitmweb chose, named above the body
     assert "cache: read 13 · write 7 (5m 7, 1h 0) · hit 32%" in text
-    assert flow["comment"] == "test-agent · in 21 out 9 cache r13 w7 hit 32%" and flow["comment"] in text  # column
+    assert flow["comment"] == "hit 32% · test-agent · in 21 out 9 cache r13 w7" and flow["comment"] in text  # column
     assert "event: content_block_delta" not in text
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

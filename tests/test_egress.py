@@ -239,12 +239,12 @@ def test_inspected_tunnel_is_decrypted(policy):
 
 
 @pytest.mark.parametrize("host", ["evil.example", "EVIL.example.", "github.com"])
-def test_denied_connect_gets_403_naming_host_and_rule_file(policy, host):
+def test_denied_connect_gets_403_naming_host_and_rule(policy, host):
     f = connect_flow(host)
     policy.http_connect(f)
     assert f.response.status_code == 403
     text = f.response.get_text()
-    assert normalize_host(host) + ":443" in text and SOURCE in text and "egress.default: deny" in text
+    assert normalize_host(host) + ":443" in text and SOURCE not in text and "egress.default: deny" in text
     assert f.server_conn not in policy.tunnels
     [rec] = records_of(policy)
     assert (rec["decision"], rec["host"], rec["rule"]) == ("denied", normalize_host(host), "egress.default: deny")
@@ -283,7 +283,7 @@ def test_denied_api_host_tunnel_is_accepted_only_to_answer_permission_error(tmp_
         assert inner.response.status_code == 403
         body = json.loads(inner.response.content)
         assert body["type"] == "error" and body["error"]["type"] == "permission_error"
-        assert "api.anthropic.com" in body["error"]["message"] and SOURCE in body["error"]["message"]
+        assert "api.anthropic.com" in body["error"]["message"] and SOURCE not in body["error"]["message"]
         assert inner.response.headers["content-type"] == "application/json"
         other = inner_flow(f, "/api/hello")  # not an API path: the plain 403
         pol.requestheaders(other)
@@ -398,6 +398,49 @@ def test_host_header_of_another_host_is_refused(policy, header):
     assert rec["rule"] == "Host header differs from the CONNECT target"
 
 
+def test_absolute_form_target_of_another_host_inside_tunnel_is_refused(policy):
+    """RFC 9112 §3.2.2: a server takes an absolute-form target's authority over the Host header."""
+    f = tunnel(policy)
+    inner = inner_flow(f, "/v1/models", method="GET")
+    inner.request.authority = "Evil.Example.:443"
+    policy.requestheaders(inner)
+    assert inner.response.status_code == 403 and b"domain fronting" in inner.response.content
+    assert inner.response.headers["x-gateway-egress"].startswith("fronting: refused api.anthropic.com:443/v1/models")
+    rec = records_of(policy)[-1]
+    assert (rec["decision"], rec["host_header"], rec["rule"]) == (
+        "fronting", "evil.example", "request target differs from the CONNECT target")
+
+
+@pytest.mark.parametrize("host_header", ["api.anthropic.com", None])
+def test_absolute_form_target_of_the_tunnel_host_goes_upstream_in_origin_form(policy, host_header):
+    f = tunnel(policy)
+    inner = inner_flow(f, "/v1/models", method="GET")
+    inner.request.authority = "API.anthropic.com"
+    if host_header is None:
+        del inner.request.headers["host"]
+    policy.requestheaders(inner)
+    assert inner.response is None
+    assert inner.request.authority == "" and inner.request.host_header == "api.anthropic.com"
+
+
+def test_host_header_and_sni_upstream_are_the_normal_form(policy):
+    f = tunnel(policy, "API.Anthropic.COM.")
+    inner = inner_flow(f, "/v1/models", host_header="API.Anthropic.COM.:443", sni="API.Anthropic.COM.", method="GET")
+    policy.requestheaders(inner)
+    assert inner.response is None and inner.request.host_header == "api.anthropic.com:443"
+    with taddons.context(policy):
+        data = hello_data(f, "API.Anthropic.COM.")
+        policy.tls_clienthello(data)
+    assert data.context.server.sni == "api.anthropic.com" and not data.ignore_connection
+
+
+def test_refusal_header_is_one_escaped_ascii_line(policy):
+    inner = inner_flow(tunnel(policy), "/api/caf\u00e9\x1b[2J", method="GET")
+    policy.requestheaders(inner)
+    value = inner.response.headers["x-gateway-egress"]
+    assert value.isascii() and value.isprintable() and "\\x1b" in value
+
+
 def test_sni_differing_inside_tunnel_is_refused(policy):
     f = tunnel(policy)
     inner = inner_flow(f, "/", sni="evil.example", method="GET")
@@ -414,7 +457,7 @@ def test_blocked_path_inside_tunnel(policy, path):
     policy.requestheaders(inner)
     assert inner.response.status_code == 403 and inner.request.stream is False
     text = inner.response.get_text()
-    assert "egress.block[0]: api.anthropic.com /api/*" in text and SOURCE in text
+    assert "egress.block[0]: api.anthropic.com /api/*" in text and SOURCE not in text
     rec = records_of(policy)[-1]
     assert rec["decision"] == "blocked" and rec["path"] == path.split("?")[0]
     assert inner.metadata["gateway_egress"]["decision"] == "blocked"  # mitmweb marks it
@@ -444,12 +487,12 @@ def test_records_and_answers_hold_no_secrets(policy):
 # --- plain HTTP -----------------------------------------------------------------------------------
 
 
-def test_plain_http_denied_names_host_and_rule_file(policy):
+def test_plain_http_denied_names_host_and_rule(policy):
     f = plain_flow("Evil.Example.", "/x?token=abc")
     policy.requestheaders(f)
     assert f.response.status_code == 403
     text = f.response.get_text()
-    assert "evil.example:80" in text and SOURCE in text and "token" not in text
+    assert "evil.example:80" in text and SOURCE not in text and "token" not in text
     rec = records_of(policy)[-1]
     assert (rec["decision"], rec["method"], rec["host"], rec["port"], rec["path"]) == ("denied", "GET", "evil.example", 80, "/x")
     assert f.metadata["gateway_egress"] == {"decision": "denied", "host": "evil.example", "port": 80, "rule": rec["rule"]}

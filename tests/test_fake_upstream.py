@@ -702,3 +702,33 @@ def test_stop_closes_idle_keep_alive_connections():
     assert conn.sock.recv(1) == b""  # the server closed it
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", f.port), timeout=1).close()
+
+
+# ------------------------------------------------------------------------------------------ cache accounting
+
+
+def test_cache_accounting_answers_in_json_and_in_streams():
+    """With CacheAccounting the prompt token counts come from the emulated cache, the same in both forms; a
+    scenario's own usage still wins."""
+    from fakes.upstream import CacheAccounting
+
+    system = [{"type": "text", "text": "rules " * 1200, "cache_control": {"type": "ephemeral"}}]
+    with FakeUpstream(cache=CacheAccounting(ttl_5m=0.5)) as fake:
+        client = anthropic.Anthropic(base_url=fake.url, api_key="sk-ant-test", max_retries=0, timeout=20)
+        first = client.messages.create(model="claude-test-1", max_tokens=5, system=system, messages=HELLO).usage
+        assert first.cache_read_input_tokens == 0 and first.cache_creation_input_tokens > 1024
+        assert first.cache_creation.ephemeral_5m_input_tokens == first.cache_creation_input_tokens
+        with client.messages.stream(model="claude-test-1", max_tokens=5, system=system, messages=HELLO) as stream:
+            second = stream.get_final_message().usage
+        assert second.cache_read_input_tokens == first.cache_creation_input_tokens
+        assert second.cache_creation_input_tokens == 0 and second.input_tokens == first.input_tokens
+        resp, data = post(fake, {"model": "claude-test-1", "max_tokens": 5, "system": system, "messages": HELLO,
+                                 "stream": True})
+        start = sse_events(data)[0][1]["message"]["usage"]
+        assert start["cache_read_input_tokens"] == second.cache_read_input_tokens  # in message_start too
+        time.sleep(0.7)  # past the TTL
+        third = client.messages.create(model="claude-test-1", max_tokens=5, system=system, messages=HELLO).usage
+        assert third.cache_read_input_tokens == 0 and third.cache_creation_input_tokens > 0
+        fake.script(Scenario(usage={"cache_read_input_tokens": 5}))
+        scripted = client.messages.create(model="claude-test-1", max_tokens=5, system=system, messages=HELLO).usage
+        assert scripted.cache_read_input_tokens == 5 and scripted.cache_creation_input_tokens == 0

@@ -106,6 +106,7 @@ def test_cache_breaks_errors_and_unwrapped_errors():
     m.error(finished(status=None, usage=None))
     labels = {"client": "claude-code", "model": "claude-sonnet-4-5"}
     assert value(m, "llm_gateway_cache_breaks_total", **labels) == 1
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="unknown") is None
     assert value(m, "llm_gateway_errors_total", **labels, error_type="rate_limit_error") == 1
     assert value(m, "llm_gateway_errors_total", **labels, error_type="authentication_error") == 1
     assert value(m, "llm_gateway_errors_total", **labels, error_type="other") == 1  # unknown types do not grow labels
@@ -116,6 +117,18 @@ def test_cache_breaks_errors_and_unwrapped_errors():
     assert value(m, "llm_gateway_tokens_total", **labels, kind="input") == 21
 
 
+def test_cache_breaks_by_reason_are_labelled_by_client_and_reason_only():
+    m = Metrics()
+    for reason in ("system_changed", "system_changed", "ttl_expired", "not-a-reason"):
+        flow = finished(cache_break=True, usage={**USAGE, "cache_read_input_tokens": 0})
+        exchange.of(flow).cache_break_reason = reason
+        m.response(flow)
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="system_changed") == 2
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="ttl_expired") == 1
+    assert value(m, "llm_gateway_cache_break_reasons_total", client="claude-code", reason="not-a-reason") is None
+    assert m.cache_break_reasons._labelnames == ("client", "reason")
+
+
 def test_never_labelled_by_session():
     m = Metrics()
     for i in range(5):
@@ -123,7 +136,7 @@ def test_never_labelled_by_session():
     text = m.exposition()[1].decode()
     assert "secretish" not in text
     label_names = {k for samples in families(m).values() for labels in samples for k, _ in labels}
-    assert label_names == {"client", "model", "status", "kind"}
+    assert label_names == {"client", "model", "status", "kind", "principal"}
 
 
 def test_client_and_model_labels_are_bounded():
@@ -139,6 +152,15 @@ def test_client_and_model_labels_are_bounded():
     # a known value keeps its own label after the cap
     m.response(finished(client="client-0", model="model-0"))
     assert value(m, "llm_gateway_requests_total", client="client-0", model="model-0", status="200") == 2
+
+
+def test_label_values_from_requests_are_escaped():
+    m = Metrics()
+    m.response(finished(client="evil\rclient", model='claude\nllm_gateway_requests_total{client="x"} 999'))
+    body = m.exposition()[1].decode()
+    assert "\r" not in body and not any(line.startswith('llm_gateway_requests_total{client="x"}') for line in body.splitlines())
+    model = 'claude\\nllm_gateway_requests_total{client="x"} 999'
+    assert value(m, "llm_gateway_requests_total", client="evil\\rclient", model=model, status="200") == 1
 
 
 def test_missing_client_and_model_read_unknown():
@@ -311,3 +333,17 @@ async def test_metrics_port_follows_option_changes(endpoints):
         with pytest.raises(OSError):
             await http_get(second, b"GET /-/healthz HTTP/1.1\r\n\r\n")
         endpoints.done()
+
+
+def test_principal_counters_are_bounded_and_name_no_token():
+    m = Metrics()
+    for i in range(metrics_mod.MAX_VALUES + 3):
+        ex = finished(client="claude-code")
+        exchange.of(ex).principal = f"team-{i}"
+        m.response(ex)
+    m.response(finished(client="claude-code"))  # no principal: counted as "none"
+    requests = families(m)["llm_gateway_principal_requests_total"]
+    principals = {dict(labels)["principal"] for labels in requests}
+    assert len(principals) == metrics_mod.MAX_VALUES + 1 and {"other", "team-0"} <= principals
+    assert value(m, "llm_gateway_principal_requests_total", principal="other", status="200") == 4
+    assert value(m, "llm_gateway_principal_tokens_total", principal="team-0", kind="input") > 0

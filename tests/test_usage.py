@@ -1,5 +1,5 @@
 """Usage records: the Usage addon with real exchanges (JSON, SSE, errors, cache breaks, cost, stats, no
-secrets), and the parts it stands on: pricing.py, sessions.py, records.py."""
+secrets), and the parts it stands on: pricing.py, records.py (cachewatch.py: test_cachewatch.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from llm_gateway import exchange, pricing, relay, rules, sse
 from llm_gateway.clients import ClientDetector
 from llm_gateway.records import RecordLog
 from llm_gateway.routing import ApiRouter
-from llm_gateway.sessions import CacheWatch
 from llm_gateway.answer import AnswerPipeline, StreamReader
 from llm_gateway.usage import Usage, build_record, human_line
 
@@ -104,8 +103,8 @@ class Gateway:
         return self.tctx.master.addons.get("usage")
 
     def request(self, *, model: str = SONNET, session: str | None = "sess-1", stream: bool = False,
-                headers: dict | None = None) -> tuple[http.HTTPFlow, exchange.Exchange]:
-        body = json.dumps({"model": model, "max_tokens": 100, "stream": stream,
+                headers: dict | None = None, system: str | None = None) -> tuple[http.HTTPFlow, exchange.Exchange]:
+        body = json.dumps({"model": model, "max_tokens": 100, "stream": stream, **({"system": system} if system else {}),
                            "messages": [{"role": "user", "content": "Hi"}]}).encode()
         h = {"x-tester": "1", **SECRETS, **({"x-session-id": session} if session else {}), **(headers or {})}
         f = api_flow(body, headers={k: v for k, v in h.items() if v is not None})  # None drops a header
@@ -328,7 +327,8 @@ def test_no_cache_break_without_earlier_cache_other_model_session_or_error(gw, c
     gw.json_exchange(message(usage_of(inp=100)))  # never cached: not a break
     gw.json_exchange(message(usage_of(inp=100)))
     gw.json_exchange(message(usage_of(inp=10, write=5000)))  # now it has a cache
-    gw.json_exchange(message(usage_of(inp=300), model=HAIKU), model=HAIKU)  # another model's cache
+    # a side request to another model with a prompt of its own (Claude Code's Haiku calls): another cache
+    gw.json_exchange(message(usage_of(inp=300), model=HAIKU), model=HAIKU, system="Write a title")
     gw.json_exchange(message(usage_of(inp=300)), session="sess-2")  # another session
     gw.json_exchange(message(usage_of(inp=300)), session=None)  # no session at all
     gw.json_exchange({"type": "error", "error": {"type": "api_error", "message": "x"}}, status=500)
@@ -380,7 +380,7 @@ def test_human_line_per_exchange(gw, caplog):
 def test_gateway_stats_command(gw):
     assert gw.tctx.master.commands.execute("gateway.stats") == "no API exchanges yet"
     gw.json_exchange(message(usage_of(inp=1000, out=100, read=3000)))  # sonnet: 3000+1500+900 = 0.0054
-    gw.json_exchange(message(usage_of(inp=2, out=1), model="gpt-x"), model="gpt-x")  # unknown price
+    gw.json_exchange(message(usage_of(inp=2, out=1), model="gpt-x"), model="gpt-x", system="x")  # unknown price
     gw.json_exchange({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, status=429)
     f, _ = gw.request(headers={"x-gateway-client": "other"}, model="gpt-x")
     gw.respond(f, 200, json.dumps(message(usage_of(inp=5, out=5), model="gpt-x")).encode(), "application/json")
@@ -453,42 +453,6 @@ def test_cost_never_raises_on_junk_usage():
     assert pricing.cost(TABLE, SONNET, junk) == (0.0, 0.0, "rules")
     assert pricing.cost(TABLE, SONNET, {"input_tokens": 1_000_000, "cache_creation": "nope"}) == (3.0, 0.0, "rules")
     assert pricing.cost((), SONNET, junk) == (0.0, 0.0, pricing.LIBRARY)
-
-
-# ------------------------------------------------------------------------------------------------ sessions.py
-
-
-def test_cache_watch_breaks_and_counts():
-    w = CacheWatch()
-    assert not w.observe("s", usage_of(read=0, write=0))  # no cache yet
-    assert not w.observe("s", usage_of(write=100))
-    assert not w.observe("s", usage_of(read=100))
-    assert w.observe("s", usage_of(read=0))
-    assert w.observe("s", usage_of(read=0, write=100))  # rewriting an expired cache is still a break
-    assert (w.sessions["s"].requests, w.sessions["s"].breaks, w.breaks) == (5, 2, 2)
-    assert not w.observe(None, usage_of()) and not w.observe("s", None) and not w.observe("s", {})
-
-
-def test_cache_watch_is_per_model_and_ignores_missing_field():
-    w = CacheWatch()
-    w.observe("s", usage_of(write=100), SONNET)
-    assert not w.observe("s", usage_of(read=0), HAIKU)  # Haiku never had a cache in this session
-    assert not w.observe("s", {"input_tokens": 5, "output_tokens": 1}, SONNET)  # no cache field: unknown
-    assert w.observe("s", usage_of(read=0), SONNET)
-
-
-def test_cache_watch_memory_is_bounded_least_recent_first():
-    w = CacheWatch(max_sessions=2)
-    w.observe("a", usage_of(write=1))
-    w.observe("b", usage_of(write=1))
-    w.observe("a", usage_of(read=1))  # a is now the most recent
-    w.observe("c", usage_of(write=1))
-    assert list(w.sessions) == ["a", "c"]
-    assert not w.observe("b", usage_of(read=0))  # forgotten: starts over
-    w2 = CacheWatch()
-    for i in range(100):
-        w2.observe("s", usage_of(write=1), f"model-{i}")
-    assert len(w2.sessions["s"].cached_models) <= 16
 
 
 # ------------------------------------------------------------------------------------------------ records.py

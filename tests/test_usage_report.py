@@ -215,7 +215,11 @@ def test_table_is_aligned_with_totals_row_and_dashes_for_unknown_cost(capsys, lo
     code, out, _ = run(capsys, *files(log))
     assert code == 0
     sections = parse_table(out)
-    assert list(sections) == ["By session", "By client"]
+    assert list(sections) == ["By session", "By client", "Cache breaks by client and reason"]
+    assert sections.pop("Cache breaks by client and reason") == [  # the break recorded without a reason
+        {"CLIENT": "claude-code", "REASON": "unknown", "BREAKS": "1", "TOKENS LOST": "0", "LOST $": "-", "UNPRICED": "1"},
+        {"CLIENT": "TOTAL", "REASON": "", "BREAKS": "1", "TOKENS LOST": "0", "LOST $": "-", "UNPRICED": "1"},
+    ]
     for name, rows in sections.items():
         total = rows[-1]
         first_key = "SESSION" if name == "By session" else "CLIENT"
@@ -403,3 +407,82 @@ def test_command_default_log_and_errors(log, tmp_path):
     assert done.returncode == 2 and "not a time" in done.stderr and done.stdout == ""
     done = command("--help")
     assert done.returncode == 0 and "--since" in done.stdout and "--client" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------ cache breaks
+
+
+def explained(rec: dict, reason: str, lost: int, cost: float | None) -> dict:
+    return {**rec, "cache_break": True, "cache_break_reason": reason, "cache_break_tokens_lost": lost,
+            "cache_break_cost_usd": cost}
+
+
+def break_rows(doc: dict) -> list[tuple]:
+    return [(r["client"], r["reason"], r["breaks"], r["tokens_lost"], r["lost_usd"], r["unpriced"])
+            for r in doc["cache_breaks_by_reason"]]
+
+
+def test_breaks_by_client_and_reason_with_money_lost(capsys, tmp_path):
+    records = [
+        record(50 * M, "claude-code", "s1", SONNET, tokens=(10, 5, 0, 9000)),
+        explained(record(49 * M, "claude-code", "s1", SONNET, tokens=(10, 5, 0, 9000)), "system_changed", 9000, 0.03),
+        explained(record(40 * M, "claude-code", "s1", SONNET, tokens=(10, 5, 0, 9000)), "system_changed", 9000, 0.03),
+        explained(record(20 * M, "claude-code", "s1", SONNET, tokens=(10, 5, 0, 9000)), "ttl_expired", 9000, 0.03),
+        explained(record(10 * M, "litellm", "s2", "my-sonnet", tokens=(10, 5, 100, 0)), "tools_changed", 800, None),
+    ]
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, _ = run(capsys, "--format", "json", str(tmp_path / "u.jsonl"))
+    doc = json.loads(out)
+    assert break_rows(doc) == [("claude-code", "system_changed", 2, 18000, 0.06, 0),
+                               ("claude-code", "ttl_expired", 1, 9000, 0.03, 0),
+                               ("litellm", "tools_changed", 1, 800, None, 1)]
+    code, out, _ = run(capsys, str(tmp_path / "u.jsonl"))
+    table = parse_table(out)["Cache breaks by client and reason"]
+    assert table[0] == {"CLIENT": "claude-code", "REASON": "system_changed", "BREAKS": "2", "TOKENS LOST": "18,000",
+                        "LOST $": "0.0600", "UNPRICED": "0"}
+    assert table[-1] == {"CLIENT": "TOTAL", "REASON": "", "BREAKS": "4", "TOKENS LOST": "27,800", "LOST $": "0.0900",
+                         "UNPRICED": "1"}
+
+
+def test_breaks_recomputed_from_the_merged_records_of_two_replicas(capsys, tmp_path):
+    """A session whose requests alternate between replicas: neither saw the drop, the merged log shows it."""
+    s = "sess-split"
+    replica_a = [
+        record(60 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 9000)),
+        record(58 * M, "claude-code", s, SONNET, tokens=(10, 5, 2000, 7500)),  # a drop: 9000 cached, 2000 read
+        explained(record(45 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 9700)), "system_changed", 9600, 0.03),
+    ]
+    replica_b = [
+        record(59 * M, "claude-code", s, SONNET, tokens=(10, 5, 9000, 100)),
+        record(50 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 9600)),  # 8 min later: the 5m TTL ran out
+        record(49 * M, "claude-code", s, SONNET, tokens=(10, 5, 9600, 0)),
+        record(29 * M, "claude-code", s, SONNET, status=529, error_type="overloaded_error"),
+        record(28 * M, "claude-code", s, HAIKU, tokens=(10, 5, 0, 0)),  # another model: its own cache
+    ]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in replica_a))
+    b.write_text("".join(json.dumps(r) + "\n" for r in replica_b))
+    code, out, _ = run(capsys, "--format", "json", str(a), str(b))
+    assert break_rows(json.loads(out)) == [("claude-code", "system_changed", 1, 9600, 0.03, 0)]  # as recorded
+    code, out, _ = run(capsys, "--format", "json", "--recompute-breaks", str(a), str(b))
+    assert break_rows(json.loads(out)) == [
+        ("claude-code", "system_changed", 1, 9600, 0.03, 0),
+        ("claude-code", "ttl_expired", 1, 9500, None, 1),
+        ("claude-code", "unknown", 1, 7100, None, 1),  # 9100 cached by the request before (on replica b)
+    ]
+
+
+def test_recomputed_breaks_ignore_a_record_shipped_twice(capsys, tmp_path):
+    """Log shippers deliver at least once, and rotated files overlap: a record seen twice is one request. Compared
+    with itself it would read less than it had cached, a break that never happened."""
+    s = "sess-dup"
+    records = [
+        record(60 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 9000)),
+        record(59 * M, "claude-code", s, SONNET, tokens=(10, 5, 9000, 300)),
+        record(58 * M, "claude-code", s, SONNET, tokens=(10, 5, 9300, 300)),
+    ]
+    once, again = tmp_path / "once.jsonl", tmp_path / "again.jsonl"
+    once.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))  # an overlapping copy
+    code, out, _ = run(capsys, "--format", "json", "--recompute-breaks", str(once), str(again), str(once))
+    assert code == 0 and break_rows(json.loads(out)) == []

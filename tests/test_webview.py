@@ -386,8 +386,27 @@ def test_comment_names_client_session_stream_and_tokens():
         stream_upstream=False, converted="sse->json", usage=dict(USAGE), complete=True,
     )
     webview.annotate(f)
-    assert f.comment == "claude-code · session 0f9e8d7c… · stream forced off, converted sse->json · in 21 out 9 cache r13 w7 hit 32%"
+    assert f.comment == "hit 32% · claude-code · session 0f9e8d7c… · stream forced off, converted sse->json · in 21 out 9 cache r13 w7"
     assert f.marked == ""
+
+
+def test_comment_leads_with_cost_when_the_model_has_a_price():
+    from llm_gateway import rules as rules_mod
+
+    f, ex = api_exchange(client="claude-code", usage=dict(USAGE), complete=True)
+    ex.rules = rules_mod.parse(
+        "apis: []\npricing:\n  - {model: claude-x, input: 3, output: 15, cache_write_5m: 3.75, cache_write_1h: 6,"
+        " cache_read: 0.3}\n", "p.yaml")
+    webview.annotate(f)
+    # 21*3 + 9*15 + 7*3.75 + 13*0.3 = 228.15 dollars per million tokens
+    assert f.comment == "hit 32% $0.0002 · claude-code · in 21 out 9 cache r13 w7"
+
+
+def test_comment_escapes_values_from_the_traffic():
+    f, ex = api_exchange(client="evil\nclient", session="s\u2028x", error_type="x\r\n[00:00:00] forged", complete=True)
+    webview.annotate(f)
+    assert "\n" not in f.comment and "\r" not in f.comment and "\u2028" not in f.comment
+    assert f.comment == "error x\\r\\n[00:00:00] forged · evil\\nclient · session s\\u2028x"
 
 
 def test_short_session_is_kept_whole():
@@ -401,7 +420,7 @@ def test_unwrapped_error_is_marked():
                          unwrapped_from="litellm-passthrough 429")
     f.response.status_code = 429
     webview.annotate(f)
-    assert f.comment == "litellm · error rate_limit_error unwrapped from litellm-passthrough 429"
+    assert f.comment == "error rate_limit_error unwrapped from litellm-passthrough 429 · litellm"
     assert f.marked == ":x:"
 
 
@@ -414,14 +433,20 @@ def test_error_status_without_type_and_failed_flow_are_marked():
     f.response = None
     f.error = mflow.Error("connection refused")
     webview.annotate(f)
-    assert f.marked == ":x:" and f.comment == "unknown · failed: connection refused"
+    assert f.marked == ":x:" and f.comment == "failed: connection refused · unknown"
 
 
 def test_cache_break_is_marked_with_a_warning():
     usage = dict(USAGE, cache_read_input_tokens=0)
     f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True)
     webview.annotate(f)
-    assert f.marked == ":warning:" and f.comment.endswith("cache r0 w7 hit 0% · CACHE BREAK")
+    assert f.marked == ":warning:" and f.comment == "hit 0% CACHE BREAK · claude-code · session abc · in 21 out 9 cache r0 w7"
+    f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True,
+                         cache_break_reason="tools_changed", cache_break_detail="tool 'x' removed",
+                         cache_break_tokens_lost=900, cache_break_cost_usd=0.00243, principal="team-a")
+    webview.annotate(f)
+    assert f.comment == ("hit 0% CACHE BREAK tools_changed · claude-code · principal team-a · session abc"
+                         " · in 21 out 9 cache r0 w7 · lost 900 cached tokens ($0.0024): tools_changed (tool 'x' removed)")
 
 
 def test_incomplete_answer_is_said():

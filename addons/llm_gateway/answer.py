@@ -31,6 +31,7 @@ from typing import Any
 from mitmproxy import http
 
 from . import envelopes, exchange, relay, sse, wire
+from .logsafe import clean
 
 logger = logging.getLogger("llm_gateway.answer")
 
@@ -106,13 +107,14 @@ class StreamReader:
             ex.request_id = ex.request_id or _request_id(found)
         else:
             ex.error_type = "api_error"  # an error event that is not JSON: its text is the message
-        ex.reason = "stream error event"
+        ex.reason = ex.reason or "stream error event"  # a part that ended the stream itself said why first
         return sse.Event(sse.encode("error", native)) if native is not None else None
 
     def on_end(self) -> bytes:
         if self.finished:
             return b""
-        self.ex.error_type, self.ex.reason = "api_error", "upstream stream ended before message_stop"
+        self.ex.error_type = "api_error"
+        self.ex.reason = self.ex.reason or "upstream stream ended before message_stop"
         self.ex.notes.append("truncated stream: api_error appended")
         return sse.encode("error", wire.error_body("api_error", TRUNCATED_MESSAGE))
 
@@ -194,7 +196,7 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
 def json_to_sse(response: http.Response, ex: exchange.Exchange) -> None:
     message = exchange.parse_json_body(response.get_content(strict=False))
     if not (isinstance(message, dict) and message.get("type") == "message"):
-        logger.warning(f"upstream answer is not a Message; passing it on unchanged ({ex.host}{ex.path})")
+        logger.warning(f"upstream answer is not a Message; passing it on unchanged ({clean(ex.host + ex.path)})")
         return
     ex.message = message
     ex.converted = "json->sse"
@@ -217,7 +219,7 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
             if isinstance(ex.message.get("model"), str) and ex.message["model"]:
                 ex.model = ex.message["model"]
         if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
-            ex.complete = True
+            ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
     if response.status_code >= 400:
         if ex.error_type is None:  # an error the gateway left as it came (unwrap off, or native already)
             body = exchange.parse_json_body(response.get_content(strict=False)) if not response.stream else None

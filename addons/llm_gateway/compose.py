@@ -7,15 +7,22 @@ never disagree on which parts run or in which order (for each event mitmproxy ca
 from __future__ import annotations
 
 from .answer import AnswerPipeline
+from .bodies import BodyLimit
 from .ca import GatewayCA
 from .clients import ClientDetector
+from .credentials import KeyCustody
+from .drain import Drain
 from .egress import EgressPolicy
 from .endpoints import Endpoints
+from .fdlimit import OpenFileLimit
+from .gatewaylog import GatewayLog
 from .metrics import Metrics
 from .records import RecordLog
 from .routing import ApiRouter
 from .rulefile import RuleFile
+from .startup import StartupReport
 from .streams import StreamPreference
+from .timeouts import Timeouts
 from .usage import Usage
 from .webview import WebView
 
@@ -26,17 +33,25 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
     rule_file = rule_file or RuleFile()
     records = records or RecordLog()
     metrics = Metrics(records)  # also counts egress decision records
+    drain = Drain()
     return [
         rule_file,  # gateway_rules: the rules in force
         records,  # gateway_log: where records go
+        OpenFileLimit(),  # running: soft RLIMIT_NOFILE raised; refused accepts counted, one line a second
         GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
         EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go
-        Endpoints(rule_file, metrics),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
+        Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
         ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+        BodyLimit(),  # requestheaders/request: a native 413 over limits.request_body, the body never held
+        drain,  # SIGTERM/SIGINT: not ready, listeners closed, new requests 529, in-flight exchanges finish
         ClientDetector(),  # request: which client and session, which stream preference
+        KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
+        Timeouts(),  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
         Usage(records),  # response/error: one usage record per exchange
         metrics,  # response/error: Prometheus counters from the finished exchange, after Usage
-        WebView(),  # last: mitmweb's message view, stream body copy, flow comments and markers
+        WebView(),  # mitmweb's message view, stream body copy, flow comments and markers
+        GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
+        StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups
     ]

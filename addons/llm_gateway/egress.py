@@ -8,8 +8,14 @@ is not affected.
 No bypass: a host is judged in one normal form (lower case, no trailing dots, IP addresses in their
 canonical form, including the `127.1` / `2130706433` spellings the resolver accepts), the gateway
 connects to exactly the host it judged, IP addresses pass only when listed as addresses, and inside a
-decrypted tunnel a `Host` header or TLS SNI naming another host than the CONNECT target is refused
-(domain fronting).
+decrypted tunnel a `Host` header, an absolute-form request target (RFC 9112 §3.2.2: a server must
+prefer its authority to the Host header) or a TLS SNI naming another host than the CONNECT target is
+refused (domain fronting). What goes upstream uses the normal form too: the TLS SNI and Host header
+of an inspected tunnel, and an origin-form request target.
+
+A refusal says what was refused and by which rule (never where the rule file lives: agents must not
+learn the gateway's file layout), in its body and in the `x-gateway-egress` response header, which
+`curl -v` shows also for a refused CONNECT.
 
 Every decision is one `{"kind": "egress"}` record: one per CONNECT (allowed, tunnelled, denied), one per
 plain-HTTP request, one per ClientHello with a fronting SNI, and one per refused request inside a tunnel
@@ -40,6 +46,7 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from . import wire
+from .logsafe import clean
 from .records import RecordLog
 from .routing import match_api
 from .rulefile import RuleFile
@@ -48,6 +55,7 @@ from .rules import Egress, HostPattern, Rules
 logger = logging.getLogger("llm_gateway.egress")
 # Where a refused flow says so, for mitmweb's markers (webview.py reads it).
 EGRESS_METADATA = "gateway_egress"
+REFUSAL_HEADER = "x-gateway-egress"  # why a request or CONNECT was refused, on the 403
 
 MAX_FIELD = 255  # client-supplied names in records and messages are cut to this length
 _HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*")
@@ -158,6 +166,18 @@ def host_of_header(value: str | None) -> str | None:
     except ValueError:
         return normalize_host(value)
     return normalize_host(host)
+
+
+def normal_host_header(value: str) -> str:
+    """A Host header naming the same host in its normal form (`API.Example.COM.:443` -> `api.example.com:443`)."""
+    try:
+        host, port = url.parse_authority(value, check=False)
+    except ValueError:
+        return value
+    host = normalize_host(host)
+    if ":" in host:
+        host = f"[{host}]"
+    return host if port is None else f"{host}:{port}"
 
 
 def _cut(text: str | None) -> str | None:
@@ -276,6 +296,10 @@ class EgressPolicy:
             tunnel.refused = "fronting"
             self.decide(data.context.client, self.rule_file.rules, "fronting", tunnel.host, tunnel.port,
                         "TLS SNI differs from the CONNECT target", method="TLS", sni=_cut(sni))
+        if tunnel.inspect and not tunnel.refused:
+            # The server gets the name in its normal form: OpenSSL refuses `name.` as an SNI, and
+            # mitmproxy would otherwise pass the client's spelling on.
+            data.context.server.sni = tunnel.host
         if tunnel.refused:
             # Decrypt, to refuse its requests. Show the fronted name to no server: with
             # connection_strategy=eager, mitmproxy's tlsconfig (which runs after this script) still does TLS
@@ -316,6 +340,13 @@ class EgressPolicy:
             rule = f"Host header differs from {target}"
             self.refuse(flow, rules, "fronting", host, port, path, rule, host_header=_cut(header_host))
             return
+        # HTTP/1 absolute-form inside a tunnel (HTTP/2's :authority is the host_header above)
+        authority = flow.request.authority if tunnel is not None and flow.request.http_version.startswith("HTTP/1") else ""
+        target_host = host_of_header(authority)
+        if target_host and canonical_host(target_host) != host:
+            rule = "request target differs from the CONNECT target"
+            self.refuse(flow, rules, "fronting", host, port, path, rule, host_header=_cut(target_host))
+            return
         sni = normalize_host(flow.client_conn.sni) if tunnel is not None and flow.client_conn.sni else None
         if sni and canonical_host(sni) != host:
             self.refuse(flow, rules, "fronting", host, port, path, "TLS SNI differs from the CONNECT target", sni=_cut(sni))
@@ -332,6 +363,14 @@ class EgressPolicy:
         if block:
             self.refuse(flow, rules, "blocked", host, port, path, block)
             return
+        if authority:
+            if not flow.request.host_header:
+                flow.request.host_header = authority
+            flow.request.authority = ""  # origin-form upstream, as every server understands it
+        if flow.request.host_header:
+            normal = normal_host_header(flow.request.host_header)
+            if normal != flow.request.host_header:
+                flow.request.host_header = normal
         if tunnel is None:
             if flow.request.host != host:
                 flow.request.host = host  # connect to exactly what was judged
@@ -347,7 +386,7 @@ class EgressPolicy:
 
     @staticmethod
     def _fail_closed(flow: http.HTTPFlow) -> None:
-        logger.exception(f"egress policy error: refusing {flow.request.method} {flow.request.pretty_host}")
+        logger.exception(f"egress policy error: refusing {clean(flow.request.method)} {clean(flow.request.pretty_host)}")
         flow.request.stream = False
         flow.response = http.Response.make(
             403, "LLM gateway egress policy: internal error, refused (see the gateway log)\n",
@@ -359,7 +398,8 @@ class EgressPolicy:
     @staticmethod
     def refusal(rules: Rules, decision: str, host: str, port: int, path: str | None, rule: str,
                 **extra: Any) -> http.Response:
-        """A 403 that says what was refused and by which rule file; native JSON for API requests."""
+        """A 403 that says what was refused and by which rule (in the body and the `x-gateway-egress`
+        header); native JSON for API requests. It never names the rule file: that is the gateway's layout."""
         where = f"{host}:{port}" + (path.split("?", 1)[0] if path else "")
         if decision == "fronting":
             named = extra.get("host_header") or extra.get("sni")
@@ -368,12 +408,16 @@ class EgressPolicy:
             what = f"blocked {where}: the path matches {rule}"
         else:
             what = f"denied {host}:{port}: not allowed ({rule})"
-        message = f"LLM gateway egress policy {what}; rule file: {rules.source}"
+        message = f"LLM gateway egress policy {what}; see the gateway log or the egress record"
+        reason = clean(f"{decision}: {what}", 1000).encode("ascii", "backslashreplace").decode("ascii")
         if path is not None and match_api(rules, host, path):
             return http.Response.make(
-                403, wire.error_json("permission_error", message), {"content-type": "application/json"}
+                403, wire.error_json("permission_error", message),
+                {"content-type": "application/json", REFUSAL_HEADER: reason},
             )
-        return http.Response.make(403, message + "\n", {"content-type": "text/plain; charset=utf-8"})
+        return http.Response.make(
+            403, message + "\n", {"content-type": "text/plain; charset=utf-8", REFUSAL_HEADER: reason}
+        )
 
     def decide(self, client: connection.Client, rules: Rules, decision: str, host: str, port: int, rule: str,
                *, method: str, path: str | None = None, **extra: Any) -> None:
@@ -391,10 +435,10 @@ class EgressPolicy:
             **{k: v for k, v in extra.items() if v is not None},
         }
         self.records.write(record, rules)
-        where = f"{host}:{port}" + (record["path"] or "")
-        line = f"egress {decision}: {method} {where} ({rule}) from {client_ip or '?'}"
+        where = clean(f"{host}:{port}" + (record["path"] or ""))
+        line = f"egress {decision}: {clean(method)} {where} ({clean(rule)}) from {client_ip or '?'}"
         if "host_header" in extra or "sni" in extra:
-            line += f" naming {extra.get('host_header') or extra.get('sni')}"
+            line += f" naming {clean(extra.get('host_header') or extra.get('sni'))}"
         (logger.info if decision in ("allowed", "tunnelled") else logger.warning)(line)
 
     def _warn_uninspected_api(self, rules: Rules, host: str) -> None:

@@ -1,7 +1,7 @@
 """The gateway's own answers for the platform: probes and the Prometheus exposition.
 
     GET /-/healthz   200 while the process and its event loop run               (liveness probe)
-    GET /-/ready     200 once rules are loaded, 503 before                       (readiness probe)
+    GET /-/ready     200 once rules are loaded; 503 before, and while draining  (readiness probe)
     GET /-/metrics   Prometheus text exposition (also GET /metrics on the port)  (scrape target)
 
 Served on a port of their own (`gateway_metrics_port`, off by default), which a NetworkPolicy can open
@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 from http import HTTPStatus
+from typing import Any
 
 from mitmproxy import ctx, http
 from .metrics import Metrics
@@ -31,8 +32,9 @@ TEXT = "text/plain; charset=utf-8"
 
 
 class Endpoints:
-    def __init__(self, rule_file: RuleFile, metrics: Metrics) -> None:
+    def __init__(self, rule_file: RuleFile, metrics: Metrics, drain: Any = None) -> None:
         self.rule_file = rule_file
+        self.drain = drain  # a Drain: not ready while it drains
         self.metrics = metrics
         self.address: tuple[str, int] | None = None
         self._task: asyncio.Task | None = None
@@ -78,6 +80,8 @@ class Endpoints:
         if path == HEALTHZ:
             return 200, TEXT, b"ok\n"
         if path == READY:
+            if self.drain is not None and self.drain.draining:
+                return 503, TEXT, b"not ready: draining for shutdown\n"
             if self.rule_file.loaded:
                 return 200, TEXT, f"ready: rules from {self.rule_file.path}\n".encode()
             return 503, TEXT, b"not ready: no rules loaded\n"

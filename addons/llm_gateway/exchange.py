@@ -53,6 +53,7 @@ class Exchange:
     stream_preference: str = "as-sent"  # from the matched client rule
     stream_requested: bool | None = None
     stream_upstream: bool | None = None
+    principal: str | None = None  # the gateway token's (or pass-through rule's) name (credentials.py)
     # filled while the response passes
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
@@ -60,13 +61,17 @@ class Exchange:
     # what the client received, decided once by answer.py (settle / settle_failure)
     status: int | None = None
     request_id: str | None = None
-    reason: str | None = None
     error_type: str | None = None
     unwrapped: bool = False
     unwrapped_from: str | None = None
     converted: str | None = None  # "sse->json" | "json->sse"
     complete: bool = False
+    reason: str | None = None  # why the exchange ended early or failed (e.g. "first_byte_timeout")
     cache_break: bool = False
+    cache_break_reason: str | None = None  # why (cachewatch.REASONS), when cache_break
+    cache_break_detail: str | None = None  # e.g. "system block 2 changed"
+    cache_break_tokens_lost: int | None = None  # cached before, not read now
+    cache_break_cost_usd: float | None = None  # what those tokens cost more than a cache read (None: no price)
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
     sse_taps: list[SSETap] = field(default_factory=list)
@@ -77,6 +82,7 @@ class Exchange:
             "api": self.api,
             "mode": self.mode,
             "client": self.client,
+            "principal": self.principal,
             "session": self.session,
             "user_agent": self.user_agent,
             "model": self.model,
@@ -86,11 +92,13 @@ class Exchange:
             "converted": self.converted,
             "status": self.status,
             "error_type": self.error_type,
-            "reason": self.reason,
             "unwrapped": self.unwrapped,
             "unwrapped_from": self.unwrapped_from,
             "complete": self.complete,
+            "reason": self.reason,
             "cache_break": self.cache_break,
+            "cache_break_reason": self.cache_break_reason,
+            "cache_break_detail": self.cache_break_detail,
             "usage": dict(self.usage) if self.usage else None,
         }
 

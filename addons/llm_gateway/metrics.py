@@ -21,7 +21,8 @@ from mitmproxy import http
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
-from . import exchange, wire
+from . import cachewatch, exchange, wire
+from .logsafe import clean
 from .records import RecordLog
 from .wire import token
 
@@ -34,14 +35,15 @@ _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class _Bounded:
-    """Label values as they come, until there are `limit` of them; then "other"."""
+    """Label values as they come (escaped: a `\r` in a model name would break the exposition's lines),
+    until there are `limit` of them; then "other"."""
 
     def __init__(self, limit: int = MAX_VALUES) -> None:
         self.limit = limit
         self.seen: set[str] = set()
 
     def __call__(self, value: str | None, default: str = "unknown") -> str:
-        value = (value or default)[:200]
+        value = clean(value or default, 200)
         if value in self.seen:
             return value
         if len(self.seen) >= self.limit:
@@ -74,6 +76,10 @@ class Metrics:
             "llm_gateway_cache_breaks", "Requests of a session that had cached its prompt and read none of it",
             labels, registry=r,
         )
+        self.cache_break_reasons = Counter(
+            "llm_gateway_cache_break_reasons", "Cache breaks by the reason the gateway found (see cachewatch.REASONS)",
+            ["client", "reason"], registry=r,
+        )
         self.errors = Counter(
             "llm_gateway_errors", "Exchanges that ended in an Anthropic error, by error type", [*labels, "error_type"],
             registry=r,
@@ -87,7 +93,22 @@ class Metrics:
             "llm_gateway_egress_decisions", "Egress policy decisions (egress mode), by decision", ["decision"],
             registry=r,
         )
-        self._clients, self._models = _Bounded(), _Bounded()
+        self.ended_early = Counter(
+            "llm_gateway_ended_early",
+            "Exchanges the gateway ended or refused itself, by the record's reason: first_byte_timeout, "
+            "stream_idle_timeout, shutdown, request_too_large",
+            ["reason"], registry=r,
+        )
+        self.principal_requests = Counter(
+            "llm_gateway_principal_requests",
+            "API exchanges finished, by principal (the gateway token's name; 'none': no token) and HTTP status",
+            ["principal", "status"], registry=r,
+        )
+        self.principal_tokens = Counter(
+            "llm_gateway_principal_tokens", "Tokens reported in usage, by principal and kind", ["principal", "kind"],
+            registry=r,
+        )
+        self._clients, self._models, self._principals = _Bounded(), _Bounded(), _Bounded()
         self._prompt: dict[tuple[str, str], list[int]] = {}  # (client, model) -> [cache_read, all prompt tokens]
         self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         if records is not None:
@@ -118,11 +139,14 @@ class Metrics:
 
     def observe(self, ex: exchange.Exchange, status: int | None) -> None:
         client, model = self._clients(ex.client), self._models(ex.model)
+        principal = self._principals(ex.principal, "none")
         self.requests.labels(client, model, str(status) if status else "none").inc()
+        self.principal_requests.labels(principal, str(status) if status else "none").inc()
         for kind, field in TOKEN_KINDS.items():
             n = token(ex.usage, field)
             if n:
                 self.tokens.labels(client, model, kind).inc(n)
+                self.principal_tokens.labels(principal, kind).inc(n)
         read = token(ex.usage, "cache_read_input_tokens") or 0
         prompt = read + wire.full_price_prompt_tokens(ex.usage)
         if prompt:
@@ -130,8 +154,12 @@ class Metrics:
             totals[0] += read
             totals[1] += prompt
             self.cache_hit_ratio.labels(client, model).set(totals[0] / totals[1])
+        if ex.reason:
+            self.ended_early.labels(ex.reason).inc()
         if ex.cache_break:
             self.cache_breaks.labels(client, model).inc()
+            if ex.cache_break_reason in cachewatch.REASONS:
+                self.cache_break_reasons.labels(client, ex.cache_break_reason).inc()
         if ex.error_type:
             error_type = ex.error_type if ex.error_type in wire.STATUS_BY_ERROR_TYPE else OTHER
             self.errors.labels(client, model, error_type).inc()

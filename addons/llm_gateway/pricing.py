@@ -110,3 +110,17 @@ def _from_library(model: str, inp: int, out: int, five: int, hour: int, read: in
 
 def _dollars(value: Decimal) -> float:
     return round(float(value), 8)
+
+
+def lost_cost(pricing: tuple[Price, ...], model: str | None, lost: int, usage: dict[str, Any] | None) -> float | None:
+    """US dollars a cache break cost: `lost` tokens that a cache read would have served, paid instead at the
+    cache-write price (as far as this request wrote cache, 5m price) and the rest at the input price; None where
+    the price is unknown. Priced like `cost` (the rules, else genai-prices)."""
+    if not model or not isinstance(lost, int) or lost <= 0:
+        return None
+    written = min(lost, max(token(usage, "cache_creation_input_tokens") or 0, 0))
+    paid = cost(pricing, model, {"input_tokens": lost - written, "cache_creation_input_tokens": written})
+    read = cost(pricing, model, {"cache_read_input_tokens": lost})
+    if paid.cost_usd is None or read.cost_usd is None:
+        return None
+    return round(paid.cost_usd - read.cost_usd, 8)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 from mitmproxy import http
 
 from . import exchange
 from .decoding import Decoder, decoder_for
+from .logsafe import clean
 from .sse import SSEParser
 
 logger = logging.getLogger("llm_gateway.relay")
@@ -44,8 +46,16 @@ class SSERelay:
         self.undecoded: bytes | None = b""  # what the decoder took before its first output (None after it)
         self._taps: list = []  # the exchange's taps when `_routes` was built
         self._routes: list[tuple] = []  # (on_event, event_names or None, tap), in tap order
+        self.last_chunk = time.monotonic()  # when the upstream last sent bytes (timeouts.stream_idle reads it)
+        self.final: bytes | None = None  # set by `interrupt`
+
+    def interrupt(self, frame: bytes) -> None:
+        """The gateway ends this stream early (a timeout, a shutdown): at the end that follows, an event
+        half received is dropped and `frame` (one whole SSE event) passes the taps in its place."""
+        self.final = frame
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        self.last_chunk = time.monotonic()
         try:
             # Nothing to send yet must be [], not b"": mitmproxy writes b"" as the chunk that ends the body.
             if chunk and self.tapping and not self.decoding:  # the common case, in as few calls as possible
@@ -55,7 +65,7 @@ class SSERelay:
                 return (self._forward(events) if events else b"") or []
             return self._relay(chunk) or []
         except Exception:  # never reached in normal operation: see the module docstring
-            logger.exception(f"stream relay failed; forwarding the rest untouched ({self.ex.host}{self.ex.path})")
+            logger.exception(f"stream relay failed; forwarding the rest untouched ({clean(self.ex.host + self.ex.path)})")
             self.tapping = False
             return chunk if self.decoding else self._held() + chunk
 
@@ -66,14 +76,14 @@ class SSERelay:
             try:
                 data = self.decoder.decode(chunk) + (self.decoder.flush() if end else b"")
             except Exception as e:
-                logger.warning(f"cannot decode the {self.ex.host} stream ({e}); forwarding it as received")
+                logger.warning(f"cannot decode the {clean(self.ex.host)} stream ({clean(e)}); forwarding it as received")
                 self.decoding = self.tapping = False
                 # A body that was never encoded: the bytes the decoder swallowed go out too.
                 return self._held() + (self.undecoded or b"") + chunk
             if self.undecoded is not None:
                 self.undecoded = None if data or len(self.undecoded) > 65536 else self.undecoded + chunk
         if not self.tapping:
-            return data
+            return data + (self.final or b"") if end else data
         events = self.parser.feed(data) if data else []
         if not end:
             return self._forward(events) + (self._give_up() if self.parser.held > MAX_EVENT_BYTES else b"")
@@ -83,16 +93,19 @@ class SSERelay:
                 events.append(event)
             else:  # cut inside an event: no client dispatches it, so no tap counts it
                 cut = event.raw
+        if self.final:
+            cut = b""
+            events += SSEParser().feed(self.final)
         out = self._forward(events)
         extra = b"".join(self._end())
         if cut and extra:
             # Bytes appended to an unfinished event would merge with it: drop it, as clients would.
-            logger.info(f"{self.ex.host} stream cut inside an event; its {len(cut)} bytes dropped")
+            logger.info(f"{clean(self.ex.host)} stream cut inside an event; its {len(cut)} bytes dropped")
             cut = b""
         return b"".join([out, cut, extra])
 
     def _give_up(self) -> bytes:
-        logger.warning(f"{self.ex.host} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
+        logger.warning(f"{clean(self.ex.host)} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
         self.tapping = False
         return self._held()
 
@@ -145,7 +158,7 @@ def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
     try:
         decoder = decoder_for(flow.response.headers.get("content-encoding"))
     except ValueError as e:
-        logger.warning(f"{e}: streaming {ex.host}{ex.path} untouched, usage not read")
+        logger.warning(f"{clean(e)}: streaming {clean(ex.host + ex.path)} untouched, usage not read")
         flow.response.stream = True
         return False
     response = flow.response

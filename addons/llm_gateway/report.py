@@ -1,7 +1,9 @@
 """Usage report: totals per session and per client from the gateway's JSONL record log.
 
 Run as `scripts/usage_report [FILE ...]` (or `python -m llm_gateway.report`). Standard library and the
-gateway's own wire module only, no mitmproxy import, so it runs anywhere the log is copied to.
+gateway's own wire and breakreport modules only, no mitmproxy import, so it runs anywhere the log is copied to.
+Cache breaks are also shown by client and reason (breakreport.py); `--recompute-breaks` finds them again in the
+merged records of every replica.
 
 Only `"kind": "usage"` records count; other records sharing the file (egress decisions, …) are skipped,
 and so are lines that are not JSON objects (a line cut short while the gateway was writing it): both are
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any, Iterable, Iterator
 
+from . import breakreport
 from .wire import TOKEN_FIELDS, cache_share
 
 PROG = "usage_report"
@@ -258,6 +261,7 @@ class Report:
     sessions: dict[tuple[str, str | None], Totals] = field(default_factory=dict)  # (client, session), first seen first
     clients: dict[str, Totals] = field(default_factory=dict)
     total: Totals = field(default_factory=Totals)
+    breaks: breakreport.BreakTable = field(default_factory=breakreport.BreakTable)  # by client and reason
 
     def add(self, record: dict[str, Any]) -> None:
         client = str(record.get("client") or "unknown")
@@ -265,6 +269,7 @@ class Report:
         self.sessions.setdefault((client, session), Totals()).add(record)
         self.clients.setdefault(client, Totals()).add(record)
         self.total.add(record)
+        self.breaks.add_recorded(record)
 
     def session_rows(self) -> list[dict[str, Any]]:
         return [{"session": s, "client": c, **t.row()} for (c, s), t in self.sessions.items()]
@@ -282,11 +287,18 @@ class Report:
         return out
 
 
-def build(names: Iterable[str], filters: Filters, by: str) -> Report:
+def build(names: Iterable[str], filters: Filters, by: str, recompute_breaks: bool = False) -> Report:
+    """`recompute_breaks`: find cache breaks again in the merged records (of every replica) rather than count the
+    ones each replica recorded (breakreport.recompute)."""
     report = Report(by=by, filters=filters, skipped=Skipped())
+    kept = []
     for record, when in read_records(names, report.skipped):
         if filters.keep(record, when):
             report.add(record)
+            if recompute_breaks:
+                kept.append((record, when))
+    if recompute_breaks:
+        report.breaks = breakreport.table_from_merged(kept)
     return report
 
 
@@ -303,6 +315,7 @@ def render_json(report: Report) -> str:
     for name, _, rows in report.sections():
         doc[f"{name}s"] = rows
     doc["total"] = report.total.row()
+    doc["cache_breaks_by_reason"] = report.breaks.result()
     doc["skipped"] = {"other_records": report.skipped.other, "corrupt_lines": report.skipped.corrupt}
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
@@ -342,6 +355,18 @@ def table_cell(key: str, value: Any) -> str:
     return str(value)
 
 
+def aligned(columns: list[str], keys: list[str], lines: list[list[str]]) -> str:
+    """Table lines in columns: keys left-aligned, numbers right-aligned, a rule above the last line."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    text = []
+    for n, line in enumerate(lines):
+        if n == len(lines) - 1:
+            text.append("  ".join("-" * w for w in widths))
+        cells = [v.ljust(w) if c in keys else v.rjust(w) for c, v, w in zip(columns, line, widths)]
+        text.append("  ".join(cells).rstrip())
+    return "\n".join(text)
+
+
 def render_table(report: Report) -> str:
     blocks = []
     total = report.total.row()
@@ -350,14 +375,17 @@ def render_table(report: Report) -> str:
         lines = [[TABLE_HEADERS[c] for c in columns]]
         lines += [[table_cell(c, row[c]) for c in columns] for row in rows]
         lines.append(["TOTAL", *([""] * (len(keys) - 1)), *(table_cell(c, total[c]) for c in METRICS)])
-        widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-        text = []
-        for n, line in enumerate(lines):
-            if n == len(lines) - 1:
-                text.append("  ".join("-" * w for w in widths))
-            cells = [v.ljust(w) if c in keys else v.rjust(w) for c, v, w in zip(columns, line, widths)]
-            text.append("  ".join(cells).rstrip())
-        blocks.append(f"By {name}:\n" + "\n".join(text))
+        blocks.append(f"By {name}:\n" + aligned(columns, keys, lines))
+    breaks = report.breaks.result()
+    if breaks:
+        columns, keys = list(breakreport.COLUMNS), ["client", "reason"]
+        lines = [[breakreport.TABLE_HEADERS[c] for c in columns]]
+        lines += [[table_cell("cost_usd" if c == "lost_usd" else c, row[c]) for c in columns] for row in breaks]
+        lost = [row["lost_usd"] for row in breaks if row["lost_usd"] is not None]
+        lines.append(["TOTAL", "", *(table_cell(c, sum(row[c] for row in breaks)) for c in ("breaks", "tokens_lost")),
+                      table_cell("cost_usd", round(math.fsum(lost), 8) if lost else None),
+                      table_cell("unpriced", sum(row["unpriced"] for row in breaks))])
+        blocks.append("Cache breaks by client and reason:\n" + aligned(columns, keys, lines))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -387,6 +415,9 @@ def parser() -> argparse.ArgumentParser:
                    help="only sessions whose id starts with ID; repeat for several")
     p.add_argument("--by", choices=("session", "client", "both"), default="both", help="grouping (default both)")
     p.add_argument("--format", choices=tuple(RENDER), default="table", help="output format (default table)")
+    p.add_argument("--recompute-breaks", action="store_true",
+                   help="find cache breaks again in the merged records of every replica (table and JSON: breaks by "
+                   "client and reason), instead of counting those each replica recorded")
     return p
 
 
@@ -404,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             clients=tuple(args.client),
             sessions=tuple(args.session),
         )
-        report = build(files, filters, args.by)
+        report = build(files, filters, args.by, args.recompute_breaks)
     except ReportError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Which flows are LLM API flows, and where they go.
 
-API flows are recognised by host and path globs in both modes (in base-URL mode the reverse target is
-the host), get an `Exchange`, keep their request bodies buffered so later parts can rewrite them, and
+API flows are recognised by host and path globs in egress (regular) mode, and by the path alone on the
+base-URL (reverse) listener: everything that arrives there at an API path is an API exchange, whatever the
+reverse target is (`scripts/gateway --upstream http://litellm:4000` must not switch the gateway off because
+`apis[].hosts` names api.anthropic.com). They get an `Exchange`, keep their request bodies buffered so later parts can rewrite them, and
 may be re-sent to another upstream. Everything else is left alone.
 """
 
@@ -11,17 +13,18 @@ import logging
 
 from mitmproxy import http
 
-from . import exchange
+from . import exchange, leanjson
 from .rulefile import RuleFile
 from .rules import Api, Route, Rules
 
 logger = logging.getLogger("llm_gateway.routing")
 
 
-def match_api(rules: Rules, host: str, path: str) -> Api | None:
+def match_api(rules: Rules, host: str | None, path: str) -> Api | None:
+    """The first API whose host and path globs match; `host=None` (the base-URL listener) matches any host."""
     path = path.split("?", 1)[0]
     for api in rules.apis:
-        if any(h.match(host) for h in api.hosts) and any(p.match(path) for p in api.paths):
+        if (host is None or any(h.match(host) for h in api.hosts)) and any(p.match(path) for p in api.paths):
             return api
     return None
 
@@ -52,7 +55,8 @@ class ApiRouter:
             return
         rules = self.rule_file.rules
         host = flow.request.host.lower().rstrip(".")
-        api = match_api(rules, host, flow.request.path)
+        mode = proxy_mode(flow)
+        api = match_api(rules, None if mode == "reverse" else host, flow.request.path)
         if api is None:
             return
         # API request bodies are small and get rewritten: never stream them.
@@ -62,7 +66,7 @@ class ApiRouter:
             exchange.Exchange(
                 rules=rules,
                 api=api.name,
-                mode=proxy_mode(flow),
+                mode=mode,
                 method=flow.request.method,
                 host=host,
                 path=flow.request.path,
@@ -74,7 +78,7 @@ class ApiRouter:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        ex.body = exchange.parse_json_body(flow.request.get_content(strict=False))
+        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False))
         if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
             ex.model = ex.body["model"][:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)

@@ -1,8 +1,9 @@
 """The rule file as a mitmproxy addon: the `gateway_rules` option, loading, watching and reloading.
 
 The current `Rules` is replaced whole, only by a version that parsed cleanly: a broken edit is
-reported and the last good rules stay in force. At start-up a broken file is an error, which makes
-mitmdump exit non-zero with the file, line and reason.
+reported and the last good rules stay in force; so is an emptied file (rules.py refuses it) and a file
+that was moved away or deleted (reported once, read again when it is back). At start-up a broken file is
+an error, which makes mitmdump exit non-zero with the file, line and reason.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class RuleFile:
         self.loaded = False
         self.reloads = 0
         self._stamp: tuple | None = None
+        self._missing = False  # the watched file is gone; reported once
         self._watcher: asyncio.Task | None = None
 
     def load(self, loader) -> None:
@@ -116,7 +118,14 @@ class RuleFile:
             if self.path is None:
                 continue
             stamp = file_stamp(self.path)
-            if stamp is None or stamp == self._stamp:
+            if stamp is None:
+                if not self._missing:
+                    self._missing = True
+                    logger.error(f"rule file {self.path} is missing (moved or deleted), keeping the last good "
+                                 f"rules; it is read again when it is back")
+                continue
+            self._missing = False
+            if stamp == self._stamp:
                 continue
             self._stamp = stamp  # report a broken version once, not every tick
             try:

@@ -15,8 +15,10 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import yaml
+from mitmproxy.utils import human
 
 from .clients import ClientSignature
+from .credspec import UPSTREAM_HEADERS, Credentials, GatewayToken, PassThrough, UpstreamKey
 from .globs import Glob
 
 STREAM_MODES = ("on", "off", "as-sent")
@@ -103,12 +105,28 @@ class Egress:
 @dataclass(frozen=True)
 class Usage:
     log: str | None = None  # absolute path, "-" for stdout, None for no file
+    cache_sessions: int = 5000  # sessions whose prompt-cache fingerprints are kept (cachewatch), least recent out
+    cache_ttl_5m: float = 300.0  # seconds the API keeps a "5m" cache entry; other values only for a test upstream
+    cache_ttl_1h: float = 3600.0  # seconds the API keeps a "1h" cache entry
 
 
 @dataclass(frozen=True)
 class Errors:
     unwrap: bool = True
     max_message: int = 2000
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; see timeouts.py."""
+
+    first_byte: float = 300.0  # from the request sent upstream to the upstream's response headers
+    stream_idle: float = 120.0  # longest silence between two chunks of an answer's body
+
+
+@dataclass(frozen=True)
+class Limits:
+    request_body: int = 32 * 1024 * 1024  # bytes; Anthropic's API refuses larger requests with 413 too
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,9 @@ class Rules:
     usage: Usage = field(default_factory=Usage)
     errors: Errors = field(default_factory=Errors)
     pricing: tuple[Price, ...] = ()
+    credentials: Credentials | None = None  # key custody (credentials.py); None: clients' credentials pass
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
 
 
 def load(path: str | os.PathLike[str]) -> Rules:
@@ -269,23 +290,28 @@ class _Reader:
     # --- sections -----------------------------------------------------------------------------
 
     def rules(self, root: yaml.Node | None) -> Rules:
-        if root is None:
-            return Rules(source=self.source)
+        if root is None or (isinstance(root, yaml.ScalarNode) and self.scalar(root) is None):  # an emptied file (or one of comments only) would silently switch every rule off
+            raise self.fail(None, "the rule file is empty (no apis, clients or egress rules): refusing it")
         top = self.mapping(
             root,
             "the rule file",
-            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing")},
+            {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
+            | {"timeouts": False, "limits": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
+        clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
         return Rules(
             source=self.source,
             apis=section("apis", lambda n: self.list_of(n, "apis", self.api), ()),
             routes=section("routes", lambda n: self.list_of(n, "routes", self.route), ()),
-            clients=section("clients", lambda n: self.list_of(n, "clients", self.client), ()),
+            clients=clients,
             egress=section("egress", self.egress, Egress()),
             usage=section("usage", self.usage, Usage()),
             errors=section("errors", self.errors, Errors()),
             pricing=section("pricing", lambda n: self.list_of(n, "pricing", self.price), ()),
+            credentials=section("credentials", lambda n: self.credentials(n, clients), None),
+            timeouts=section("timeouts", self.timeouts, Timeouts()),
+            limits=section("limits", self.limits, Limits()),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:
@@ -339,13 +365,20 @@ class _Reader:
             key: self.globs(m[key], f"{where}.{key}") for key in ("user_agent", "headers", "metadata_user_id") if key in m
         }
         name = self.string(m["name"], f"{where}.name")
-        stream = self.choice(m["stream"], f"{where}.stream", STREAM_MODES) if "stream" in m else "as-sent"
+        stream = self.stream(m["stream"], f"{where}.stream") if "stream" in m else "as-sent"
         try:
             return ClientSignature(
                 name=name, header_values=values, system_prompt=prompts, stream=stream, **optional_globs
             )
         except (TypeError, ValueError) as e:
             raise self.fail(node, f"{where}: {e}") from None
+
+    def stream(self, node: yaml.Node, where: str) -> str:
+        """`on` and `off` unquoted are YAML 1.1 booleans (so are yes/no, true/false): take them as meant."""
+        value = self.scalar(node)
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return self.choice(node, where, STREAM_MODES)
 
     def mapping_any(self, node: yaml.Node, where: str) -> list[tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):
@@ -386,10 +419,16 @@ class _Reader:
         return PathBlock(self.glob(m["host"], f"{where}.host"), self.glob(m["path"], f"{where}.path"))
 
     def usage(self, node: yaml.Node) -> Usage:
-        m = self.mapping(node, "usage", {"log": False})
+        cache_keys = ("cache_sessions", "cache_ttl_5m", "cache_ttl_1h")
+        m = self.mapping(node, "usage", {"log": False, **dict.fromkeys(cache_keys, False)})
+        cache = {k: self.number(m[k], f"usage.{k}") for k in cache_keys if k in m}
+        if "cache_sessions" in cache:
+            if cache["cache_sessions"] < 1 or cache["cache_sessions"] != int(cache["cache_sessions"]):
+                raise self.fail(m["cache_sessions"], "usage.cache_sessions must be a whole number of at least 1")
+            cache["cache_sessions"] = int(cache["cache_sessions"])
         if "log" not in m or self.scalar(m["log"]) in (None, False):
-            return Usage(log=None)
-        return Usage(log=self.log_path(self.string(m["log"], "usage.log")))
+            return Usage(log=None, **cache)
+        return Usage(log=self.log_path(self.string(m["log"], "usage.log")), **cache)
 
     def log_path(self, value: str) -> str:
         """Relative paths are relative to the rule file's folder; `-` is stdout."""
@@ -407,7 +446,100 @@ class _Reader:
             max_message=max_message,
         )
 
+    def timeouts(self, node: yaml.Node) -> Timeouts:
+        m = self.mapping(node, "timeouts", {"first_byte": False, "stream_idle": False})
+        seconds = {}
+        for key in m:
+            seconds[key] = self.number(m[key], f"timeouts.{key}")
+            if seconds[key] <= 0:
+                raise self.fail(m[key], f"timeouts.{key} must be more than 0 seconds")
+        return Timeouts(**seconds)
+
+    def limits(self, node: yaml.Node) -> Limits:
+        m = self.mapping(node, "limits", {"request_body": False})
+        if "request_body" not in m:
+            return Limits()
+        value = self.scalar(m["request_body"])
+        try:  # bytes, or a size with a unit as mitmproxy's options take it ("32m")
+            size = value if isinstance(value, int) and not isinstance(value, bool) else human.parse_size(str(value))
+        except ValueError:
+            size = None
+        if not size or size <= 0:
+            raise self.fail(m["request_body"], "limits.request_body must be a size in bytes, e.g. 33554432 or 32m")
+        return Limits(request_body=size)
+
     def price(self, node: yaml.Node, where: str) -> Price:
         fields = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
         m = self.mapping(node, where, {"model": True, **dict.fromkeys(fields, True)})
         return Price(self.glob(m["model"], f"{where}.model"), *(self.number(m[f], f"{where}.{f}") for f in fields))
+
+    # --- credentials (key custody: credentials.py) ----------------------------------------------
+
+    def credentials(self, node: yaml.Node, client_rules: tuple[ClientSignature, ...]) -> Credentials:
+        m = self.mapping(node, "credentials", {"upstream": True, "tokens": False, "pass_through": False})
+        upstream = self.list_of(m["upstream"], "credentials.upstream", self.upstream_key)
+        if not upstream:
+            raise self.fail(m["upstream"], "credentials.upstream needs at least one key (the first is the default)")
+        self.unique(m["upstream"], upstream, "credentials.upstream")
+        names = {u.name for u in upstream}
+        clients = {c.name.lower() for c in client_rules}
+        tokens = []
+        for i, item in enumerate(self.seq(m["tokens"], "credentials.tokens") if "tokens" in m else []):
+            where = f"credentials.tokens[{i}]"
+            t = self.mapping(item, where, {"name": True, "sha256": True, "upstream": False, "client": False})
+            digest = self.string(t["sha256"], f"{where}.sha256").strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise self.fail(t["sha256"], f"{where}.sha256 must be 64 hex digits (the token's SHA-256; scripts/mint-token)")
+            up = self.string(t["upstream"], f"{where}.upstream") if "upstream" in t else upstream[0].name
+            if up not in names:
+                raise self.fail(t["upstream"], f"{where}.upstream {up!r} is not a credentials.upstream name")
+            client = self.string(t["client"], f"{where}.client") if "client" in t else None
+            if client is not None and client.lower() not in clients:
+                raise self.fail(t["client"], f"{where}.client {client!r} is not a name from the clients section")
+            tokens.append(GatewayToken(self.name(t["name"], f"{where}.name"), digest, up, client))
+        self.unique(m.get("tokens"), tokens, "credentials.tokens")
+        if len({t.sha256 for t in tokens}) < len(tokens):
+            raise self.fail(m["tokens"], "credentials.tokens holds the same sha256 twice")
+        passes = self.list_of(m["pass_through"], "credentials.pass_through", self.pass_through) if "pass_through" in m else ()
+        return Credentials(upstream=upstream, tokens=tuple(tokens), pass_through=passes)
+
+    def name(self, node: yaml.Node, where: str) -> str:
+        value = self.string(node, where)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise self.fail(node, f"{where} must be 1-64 letters, digits, '.', '_' or '-' (got {value!r})")
+        return value
+
+    def unique(self, node: yaml.Node | None, items: Any, where: str) -> None:
+        seen = [item.name for item in items]
+        dup = next((n for n in seen if seen.count(n) > 1), None)
+        if dup is not None:
+            raise self.fail(node, f"{where} names {dup!r} twice")
+
+    def upstream_key(self, node: yaml.Node, where: str) -> UpstreamKey:
+        m = self.mapping(node, where, {"name": True, "key_file": False, "key_env": False, "header": False, "key": False})
+        if "key" in m:
+            raise self.fail(m["key"], f"{where}: the key itself never goes in the rule file; give key_file or key_env")
+        if ("key_file" in m) == ("key_env" in m):
+            raise self.fail(node, f"{where} needs exactly one of key_file, key_env")
+        key_file = os.path.expanduser(self.string(m["key_file"], f"{where}.key_file")) if "key_file" in m else None
+        return UpstreamKey(
+            name=self.name(m["name"], f"{where}.name"),
+            key_file=str(self.folder / key_file) if key_file else None,
+            key_env=self.string(m["key_env"], f"{where}.key_env") if "key_env" in m else None,
+            header=self.choice(m["header"], f"{where}.header", UPSTREAM_HEADERS) if "header" in m else "x-api-key",
+        )
+
+    def pass_through(self, node: yaml.Node, where: str) -> PassThrough:
+        m = self.mapping(node, where, dict.fromkeys(("name", "bearer", "api_key", "header_values"), False) | {"name": True})
+        if "bearer" not in m and "api_key" not in m:
+            raise self.fail(node, f"{where} needs bearer or api_key: which credential it lets through")
+        values = tuple(
+            (self.string(k, "a header name").lower(), self.glob(v, f"{where}.header_values"))
+            for k, v in self.mapping_any(m["header_values"], f"{where}.header_values")
+        ) if "header_values" in m else ()
+        return PassThrough(
+            name=self.name(m["name"], f"{where}.name"),
+            bearer=self.globs(m["bearer"], f"{where}.bearer") if "bearer" in m else (),
+            api_key=self.globs(m["api_key"], f"{where}.api_key") if "api_key" in m else (),
+            header_values=values,
+        )

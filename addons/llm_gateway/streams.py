@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from . import exchange, wire
+from . import exchange, leanjson, wire
 
 
 def takes_stream_flag(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
@@ -35,8 +35,11 @@ class StreamPreference:
         pref = ex.stream_preference
         wanted = {"on": True, "off": False}.get(pref, requested)
         if wanted != requested:
-            ex.body["stream"] = wanted
-            flow.request.content = wire.dumps(ex.body)
+            if isinstance(ex.body, leanjson.LeanBody):  # a large body: only the flag changes, in place
+                flow.request.content = ex.body.with_stream(flow.request.get_content(strict=False), wanted)
+            else:
+                ex.body["stream"] = wanted
+                flow.request.content = wire.dumps(ex.body)
             ex.stream_upstream = wanted
             ex.notes.append(f"stream forced {pref} upstream")
         exchange.publish(flow, ex)

@@ -7,7 +7,6 @@ pipeline (answer.py); this addon writes the record, the human line, and watches 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -16,11 +15,12 @@ from typing import Any
 
 from mitmproxy import command, http
 
-from . import exchange, pricing, wire
+from . import cachewatch, exchange, pricing, wire
+from .logsafe import clean, clean_or_dash
 from .records import RecordLog
 from .report import is_error
 from .wire import TOKEN_FIELDS, cache_share, token
-from .sessions import CacheWatch
+from .cachewatch import CacheWatch
 
 logger = logging.getLogger("llm_gateway.usage")
 
@@ -39,6 +39,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "ts": datetime.fromtimestamp(ex.started, timezone.utc).isoformat(timespec="milliseconds"),
         "mode": ex.mode,
         "client": ex.client,
+        "principal": ex.principal,
         "session": ex.session,
         "api": ex.api,
         "method": ex.method,
@@ -63,6 +64,10 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "unwrapped_from": ex.unwrapped_from,
         "converted": ex.converted,
         "cache_break": ex.cache_break,
+        "cache_break_reason": ex.cache_break_reason,
+        "cache_break_detail": ex.cache_break_detail,
+        "cache_break_tokens_lost": ex.cache_break_tokens_lost,
+        "cache_break_cost_usd": ex.cache_break_cost_usd,
         "complete": ex.complete,
         "user_agent": ex.user_agent if ex.client == "unknown" else None,
         "ttfb_ms": round((first_byte - ex.started) * 1000, 1) if first_byte else None,
@@ -72,24 +77,26 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
 
 def human_line(record: dict[str, Any]) -> str:
     """One line for people: never Python's None; an error shows its type, request id and reason."""
-
-    def shown(value: Any) -> str:  # escaped: model names and request ids come from requests and answers
-        return "-" if value is None else json.dumps(str(value), ensure_ascii=True)[1:-1]
-
+    shown = clean_or_dash  # escaped: model names and request ids come from requests and answers
     share = record["cache_hit_share"]
-    session = (record["session"] or "-")[:12]
+    session = clean_or_dash((record["session"] or "")[:12])
     cost = "unpriced" if record["cost_usd"] is None else f"${record['cost_usd']:.4f}"
     line = (
-        f"{record['client']} session={session} {shown(record['model'])} {shown(record['status'])}"
+        f"{clean(record['client'])} session={session} {shown(record['model'])} {shown(record['status'])}"
         f" in={shown(record['input_tokens'])} out={shown(record['output_tokens'])}"
         f" cache_read={shown(record['cache_read_input_tokens'])}"
         f" cache_write={shown(record['cache_creation_input_tokens'])}"
         f" hit={'-' if share is None else f'{share:.0%}'} {cost}"
     )
-    if record["error_type"] or record["reason"]:
-        line += f" error={shown(record['error_type'])} request_id={shown(record['request_id'])}"
-        line += f' reason="{shown(record["reason"])}"' if record["reason"] else ""
-    return line + ("" if record["complete"] else " INCOMPLETE")
+    if record.get("error_type") or record.get("reason"):
+        line += f" error={shown(record.get('error_type'))} request_id={shown(record.get('request_id'))}"
+        line += f' reason="{shown(record["reason"])}"' if record.get("reason") else ""
+    return (
+        line
+        + ("" if record["complete"] else " INCOMPLETE")
+        + (f" CACHE BREAK {clean(record['cache_break_reason'])}: {clean(record['cache_break_detail'], 400)}"
+           if record.get("cache_break_reason") else "")
+    )
 
 
 class Usage:
@@ -103,7 +110,7 @@ class Usage:
         if ex is None:
             return
         if ex.status is not None and ex.status < 400 and ex.error_type is None:
-            ex.cache_break = self.cache.observe(ex.session, ex.usage, ex.model)
+            cachewatch.explain_break(self.cache, ex)
             if ex.cache_break:
                 self.warn_cache_break(ex)
         self.finish(flow, ex)
@@ -128,9 +135,9 @@ class Usage:
         full_price = wire.full_price_prompt_tokens(ex.usage)
         request_id = ex.request_id or "-"
         logger.warning(
-            f"cache break: session {ex.session} ({ex.client}) request {request_id} read no cached tokens; "
-            f"{full_price} prompt tokens paid at full price (break #{self.cache.sessions[ex.session].breaks} "
-            f"in this session)"
+            f"cache break: session {clean(ex.session)} ({clean(ex.client)}) request {clean(request_id)} "
+            f"{clean(cachewatch.break_text(ex), 400)}; {full_price} prompt tokens paid at full price "
+            f"(break #{self.cache.sessions[ex.session].breaks} in this session)"
         )
 
     def count(self, record: dict[str, Any]) -> None:

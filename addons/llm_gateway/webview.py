@@ -7,8 +7,9 @@ make that readable:
   client assembled (text, tool calls with their input, thinking, stop reason) and its usage.
 - A bounded copy of each streamed body (`StreamCopyTap` on the relay), put in the flow when the
   stream ends, so mitmweb shows it instead of "content missing". Forwarding stays unbuffered.
-- A short `flow.comment` per API flow (client, session, stream handling, unwrapped error, tokens,
-  cache share) and a marker for errors, cache breaks and denied egress.
+- A short `flow.comment` per API flow, led by what a person scans the list for (the error type, or the
+  cache hit share and cost), then client, session, stream handling and tokens; and a marker for errors,
+  cache breaks and denied egress.
 
 `WebView` is the addon; it registers the contentview itself and removes it in `done`. It must run
 after `Usage` in the hook order (it reads what the other parts found about the exchange).
@@ -24,8 +25,9 @@ from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.contentviews import Contentview, Metadata
 from mitmproxy.utils import human
 
-from . import exchange, relay, wire
+from . import cachewatch, exchange, pricing, relay, wire
 from .egress import EGRESS_METADATA
+from .logsafe import clean
 from .wire import cache_share, token
 
 logger = logging.getLogger("llm_gateway.webview")
@@ -283,11 +285,30 @@ def short_session(session: str | None) -> str | None:
 
 
 def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
-    """`claude-code · session 1a2b3c4d… · stream forced off, sse->json · in 21 · out 9 · cache read 13 …`."""
-    parts = [ex.client]
+    """What a person scans the flow list for first (mitmweb shows only the first ~20 characters), then who:
+    `hit 32% $0.0123 · claude-code · session 1a2b3c4d… · in 21 out 9 cache r13 w7`, or
+    `error rate_limit_error · litellm · …`. Values from the traffic are escaped."""
+    lead = []
+    if ex.error_type:
+        error = f"error {clean(ex.error_type, 60)}"
+        if ex.unwrapped:
+            error += f" unwrapped from {ex.unwrapped_from or 'an envelope'}"
+        lead.append(error)
+    if flow.error:  # mitmproxy's own words beside the error type (the record's `reason` says it in short)
+        lead.append(f"failed: {clean(flow.error.msg, 120)}")
+    elif ex.usage:
+        share = cache_share(ex.usage)
+        cost = pricing.cost(ex.rules.pricing, ex.model, ex.usage).cost_usd
+        lead.append(f"hit {'-' if share is None else f'{share:.0%}'}" + ("" if cost is None else f" ${cost:.4f}"))
+    if ex.cache_break:
+        lead.append("CACHE BREAK" + (f" {clean(ex.cache_break_reason, 40)}" if ex.cache_break_reason else ""))
+    parts = [" ".join(lead)] if lead else []
+    parts.append(clean(ex.client, 64))
+    if ex.principal:  # key custody: the gateway token's name (credentials.py)
+        parts.append(f"principal {clean(ex.principal, 64)}")
     session = short_session(ex.session)
     if session:
-        parts.append(f"session {session}")
+        parts.append(f"session {clean(session)}")
     stream = []
     if ex.stream_requested is not None and ex.stream_upstream is not None and ex.stream_requested != ex.stream_upstream:
         stream.append(f"stream forced {'on' if ex.stream_upstream else 'off'}")
@@ -295,23 +316,14 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         stream.append(f"converted {ex.converted}")
     if stream:
         parts.append(", ".join(stream))
-    if ex.error_type:
-        error = f"error {ex.error_type}"
-        if ex.unwrapped:
-            error += f" unwrapped from {ex.unwrapped_from or 'an envelope'}"
-        parts.append(error)
-    if flow.error:  # mitmproxy's own words: the record's `reason` says it in short
-        parts.append(f"failed: {flow.error.msg}")
     if ex.usage:
         usage = ex.usage
-        share = cache_share(usage)
         parts.append(
             f"in {_count(usage, 'input_tokens')} out {_count(usage, 'output_tokens')}"
             f" cache r{_count(usage, 'cache_read_input_tokens')} w{_count(usage, 'cache_creation_input_tokens')}"
-            f" hit {'-' if share is None else f'{share:.0%}'}"
         )
-    if ex.cache_break:
-        parts.append("CACHE BREAK")
+    if ex.cache_break and ex.cache_break_reason:
+        parts.append(clean(cachewatch.break_text(ex), 400))
     if flow.response is not None and flow.response.status_code < 400 and not ex.complete and not ex.error_type:
         parts.append("incomplete")
     copy = flow.metadata.get(STREAM_COPY_KEY)
@@ -336,11 +348,11 @@ def refused_egress(flow: http.HTTPFlow) -> dict[str, Any] | None:
 
 def egress_comment(flow: http.HTTPFlow, decision: dict[str, Any]) -> str:
     """`egress denied: evil.example:443 (not in egress.allow)`."""
-    where = str(decision.get("host") or flow.request.pretty_host)
+    where = clean(decision.get("host") or flow.request.pretty_host)
     if decision.get("port"):
         where += f":{decision['port']}"
     rule = decision.get("rule") or decision.get("reason")
-    return f"egress {decision['decision']}: {where}" + (f" ({rule})" if rule else "")
+    return f"egress {decision['decision']}: {where}" + (f" ({clean(rule)})" if rule else "")
 
 
 def annotate(flow: http.HTTPFlow) -> None:
@@ -415,7 +427,7 @@ class WebView:
             self._keep_copy(flow)
             annotate(flow)
         except Exception:  # viewing aids must never disturb the traffic
-            logger.exception(f"cannot annotate {flow.request.pretty_url}")
+            logger.exception(f"cannot annotate {clean(flow.request.pretty_url)}")
 
     def _keep_copy(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)

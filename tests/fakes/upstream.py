@@ -6,6 +6,7 @@ Stdlib only, and independent of the gateway (it is the oracle the gateway is che
         client = anthropic.Anthropic(base_url=fake.url, api_key="sk-ant-fake")
         client.messages.create(...)               # default answer: "Hello from the fake upstream"
         fake.script(Scenario.error(529))          # the next Messages request gets a native 529
+        FakeUpstream(cache=CacheAccounting(ttl_5m=2))  # usage from an emulated prompt cache (short TTLs)
         fake.requests[-1].json["model"]           # everything received is recorded
 
 A request can also pick its own answer with a header (it wins over the queue and does not consume it):
@@ -24,6 +25,7 @@ import base64
 import copy
 import dataclasses
 import gzip as _gzip
+import hashlib
 import http.server
 import itertools
 import json
@@ -135,7 +137,9 @@ class Scenario:
     Timing and failures: ``delay`` (seconds before the headers), ``event_delay`` (seconds between SSE events),
     ``error_after`` (after N events send ``event: error`` with ``stream_error`` (default overloaded_error) and end
     the body cleanly), ``truncate_after`` (after N events end the body cleanly, no message_stop), ``abort_after``
-    (after N events, or for a JSON body after N bytes, close the socket mid-body), ``gzip`` (Content-Encoding:
+    (after N events, or for a JSON body after N bytes, close the socket mid-body), ``stall_after`` (after N
+    events send nothing more, keeping the connection open until the fake stops; 0: stall right after the
+    headers), ``gzip`` (Content-Encoding:
     gzip; SSE as a real streaming gzip, flushed after every event).
     """
 
@@ -179,6 +183,7 @@ class Scenario:
     stream_error: dict | None = None
     truncate_after: int | None = None
     abort_after: int | None = None
+    stall_after: int | None = None
     gzip: bool = False
 
     # -- constructors
@@ -416,6 +421,100 @@ def _pattern_text(n: int, offset: int = 0) -> str:
     start = offset % len(_PATTERN)
     reps = (start + n) // len(_PATTERN) + 1
     return (_PATTERN * reps)[start : start + n]
+
+
+# ---------------------------------------------------------------------------------------------- cache accounting
+class CacheAccounting:
+    """Anthropic's prompt-cache accounting, emulated: the fake remembers the prefixes it has cached, with TTLs.
+
+    As the API documents it ("Prompt caching"): the prefix is model, tools, system, messages, block by block;
+    each block carrying ``cache_control`` is a breakpoint ("5m" or "1h" TTL). A request reads the longest prefix
+    cached at a block boundary reached from one of its breakpoints by looking back at most ``lookback`` blocks;
+    it writes the prefix at each later breakpoint at least ``min_tokens`` long; a read refreshes that entry's TTL.
+    ``cache_read_input_tokens`` is the read prefix, ``cache_creation_input_tokens`` the rest up to the last
+    breakpoint written (split by TTL in ``cache_creation``), ``input_tokens`` everything after.
+
+    Tokens are estimated as one per ``chars_per_token`` characters of a block's compact JSON (at least one).
+    TTLs are in seconds; tests give short ones (``ttl_5m=1.5``). Memory holds at most ``max_entries`` prefixes.
+    """
+
+    def __init__(self, *, ttl_5m: float = 300.0, ttl_1h: float = 3600.0, min_tokens: int = 1024,
+                 lookback: int = 20, chars_per_token: int = 4, max_entries: int = 10_000) -> None:
+        self.ttl = {"5m": ttl_5m, "1h": ttl_1h}
+        self.min_tokens = min_tokens
+        self.lookback = lookback
+        self.chars_per_token = chars_per_token
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, str]] = {}  # prefix hash -> (expires at, ttl name)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _blocks(request_json: Mapping[str, Any]) -> tuple[list[Any], int]:
+        """The blocks in prefix order, and where the messages start."""
+        def as_blocks(value: Any) -> list[Any]:
+            return [{"type": "text", "text": value}] if isinstance(value, str) else list(value or [])
+
+        blocks = list(request_json.get("tools") or [])
+        blocks += as_blocks(request_json.get("system"))
+        first_message = len(blocks)
+        for message in request_json.get("messages") or []:
+            blocks += as_blocks(message.get("content") if isinstance(message, dict) else None)
+        return blocks, first_message
+
+    def usage(self, request_json: Any, now: float | None = None) -> dict:
+        """The four prompt token counts (and ``cache_creation``) the API would report for this request."""
+        if not isinstance(request_json, Mapping):
+            return {}
+        now = time.monotonic() if now is None else now
+        chain = hashlib.sha256(str(request_json.get("model")).encode())
+        prefixes, totals, breakpoints, total = [], [], [], 0
+        blocks, first_message = self._blocks(request_json)
+        # thinking and tool_choice changes invalidate the cached messages, not tools or system (API docs)
+        settings = json.dumps([request_json.get("thinking"), request_json.get("tool_choice")], sort_keys=True)
+        for i, block in enumerate(blocks):
+            if i == first_message:
+                chain.update(settings.encode() + b"\x00")
+            control = block.get("cache_control") if isinstance(block, dict) else None
+            bare = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+            text = json.dumps(bare, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            chain.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+            prefixes.append(chain.digest())
+            total += max(1, -(-len(text) // self.chars_per_token))
+            totals.append(total)
+            if isinstance(control, dict):
+                breakpoints.append((len(prefixes) - 1, "1h" if control.get("ttl") == "1h" else "5m"))
+        with self._lock:
+            for key in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+                del self._entries[key]
+            read_at = -1
+            for position, _ in breakpoints:
+                for p in range(position, max(-1, position - self.lookback), -1):
+                    if prefixes[p] in self._entries:
+                        read_at = max(read_at, p)
+                        break
+            read = totals[read_at] if read_at >= 0 else 0
+            if read_at >= 0:
+                _, name = self._entries[prefixes[read_at]]
+                self._entries[prefixes[read_at]] = (now + self.ttl[name], name)
+            written, by_ttl, boundary = 0, {"5m": 0, "1h": 0}, read
+            for position, name in breakpoints:
+                if position > read_at and totals[position] >= self.min_tokens:
+                    self._entries[prefixes[position]] = (now + self.ttl[name], name)
+                    by_ttl[name] += totals[position] - boundary
+                    boundary = totals[position]
+                    written = boundary - read
+            while len(self._entries) > self.max_entries:
+                del self._entries[next(iter(self._entries))]
+        return {
+            "input_tokens": total - read - written,
+            "cache_read_input_tokens": read,
+            "cache_creation_input_tokens": written,
+            "cache_creation": {"ephemeral_5m_input_tokens": by_ttl["5m"], "ephemeral_1h_input_tokens": by_ttl["1h"]},
+        }
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -705,6 +804,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- messages
     def _send_message(self, spec: Scenario, request_json: Any) -> None:
         fake = self.server.fake
+        if fake.cache is not None:  # the emulated cache decides the prompt token counts; a scenario's usage wins
+            spec = dataclasses.replace(spec, usage={**fake.cache.usage(request_json), **(spec.usage or {})})
         msg = build_message(spec, request_json, fake._next_message_id())
         wants_stream = isinstance(request_json, dict) and request_json.get("stream") is True
         stream = wants_stream if spec.stream is None else spec.stream
@@ -737,6 +838,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         n = 0
         for name, data in events:
             if spec.abort_after is not None and n >= spec.abort_after:
+                raise _Abort
+            if spec.stall_after is not None and n >= spec.stall_after:
+                self.wfile.flush()
+                fake._stopping.wait()
                 raise _Abort
             if spec.truncate_after is not None and n >= spec.truncate_after:
                 break
@@ -821,8 +926,10 @@ class _ChunkWriter:
 class FakeUpstream:
     """A fake api.anthropic.com on 127.0.0.1. See the module docstring and :class:`Scenario`."""
 
-    def __init__(self, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = False):
+    def __init__(self, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = False,
+                 cache: CacheAccounting | None = None):
         self.host = host
+        self.cache = cache  # None: fixed usage numbers (DEFAULT_USAGE); else Anthropic's cache accounting
         self._port = port
         self.verbose = verbose
         self._lock = threading.Lock()
@@ -963,8 +1070,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="A fake Anthropic Messages API on 127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    ap.add_argument("--cache-ttl-5m", type=float, metavar="SECONDS",
+                    help="emulate the prompt cache (CacheAccounting), its '5m' entries living this long")
     args = ap.parse_args(argv)
-    fake = FakeUpstream(args.port, verbose=args.verbose).start()
+    cache = CacheAccounting(ttl_5m=args.cache_ttl_5m) if args.cache_ttl_5m is not None else None
+    fake = FakeUpstream(args.port, verbose=args.verbose, cache=cache).start()
     print(f"listening on {fake.url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

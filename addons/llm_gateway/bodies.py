@@ -1,0 +1,85 @@
+"""Request bodies: refuse one over `limits.request_body` with a native 413, without holding it in memory.
+
+Anthropic's API refuses a request over 32 MB with 413 `request_too_large`; the gateway does the same before the
+upstream sees it, and before the body fills its memory. mitmproxy's `body_size_limit` option refuses too early
+for that (in the layer, before any hook) with its own HTML 413, which no client reads as an Anthropic error, and
+it is one limit for every flow; so this keeps mitmproxy's buffering but swaps the buffer of an API request for one
+that stops keeping bytes past the limit (`CappedBody`). A body declared too large by its `content-length` is
+answered at once and its bytes are read and dropped, so that the client, which writes its whole request before
+it reads, gets the 413 instead of a reset; a chunked body is cut off the same way when it crosses the limit.
+
+Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
+(briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+from mitmproxy.proxy.utils import ReceiveBuffer
+
+from . import exchange, interrupt
+
+logger = logging.getLogger("llm_gateway.bodies")
+
+
+class CappedBody(ReceiveBuffer):
+    """mitmproxy's request body buffer, which drops everything once the body is over `limit` bytes."""
+
+    def __init__(self, limit: int, refused: bool = False) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0  # bytes, kept or not
+        self.refused = refused
+
+    def __iadd__(self, other: bytes) -> CappedBody:
+        self.received += len(other)
+        if not self.refused and self.received > self.limit:
+            self.refused = True
+            self.clear()
+        if not self.refused:
+            super().__iadd__(other)
+        return self
+
+
+def too_large(limit: int, size: int | None) -> http.Response:
+    shown = f"{size} bytes" if size is not None else "over the limit"
+    return interrupt.native_answer(
+        "request_too_large",
+        f"Request exceeds the maximum allowed number of bytes: {shown}; this gateway accepts up to {limit} "
+        "(limits.request_body).",
+        {"connection": "close", "x-should-retry": "false"},
+    )
+
+
+class BodyLimit:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response:
+            return
+        limit = ex.rules.limits.request_body
+        try:
+            declared = int(flow.request.headers.get("content-length", ""))
+        except ValueError:
+            declared = None
+        refused = declared is not None and declared > limit
+        stream = interrupt.find_stream(flow)
+        if stream is not None and not len(stream.request_body_buf):
+            stream.request_body_buf = CappedBody(limit, refused)
+        if refused:
+            ex.reason = "request_too_large"
+            logger.warning(f"refused a {declared}-byte request to {ex.host}{ex.path.split('?', 1)[0]!r} (limit {limit})")
+            flow.response = too_large(limit, declared)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response:
+            return
+        stream = interrupt.find_stream(flow)
+        body = stream.request_body_buf if stream is not None else None
+        if isinstance(body, CappedBody) and body.refused:
+            ex.reason = "request_too_large"
+            ex.body = None
+            logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{ex.path.split('?', 1)[0]!r}")
+            flow.response = too_large(body.limit, body.received)

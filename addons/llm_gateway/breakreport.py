@@ -1,0 +1,125 @@
+"""Cache breaks in the usage report: how many, why, and the money lost, by client and reason.
+
+Standard library only (the report runs wherever the log is copied to). Two sources:
+
+- the breaks the gateway recorded (`cache_break`, `cache_break_reason`, `cache_break_tokens_lost`,
+  `cache_break_cost_usd`): exact, but a replica sees only the requests that reached it;
+- `recompute`: the merged records of every replica, in time order, each distinct record once. A successful
+  request that read fewer cache tokens than the previous request of its session and model had cached (read +
+  write) is a break. Its reason is
+  the one a replica recorded for it, else `ttl_expired` when the pause exceeded the cache TTL (5 minutes, or an
+  hour when the previous request wrote 1h cache), else `unknown` (the prompt's fingerprints live only in the
+  replica that saw the request, never in records). Its cost is the recorded one; a break no replica saw has none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Iterator
+
+TTL_5M, TTL_1H = 300.0, 3600.0  # seconds: the API's cache lifetimes
+COLUMNS = ("client", "reason", "breaks", "tokens_lost", "lost_usd", "unpriced")
+TABLE_HEADERS = {"client": "CLIENT", "reason": "REASON", "breaks": "BREAKS", "tokens_lost": "TOKENS LOST",
+                 "lost_usd": "LOST $", "unpriced": "UNPRICED"}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _money(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+@dataclass
+class _Row:
+    breaks: int = 0
+    tokens_lost: int = 0
+    lost: list[float] = field(default_factory=list)
+    unpriced: int = 0  # breaks without a known cost
+
+
+@dataclass
+class BreakTable:
+    rows: dict[tuple[str, str], _Row] = field(default_factory=dict)
+
+    def add(self, client: str, reason: str, tokens_lost: int | None, lost_usd: float | None) -> None:
+        row = self.rows.setdefault((client, reason), _Row())
+        row.breaks += 1
+        row.tokens_lost += tokens_lost or 0
+        if lost_usd is None:
+            row.unpriced += 1
+        else:
+            row.lost.append(lost_usd)
+
+    def add_recorded(self, record: dict[str, Any]) -> None:
+        """Count a record's own break, as the gateway found it."""
+        if record.get("cache_break") is True:
+            self.add(_client(record), _reason(record) or "unknown", _int(record.get("cache_break_tokens_lost")),
+                     _money(record.get("cache_break_cost_usd")))
+
+    def result(self) -> list[dict[str, Any]]:
+        """One row per (client, reason), most money lost first; None where no cost is known."""
+        out = [
+            {"client": c, "reason": r, "breaks": row.breaks, "tokens_lost": row.tokens_lost,
+             "lost_usd": round(math.fsum(row.lost), 8) if row.lost else None, "unpriced": row.unpriced}
+            for (c, r), row in self.rows.items()
+        ]
+        return sorted(out, key=lambda row: (-(row["lost_usd"] or 0), -row["tokens_lost"], row["client"], row["reason"]))
+
+
+def _client(record: dict[str, Any]) -> str:
+    return str(record.get("client") or "unknown")
+
+
+def _reason(record: dict[str, Any]) -> str | None:
+    reason = record.get("cache_break_reason")
+    return reason if isinstance(reason, str) and reason else None
+
+
+Found = tuple[dict[str, Any], str, int, float | None]  # (record, reason, tokens lost, US dollars lost or None)
+
+
+def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Found]:
+    """(record, reason, tokens lost, lost US dollars or None) for every break in merged records, whatever replica
+    wrote them; `records` are (record, time) pairs in any order. Breaks a replica recorded across models (a model
+    switch) are kept as recorded."""
+    last: dict[tuple[str, Any], tuple[datetime, int, bool]] = {}  # (session, model) -> (time, cached, wrote 1h)
+    seen: set[bytes] = set()  # records already counted: shippers deliver at least once, rotated logs overlap
+    for record, when in sorted(records, key=lambda pair: pair[1]):
+        same = hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16).digest()
+        if same in seen:  # compared with itself, a copy reads less than it cached: a break that never was
+            continue
+        seen.add(same)
+        session, read = record.get("session"), _int(record.get("cache_read_input_tokens"))
+        status = _int(record.get("status"))
+        if not isinstance(session, str) or read is None or status is None or status >= 400 or record.get("error_type"):
+            continue
+        key = (session, record.get("model"))
+        prev = last.get(key)
+        last[key] = (when, read + (_int(record.get("cache_creation_input_tokens")) or 0),
+                     bool(_int(record.get("cache_creation_1h_input_tokens"))))
+        recorded = _reason(record) if record.get("cache_break") is True else None
+        if prev is None or read >= prev[1]:
+            if recorded:  # found by the replica against another model's request: a model switch
+                lost = _int(record.get("cache_break_tokens_lost")) or 0
+                yield record, recorded, lost, _money(record.get("cache_break_cost_usd"))
+            continue
+        lost = prev[1] - read
+        if recorded:
+            yield record, recorded, lost, _money(record.get("cache_break_cost_usd"))
+            continue
+        pause = (when - prev[0]).total_seconds()
+        yield record, "ttl_expired" if pause > (TTL_1H if prev[2] else TTL_5M) else "unknown", lost, None
+
+
+def table_from_merged(records: Iterable[tuple[dict[str, Any], datetime]]) -> BreakTable:
+    table = BreakTable()
+    for record, reason, lost, cost in recompute(records):
+        table.add(_client(record), reason, lost, cost)
+    return table
