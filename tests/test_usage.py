@@ -368,7 +368,7 @@ def test_human_line_per_exchange(gw, caplog):
     gw.json_exchange({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, status=429)
     assert caplog.records[-1].getMessage() == (
         f"tester session=sess-1 {SONNET} 429 in=- out=- cache_read=- cache_write=- hit=- unpriced"
-        ' error=rate_limit_error request_id=req_002 reason="HTTP 429"')
+        ' error=rate_limit_error request_id=req_002')
     f, _ = gw.request(model="gpt-x")
     f.error = tflow.terr()
     gw.hook("error", f)

@@ -227,7 +227,6 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
                 response.status_code
             )
             ex.request_id = ex.request_id or _request_id(body)
-        ex.reason = ex.reason or f"HTTP {response.status_code}"
 
 
 def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
