@@ -43,6 +43,9 @@ def test_claude_code_is_detected_with_its_session_and_usage(gw, module_fake, mod
     for key, value in USAGE.items():
         assert record[key] == value
     assert record["stream_requested"] is True and record["complete"] is True
+    # the model Claude Code asks for by default (the fake answers with it) is priced from the library
+    assert record["model"] == seen.json["model"] and record["model"].startswith("claude-")
+    assert record["cost_usd"] and record["price_source"].startswith("genai-prices "), record
 
 
 def test_forced_off_upstream_costs_one_request_per_turn(gateway_factory, fake):

@@ -2,8 +2,9 @@
 speaks garbage; the client walks away mid-stream; LiteLLM restarts in the middle of traffic.
 
 In every case the gateway keeps serving other flows (a good request runs during and after the fault),
-writes exactly one usage record per exchange (`complete: false` where it ended early), never kills a
-connection itself (the client sees the upstream's failure, or mitmproxy's 502 naming it), and the process
+writes exactly one usage record per exchange (`complete: false` where it ended early; `status` and
+`error_type` what the client got, with a `reason`), never kills a connection itself (the client sees the
+upstream's failure, or mitmproxy's 502 naming it), and the process
 stays up without a traceback in its output.
 """
 
@@ -224,7 +225,9 @@ def test_upstream_closing_mid_stream(gw):
     assert record["input_tokens"] == 21  # message_start had passed
     # The buffered answer: the upstream's failure, as mitmproxy's 502 naming it.
     assert cut_json.status == 502 and b"peer closed connection" in cut_json.body
-    assert record_of(gw, "close-json")["complete"] is False
+    record = record_of(gw, "close-json")  # what the client got: mitmproxy's 502, and why
+    assert (record["complete"], record["status"], record["error_type"], record["reason"]) == (
+        False, 502, "api_error", "upstream closed before the end of its body")
     assert record_of(gw, "close-during")["complete"] is True
     good(gw, "close-after")
     assert_healthy(gw)
@@ -263,7 +266,8 @@ def test_upstream_tls_failure_and_garbage(gw, prefix, reason):
     for i, result in enumerate(results):
         assert result.status == 502 and reason in result.body, result
         record = record_of(gw, f"{prefix[1:]}-{i}")
-        assert record["complete"] is False and record["status"] is None
+        assert record["complete"] is False and (record["status"], record["error_type"]) == (502, "api_error")
+        assert record["reason"] == ("upstream TLS failed" if prefix == "/tls" else "upstream failed")
         assert record["upstream"].startswith("https://" if prefix == "/tls" else "http://")
     good(gw, f"{prefix[1:]}-after")
     assert_healthy(gw)

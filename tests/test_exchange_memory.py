@@ -14,7 +14,7 @@ from mitmproxy.test import taddons, tflow
 
 from gwtest import forward, rule_file
 from llm_gateway import exchange, wire
-from llm_gateway.envelopes import ErrorUnwrapper
+from llm_gateway.answer import AnswerPipeline
 from llm_gateway.records import RecordLog
 from llm_gateway.routing import ApiRouter
 from llm_gateway.streams import StreamPreference
@@ -55,7 +55,7 @@ def run_exchange(addons, stream: bool) -> weakref.ref:
 def test_exchange_is_freed_with_its_flow_without_a_garbage_collection(tmp_path):
     records = RecordLog()
     rf = rule_file()
-    addons = [rf, records, ApiRouter(rf), ErrorUnwrapper(), StreamPreference(), Usage(records)]
+    addons = [rf, records, ApiRouter(rf), StreamPreference(), AnswerPipeline(), Usage(records)]
     with taddons.context(*addons) as tctx:
         tctx.configure(records, gateway_log=str(tmp_path / "usage.jsonl"))
         gc.disable()

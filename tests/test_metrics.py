@@ -31,6 +31,7 @@ def finished(*, client="claude-code", model="claude-sonnet-4-5", session="sess-1
     ex.client, ex.model, ex.session = client, model, session
     ex.usage = dict(usage) if usage is not None else None
     ex.error_type, ex.unwrapped, ex.cache_break = error_type, unwrapped, cache_break
+    ex.status = status  # what the client got, as answer.py leaves it
     if status is not None:
         flow.response = tutils.tresp(status_code=status)
     else:

@@ -14,9 +14,8 @@ from mitmproxy.test import taddons, tflow
 
 from gwtest import api_flow, rule_file
 from llm_gateway import exchange, relay, sse, wire
-from llm_gateway.envelopes import StreamErrorTap
 from llm_gateway.routing import ApiRouter
-from llm_gateway.usage import UsageTap
+from llm_gateway.answer import StreamReader
 
 MESSAGE = {
     "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
@@ -46,6 +45,8 @@ def exchange_for():
 def feed(stream_fn, data: bytes, cuts: list[int]) -> bytes:
     out, last = [], 0
     for cut in sorted(set(cuts)) + [len(data)]:
+        if cut == last:
+            continue  # mitmproxy hands over b"" only at the end of the body
         out.append(stream_fn(data[last:cut]))
         last = cut
     out.append(stream_fn(b""))
@@ -57,7 +58,7 @@ def feed(stream_fn, data: bytes, cuts: list[int]) -> bytes:
 @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
 def test_untouched_stream_passes_byte_for_byte_however_split(cuts):
     _f, ex = exchange_for()
-    ex.sse_taps.append(UsageTap(ex))
+    ex.sse_taps.append(StreamReader(ex))
     out = feed(relay.SSERelay(ex, None), STREAM, cuts)
     assert out == STREAM
     assert ex.usage["cache_read_input_tokens"] == 500 and ex.usage["output_tokens"] == 7 and ex.complete
@@ -79,7 +80,7 @@ def test_compressed_streams_are_decoded_on_the_fly_and_forwarded_as_identity():
         f, ex = exchange_for()
         f.response.headers["content-encoding"] = name
         f.response.headers["content-type"] = "text/event-stream"
-        ex.sse_taps.append(UsageTap(ex))
+        ex.sse_taps.append(StreamReader(ex))
         assert relay.install(f, ex)
         assert "content-encoding" not in f.response.headers
         body = encode(STREAM)
@@ -113,14 +114,14 @@ def test_a_failing_tap_does_not_break_the_stream():
             raise RuntimeError("bug")
 
     _f, ex = exchange_for()
-    ex.sse_taps += [Broken(), UsageTap(ex)]
+    ex.sse_taps += [Broken(), StreamReader(ex)]
     assert feed(relay.SSERelay(ex, None), STREAM, [5, 50]) == STREAM
     assert ex.complete
 
 
 def test_truncated_stream_gets_a_native_error_event_appended():
     _f, ex = exchange_for()
-    ex.sse_taps += [StreamErrorTap(ex), UsageTap(ex)]
+    ex.sse_taps += [StreamReader(ex)]
     cut = STREAM.index(b"event: message_delta")
     out = feed(relay.SSERelay(ex, None), STREAM[:cut], [])
     assert out.startswith(STREAM[:cut])
@@ -131,7 +132,7 @@ def test_truncated_stream_gets_a_native_error_event_appended():
 
 def test_wrapped_error_event_is_unwrapped_in_place():
     _f, ex = exchange_for()
-    ex.sse_taps += [StreamErrorTap(ex), UsageTap(ex)]
+    ex.sse_taps += [StreamReader(ex)]
     native = wire.error_body("overloaded_error", "Overloaded", "req_9")
     wrapped = {"error": {"message": wire.dumps(native).decode(), "type": "None", "param": "None", "code": "529"}}
     head = STREAM[: STREAM.index(b"event: content_block_start")]

@@ -15,7 +15,8 @@ from llm_gateway.drain import Drain
 from llm_gateway.endpoints import Endpoints
 from llm_gateway.metrics import Metrics
 from llm_gateway.routing import ApiRouter
-from llm_gateway.usage import UsageTap, build_record
+from llm_gateway.answer import StreamReader
+from llm_gateway.usage import build_record
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +61,7 @@ def streaming_exchange():
     router.requestheaders(f)
     router.request(f)
     ex = exchange.of(f)
-    ex.sse_taps.append(UsageTap(ex))
+    ex.sse_taps.append(StreamReader(ex))
     return f, ex
 
 

@@ -34,17 +34,11 @@ from mitmproxy import http, io as mio
 from mitmproxy import contentviews
 from mitmproxy.test import taddons
 
-from gwtest import api_flow, rule_file
+from gwtest import api_flow, flow_addons, rule_file
 from llm_gateway import exchange, relay, rules, sse, wire
-from llm_gateway.clients import ClientDetector
-from llm_gateway.envelopes import TRUNCATED_MESSAGE, ErrorUnwrapper
-from llm_gateway.metrics import Metrics
-from llm_gateway.records import RecordLog
-from llm_gateway.routing import ApiRouter
+from llm_gateway.answer import TRUNCATED_MESSAGE
 from llm_gateway.rules import RulesError
-from llm_gateway.streams import StreamPreference
 from llm_gateway.usage import TOKEN_FIELDS, Usage
-from llm_gateway.webview import WebView
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES_TEXT = (ROOT / "rules.yaml").read_text()
@@ -69,25 +63,15 @@ STREAM = wire.message_to_sse(MESSAGE)
 
 
 class Gateway:
-    """The addons of gateway.py that handle API flows, in its order, driven hook by hook like mitmproxy."""
+    """The addons gateway.py loads (compose.default_addons), in its order, driven hook by hook like mitmproxy."""
 
     def __init__(self, log: Path) -> None:
         self.log = log
-        self.records = RecordLog()
         self.rule_file = rule_file(RULES)
-        self.addons = [
-            self.rule_file,
-            self.records,
-            ApiRouter(self.rule_file),
-            ClientDetector(),
-            ErrorUnwrapper(),
-            StreamPreference(),
-            Usage(self.records),
-            Metrics(self.records),
-            WebView(),
-        ]
-        self.seen: list[dict] = []
-        self.records.observers.append(self.seen.append)
+        self.addons = flow_addons(self.rule_file)  # what gateway.py loads, in its order (gwtest.flow_addons)
+        self.records = self.addons[1]
+        self.seen: list[dict] = []  # usage records (the egress policy's decision records are not counted here)
+        self.records.observers.append(lambda r: self.seen.append(r) if r.get("kind") == "usage" else None)
 
     def hook(self, name: str, flow: http.HTTPFlow) -> None:
         """Call one hook on every addon, in order; an exception here is the failure under test."""
@@ -97,7 +81,9 @@ class Gateway:
                 fn(flow)
 
     def lines(self) -> list[str]:
-        return self.log.read_text(encoding="utf-8").splitlines(keepends=True) if self.log.exists() else []
+        """The usage record lines of the log (egress decision records share it)."""
+        text = self.log.read_text(encoding="utf-8") if self.log.exists() else ""
+        return [line for line in text.splitlines(keepends=True) if not line.startswith('{"kind":"egress"')]
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +319,7 @@ def events_of(body: bytes) -> list[sse.Event]:
 
 
 def error_like(event: sse.Event) -> bool:
-    """An event the error tap may rewrite (see envelopes.StreamErrorTap)."""
+    """An event the error tap may rewrite (see answer.StreamReader)."""
     return event.name == "error" or (event.name is None and '"error"' in event.data)
 
 
@@ -382,7 +368,8 @@ def test_hooks_never_raise_and_pass_on_what_they_do_not_understand(
     # The request goes on unchanged, or as the same JSON with only `stream` forced; the headers too,
     # less the gateway's own x-gateway-client (and Host where routed).
     if f.request.raw_content != body:
-        before, after = json.loads(body), json.loads(f.request.raw_content)
+        # as sent upstream: encoded again when the client's content-encoding names one mitmproxy can apply
+        before, after = json.loads(body), json.loads(f.request.get_content(strict=False))
         assert ex.stream_upstream is not ex.stream_requested
         assert json.dumps(after, sort_keys=True) == json.dumps({**before, "stream": ex.stream_upstream}, sort_keys=True)
     ours = (b"x-gateway-client", b"host")

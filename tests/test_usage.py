@@ -19,7 +19,8 @@ from llm_gateway import exchange, pricing, relay, rules, sse
 from llm_gateway.clients import ClientDetector
 from llm_gateway.records import RecordLog
 from llm_gateway.routing import ApiRouter
-from llm_gateway.usage import UsageTap, Usage, build_record, human_line
+from llm_gateway.answer import AnswerPipeline, StreamReader
+from llm_gateway.usage import Usage, build_record, human_line
 
 SONNET, HAIKU = "claude-sonnet-4-5-20250929", "claude-haiku-4-5"
 PRICES = """\
@@ -84,7 +85,14 @@ class Gateway:
         self.rule_file = rule_file(rule_text)
         self.router = ApiRouter(self.rule_file)
         self.detector = ClientDetector()
+        self.answer = AnswerPipeline()
         self.n = 0
+
+    def hook(self, name: str, f: http.HTTPFlow) -> None:
+        """A response-side hook as mitmproxy calls it: the answer pipeline, then usage (gateway.py's order)."""
+        getattr(self.answer, name)(f)
+        if hasattr(self.usage, name):
+            getattr(self.usage, name)(f)
 
     @property
     def records(self) -> RecordLog:
@@ -112,19 +120,19 @@ class Gateway:
         h = {"content-type": content_type, "request-id": f"req_{self.n:03d}", "set-cookie": "sid=COOKIEVALUE0123456789",
              **(headers or {})}
         f.response = http.Response.make(status, body, h)
-        self.usage.responseheaders(f)
+        self.hook("responseheaders", f)
 
     def json_exchange(self, body: dict, status: int = 200, **kw) -> tuple[http.HTTPFlow, exchange.Exchange]:
         f, ex = self.request(**kw)
         self.respond(f, status, json.dumps(body).encode(), "application/json")
-        self.usage.response(f)
+        self.hook("response", f)
         return f, ex
 
     def sse_exchange(self, events: list, chunk: int = 13, **kw) -> tuple[http.HTTPFlow, exchange.Exchange]:
         """A stream as the relay hands it to the taps: parsed by SSEParser from chunks cut anywhere."""
         f, ex = self.request(stream=True, **kw)
         self.respond(f, 200, b"", "text/event-stream")
-        taps = [t for t in ex.sse_taps if isinstance(t, UsageTap)]
+        taps = [t for t in ex.sse_taps if isinstance(t, StreamReader)]
         assert len(taps) == 1
         parser, raw = sse.SSEParser(), encode(events)
         for i in range(0, len(raw), chunk):
@@ -134,7 +142,7 @@ class Gateway:
             taps[0].on_event(event)
         assert taps[0].on_end() == b""
         f.response.stream = True  # it went by as a stream
-        self.usage.response(f)
+        self.hook("response", f)
         return f, ex
 
     def lines(self) -> list[str]:
@@ -183,15 +191,16 @@ def test_json_without_breakdown_and_unknown_model(gw):
     gw.json_exchange(message(usage_of(inp=7, out=3, write=9), model="gpt-x"), model="gpt-x")
     [r] = gw.written()
     assert (r["input_tokens"], r["output_tokens"], r["cache_creation_input_tokens"]) == (7, 3, 9)
-    assert r["cache_creation_5m_input_tokens"] is None and r["cache_creation_1h_input_tokens"] is None
-    assert r["cost_usd"] is None and r["saved_usd"] is None  # unknown model: no guess
+    # no split: every write is a 5-minute one (the API's default TTL), so the parts add up to the total
+    assert r["cache_creation_5m_input_tokens"] == 9 and r["cache_creation_1h_input_tokens"] == 0
+    assert r["cost_usd"] is None and r["saved_usd"] is None and r["price_source"] is None  # unknown: no guess
 
 
 def test_count_tokens_and_non_message_bodies_have_null_tokens(gw):
     f, _ = gw.request()
     f.request.path = "/v1/messages/count_tokens"
     gw.respond(f, 200, b'{"input_tokens": 42}', "application/json")
-    gw.usage.response(f)
+    gw.hook("response", f)
     [r] = gw.written()
     assert r["input_tokens"] is None and r["output_tokens"] is None and r["cost_usd"] is None
     assert r["complete"] is True and r["cache_hit_share"] is None
@@ -227,11 +236,11 @@ def test_sse_through_the_relay_with_gzip(gw):
     raw = encode(stream_events(usage_of(inp=100, out=1, read=50), {"output_tokens": 12}))
     body = gzip.compress(raw)
     f.response = http.Response.make(200, b"", {"content-type": "text/event-stream", "content-encoding": "gzip"})
-    gw.usage.responseheaders(f)
-    assert relay.install(f, ex)
+    gw.hook("responseheaders", f)  # the answer pipeline installs the relay
+    assert isinstance(f.response.stream, relay.SSERelay)
     out = forward(f.response.stream, [body[i: i + 17] for i in range(0, len(body), 17)])
     assert out == raw
-    gw.usage.response(f)
+    gw.hook("response", f)
     [r] = gw.written()
     assert (r["input_tokens"], r["output_tokens"], r["cache_read_input_tokens"]) == (100, 12, 50)
     assert r["complete"] is True
@@ -259,8 +268,8 @@ def test_error_response_record(gw):
 def test_error_hook_without_response_writes_exactly_one_incomplete_record(gw):
     f, _ = gw.request()
     f.error = tflow.terr("Connection killed.")
-    gw.usage.error(f)
-    gw.usage.error(f)
+    gw.hook("error", f)
+    gw.hook("error", f)
     [r] = gw.written()
     assert r["complete"] is False and r["status"] is None and r["input_tokens"] is None and r["request_id"] is None
 
@@ -269,14 +278,14 @@ def test_stream_abandoned_halfway(gw):
     """The client went away after message_start: the error hook records what passed, once."""
     f, ex = gw.request(stream=True)
     gw.respond(f, 200, b"", "text/event-stream")
-    tap = next(t for t in ex.sse_taps if isinstance(t, UsageTap))
+    tap = next(t for t in ex.sse_taps if isinstance(t, StreamReader))
     parser = sse.SSEParser()
     for event in parser.feed(encode(stream_events(usage_of(inp=300, out=1, read=900), {"output_tokens": 5}))[:600]):
         tap.on_event(event)
     f.response.stream = True
     f.error = tflow.terr("Client disconnected.")
-    gw.usage.error(f)
-    gw.usage.response(f)  # a late response hook must not write a second record
+    gw.hook("error", f)
+    gw.hook("response", f)  # a late response hook must not write a second record
     [r] = gw.written()
     assert r["complete"] is False and r["status"] == 200
     assert (r["input_tokens"], r["cache_read_input_tokens"]) == (300, 900)
@@ -284,10 +293,10 @@ def test_stream_abandoned_halfway(gw):
 
 def test_unrelated_flows_are_ignored(gw):
     f = tflow.tflow(resp=True)
-    gw.usage.responseheaders(f)
-    gw.usage.response(f)
+    gw.hook("responseheaders", f)
+    gw.hook("response", f)
     f.error = tflow.terr()
-    gw.usage.error(f)
+    gw.hook("error", f)
     assert gw.written() == [] and "gateway" not in f.metadata
 
 
@@ -343,7 +352,7 @@ def test_records_are_whole_lines_in_the_gateway_log(gw):
         gw.json_exchange(message(usage_of(inp=i + 1)))
     f, _ = gw.request()
     f.error = tflow.terr()
-    gw.usage.error(f)
+    gw.hook("error", f)
     lines = gw.lines()
     assert len(lines) == 6 and all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
     assert [json.loads(line)["input_tokens"] for line in lines] == [1, 2, 3, 4, 5, None]
@@ -356,11 +365,16 @@ def test_human_line_per_exchange(gw, caplog):
     [line] = [r.getMessage() for r in caplog.records if r.name == "llm_gateway.usage"]
     assert line == (f"tester session=sess-1 {SONNET} 200 in=1000 out=200 cache_read=4000 cache_write=2000 hit=57%"
                     f" ${gw.written()[0]['cost_usd']:.4f}")
+    gw.json_exchange({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, status=429)
+    assert caplog.records[-1].getMessage() == (
+        f"tester session=sess-1 {SONNET} 429 in=- out=- cache_read=- cache_write=- hit=- unpriced"
+        ' error=rate_limit_error request_id=req_002')
     f, _ = gw.request(model="gpt-x")
     f.error = tflow.terr()
-    gw.usage.error(f)
+    gw.hook("error", f)
     assert caplog.records[-1].getMessage() == (
-        "tester session=sess-1 gpt-x None in=None out=None cache_read=None cache_write=None hit=- INCOMPLETE")
+        "tester session=sess-1 gpt-x - in=- out=- cache_read=- cache_write=- hit=- unpriced"
+        ' error=- request_id=- reason="client disconnected" INCOMPLETE')
 
 
 def test_gateway_stats_command(gw):
@@ -369,8 +383,8 @@ def test_gateway_stats_command(gw):
     gw.json_exchange(message(usage_of(inp=2, out=1), model="gpt-x"), model="gpt-x", system="x")  # unknown price
     gw.json_exchange({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, status=429)
     f, _ = gw.request(headers={"x-gateway-client": "other"}, model="gpt-x")
-    gw.respond(f, 200, json.dumps(message(usage_of(inp=5, out=5))).encode(), "application/json")
-    gw.usage.response(f)
+    gw.respond(f, 200, json.dumps(message(usage_of(inp=5, out=5), model="gpt-x")).encode(), "application/json")
+    gw.hook("response", f)
     out = gw.tctx.master.commands.execute("gateway.stats")
     other, tester = out.split("\n")  # sorted by client
     assert tester == (
@@ -389,7 +403,7 @@ def test_no_secret_in_records_logs_or_metadata(gw, caplog):
                     headers={"user-agent": "curl/8", "x-tester": None})  # an unknown client: its user agent is kept
     f, _ = gw.request()
     f.error = tflow.terr()
-    gw.usage.error(f)
+    gw.hook("error", f)
     gw.usage.stats()
     seen = gw.log.read_text() + caplog.text + json.dumps([r for r in gw.written()])
     assert len(gw.written()) == 5 and any(r["user_agent"] == "curl/8" for r in gw.written())
@@ -415,29 +429,30 @@ def test_price_for_first_match_and_unknown():
 
 def test_cost_with_cache_breakdown():
     u = usage_of(inp=1_000_000, out=1_000_000, read=1_000_000, write=3_000_000, write_5m=1_000_000, write_1h=2_000_000)
-    cost, saved = pricing.cost(TABLE, SONNET, u)
-    assert cost == 3 + 15 + 0.3 + 3.75 + 2 * 6 and saved == pytest.approx(2.7)
+    cost, saved, source = pricing.cost(TABLE, SONNET, u)
+    assert cost == 3 + 15 + 0.3 + 3.75 + 2 * 6 and saved == pytest.approx(2.7) and source == "rules"
 
 
 def test_cost_without_breakdown_counts_writes_as_5m():
-    cost, saved = pricing.cost(TABLE, HAIKU, usage_of(inp=0, out=0, read=0, write=2_000_000))
+    cost, saved, _ = pricing.cost(TABLE, HAIKU, usage_of(inp=0, out=0, read=0, write=2_000_000))
     assert cost == 2.5 and saved == 0
 
 
 def test_cost_unknown_model_or_no_usage_is_null():
-    assert pricing.cost(TABLE, "gpt-4o", usage_of()) == (None, None)
-    assert pricing.cost(TABLE, None, usage_of()) == (None, None)
-    assert pricing.cost(TABLE, SONNET, None) == (None, None)
-    assert pricing.cost(TABLE, SONNET, {}) == (None, None)
-    assert pricing.cost((), SONNET, usage_of()) == (None, None)
+    assert pricing.cost(TABLE, "gpt-4o", usage_of()) == pricing.UNPRICED == (None, None, None)
+    assert pricing.cost(TABLE, None, usage_of()) == pricing.UNPRICED
+    assert pricing.cost(TABLE, SONNET, None) == pricing.UNPRICED
+    assert pricing.cost(TABLE, SONNET, {}) == pricing.UNPRICED
+    assert pricing.cost((), "claude-test-1", usage_of()) == pricing.UNPRICED  # neither the rules nor the library
 
 
 def test_cost_never_raises_on_junk_usage():
     junk = {"input_tokens": "1000", "output_tokens": None, "cache_read_input_tokens": True,
             "cache_creation_input_tokens": [1], "cache_creation": {"ephemeral_5m_input_tokens": "x",
                                                                    "ephemeral_1h_input_tokens": -5}}
-    assert pricing.cost(TABLE, SONNET, junk) == (0.0, 0.0)
-    assert pricing.cost(TABLE, SONNET, {"input_tokens": 1_000_000, "cache_creation": "nope"}) == (3.0, 0.0)
+    assert pricing.cost(TABLE, SONNET, junk) == (0.0, 0.0, "rules")
+    assert pricing.cost(TABLE, SONNET, {"input_tokens": 1_000_000, "cache_creation": "nope"}) == (3.0, 0.0, "rules")
+    assert pricing.cost((), SONNET, junk) == (0.0, 0.0, pricing.LIBRARY)
 
 
 # ------------------------------------------------------------------------------------------------ records.py
@@ -531,4 +546,4 @@ def test_build_record_and_human_line_on_a_bare_exchange():
     r = build_record(f, ex, ex.started + 1.5)
     assert r["path"] == "/v1/messages" and r["input_tokens"] == 3 and r["output_tokens"] is None
     assert r["cache_creation_5m_input_tokens"] is None and r["duration_ms"] == 1500.0 and r["cost_usd"] is None
-    assert human_line(r).startswith("unknown session=- - None in=3 out=None")
+    assert human_line(r).startswith("unknown session=- - - in=3 out=- ")

@@ -6,7 +6,7 @@ the wrong status (an upstream 529 as 500) and without the retry headers. Clients
 from the status and `error.type`, so the gateway finds the native error inside the envelope and sends it
 as the API would have.
 
-`ErrorUnwrapper` is the addon; the rest is pure logic. Nothing here raises: any input that is not understood gives either a
+Pure logic; the addon that applies it is `answer.AnswerPipeline`. Nothing here raises: any input that is not understood gives either a
 native error built from the status (for error statuses) or None (leave the response untouched).
 
 Shapes handled (each with the LiteLLM versions that send it, in `unwrap_response`): the native error JSON
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import exchange, sse, wire
+from . import wire
 
 # Bodies larger than this are not parsed (error bodies are small); their head becomes the message.
 MAX_PARSE_BYTES = 1 << 20
@@ -55,6 +55,20 @@ _JSON_ESCAPE = re.compile(
     r'\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})'
 )
 _LITELLM_PREFIX = re.compile(r"\s*litellm\.\w+(?:Error|Exception)\b")
+# Explicit statuses inside a proxy's message (never guessed from prose): the SDKs' `Error code: 429 - …`, a
+# provider error object's numeric `code` or its status name (Google RPC names, as Vertex sends them), and
+# Anthropic's own overload message after LiteLLM's provider prefix (LiteLLM answers an overload with 500).
+_ERROR_CODE = re.compile(r"\bError code: ([45]\d\d)\b")
+_CODE_FIELD = re.compile(r"""['"]code['"]\s*:\s*['"]?([45]\d\d)\b""")
+_STATUS_NAME = re.compile(r"""['"]status['"]\s*:\s*['"]([A-Z_]+)['"]""")
+# google.rpc.Code names -> the HTTP status Google maps each to (cloud.google.com/apis/design/errors).
+_RPC_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ABORTED": 409, "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNKNOWN": 500, "DATA_LOSS": 500,
+    "NOT_IMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+}
+_ANTHROPIC_OVERLOAD = re.compile(r"litellm\.\w+:\s*Anthropic(?:Exception|Error)\s*-\s*Overloaded\b")
 _HTML_DROP = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.I | re.S)
 _HTML_TAG = re.compile(r"<[^>]*>")
@@ -80,6 +94,28 @@ class Unwrapped:
 # --------------------------------------------------------------------------------------------- public
 
 
+def explicit_status(message: Any) -> int | None:
+    """The status a proxy's error message states explicitly, or None.
+
+    Signals, in order: Anthropic's overload message after LiteLLM's provider prefix
+    (`litellm.InternalServerError: AnthropicException - Overloaded.`: 529; LiteLLM sends it as 500), the
+    SDKs' `Error code: NNN`, a provider error object's `'code': NNN`, its `'status': 'RESOURCE_EXHAUSTED'`
+    (google.rpc.Code names). Prose ("quota", "too many") is never read."""
+    if not isinstance(message, str) or not message:
+        return None
+    head = message[:MAX_LITERAL_CHARS]
+    if _ANTHROPIC_OVERLOAD.search(head):
+        return 529
+    for pattern in (_ERROR_CODE, _CODE_FIELD):
+        match = pattern.search(head)
+        if match:
+            return int(match.group(1))
+    match = _STATUS_NAME.search(head)
+    if match and match.group(1) in _RPC_STATUS:
+        return _RPC_STATUS[match.group(1)]
+    return None
+
+
 def unwrap_response(
     status: int, content_type: str | None, body: bytes, max_message: int = 2000
 ) -> Unwrapped | None:
@@ -96,8 +132,11 @@ def unwrap_response(
       (routed /v1/messages ≥ 1.101)
     - "embedded-json": a native error somewhere else in a JSON body (e.g. FastAPI's `{"detail": "…"}`)
     - "embedded-text": a native error inside a body that is not JSON
-    - "proxy-error": a JSON error with no native error inside (LiteLLM's own errors); built from the status
+    - "proxy-error": a JSON error with no native error inside (LiteLLM's own errors); built from the status,
+      or from the status its message states (`explicit_status`: Vertex's 429 inside a 500, an overload)
     - "untyped-error": a native-shaped error whose `error.type` is "None"/empty; built from the status
+      (or the status its message states: `explicit_status`)
+    - "litellm-overload": a native `api_error` whose message is LiteLLM's report of an Anthropic overload
     - "unknown-json": other JSON; built from the status with the body text as message
     - "non-json": text or HTML with no native error inside; built from the status
     - "empty": an empty body; built from the status
@@ -131,8 +170,11 @@ def unwrap_error_event(data: dict) -> dict | None:
             if inner is not None:
                 return copy.deepcopy(inner)
             if _untyped(data):
-                return wire.error_body("api_error", _as_text(data["error"].get("message")), _request_id(data))
-            return None
+                message = _as_text(data["error"].get("message"))
+                stated = explicit_status(message)
+                error_type = wire.error_type_for_status(stated) if stated else "api_error"
+                return wire.error_body(error_type, message, _request_id(data))
+            return _restated(data)
         found = _search(data, 0, budget)
         if found is not None:
             return copy.deepcopy(found)
@@ -208,7 +250,7 @@ def _unwrap_response(status: int, content_type: str | None, body: bytes, max_mes
     body = bytes(body)
 
     if not body.strip():
-        reason = _reason(status)
+        reason = reason_phrase(status)
         message = f"HTTP {status} {reason} (empty body)" if reason else f"HTTP {status} (empty body)"
         return _built(status, message, "empty", max_message)
 
@@ -236,14 +278,19 @@ def _unwrap_response(status: int, content_type: str | None, body: bytes, max_mes
                 return _from_inner(inner, status, "litellm-wrapped-anthropic", parsed)
             if _untyped(parsed):
                 message = _as_text(parsed["error"].get("message")) or stripped
-                return _built(status, message, "untyped-error", max_message, _request_id(parsed))
+                stated = explicit_status(message)
+                return _built(stated or status, message, "untyped-error", max_message, _request_id(parsed), original=status)
+            restated = _restated(parsed)
+            if restated is not None:
+                return _from_inner(restated, status, "litellm-overload", parsed)
             return None
         found = _search(parsed, 0, budget)
         if found is not None:
             return _from_inner(found, status, _classify(parsed), parsed)
         message = _outer_message(parsed)
         if message is not None:
-            return _built(status, message or stripped, "proxy-error", max_message)
+            stated = explicit_status(message)
+            return _built(stated or status, message or stripped, "proxy-error", max_message, original=status)
         return _built(status, stripped, "unknown-json", max_message)
 
     found = _find_native(text, 0, budget)
@@ -278,8 +325,10 @@ def _built(
     max_message: int,
     request_id: str | None = None,
     force_mark: bool = False,
+    original: int | None = None,
 ) -> Unwrapped:
-    """A native error built from the status, with `message` bounded to `max_message` characters."""
+    """A native error built from the status, with `message` bounded to `max_message` characters; `original`
+    is the status received when the body stated another one."""
     error_type = wire.error_type_for_status(status)
     message = _bounded(message, max_message, force_mark)
     return Unwrapped(
@@ -288,7 +337,7 @@ def _built(
         error_type=error_type,
         request_id=request_id,
         source=source,
-        original_status=status,
+        original_status=original or status,
     )
 
 
@@ -301,7 +350,8 @@ def _bounded(message: str, max_message: int, force_mark: bool = False) -> str:
     return message[: max_message - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
-def _reason(status: int) -> str:
+def reason_phrase(status: int) -> str:
+    """The reason phrase for a status (529: "Overloaded"), "" for one without."""
     try:
         return http.HTTPStatus(status).phrase
     except ValueError:
@@ -328,6 +378,15 @@ def _message_text(text: str, content_type: str | None) -> str:
         except Exception:  # noqa: BLE001
             pass
     return text.strip()
+
+
+def _restated(native: dict) -> dict | None:
+    """A native `api_error` whose message is LiteLLM's report of an Anthropic overload, retyped as the
+    `overloaded_error` it was (LiteLLM sends an overload as a 500 api_error); None for any other error."""
+    message = native["error"].get("message")
+    if native["error"]["type"] != "api_error" or explicit_status(message) != 529:
+        return None
+    return wire.error_body("overloaded_error", message, _request_id(native))
 
 
 def _untyped(native: dict) -> bool:
@@ -374,7 +433,11 @@ def _outer_message(parsed: Any) -> str | None:
 
 
 def _type_from_litellm(err: dict) -> str:
-    """The native type for a LiteLLM error dict: from its numeric `code`, else its `type` if native."""
+    """The native type for a LiteLLM error dict: from a status its message states (`explicit_status`), else
+    its numeric `code`, else its `type` if native."""
+    stated = explicit_status(err.get("message"))
+    if stated is not None:
+        return wire.error_type_for_status(stated)
     code = err.get("code")
     try:
         status = int(str(code).strip())
@@ -576,75 +639,3 @@ def _balanced_end(text: str, start: int) -> int | None:
                 return None
         i += 1
     return None
-
-
-# --------------------------------------------------------------------------------------------- addon
-
-TRUNCATED_MESSAGE = "the upstream stream ended before message_stop; the answer is incomplete"
-
-
-class StreamErrorTap:
-    """On a passing stream: unwrap a wrapped `event: error` in place, and mark a silently cut stream
-    with a native `api_error` event, so clients do not take a truncated answer as complete."""
-
-    event_names = frozenset({"message_stop", "error", None})  # what the relay shows it (see on_event)
-
-    def __init__(self, ex: exchange.Exchange) -> None:
-        self.ex = ex
-        self.finished = False  # message_stop or error seen
-
-    def on_event(self, event: sse.Event) -> sse.Event | None:
-        if event.name == "message_stop":
-            self.finished = True
-        elif event.name == "error" or (event.name is None and '"error"' in event.data):
-            self.finished = True
-            data = event.json()
-            native = unwrap_error_event(data) if self.ex.rules.errors.unwrap and isinstance(data, dict) else None
-            if native is not None:
-                self.ex.unwrapped, self.ex.unwrapped_from = True, "stream error event"
-                self.ex.notes.append("stream error event unwrapped")
-                return sse.Event(sse.encode("error", native))
-        return None
-
-    def on_end(self) -> bytes:
-        if self.finished:
-            return b""
-        self.ex.error_type = "api_error"
-        self.ex.notes.append("truncated stream: api_error appended")
-        return sse.encode("error", wire.error_body("api_error", TRUNCATED_MESSAGE))
-
-
-class ErrorUnwrapper:
-    """Turns proxies' error envelopes on API flows back into native Anthropic errors."""
-
-    def responseheaders(self, flow) -> None:
-        ex = exchange.of(flow)
-        if ex is not None:
-            ex.sse_taps.append(StreamErrorTap(ex))
-
-    def response(self, flow) -> None:
-        ex = exchange.of(flow)
-        response = flow.response
-        if ex is None or response.stream or response.status_code < 400:
-            return
-        fixes = header_fixes(response.headers)
-        if ex.rules.errors.unwrap:
-            found = unwrap_response(
-                response.status_code,
-                response.headers.get("content-type"),
-                response.get_content(strict=False) or b"",
-                ex.rules.errors.max_message,
-            )
-            if found is not None:
-                response.status_code = found.status
-                response.reason = _reason(found.status)
-                response.headers.pop("content-encoding", None)
-                response.headers["content-type"] = "application/json"
-                response.content = found.body
-                fixes = header_fixes(response.headers, found.request_id)
-                ex.error_type, ex.unwrapped = found.error_type, True
-                ex.unwrapped_from = f"{found.source} {found.original_status}"
-                ex.notes.append(f"error unwrapped from {found.source} (HTTP {found.original_status})")
-        for name, value in fixes.items():
-            response.headers[name] = value
-        exchange.publish(flow, ex)

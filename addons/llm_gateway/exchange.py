@@ -59,6 +59,9 @@ class Exchange:
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
+    # what the client received, decided once by answer.py (settle / settle_failure)
+    status: int | None = None
+    request_id: str | None = None
     error_type: str | None = None
     unwrapped: bool = False
     unwrapped_from: str | None = None
@@ -89,6 +92,7 @@ class Exchange:
             "stream_requested": self.stream_requested,
             "stream_upstream": self.stream_upstream,
             "converted": self.converted,
+            "status": self.status,
             "error_type": self.error_type,
             "unwrapped": self.unwrapped,
             "unwrapped_from": self.unwrapped_from,

@@ -30,12 +30,7 @@ logger = logging.getLogger("llm_gateway.metrics")
 
 MAX_VALUES = 64  # distinct values per label before "other"
 OTHER = "other"
-TOKEN_KINDS = {  # label value -> usage field
-    "input": "input_tokens",
-    "output": "output_tokens",
-    "cache_read": "cache_read_input_tokens",
-    "cache_write": "cache_creation_input_tokens",
-}
+TOKEN_KINDS = dict(zip(("input", "output", "cache_read", "cache_write"), wire.TOKEN_FIELDS))  # label -> field
 _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
@@ -139,7 +134,7 @@ class Metrics:
             return
         self._counted.add(flow)
         try:
-            self.observe(ex, flow.response.status_code if flow.response else None)
+            self.observe(ex, ex.status)  # what the client got (answer.py), as the record says
         except Exception:  # metrics must never cost an exchange
             logger.exception("metrics")
 

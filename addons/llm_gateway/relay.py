@@ -161,8 +161,21 @@ def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
         logger.warning(f"{clean(e)}: streaming {clean(ex.host + ex.path)} untouched, usage not read")
         flow.response.stream = True
         return False
+    response = flow.response
     if decoder is not None:
-        del flow.response.headers["content-encoding"]
-        flow.response.headers.pop("content-length", None)
-    flow.response.stream = SSERelay(ex, decoder)
+        del response.headers["content-encoding"]
+    if response.headers.pop("content-length", None) is not None and not (response.is_http2 or response.is_http3):
+        # The taps may rewrite and append events: the upstream's length no longer holds. mitmproxy frames an
+        # HTTP/1 body by these headers as they are (and drops transfer-encoding towards HTTP/2 clients).
+        response.headers["transfer-encoding"] = "chunked"
+    response.stream = SSERelay(ex, decoder)
     return True
+
+
+def replay(ex: exchange.Exchange, body: bytes) -> bytes:
+    """A buffered stream (already decoded) passed through the exchange's taps exactly as a relayed one
+    would be, end included: the bytes the taps pass on. The SSE→JSON conversion accumulates these, so a
+    converted stream means what the same stream means when relayed."""
+    stream = SSERelay(ex, None)
+    sent = [stream(body), stream(b"")]
+    return b"".join(b"".join(part) if isinstance(part, list) else part for part in sent)

@@ -28,12 +28,11 @@ from datetime import datetime, timedelta, timezone
 from typing import IO, Any, Iterable, Iterator
 
 from . import breakreport
-from .wire import cache_share
+from .wire import TOKEN_FIELDS, cache_share
 
 PROG = "usage_report"
 DEFAULT_LOG_ENV = "LLM_GATEWAY_USAGE_LOG"
 
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 # Output columns after the group keys, in order; CSV headers and JSON keys use these names.
 METRICS = (
     "requests",
@@ -218,7 +217,7 @@ class Totals:
     cost: list[float] = field(default_factory=list)  # the known costs
     saved: list[float] = field(default_factory=list)
     cache_breaks: int = 0
-    unpriced: int = 0  # requests that used tokens but have no cost (model not in the pricing table)
+    unpriced: int = 0  # requests that used tokens but have no cost (model neither priced by genai-prices nor the rules)
 
     def add(self, record: dict[str, Any]) -> None:
         self.requests += 1

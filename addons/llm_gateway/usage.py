@@ -1,8 +1,8 @@
 """Usage: one record per API exchange, read from JSON bodies and from SSE streams as they pass.
 
 `cache_read_input_tokens` is the number that matters most: an agent session without prompt caching
-costs about ten times more. Streams are never buffered for this: a tap on the relay reads
-`message_start` and the cumulative `message_delta` usage while the events go by.
+costs about ten times more. What the answer means (usage, status, error) is decided once by the answer
+pipeline (answer.py); this addon writes the record, the human line, and watches for cache breaks.
 """
 
 from __future__ import annotations
@@ -19,54 +19,20 @@ from . import cachewatch, exchange, pricing, wire
 from .logsafe import clean, clean_or_dash
 from .records import RecordLog
 from .report import is_error
-from .wire import cache_share, token
+from .wire import TOKEN_FIELDS, cache_share, token
 from .cachewatch import CacheWatch
 
 logger = logging.getLogger("llm_gateway.usage")
 
 MAX_CLIENTS = 256  # client names come from requests (x-gateway-client): past this many, totals go to "other"
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-
-
-class UsageTap:
-    """Reads usage from a passing stream; rewrites nothing."""
-
-    event_names = frozenset({"message_start", "message_delta", "message_stop", "error"})  # what the relay shows it
-
-    def __init__(self, ex: exchange.Exchange) -> None:
-        self.ex = ex
-
-    def on_event(self, event) -> None:
-        name = event.name
-        if name == "message_start":
-            data = event.json()
-            message = data.get("message") if isinstance(data, dict) else None
-            if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-                self.ex.usage = dict(message["usage"])
-        elif name == "message_delta":
-            data = event.json()
-            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
-                if self.ex.usage is None:
-                    self.ex.usage = {}
-                wire.merge_delta_usage(self.ex.usage, data["usage"])
-        elif name == "message_stop":
-            self.ex.complete = True
-        elif name == "error":
-            data = event.json()
-            error = data.get("error") if isinstance(data, dict) else None
-            if isinstance(error, dict) and isinstance(error.get("type"), str):
-                self.ex.error_type = error["type"]
-        return None
-
-    def on_end(self) -> bytes:
-        return b""
 
 
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
+    """The usage record of one exchange: from the exchange alone, as the answer pipeline (answer.py) left
+    it; `status`, `error_type`, `request_id` and `reason` are what the client received."""
     usage = ex.usage
-    response = flow.response
-    breakdown = usage.get("cache_creation") if usage and isinstance(usage.get("cache_creation"), dict) else {}
-    cost, saved = pricing.cost(ex.rules.pricing, ex.model, usage)
+    five, hour = wire.cache_write_split(usage)
+    price = pricing.cost(ex.rules.pricing, ex.model, usage)
     first_byte = ex.response_started
     return {
         "kind": "usage",
@@ -81,17 +47,19 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "path": ex.path.split("?", 1)[0],
         "upstream": ex.upstream,
         "model": ex.model,
-        "status": response.status_code if response else None,
+        "status": ex.status,
         "stream_requested": ex.stream_requested,
         "stream_upstream": ex.stream_upstream,
         **{key: token(usage, key) for key in TOKEN_FIELDS},
-        "cache_creation_5m_input_tokens": token(breakdown, "ephemeral_5m_input_tokens"),
-        "cache_creation_1h_input_tokens": token(breakdown, "ephemeral_1h_input_tokens"),
+        "cache_creation_5m_input_tokens": five,
+        "cache_creation_1h_input_tokens": hour,
         "cache_hit_share": cache_share(usage),
-        "cost_usd": cost,
-        "saved_usd": saved,
-        "request_id": response.headers.get("request-id") if response else None,
+        "cost_usd": price.cost_usd,
+        "saved_usd": price.saved_usd,
+        "price_source": price.source,
+        "request_id": ex.request_id,
         "error_type": ex.error_type,
+        "reason": ex.reason,
         "unwrapped": ex.unwrapped,
         "unwrapped_from": ex.unwrapped_from,
         "converted": ex.converted,
@@ -101,7 +69,6 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "cache_break_tokens_lost": ex.cache_break_tokens_lost,
         "cache_break_cost_usd": ex.cache_break_cost_usd,
         "complete": ex.complete,
-        "reason": ex.reason,
         "user_agent": ex.user_agent if ex.client == "unknown" else None,
         "ttfb_ms": round((first_byte - ex.started) * 1000, 1) if first_byte else None,
         "duration_ms": round((now - ex.started) * 1000, 1),
@@ -109,14 +76,23 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
 
 
 def human_line(record: dict[str, Any]) -> str:
+    """One line for people: never Python's None; an error shows its type, request id and reason."""
+    shown = clean_or_dash  # escaped: model names and request ids come from requests and answers
     share = record["cache_hit_share"]
     session = clean_or_dash((record["session"] or "")[:12])
-    cost = f" ${record['cost_usd']:.4f}" if record["cost_usd"] is not None else ""
+    cost = "unpriced" if record["cost_usd"] is None else f"${record['cost_usd']:.4f}"
+    line = (
+        f"{clean(record['client'])} session={session} {shown(record['model'])} {shown(record['status'])}"
+        f" in={shown(record['input_tokens'])} out={shown(record['output_tokens'])}"
+        f" cache_read={shown(record['cache_read_input_tokens'])}"
+        f" cache_write={shown(record['cache_creation_input_tokens'])}"
+        f" hit={'-' if share is None else f'{share:.0%}'} {cost}"
+    )
+    if record.get("error_type") or record.get("reason"):
+        line += f" error={shown(record.get('error_type'))} request_id={shown(record.get('request_id'))}"
+        line += f' reason="{shown(record["reason"])}"' if record.get("reason") else ""
     return (
-        f"{clean(record['client'])} session={session} {clean_or_dash(record['model'])} {record['status']}"
-        f" in={record['input_tokens']} out={record['output_tokens']}"
-        f" cache_read={record['cache_read_input_tokens']} cache_write={record['cache_creation_input_tokens']}"
-        f" hit={'-' if share is None else f'{share:.0%}'}{cost}"
+        line
         + ("" if record["complete"] else " INCOMPLETE")
         + (f" CACHE BREAK {clean(record['cache_break_reason'])}: {clean(record['cache_break_detail'], 400)}"
            if record.get("cache_break_reason") else "")
@@ -130,41 +106,20 @@ class Usage:
         self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._unlogged: list[dict[str, Any]] = []  # records whose human line is still to be logged
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        ex = exchange.of(flow)
-        if ex is None:
-            return
-        ex.response_started = time.time()
-        ex.sse_taps.append(UsageTap(ex))
-
     def response(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None:
             return
-        if not flow.response.stream:  # buffered: the whole body is here
-            if ex.message is None and flow.response.status_code < 400:
-                body = exchange.parse_json_body(flow.response.get_content(strict=False))
-                if isinstance(body, dict) and body.get("type") == "message":
-                    ex.message = body
-            if ex.message is not None and isinstance(ex.message.get("usage"), dict):
-                ex.usage = ex.message["usage"]
-            if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
-                ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
-        if flow.response.status_code >= 400 and ex.error_type is None:
-            body = exchange.parse_json_body(flow.response.get_content(strict=False))
-            if wire.is_native_error(body):
-                ex.error_type = body["error"]["type"]
-        if flow.response.status_code < 400 and ex.error_type is None:
+        if ex.status is not None and ex.status < 400 and ex.error_type is None:
             cachewatch.explain_break(self.cache, ex)
             if ex.cache_break:
-                self.warn_cache_break(flow, ex)
+                self.warn_cache_break(ex)
         self.finish(flow, ex)
 
     def error(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None or ex.recorded:
             return
-        ex.complete = False
         self.finish(flow, ex)
 
     def finish(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
@@ -187,9 +142,9 @@ class Usage:
         if done:
             logger.info("\n".join(human_line(record) for record in done))
 
-    def warn_cache_break(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+    def warn_cache_break(self, ex: exchange.Exchange) -> None:
         full_price = wire.full_price_prompt_tokens(ex.usage)
-        request_id = flow.response.headers.get("request-id") or flow.id
+        request_id = ex.request_id or "-"
         logger.warning(
             f"cache break: session {clean(ex.session)} ({clean(ex.client)}) request {clean(request_id)} "
             f"{clean(cachewatch.break_text(ex), 400)}; {full_price} prompt tokens paid at full price "

@@ -296,11 +296,11 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         if ex.unwrapped:
             error += f" unwrapped from {ex.unwrapped_from or 'an envelope'}"
         lead.append(error)
-    elif flow.error:
+    if flow.error:  # mitmproxy's own words beside the error type (the record's `reason` says it in short)
         lead.append(f"failed: {clean(flow.error.msg, 120)}")
     elif ex.usage:
         share = cache_share(ex.usage)
-        cost, _saved = pricing.cost(ex.rules.pricing, ex.model, ex.usage)
+        cost = pricing.cost(ex.rules.pricing, ex.model, ex.usage).cost_usd
         lead.append(f"hit {'-' if share is None else f'{share:.0%}'}" + ("" if cost is None else f" ${cost:.4f}"))
     if ex.cache_break:
         lead.append("CACHE BREAK" + (f" {clean(ex.cache_break_reason, 40)}" if ex.cache_break_reason else ""))

@@ -107,10 +107,30 @@ OPTIONAL_DELTA_USAGE = (
 _DELTA_USAGE_SENT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "server_tool_use")
 
 
+# The four token counts of a usage object, in the order records, reports and metrics show them. Cache reads
+# and cache writes are not part of input_tokens.
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def token(usage: dict[str, Any] | None, key: str) -> int | None:
     """A token count from a usage object, or None where it is absent or not an integer."""
     value = usage.get(key) if usage else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def cache_write_split(usage: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(5-minute, 1-hour) cache-write tokens that add up to the final `cache_creation_input_tokens`.
+
+    A stream's `message_delta` may raise the total without a split (message_start said 556 as 456 + 100,
+    the end says 7345): the split is then stale. The 1-hour part is taken as reported (at most the total)
+    and the rest is the 5-minute part, the API's default TTL; with no split at all every write is 5-minute.
+    (None, None) where there is no total."""
+    total = token(usage, "cache_creation_input_tokens")
+    if total is None or total < 0:
+        return None, None
+    breakdown = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+    hour = min(max(token(breakdown, "ephemeral_1h_input_tokens") or 0, 0), total)
+    return total - hour, hour
 
 
 def full_price_prompt_tokens(usage: dict[str, Any] | None) -> int:
