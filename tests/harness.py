@@ -190,13 +190,19 @@ class Gateway:
                 return records
             time.sleep(0.05)
 
-    def wait_record(self, match, timeout: float = 10, kind: str | None = "usage") -> dict:
-        """The first record for which `match(record)` is true, waiting up to `timeout` for it."""
+    def wait_records(self, match, count: int, timeout: float = 10, kind: str | None = "usage") -> list[dict]:
+        """The records for which `match(record)` is true, once there are `count` of them or `timeout` passed
+        (the gateway writes records off the request path, up to 0.1 s after the exchange ended)."""
         deadline = time.monotonic() + timeout
         while True:
             found = [r for r in self.records(timeout=0, count=0, kind=kind) if match(r)]
-            if found:
-                return found[0]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no matching record within {timeout}s; records: {self.records(timeout=0, kind=None)}")
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
             time.sleep(0.05)
+
+    def wait_record(self, match, timeout: float = 10, kind: str | None = "usage") -> dict:
+        """The first record for which `match(record)` is true, waiting up to `timeout` for it."""
+        found = self.wait_records(match, 1, timeout, kind)
+        if not found:
+            raise AssertionError(f"no matching record within {timeout}s; records: {self.records(timeout=0, kind=None)}")
+        return found[0]

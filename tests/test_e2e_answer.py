@@ -129,6 +129,7 @@ def test_retry_after_is_restored_on_an_error_sent_as_a_stream(gw):
     """The headers the SDK's retries read (it does not show them): `retry-after` restored from LiteLLM's
     `llm_provider-retry-after`, `request-id` from the inner error; read off a plain HTTP request."""
 
+    before = len(gw.records(timeout=0, count=0))
     conn = http.client.HTTPConnection("127.0.0.1", gw.reverse_port, timeout=10)
     conn.request("POST", "/v1/messages", json.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": []}),
                  {"content-type": "application/json", "x-fake-scenario": ERROR_AS_STREAM.to_header()})
@@ -137,6 +138,9 @@ def test_retry_after_is_restored_on_an_error_sent_as_a_stream(gw):
     assert response.status == 429 and response.getheader("content-type") == "application/json"
     assert response.getheader("retry-after") == "17" and response.getheader("request-id") == "req_x1"
     assert body["error"]["type"] == "rate_limit_error" and body["request_id"] == "req_x1"
+    # its record (written off the request path): waited for, so the next test counts records from after it
+    record = record_for(gw, before + 1)
+    assert (record["status"], record["error_type"], record["request_id"]) == (429, "rate_limit_error", "req_x1")
 
 
 @pytest.mark.parametrize("mode", MODES)

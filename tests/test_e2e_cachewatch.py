@@ -209,7 +209,7 @@ def test_claude_code_second_turn_with_another_system_prompt_is_system_changed(gw
     second = realclients.run_claude("hello", base_url=gw.base_url, cwd=tmp_path,
                                     args=["--session-id", session, "--append-system-prompt", "Answer in French."])
     assert second.returncode == 0, second.stderr
-    records = [r for r in gw.records(timeout=0) if r["session"] == session]
+    records = gw.wait_records(lambda r: r["session"] == session, count=2)
     assert [r["client"] for r in records] == ["claude-code", "claude-code"]
     no_break(records[0])
     assert records[0]["cache_creation_input_tokens"] > 0
