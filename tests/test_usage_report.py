@@ -124,8 +124,19 @@ def files(folder: Path) -> list[str]:
     return [str(folder / "usage.jsonl"), str(folder / "usage.jsonl.1")]
 
 
+class _FrozenNow(datetime):
+    """`datetime` whose now() is the NOW the records were made at: a suite that runs for many minutes must not
+    move the report's relative spans (--since 4h) against the records' fixed times."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return NOW if tz is None else NOW.astimezone(tz)
+
+
 def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = report.main(list(args))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "datetime", _FrozenNow)
+        code = report.main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
 
