@@ -37,7 +37,7 @@ def test_claude_code_is_detected_with_its_session_and_usage(gw, module_fake, mod
     [seen] = [q for q in module_fake.requests if q.path_only == "/v1/messages"]
     session = seen.headers.get("x-claude-code-session-id")
     assert session
-    [record] = [r for r in gw.records(count=1) if r["request_id"] == seen.request_id]
+    record = gw.wait_record(lambda r: r["request_id"] == seen.request_id)
     assert (record["client"], record["session"], record["mode"]) == (
         "claude-code", session, "reverse" if mode == "base-url" else "regular")
     for key, value in USAGE.items():
@@ -90,7 +90,7 @@ def test_claude_code_shows_the_native_message_not_the_envelope(cc_via_litellm, m
         return
     assert f"403 {NATIVE_MESSAGE}" in out, out
     assert "b'{" not in out and '"type":"error"' not in out
-    [record] = [r for r in gw.records(count=1) if r["status"] == 403][-1:]
+    [record] = gw.wait_records(lambda r: r["status"] == 403, count=1)[-1:]
     assert record["unwrapped"] is True and record["error_type"] == "permission_error"
     assert record["unwrapped_from"].startswith("litellm-bytes-repr")
 
@@ -119,5 +119,5 @@ def test_claude_code_treats_a_wrapped_529_as_overload(cc_via_routed_litellm, mod
         return
     assert "API Error: 529 Overloaded" in out, out
     assert "litellm" not in out.lower()
-    records = [r for r in gw.records(count=1) if r["status"] == 529]
+    records = gw.wait_records(lambda r: r["status"] == 529, count=1)
     assert records and all(r["error_type"] == "overloaded_error" and r["unwrapped"] for r in records)

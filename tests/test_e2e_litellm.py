@@ -56,7 +56,7 @@ def test_sdk_sees_native_errors_through_litellm(chain, module_fake, status, erro
     assert (result["error"], result["status"], result["type"]) == (exception, status, error_type), result
     assert result["request_id"] == request_id
     assert f"upstream says {error_type}" in result["message"]
-    [record] = [r for r in gw.records(count=1) if r["error_type"] == error_type][-1:]
+    [record] = gw.wait_records(lambda r: r["error_type"] == error_type, count=1)[-1:]
     assert record["status"] == status
 
 

@@ -49,7 +49,7 @@ def test_client_gets_the_form_it_asked_for(forced, module_fake, mode, call, use_
     }
     assert sdk_client.without_nulls(result["message"]) == sdk_client.without_nulls(seen.message)
     asked = call == "stream"
-    [record] = [r for r in gw.records(count=1) if r["request_id"] == seen.request_id]
+    record = gw.wait_record(lambda r: r["request_id"] == seen.request_id)
     assert record["stream_requested"] is asked and record["stream_upstream"] is (flag == "on")
     assert record["converted"] == (None if asked == (flag == "on") else ("sse->json" if flag == "on" else "json->sse"))
     assert (record["cache_read_input_tokens"], record["cache_creation_input_tokens"]) == (3000, 40)

@@ -100,7 +100,7 @@ def test_a_session_that_misses_its_cache_raises_the_alarm(gw, module_fake):
     module_fake.script(Scenario(usage=hit), Scenario(usage=miss))
     for _ in range(2):
         assert sdk_client.run("create", base_url=gw.base_url, headers={"x-session-id": session})["ok"]
-    first, second = [r for r in gw.records(count=2) if r["session"] == session]
+    first, second = gw.wait_records(lambda r: r["session"] == session, count=2)
     assert first["cache_break"] is False and second["cache_break"] is True
     out = gw.output()
     assert "cache break" in out and session in out and module_fake.requests[1].request_id in out
