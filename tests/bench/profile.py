@@ -76,7 +76,7 @@ async def drive(workload: str, target: Target, request: bytes, seconds: float) -
             await one(target, request, stream=True, timeout=90, keep=False)
 
 
-def main(workload: str, target_name: str, seconds: float, rules: str, request_for) -> int:
+def main(workload: str, target_name: str, seconds: float, rules: str, request_for, raw_out: str | None = None) -> int:
     if PY_SPY is None:
         print("py-spy is not installed (it is in the test extra: scripts/bench installs it)", file=sys.stderr)
         return 2
@@ -105,6 +105,8 @@ def main(workload: str, target_name: str, seconds: float, rules: str, request_fo
         if spy.returncode != 0 or not out.exists():
             print(f"py-spy failed: {err.decode(errors='replace')[-2000:]}", file=sys.stderr)
             return 1
+        if raw_out:
+            shutil.copyfile(out, raw_out)
         print(f"### {target_name}, {workload}, {seconds:.0f} s\n")
         print(table(out.read_text()))
     return 0

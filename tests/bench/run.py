@@ -682,6 +682,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="instead of the table: profile the proxy with py-spy under this workload")
     ap.add_argument("--profile-target", choices=("gateway", "mitmdump"), default="gateway",
                     help="the proxy --profile samples (default: the gateway)")
+    ap.add_argument("--profile-raw", metavar="FILE",
+                    help="with --profile: also keep py-spy's raw stacks here (one `frame;frame;… count` per line)")
     return ap.parse_args(argv)
 
 
@@ -700,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             scenario = {"x-fake-scenario": json.dumps({"burst": cfg.burst_events})} if workload == "burst" else {}
             return target.request(request_body(workload == "burst"), scenario)
 
-        return profile.main(args.profile, args.profile_target, args.seconds or 10.0, gateway_rules, request_for)
+        return profile.main(args.profile, args.profile_target, args.seconds or 10.0, gateway_rules, request_for,
+                            raw_out=args.profile_raw)
     for name in ("rounds", "seconds", "budget"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
