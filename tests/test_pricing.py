@@ -6,9 +6,13 @@ dollars per million tokens, written out here rather than read from the library u
 
 from __future__ import annotations
 
+import bisect
 import json
+from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from llm_gateway import pricing, rules
 from test_answer import SSE, Shape, frame, gw, message_start  # noqa: F401 (gw: the addons, as a fixture)
 
@@ -101,3 +105,71 @@ def test_an_unknown_model_is_unpriced_in_the_record_and_the_line(gw, caplog):
     _, _, record = gw.exchange(answer_json("claude-test-1", usage(inp=5, out=5)), "json", "regular")
     assert record["cost_usd"] is None and record["price_source"] is None
     assert caplog.records[-1].getMessage().endswith(" unpriced")
+
+
+# ------------------------------------------------------------------- the rate card against the library itself
+
+def _anthropic_prices():
+    """Every ModelPrice genai-prices holds for an Anthropic model (conditional prices included)."""
+    found = []
+    for provider in pricing.data_snapshot.get_snapshot().providers:
+        if provider.id != "anthropic":
+            continue
+        for model in provider.models:
+            for entry in model.prices if isinstance(model.prices, list) else [model.prices]:
+                found.append((model.id, getattr(entry, "prices", entry)))
+    return found
+
+
+ANTHROPIC_PRICES = _anthropic_prices()
+
+
+def test_the_library_has_anthropic_prices_with_a_long_context_tier():
+    assert len(ANTHROPIC_PRICES) > 10
+    assert any(pricing.rate_card(p) and pricing.rate_card(p).starts == (200_000,) for _, p in ANTHROPIC_PRICES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=st.sampled_from(ANTHROPIC_PRICES), inp=st.integers(0, 400_000), out=st.integers(0, 100_000),
+       read=st.integers(0, 300_000), five=st.integers(0, 100_000), hour=st.integers(0, 100_000))
+def test_the_rate_card_prices_every_request_exactly_as_calc_price(entry, inp, out, read, five, hour):
+    """The card is only a faster way to the library's own figure: same Decimal, every model, every tier."""
+    _, prices = entry
+    card = pricing.rate_card(prices)
+    assert card is not None, "an Anthropic price the card cannot hold would send every request to calc_price"
+    prompt = inp + read + five + hour
+    fixed, per_prompt, per_out, per_read, per_five, per_hour = card.rates[bisect.bisect_left(card.starts, prompt)]
+    by_card = fixed + prompt * per_prompt + out * per_out + read * per_read + five * per_five + hour * per_hour
+    assert by_card == pricing._calc(prices, prompt, out, read, five, hour)
+
+
+def test_a_price_that_is_not_linear_in_the_tokens_gets_no_card_and_is_priced_by_the_library(monkeypatch):
+    """A per-request price the card could hold, a price that grows faster than the tokens it could not: the
+    check at a second point of the tier finds it, and the library prices every such request itself."""
+    prices = next(p for _, p in ANTHROPIC_PRICES if pricing.rate_card(p))
+    real = pricing._calc
+
+    def squared(p, prompt, out, read, five, hour):
+        return real(p, prompt, out, read, five, hour) + (Decimal(prompt) ** 2 / 10**12 if p is prices else 0)
+
+    monkeypatch.setattr(pricing, "_calc", squared)
+    pricing._CARDS.clear()
+    try:
+        assert pricing.rate_card(prices) is None
+    finally:
+        pricing._CARDS.clear()
+    monkeypatch.setattr(pricing, "_calc", real)
+    monkeypatch.setattr(pricing, "rate_card", lambda prices: None)  # no card: each request through calc_price
+    tokens = {"inp": 150_000, "out": 1000, "read": 40_000, "write_5m": 10_000, "write_1h": 10_000}
+    assert pricing.cost((), SONNET_45, usage(**tokens)).cost_usd == pytest.approx(dollars(SONNET_LONG, **tokens), abs=1e-9)
+
+
+def test_one_exchange_is_priced_once_for_its_record_line_and_comment(monkeypatch):
+    calls = []
+    real = pricing.cost
+    monkeypatch.setattr(pricing, "cost", lambda *a: calls.append(a) or real(*a))
+    ex = type("Ex", (), {"model": SONNET_45, "usage": usage(inp=10, out=5), "rules": rules.Rules(), "priced": None})()
+    first = pricing.exchange_cost(ex)
+    assert pricing.exchange_cost(ex) is first and len(calls) == 1
+    ex.usage = usage(inp=10, out=6)  # the counts changed (a stream's last usage): priced again
+    assert pricing.exchange_cost(ex).cost_usd > first.cost_usd and len(calls) == 2

@@ -59,6 +59,7 @@ class Exchange:
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
+    priced: Any = field(default=None, repr=False)  # pricing.exchange_cost's memo: ((model, counts), Cost)
     # what the client received, decided once by answer.py (settle / settle_failure)
     status: int | None = None
     request_id: str | None = None

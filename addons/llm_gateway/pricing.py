@@ -10,6 +10,7 @@ the input price of the same request, less what they did cost. Each price says wh
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 
 import genai_prices
 from genai_prices import data_snapshot
+from genai_prices.types import TieredPrices
 
 from .globs import glob_set
 from .rules import Price
@@ -77,6 +79,17 @@ def cost(pricing: tuple[Price, ...], model: str | None, usage: dict[str, Any] | 
     return _from_library(model, *tokens)
 
 
+def exchange_cost(ex) -> Cost:
+    """`cost` of an `exchange.Exchange` (its rules' `pricing`, `model` and `usage`), worked out once for its
+    record, its log line and its mitmweb comment, and again only when the model or the token counts changed."""
+    key = (ex.model, counts(ex.usage) if ex.usage else None)
+    if ex.priced is not None and ex.priced[0] == key:
+        return ex.priced[1]
+    found = cost(ex.rules.pricing, ex.model, ex.usage)
+    ex.priced = (key, found)
+    return found
+
+
 def _from_rules(price: Price, inp: int, out: int, five: int, hour: int, read: int) -> Cost:
     dollars = (
         inp * price.input + out * price.output + five * price.cache_write_5m + hour * price.cache_write_1h
@@ -103,15 +116,86 @@ def _from_library(model: str, inp: int, out: int, five: int, hour: int, read: in
         return UNPRICED
     prices = found.get_prices(datetime.now(timezone.utc))
     prompt = inp + five + hour + read  # genai-prices counts cache reads and writes inside input_tokens
-    writes = {"cache_write_tokens": five + hour, "cache_write_5m_tokens": five, "cache_write_1h_tokens": hour}
+    card = rate_card(prices)
     try:
-        paid = prices.calc_price(
-            genai_prices.Usage(input_tokens=prompt, output_tokens=out, cache_read_tokens=read, **writes)
-        )["total_price"]
-        uncached = prices.calc_price(genai_prices.Usage(input_tokens=prompt, output_tokens=out, **writes))["total_price"]
+        if card is None:  # not linear in the tokens (or not understood): the library prices every request
+            paid = _calc(prices, prompt, out, read, five, hour)
+            uncached = _calc(prices, prompt, out, 0, five, hour)
+        else:
+            fixed, per_prompt, per_out, per_read, per_five, per_hour = card.rates[bisect.bisect_left(card.starts, prompt)]
+            uncached = fixed + prompt * per_prompt + out * per_out + five * per_five + hour * per_hour
+            paid = uncached + read * per_read
     except (LookupError, ValueError, ArithmeticError):
         return UNPRICED
     return Cost(_dollars(paid), _dollars(max(uncached - paid, Decimal(0))), LIBRARY)
+
+
+def _calc(prices, prompt: int, out: int, read: int, five: int, hour: int) -> Decimal:
+    """genai-prices' own price of one request's tokens, in US dollars (`ModelPrice.calc_price`)."""
+    usage = genai_prices.Usage(input_tokens=prompt, output_tokens=out, cache_read_tokens=read,
+                               cache_write_tokens=five + hour, cache_write_5m_tokens=five, cache_write_1h_tokens=hour)
+    return prices.calc_price(usage)["total_price"]
+
+
+class RateCard(NamedTuple):
+    """genai-prices' price of a model as plain numbers, so that a request costs five multiplications instead of
+    `calc_price`'s unit registry walk (about 90 µs a call, two calls a request: a quarter of the gateway's CPU
+    per request before). `starts`: the tier thresholds in prompt tokens (a prompt of more than `starts[i]`
+    tokens is priced at `rates[i + 1]`, Anthropic's long-context "cliff"); `rates[i]`: (fixed, per prompt token,
+    per output token, per cache-read token, per 5-minute cache-write token, per 1-hour cache-write token) in
+    US dollars, the last four as the difference to a plain prompt token, since the prompt count includes them."""
+
+    starts: tuple[int, ...]
+    rates: tuple[tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal], ...]
+
+
+_CARDS: dict[int, tuple[Any, RateCard | None]] = {}  # id(ModelPrice) -> (that ModelPrice, its card)
+
+
+def rate_card(prices) -> RateCard | None:
+    """The rate card of a genai-prices `ModelPrice`, measured with its own `calc_price` once: within a tier the
+    price of a request is linear in its token counts, so the price of a base request and of one more token of
+    each kind gives every rate. The card is checked against `calc_price` at a second point of each tier and is
+    None (every request then goes to `calc_price`) when that disagrees or `calc_price` refuses: a price the
+    library may grow that is not linear in these counts is never guessed. Cached per ModelPrice object (the
+    library keeps one per model and date range)."""
+    key = id(prices)
+    cached = _CARDS.get(key)
+    if cached is not None and cached[0] is prices:
+        return cached[1]
+    try:
+        card = _measure(prices)
+    except (LookupError, ValueError, ArithmeticError, TypeError):
+        card = None
+    if len(_CARDS) >= 1024:
+        _CARDS.clear()
+    _CARDS[key] = (prices, card)
+    return card
+
+
+def _measure(prices) -> RateCard | None:
+    starts = sorted({tier.start for value in vars(prices).values() if isinstance(value, TieredPrices)
+                     for tier in value.tiers})
+    rates = []
+    for low, high in zip([-1, *starts], [*starts, None]):  # a tier holds prompts of low+1 … high tokens
+        base = low + 3  # room for one cache read and one cache write inside the prompt, and one more token
+        if high is not None and base + 1 > high:
+            return None
+        at = _calc(prices, base, 0, 0, 0, 0)
+        per_prompt = _calc(prices, base + 1, 0, 0, 0, 0) - at
+        fixed = at - base * per_prompt
+        per_out = _calc(prices, base, 1, 0, 0, 0) - at
+        per_read = _calc(prices, base, 0, 1, 0, 0) - at
+        per_five = _calc(prices, base, 0, 0, 1, 0) - at
+        per_hour = _calc(prices, base, 0, 0, 0, 1) - at
+        # a second point of the tier, every count at once: the card must price it exactly as the library does
+        prompt = base + 2_000 if high is None else min(base + 2_000, high)
+        read, five, hour, out = prompt // 4, prompt // 5, prompt // 7, 1_234
+        card = fixed + prompt * per_prompt + out * per_out + read * per_read + five * per_five + hour * per_hour
+        if card != _calc(prices, prompt, out, read, five, hour):
+            return None
+        rates.append((fixed, per_prompt, per_out, per_read, per_five, per_hour))
+    return RateCard(tuple(starts), tuple(rates))
 
 
 def _dollars(value: Decimal) -> float:

@@ -32,7 +32,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
     it; `status`, `error_type`, `request_id` and `reason` are what the client received."""
     usage = ex.usage
     five, hour = wire.cache_write_split(usage)
-    price = pricing.cost(ex.rules.pricing, ex.model, usage)
+    price = pricing.exchange_cost(ex)
     first_byte = ex.response_started
     return {
         "kind": "usage",

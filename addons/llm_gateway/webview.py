@@ -300,7 +300,7 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         lead.append(f"failed: {clean(flow.error.msg, 120)}")
     elif ex.usage:
         share = cache_share(ex.usage)
-        cost = pricing.cost(ex.rules.pricing, ex.model, ex.usage).cost_usd
+        cost = pricing.exchange_cost(ex).cost_usd
         lead.append(f"hit {'-' if share is None else f'{share:.0%}'}" + ("" if cost is None else f" ${cost:.4f}"))
     if ex.cache_break:
         lead.append("CACHE BREAK" + (f" {clean(ex.cache_break_reason, 40)}" if ex.cache_break_reason else ""))
