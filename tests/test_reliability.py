@@ -199,11 +199,17 @@ async def test_idle_watcher_ends_a_silent_relayed_stream_only(monkeypatch):
     f.response = tflow.tresp()
     f.live = True
     f.response.stream = relay.SSERelay(ex, None)
-    started = asyncio.get_running_loop().time()
-    await asyncio.wait_for(timeouts.Timeouts()._watch_body(f, ex, 0.2), 2)
-    assert fired == ["stream_idle_timeout"] and asyncio.get_running_loop().time() - started >= 0.19
+    watcher = timeouts.Timeouts()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    watcher._watch_body(f, ex, 0.2)
+    while not fired and loop.time() - started < 2:
+        await asyncio.sleep(0.01)
+    assert fired == ["stream_idle_timeout"] and loop.time() - started >= 0.19
+    assert watcher._timers == {}  # the flow is let go once it is ended
 
     fired.clear()
     f.response.stream = True  # streamed untouched: no chunk clock, so never ended for silence
-    await asyncio.wait_for(timeouts.Timeouts()._watch_body(f, ex, 0.05), 2)
-    assert fired == []
+    watcher._watch_body(f, ex, 0.05)
+    await asyncio.sleep(0.2)
+    assert fired == [] and watcher._timers == {}

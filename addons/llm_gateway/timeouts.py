@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 
 from mitmproxy import http
 
@@ -47,20 +46,28 @@ def end_with_error(flow: http.HTTPFlow, ex: exchange.Exchange, reason: str, erro
 
 
 class Timeouts:
+    """One timer per exchange in flight (`loop.call_later`, no task): a task, an event and `wait_for` per
+    request cost more CPU than the rest of the gateway's request path (docs/benchmarks.md)."""
+
     def __init__(self) -> None:
-        self._tasks: weakref.WeakKeyDictionary[http.HTTPFlow, asyncio.Task] = weakref.WeakKeyDictionary()
-        self._headers: weakref.WeakKeyDictionary[http.HTTPFlow, asyncio.Event] = weakref.WeakKeyDictionary()
+        # flow -> its pending check; a flow leaves at its response or error, or when a check finds it gone
+        self._timers: dict[http.HTTPFlow, asyncio.TimerHandle] = {}
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or flow.response or flow in self._tasks:
+        if ex is None or flow.response or flow in self._timers:
             return
-        self._headers[flow] = asyncio.Event()
-        self._tasks[flow] = asyncio.get_running_loop().create_task(self._watch(flow, ex))
+        self._timers[flow] = asyncio.get_running_loop().call_later(
+            ex.rules.timeouts.first_byte, self._first_byte_expired, flow, ex
+        )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if (headers := self._headers.get(flow)) is not None:
-            headers.set()
+        timer = self._timers.pop(flow, None)
+        if timer is not None:
+            timer.cancel()
+            ex = exchange.of(flow)
+            if ex is not None:
+                self._watch_body(flow, ex, ex.rules.timeouts.stream_idle)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._forget(flow)
@@ -69,42 +76,45 @@ class Timeouts:
         self._forget(flow)
 
     def done(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
     def _forget(self, flow: http.HTTPFlow) -> None:
-        task = self._tasks.pop(flow, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        timer = self._timers.pop(flow, None)
+        if timer is not None:
+            timer.cancel()
 
-    async def _watch(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
-        limits = ex.rules.timeouts
+    def _first_byte_expired(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+        self._timers.pop(flow, None)
+        limit = ex.rules.timeouts.first_byte
         try:
-            try:
-                await asyncio.wait_for(self._headers[flow].wait(), limits.first_byte)
-            except asyncio.TimeoutError:
-                if flow.response is None and flow.live:
-                    end_with_error(
-                        flow, ex, "first_byte_timeout", "timeout_error",
-                        f"The upstream sent no response within {limits.first_byte:g} s (gateway timeouts.first_byte).",
-                        RETRY,
-                    )
-                return
-            await self._watch_body(flow, ex, limits.stream_idle)
-        except asyncio.CancelledError:
-            pass
+            if flow.response is None and flow.live:
+                end_with_error(
+                    flow, ex, "first_byte_timeout", "timeout_error",
+                    f"The upstream sent no response within {limit:g} s (gateway timeouts.first_byte).",
+                    RETRY,
+                )
         except Exception:  # a watcher must never cost the exchange
             logger.exception("timeout watcher")
 
-    async def _watch_body(self, flow: http.HTTPFlow, ex: exchange.Exchange, idle: float) -> None:
-        """Until the body ends (the task is cancelled then): end it after `idle` seconds without a chunk."""
-        seen, last = -1, time.monotonic()
-        while flow.live:
+    def _watch_body(self, flow: http.HTTPFlow, ex: exchange.Exchange, idle: float,
+                    seen: int = -1, last: float | None = None) -> None:
+        """Until the body ends (`response`/`error` cancel the timer): end it after `idle` seconds without a
+        chunk. A relayed stream is timed by the relay's stamp of its last chunk, so the next check is exactly
+        at the deadline; a buffered body by mitmproxy's body buffer growing, checked every idle/10 s (0.05–1 s)."""
+        try:
+            if last is None:
+                last = time.monotonic()
+            if not flow.live:
+                self._timers.pop(flow, None)
+                return
             stream = flow.response.stream if flow.response else None
             if stream and not isinstance(stream, relay.SSERelay):
+                self._timers.pop(flow, None)
                 return  # streamed untouched (an unknown encoding): no clock on its chunks, and no way to end it well
             if isinstance(stream, relay.SSERelay):
-                last = stream.last_chunk  # the relay stamps every chunk: sleep exactly until the deadline
+                last = stream.last_chunk
                 step = last + idle - time.monotonic()
             else:  # buffered: watch mitmproxy's body buffer grow
                 layer = interrupt.find_stream(flow)
@@ -113,6 +123,7 @@ class Timeouts:
                     seen, last = size, time.monotonic()
                 step = min(last + idle - time.monotonic(), max(idle / 10, 0.05), 1.0)
             if last + idle <= time.monotonic():
+                self._timers.pop(flow, None)
                 end_with_error(
                     flow, ex, "stream_idle_timeout", "timeout_error",
                     f"The upstream sent nothing for {idle:g} s in the middle of its answer "
@@ -120,4 +131,9 @@ class Timeouts:
                     RETRY,
                 )
                 return
-            await asyncio.sleep(max(step, 0.01))
+            self._timers[flow] = asyncio.get_running_loop().call_later(
+                max(step, 0.01), self._watch_body, flow, ex, idle, seen, last
+            )
+        except Exception:  # a watcher must never cost the exchange
+            self._timers.pop(flow, None)
+            logger.exception("timeout watcher")
