@@ -56,12 +56,14 @@ def forward(stream, chunks) -> bytes:
 
 def flow_addons(rf: RuleFile) -> list:
     """gateway.py's addons (compose.default_addons), in its order, less the ones that act on the whole process
-    or need mitmproxy's running event loop (the timer, the log filter, the open-file limit, the listen queue): what a test that
+    or need mitmproxy's running event loop (the timer, the log filter, the open-file limit, the listen queue, the warm-up): what a test that
     calls the flow hooks itself drives. The first two are always `rf` and the RecordLog."""
     from llm_gateway.backlog import ListenBacklog
     from llm_gateway.compose import default_addons
     from llm_gateway.fdlimit import OpenFileLimit
     from llm_gateway.gatewaylog import GatewayLog
     from llm_gateway.timeouts import Timeouts
+    from llm_gateway.warmup import Warmup
 
-    return [a for a in default_addons(rf) if not isinstance(a, (Timeouts, GatewayLog, OpenFileLimit, ListenBacklog))]
+    process_wide = (Timeouts, GatewayLog, OpenFileLimit, ListenBacklog, Warmup)
+    return [a for a in default_addons(rf) if not isinstance(a, process_wide)]

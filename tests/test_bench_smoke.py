@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUPS = ("source", "mitmdump", "gateway", "gateway-on")
+SETUPS = ("source", "mitmdump", "gateway", "gateway-on", "gateway-view")
 
 
 def test_quick_bench_of_one_workload_measures_every_setup(tmp_path):

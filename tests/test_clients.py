@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -589,3 +590,29 @@ def test_arbitrary_input_never_raises(headers: Any, body: Any) -> None:
         assert value is None or (0 < len(value) <= clients.SESSION_MAX_CHARS and value.isprintable())
     assert d.session == session_id(headers, body)
     assert d.user_agent is None or d.user_agent.isprintable()
+
+
+def _normalize_by_items(headers: Headers) -> dict[str, str]:
+    """What `_normalize` gave before its one-pass read of mitmproxy's raw fields: `items()`, first name wins."""
+    out: dict[str, str] = {}
+    for name, value in islice(headers.items(), clients.MAX_HEADERS):
+        out.setdefault(name.lower(), value)
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=st.lists(
+    st.tuples(st.one_of(st.sampled_from([b"User-Agent", b"user-agent", b"X-App", b"x-app", b"\xc4\xb0d", b"\xc4\xb1d"]),
+                        st.binary(min_size=1, max_size=6)), st.binary(max_size=8)),
+    max_size=12))
+def test_headers_are_read_from_their_raw_fields_as_items_would_give_them(fields) -> None:
+    """Repeated names folded with ", ", case variants of one name together, undecodable bytes escaped, and
+    past MAX_HEADERS distinct names the rest left out, exactly as mitmproxy's `Headers.items()` gives them."""
+    headers = Headers(fields)
+    assert clients._normalize(headers) == _normalize_by_items(headers)
+    limit = clients.MAX_HEADERS
+    clients.MAX_HEADERS = 2
+    try:
+        assert clients._normalize(headers) == _normalize_by_items(headers)
+    finally:
+        clients.MAX_HEADERS = limit

@@ -347,3 +347,15 @@ def test_principal_counters_are_bounded_and_name_no_token():
     assert len(principals) == metrics_mod.MAX_VALUES + 1 and {"other", "team-0"} <= principals
     assert value(m, "llm_gateway_principal_requests_total", principal="other", status="200") == 4
     assert value(m, "llm_gateway_principal_tokens_total", principal="team-0", kind="input") > 0
+
+
+def test_the_label_sets_kept_for_speed_are_bounded_and_count_as_fresh_ones(monkeypatch):
+    """Raw (client, model, principal, status) sets are kept with their children, at most MAX_LABEL_SETS;
+    once the cache starts over, the counts go on from where they were."""
+    monkeypatch.setattr(metrics_mod, "MAX_LABEL_SETS", 3)
+    m = Metrics()
+    for i in range(10):
+        m.response(finished(model=f"model-{i % 5}"))
+        assert len(m._label_sets) <= 3
+    requests = families(m)["llm_gateway_requests_total"]
+    assert {dict(labels)["model"]: n for labels, n in requests.items()} == {f"model-{i}": 2 for i in range(5)}

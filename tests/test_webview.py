@@ -485,3 +485,40 @@ def test_other_flows_and_users_own_notes_are_left_alone():
     f.comment, f.marked = "mine", ":star:"
     webview.annotate(f)
     assert f.comment == "mine" and f.marked == ":star:"
+
+
+# --- gateway_flow_notes ---------------------------------------------------------------------------
+
+
+def test_flow_notes_are_for_places_where_someone_can_look_at_flows(tmp_path):
+    from mitmproxy.addons.save import Save
+    from mitmproxy.tools.dump import DumpMaster
+
+    mitmdump = DumpMaster.__new__(DumpMaster)  # only its type is looked at
+    with taddons.context(Save()) as tctx:
+        assert webview.flow_notes_wanted("auto", mitmdump, tctx.options) is False
+        tctx.options.update(save_stream_file=str(tmp_path / "flows.mitm"))  # mitmdump -w: the saved flows carry them
+        assert webview.flow_notes_wanted("auto", mitmdump, tctx.options) is True
+        tctx.options.update(save_stream_file=None)
+        assert webview.flow_notes_wanted("auto", tctx.master, tctx.options) is True  # mitmweb, the console
+        assert webview.flow_notes_wanted(" ON ", mitmdump, tctx.options) is True
+        assert webview.flow_notes_wanted("off", tctx.master, tctx.options) is False
+        with pytest.raises(exceptions.OptionsError, match="gateway_flow_notes"):
+            webview.flow_notes_wanted("sometimes", tctx.master, tctx.options)
+
+
+def test_with_flow_notes_off_no_comment_marker_or_metadata_is_written_and_the_rest_still_is():
+    body = wire.message_to_sse(MESSAGE)
+    addons = pipeline()
+    try:
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[-1], gateway_flow_notes="off")
+            f, forwarded = streamed_flow(addons, chunks(body, 50))
+            assert forwarded == body and exchange.of(f).usage  # the exchange is read as ever
+            assert f.comment == "" and not f.marked and "gateway" not in f.metadata
+            assert f.response.raw_content == body  # the body copy has its own option
+            tctx.configure(addons[-1], gateway_flow_notes="on")
+            f, _ = streamed_flow(addons, chunks(body, 50))
+            assert f.comment and f.metadata["gateway"]["api"] == "anthropic"
+    finally:
+        exchange.publishing = True

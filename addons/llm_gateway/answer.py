@@ -300,10 +300,11 @@ class AnswerPipeline:
                 pass  # relayed: the reader saw it all
             elif response.status_code >= 400:
                 error_answer(response, ex)
-            elif ex.stream_requested is False and is_sse(response):
-                sse_to_json(response, ex)
-            elif ex.stream_requested and ex.stream_upstream is False and not is_sse(response):
-                json_to_sse(response, ex)
+            elif ex.stream_requested is not None and (sse := is_sse(response)) != ex.stream_requested:
+                if sse:
+                    sse_to_json(response, ex)
+                elif ex.stream_upstream is False:
+                    json_to_sse(response, ex)
         finally:  # a bug above is mitmproxy's to log (the answer goes on as it is); the record still says what went
             settle(response, ex)
             exchange.publish(flow, ex)

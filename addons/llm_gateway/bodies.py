@@ -15,6 +15,7 @@ Memory: an accepted body is held as mitmproxy's list of received chunks, joined 
 from __future__ import annotations
 
 import logging
+import weakref
 
 from mitmproxy import http
 from mitmproxy.proxy.utils import ReceiveBuffer
@@ -54,6 +55,9 @@ def too_large(limit: int, size: int | None) -> http.Response:
 
 
 class BodyLimit:
+    def __init__(self) -> None:
+        self._capped: weakref.WeakKeyDictionary[http.HTTPFlow, CappedBody] = weakref.WeakKeyDictionary()
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None or flow.response:
@@ -64,9 +68,12 @@ class BodyLimit:
         except ValueError:
             declared = None
         refused = declared is not None and declared > limit
-        stream = interrupt.find_stream(flow)
-        if stream is not None and not len(stream.request_body_buf):
-            stream.request_body_buf = CappedBody(limit, refused)
+        # HTTP/1 reads exactly the declared length (RFC 9112 section 6.3): a body declared within the limit
+        # cannot cross it, and needs no capped buffer (nor the search for mitmproxy's layer that swaps it in).
+        if refused or declared is None or not flow.request.http_version.startswith("HTTP/1"):
+            stream = interrupt.find_stream(flow)
+            if stream is not None and not len(stream.request_body_buf):
+                stream.request_body_buf = self._capped[flow] = CappedBody(limit, refused)
         if refused:
             ex.reason = "request_too_large"
             logger.warning(f"refused a {declared}-byte request to {ex.host}{ex.path.split('?', 1)[0]!r} (limit {limit})")
@@ -76,9 +83,8 @@ class BodyLimit:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        stream = interrupt.find_stream(flow)
-        body = stream.request_body_buf if stream is not None else None
-        if isinstance(body, CappedBody) and body.refused:
+        body = self._capped.pop(flow, None)
+        if body is not None and body.refused:
             ex.reason = "request_too_large"
             ex.body = None
             logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{ex.path.split('?', 1)[0]!r}")

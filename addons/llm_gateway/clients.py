@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from mitmproxy import http
+
 from . import exchange
 from .globs import Glob, GlobSet
 
@@ -181,8 +183,9 @@ def _first_match(
 ) -> tuple[ClientSignature, str] | None:
     """The first signature that matches and how, as `_match` on each in order would find it, but with one
     regular expression for every user agent glob and one for every header-name glob."""
+    facts = _BodyFacts(body)
     if not isinstance(signatures, tuple):  # a list may change: no compiled form to keep
-        return next(((sig, how) for sig in signatures if (how := _match(sig, h, ua, body))), None)
+        return next(((sig, how) for sig in signatures if (how := _match(sig, h, ua, facts))), None)
     m = _matchers(signatures)
     best = len(signatures)  # the first signature that matches by user agent or header name
     found = m.user_agent.first(ua[:MATCH_MAX_CHARS]) if ua is not None else None
@@ -194,11 +197,11 @@ def _first_match(
             if found is not None and m.headers_owner[found] < best:
                 best = m.headers_owner[found]
     for sig in signatures[:best]:  # an earlier one may still match by a header value or the body
-        how = _match_rest(sig, h, body)
+        how = _match_rest(sig, h, facts)
         if how:
             return sig, how
     if best < len(signatures):
-        return signatures[best], _match(signatures[best], h, ua, body) or "?"
+        return signatures[best], _match(signatures[best], h, ua, facts) or "?"
     return None
 
 
@@ -212,25 +215,49 @@ def _match(sig: ClientSignature, h: dict[str, str], ua: str | None, body: Any) -
     for g in sig.headers:
         if any(g.match(name) for name in h):
             return f"header {g}"
-    return _match_rest(sig, h, body)
+    return _match_rest(sig, h, body if isinstance(body, _BodyFacts) else _BodyFacts(body))
 
 
-def _match_rest(sig: ClientSignature, h: dict[str, str], body: Any) -> str | None:
+class _BodyFacts:
+    """What the body matchers read, each worked out once per request and only if a signature asks: the
+    metadata.user_id and the head of the first system text (up to MATCH_MAX_CHARS, leading blanks off)."""
+
+    __slots__ = ("body", "_user_id", "_system_head")
+    _UNSET = object()
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self._user_id = self._system_head = self._UNSET
+
+    @property
+    def user_id(self) -> str | None:
+        if self._user_id is self._UNSET:
+            self._user_id = _user_id(self.body)
+        return self._user_id
+
+    @property
+    def system_head(self) -> str | None:
+        if self._system_head is self._UNSET:
+            text = _system_text(self.body)
+            self._system_head = None if text is None else text[:MATCH_MAX_CHARS].lstrip()
+        return self._system_head
+
+
+def _match_rest(sig: ClientSignature, h: dict[str, str], facts: _BodyFacts) -> str | None:
     """How `sig` matches by its matchers other than the user agent and header names, or None."""
     for name, g in sig.header_values:
         value = h.get(name)
         if value is not None and g.match(value[:MATCH_MAX_CHARS]):
             return f"header_value {name}: {g}"
     if sig.metadata_user_id:
-        user_id = _user_id(body)
+        user_id = facts.user_id
         if user_id is not None:
             for g in sig.metadata_user_id:
                 if g.match(user_id):
                     return f"metadata.user_id {g}"
     if sig.system_prompt:
-        text = _system_text(body)
-        if text is not None:
-            head = text[:MATCH_MAX_CHARS].lstrip()
+        head = facts.system_head
+        if head is not None:
             for prefix in sig.system_prompt:
                 if head.startswith(prefix):
                     return f"system_prompt {prefix.strip()}"
@@ -293,10 +320,14 @@ def _clean_session(value: Any) -> str | None:
 
 
 def _normalize(headers: Any) -> dict[str, str]:
-    """Header name (lower-case) -> value, first occurrence wins; junk entries are skipped."""
+    """Header name (lower-case) -> value, first occurrence wins; junk entries are skipped. mitmproxy's
+    `Headers` give what their `items()` would (repeated fields folded with ", ", names and values decoded
+    as UTF-8 with surrogate escapes), read from their raw fields in one pass instead of a scan per name."""
     out: dict[str, str] = {}
     if headers is None:
         return out
+    if type(headers) is http.Headers:
+        return _normalize_fields(headers.fields)
     try:
         items = headers.items()
     except Exception:
@@ -311,6 +342,21 @@ def _normalize(headers: Any) -> dict[str, str]:
                 out.setdefault(name.lower(), value)
     except Exception:
         pass
+    return out
+
+
+def _normalize_fields(fields: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
+    groups: dict[bytes, list[bytes]] = {}  # the first MAX_HEADERS distinct names (ASCII case-folded, as
+    for name, value in fields:  # mitmproxy's MultiDict folds them) -> [name as first seen, values…]
+        group = groups.get(key := name.lower())
+        if group is not None:
+            group.append(value)
+        elif len(groups) < MAX_HEADERS:
+            groups[key] = [name, value]
+    out: dict[str, str] = {}
+    for name, *values in groups.values():
+        out.setdefault(name.decode("utf-8", "surrogateescape").lower(),
+                       ", ".join(v.decode("utf-8", "surrogateescape") for v in values))
     return out
 
 

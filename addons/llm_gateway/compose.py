@@ -25,6 +25,7 @@ from .startup import StartupReport
 from .streams import StreamPreference
 from .timeouts import Timeouts
 from .usage import Usage
+from .warmup import Warmup
 from .webview import WebView
 
 
@@ -56,4 +57,5 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
         StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups
         ListenBacklog(),  # gateway_listen_backlog: a deeper listen queue than mitmproxy's 100, for bursts
+        Warmup(),  # running: the price list loaded, then start-up objects frozen out of the garbage collector's walks
     ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import weakref
 from typing import Any
 
 from mitmproxy import http
@@ -30,6 +29,7 @@ logger = logging.getLogger("llm_gateway.metrics")
 
 MAX_VALUES = 64  # distinct values per label before "other"
 OTHER = "other"
+MAX_LABEL_SETS = 4096  # raw label value sets whose children are kept (`Metrics._labels`)
 TOKEN_KINDS = dict(zip(("input", "output", "cache_read", "cache_write"), wire.TOKEN_FIELDS))  # label -> field
 _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -110,8 +110,8 @@ class Metrics:
         )
         self._clients, self._models, self._principals = _Bounded(), _Bounded(), _Bounded()
         self._prompt: dict[tuple[str, str], list[int]] = {}  # (client, model) -> [cache_read, all prompt tokens]
-        self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._children: dict[tuple, Any] = {}  # (metric, label values) -> its child
+        self._label_sets: dict[tuple, tuple] = {}  # raw (client, model, principal, status) -> `_labels`
         if records is not None:
             records.observers.append(self.record)
 
@@ -130,26 +130,28 @@ class Metrics:
 
     def _exchange(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or flow in self._counted:
+        if ex is None or ex.metered:
             return
-        self._counted.add(flow)
+        ex.metered = True
         try:
             self.observe(ex, ex.status)  # what the client got (answer.py), as the record says
         except Exception:  # metrics must never cost an exchange
             logger.exception("metrics")
 
     def observe(self, ex: exchange.Exchange, status: int | None) -> None:
-        client, model = self._clients(ex.client), self._models(ex.model)
-        principal = self._principals(ex.principal, "none")
-        self._child(self.requests, client, model, str(status) if status else "none").inc()
-        self._child(self.principal_requests, principal, str(status) if status else "none").inc()
-        for kind, field in TOKEN_KINDS.items():
-            n = token(ex.usage, field)
-            if n:
-                self._child(self.tokens, client, model, kind).inc(n)
-                self._child(self.principal_tokens, principal, kind).inc(n)
-        read = token(ex.usage, "cache_read_input_tokens") or 0
-        prompt = read + wire.full_price_prompt_tokens(ex.usage)
+        labels = self._labels(ex.client, ex.model, ex.principal, status)
+        client, model, requests, principal_requests, tokens = labels
+        requests.inc()
+        principal_requests.inc()
+        usage = ex.usage
+        if usage:
+            for field, child, principal_child in tokens:
+                n = token(usage, field)
+                if n:
+                    child.inc(n)
+                    principal_child.inc(n)
+        read = token(usage, "cache_read_input_tokens") or 0
+        prompt = read + wire.full_price_prompt_tokens(usage)
         if prompt:
             totals = self._prompt.setdefault((client, model), [0, 0])
             totals[0] += read
@@ -166,6 +168,28 @@ class Metrics:
             self._child(self.errors, client, model, error_type).inc()
             if ex.unwrapped:
                 self._child(self.unwrapped, client, model, error_type).inc()
+
+    def _labels(self, client: str | None, model: str | None, principal: str | None, status: int | None) -> tuple:
+        """(client label, model label, and the counters every exchange with these values adds to: its requests,
+        and its tokens by kind, which start at 0 as Prometheus advises for counters), kept per
+        raw value set: an agent fleet sends the same few again and again, and escaping and bounding the values
+        and finding the children cost more than the counting. At most MAX_LABEL_SETS are kept."""
+        key = (client, model, principal, status)
+        found = self._label_sets.get(key)
+        if found is None:
+            if len(self._label_sets) >= MAX_LABEL_SETS:
+                self._label_sets.clear()
+            client_label, model_label = self._clients(client), self._models(model)
+            principal_label = self._principals(principal, "none")
+            status_label = str(status) if status else "none"
+            found = self._label_sets[key] = (
+                client_label, model_label,
+                self._child(self.requests, client_label, model_label, status_label),
+                self._child(self.principal_requests, principal_label, status_label),
+                tuple((field, self._child(self.tokens, client_label, model_label, kind),
+                       self._child(self.principal_tokens, principal_label, kind)) for kind, field in TOKEN_KINDS.items()),
+            )
+        return found
 
     def _child(self, metric, *labels: str):
         """The labelled child of a metric, looked up in prometheus_client (a lock and a few tuples) once per

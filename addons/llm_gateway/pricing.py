@@ -99,6 +99,12 @@ def _from_rules(price: Price, inp: int, out: int, five: int, hour: int, read: in
     return Cost(round(dollars, 8), round(saved, 8), RULES)
 
 
+def preload() -> None:
+    """Load genai-prices' snapshot now rather than on the first priced exchange (about 0.3 s)."""
+    data_snapshot.get_snapshot()
+    library_model("claude-sonnet-4-5")
+
+
 @functools.lru_cache(maxsize=512)
 def library_model(model: str):
     """genai-prices' model for an Anthropic model id (provider spellings normalised), or None."""

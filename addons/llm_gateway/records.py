@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any, Callable
 
+import orjson
 from mitmproxy import ctx
 
 from .rules import Rules
@@ -34,6 +35,23 @@ def standard_output():
     """Where `-` sends records: standard output, also when `llm-gateway-dump` (launch.py) has pointed
     `sys.stdout`, which mitmproxy's own log and flow lines use, at standard error."""
     return sys.__stdout__ if sys.stdout is sys.stderr and sys.__stdout__ is not None else sys.stdout
+
+
+def encode(record: dict[str, Any], path: str = "") -> bytes | None:
+    """One JSON line (UTF-8, compact, unknown types as their str()), or None for a record that is not JSON
+    (logged: lose it, not the others). orjson writes it (about ten times faster than json; NaN and infinities
+    as null, where json would write invalid JSON); what orjson refuses (a lone surrogate from a client's JSON,
+    an integer past 64 bits) goes to json, a lone surrogate replaced."""
+    try:
+        return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        pass
+    try:
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (ValueError, TypeError) as e:
+        logger.error(f"cannot write record to {path}: {e}")
+        return None
+    return (text + "\n").encode("utf-8", "replace")
 
 
 class RecordLog:
@@ -115,14 +133,7 @@ class RecordLog:
                 logger.exception("record log: deferred work")
 
     def _write(self, path: str, records: list[dict[str, Any]]) -> None:
-        lines = []
-        for record in records:
-            try:
-                text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-            except (ValueError, TypeError) as e:  # a record that is not JSON: lose it, not the others
-                logger.error(f"cannot write record to {path}: {e}")
-                continue
-            lines.append((text + "\n").encode("utf-8", "replace"))  # a lone surrogate from a client's JSON
+        lines = [line for record in records if (line := encode(record, path)) is not None]
         data = b"".join(lines)
         if not data:
             return

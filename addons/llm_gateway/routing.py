@@ -87,11 +87,18 @@ class ApiRouter:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
         else:
             up = route.upstream
-            flow.request.scheme = up.scheme
-            flow.request.host = up.host
-            flow.request.port = up.port
-            flow.request.path = up.prefix + flow.request.path
-            flow.request.host_header = up.host_header
+            request = flow.request
+            # Each setter rewrites mitmproxy's request (the host one also its Host header and authority): only
+            # what differs is set, which for a base-URL listener already aimed at the upstream is nothing.
+            if request.scheme != up.scheme:
+                request.scheme = up.scheme
+            if request.host != up.host or request.port != up.port:
+                request.host = up.host
+                request.port = up.port
+            if up.prefix:
+                request.path = up.prefix + request.path
+            if request.host_header != up.host_header:
+                request.host_header = up.host_header
             ex.upstream = str(up)
             ex.notes.append(f"routed to {up}")
         exchange.publish(flow, ex)

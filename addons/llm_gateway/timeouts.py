@@ -66,8 +66,11 @@ class Timeouts:
         if timer is not None:
             timer.cancel()
             ex = exchange.of(flow)
-            if ex is not None:
-                self._watch_body(flow, ex, ex.rules.timeouts.stream_idle)
+            if ex is not None:  # the first look at the body comes after a first wait: most answers are over by then
+                idle = ex.rules.timeouts.stream_idle
+                self._timers[flow] = asyncio.get_running_loop().call_later(
+                    min(idle, max(idle / 10, 0.05), 1.0), self._watch_body, flow, ex, idle, -1, time.monotonic()
+                )
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._forget(flow)

@@ -376,10 +376,23 @@ def annotate(flow: http.HTTPFlow) -> None:
 # ------------------------------------------------------------------------------------ the addon
 
 
+def flow_notes_wanted(setting: str, master: Any, options: Any) -> bool:
+    """`gateway_flow_notes` as a switch: "on"/"off", or "auto": on unless the master is mitmdump's and no
+    flows are saved. Raises OptionsError for anything else."""
+    value = setting.strip().lower()
+    if value in ("on", "off"):
+        return value == "on"
+    if value != "auto":
+        raise exceptions.OptionsError(f"gateway_flow_notes: {setting!r} is not one of auto, on, off")
+    saving = "save_stream_file" in options and bool(options.save_stream_file)
+    return saving or not isinstance(master, DumpMaster)
+
+
 class WebView:
     def __init__(self) -> None:
         self.view = MessageView()
         self.keep_limit = KEEP_LIMIT
+        self.notes = True
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -390,9 +403,20 @@ class WebView:
             "so mitmweb can show it. Forwarding stays unbuffered; a longer stream keeps only its first events. "
             "auto: 4m where someone can look at flows (mitmweb, mitmproxy), none in mitmdump.",
         )
+        loader.add_option(
+            "gateway_flow_notes",
+            str,
+            "auto",
+            "Flow comments, markers and the gateway's summary in flow.metadata, for people looking at flows: on, "
+            "off, or auto: on in mitmweb and the console and when flows are saved (save_stream_file, -w), off in "
+            "plain mitmdump, where nobody sees them. Records, log lines and metrics do not depend on it.",
+        )
         contentviews.add(self.view)
 
     def configure(self, updated: set[str]) -> None:
+        if updated & {"gateway_flow_notes", "save_stream_file"}:
+            self.notes = flow_notes_wanted(ctx.options.gateway_flow_notes, ctx.master, ctx.options)
+            exchange.publishing = self.notes
         if "gateway_keep_stream_body" not in updated:
             return
         value = ctx.options.gateway_keep_stream_body
@@ -433,7 +457,8 @@ class WebView:
     def _finish(self, flow: http.HTTPFlow) -> None:
         try:
             self._keep_copy(flow)
-            annotate(flow)
+            if self.notes:
+                annotate(flow)
         except Exception:  # viewing aids must never disturb the traffic
             logger.exception(f"cannot annotate {clean(flow.request.pretty_url)}")
 

@@ -44,7 +44,9 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 LITELLM_VERSION = "1.106.2"
 MB = 1_000_000
 
-SCALE_WORKLOADS = ("scale", "soak")  # bench/scale.py
+SCALE_WORKLOADS = ("scale", "soak")
+# mitmweb's defaults for the gateway's viewing aids, which mitmdump (and so the "gateway" set-up) leaves off
+VIEW_OPTIONS = ("--set", "gateway_flow_notes=on", "--set", "gateway_keep_stream_body=4m")  # bench/scale.py
 # What each proxy set-up is, in the table.
 SETUPS = {
     "fake": "FakeUpstream, direct",
@@ -53,6 +55,7 @@ SETUPS = {
     "gateway": "gateway, all features",
     "gateway-on": "gateway, stream forced on",
     "gateway-off": "gateway, stream forced off",
+    "gateway-view": "gateway, mitmweb's aids on too (flow notes, 4 MB body copy)",
     "litellm": f"LiteLLM {LITELLM_VERSION} pass-through",
     "in-process": "in-process wire.*",
 }
@@ -315,10 +318,10 @@ def workloads(cfg: Config) -> list[Workload]:
     big = cfg.big_bytes // MB
     conv = cfg.convert_bytes // MB
     return [
-        Workload("messages-1", "Non-streaming Messages, 1 connection", (*plain, "gateway-on", "litellm"),
+        Workload("messages-1", "Non-streaming Messages, 1 connection", (*plain, "gateway-view", "gateway-on", "litellm"),
                  msg_metrics, messages(1), (("rps", "ratio"), ("p50", "ratio"), ("cpu", "ratio")),
                  "gateway-on: the client asks for JSON, the upstream is asked for a stream, the gateway converts it."),
-        Workload("messages-16", "Non-streaming Messages, 16 connections", (*plain, "gateway-on", "litellm"),
+        Workload("messages-16", "Non-streaming Messages, 16 connections", (*plain, "gateway-view", "gateway-on", "litellm"),
                  msg_metrics, messages(16), (("rps", "ratio"), ("p99", "ratio"), ("cpu", "ratio")),
                  "gateway-on: as above."),
         Workload("stream-delayed", f"Streamed answer, upstream waits {cfg.delay * 1000:.0f} ms, then "
@@ -327,12 +330,12 @@ def workloads(cfg: Config) -> list[Workload]:
                  (("ttfe", "diff"), ("total", "diff")),
                  "gateway-off: the upstream is asked for JSON and the gateway replays it as events, so the first "
                  "event can only come when the whole answer is there.", streams=True),
-        Workload("burst", f"Burst stream of {cfg.burst_events:,} events", (*plain, "litellm"),
+        Workload("burst", f"Burst stream of {cfg.burst_events:,} events", (*plain, "gateway-view", "litellm"),
                  (Metric("eps", "events/s", 0), Metric("cpu", "proxy CPU µs/event", 1)), burst,
                  (("eps", "ratio"), ("cpu", "ratio")),
                  "No forced-off row: the gateway replays a JSON answer as one text delta, not 20,000 events.",
                  streams=True),
-        Workload("stream-big", f"A stream of {big} MB", ("source", "mitmdump", "gateway", "litellm"),
+        Workload("stream-big", f"A stream of {big} MB", ("source", "mitmdump", "gateway", "gateway-view", "litellm"),
                  size_metrics, sized(True, lambda c: c.big_bytes), (("mbps", "ratio"), ("rss", "diff")),
                  "FakeUpstream is left out here (it makes the events one by one, much slower than any proxy); "
                  "forced off is left out (converting buffers the whole answer by design; see the conversions).",
@@ -422,6 +425,10 @@ class Bench:
                                                        headers={**headers, "User-Agent": agent}),
                                           lambda p=gw.proc.pid: [p])
             self.gateway = gw
+        if "gateway-view" in needed:  # what mitmweb adds (gateway_flow_notes and the body copy are on there)
+            view = self._start(procs.Gateway(gateway_rules(source_url), reverse_to=source_url, extra_args=VIEW_OPTIONS))
+            self.setups["gateway-view"] = Setup("gateway-view", Target("gateway-view", "127.0.0.1", view.reverse_port,
+                                                                      headers=headers), lambda p=view.proc.pid: [p])
         if "litellm" in needed:
             from realclients import LiteLLMProxy, cache_dir
 
@@ -631,8 +638,14 @@ def targets(bench: Bench) -> list[str]:
 
     check("messages-1", "gateway", "rps", "ratio", lambda x: x >= 0.90, "≥ 0.90 (aim 0.95) of mitmdump's requests/s, 1 connection")
     check("messages-16", "gateway", "rps", "ratio", lambda x: x >= 0.90, "≥ 0.90 (aim 0.95) of mitmdump's requests/s, 16 connections")
+    check("messages-1", "gateway-view", "rps", "ratio", lambda x: x >= 0.90,
+          "the same with mitmweb's aids on too (flow notes, body copy), 1 connection")
+    check("messages-16", "gateway-view", "rps", "ratio", lambda x: x >= 0.90,
+          "the same with mitmweb's aids on too, 16 connections")
     check("stream-delayed", "gateway", "ttfe", "diff", lambda x: x <= 2.0, "first streamed event within 2 ms of mitmdump (ms)")
     check("burst", "gateway", "eps", "ratio", lambda x: x >= 0.90, "≥ 0.90 of mitmdump's streamed events/s, usage tap on")
+    check("burst", "gateway-view", "eps", "ratio", lambda x: x >= 0.90,
+          "the same with mitmweb's aids on too (the body copy takes every event)")
     check("stream-big", "gateway", "rss", "abs", lambda x: x < 30, f"RSS growth under 30 MB while a {bench.cfg.big_bytes // MB} MB stream passes (MB)")
     if bench.scale_results:
         limit = bench.scale_cfg.limit_ms
