@@ -181,21 +181,17 @@ class Gateway:
 
     def records(self, timeout: float = 5, count: int = 1, kind: str | None = "usage") -> list[dict]:
         """The records of `kind` (None: every kind) written so far, waiting up to `timeout` for `count`."""
+        return self.wait_records(None, count, timeout, kind)
+
+    def wait_records(self, match, count: int, timeout: float = 10, kind: str | None = "usage") -> list[dict]:
+        """The records of `kind` for which `match(record)` is true (every one for None), once there are `count`
+        of them or `timeout` passed (the gateway writes records off the request path, up to 0.1 s after the
+        exchange ended)."""
         deadline = time.monotonic() + timeout
         while True:
             lines = self.usage_log.read_text().splitlines() if self.usage_log.exists() else []
-            records = [json.loads(line) for line in lines]
-            records = [r for r in records if kind is None or r.get("kind") == kind]
-            if len(records) >= count or time.monotonic() > deadline:
-                return records
-            time.sleep(0.05)
-
-    def wait_records(self, match, count: int, timeout: float = 10, kind: str | None = "usage") -> list[dict]:
-        """The records for which `match(record)` is true, once there are `count` of them or `timeout` passed
-        (the gateway writes records off the request path, up to 0.1 s after the exchange ended)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [r for r in self.records(timeout=0, count=0, kind=kind) if match(r)]
+            found = [r for r in map(json.loads, lines)
+                     if (kind is None or r.get("kind") == kind) and (match is None or match(r))]
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
