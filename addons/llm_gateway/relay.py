@@ -9,7 +9,11 @@ as their original bytes; only a partial event at the end of a chunk is held unti
 
 Every event of every stream passes here, so the relay only calls a tap for the events it reads: a tap
 may name them in `event_names` (a set of event names, None for events without one); a tap without it
-sees every event. Most of a stream is `content_block_delta` events that only the body copy reads.
+sees every event. Most of a stream is `content_block_delta` events that only the body copy reads: a
+chunk that is exactly one such event, in the API's own shape, while nothing is held back and no tap
+reads them, is checked with a few `bytes` calls and sent on as the same object (the quick path; mitmproxy
+hands over one HTTP chunk at a time, and the API writes one event per chunk). Every other chunk goes
+through the parser, which gives the same result for these chunks, only slower.
 
 Nothing here may raise into mitmproxy: an exception inside a stream callable kills the connection.
 """
@@ -34,6 +38,11 @@ _UNREAD = object()
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 # What the parser holds back at the end only because a last "\r" might have become "\r\n": a whole event.
 _ENDED = re.compile(rb"(?:\r\n|\r|\n)\r\Z|\A\r\Z")
+# The quick path's event: `event: content_block_delta`, then one `data:` line, then the blank line, "\n" only.
+QUICK_NAME = "content_block_delta"
+_QUICK = b"event: " + QUICK_NAME.encode() + b"\ndata:"
+_QUICK_LEN = len(_QUICK)
+_now = time.monotonic
 
 
 class SSERelay:
@@ -46,8 +55,10 @@ class SSERelay:
         self.undecoded: bytes | None = b""  # what the decoder took before its first output (None after it)
         self._taps: list = []  # the exchange's taps when `_routes` was built
         self._routes: list[tuple] = []  # (on_event, event_names or None, tap), in tap order
-        self.last_chunk = time.monotonic()  # when the upstream last sent bytes (timeouts.stream_idle reads it)
+        self.last_chunk = _now()  # when the upstream last sent bytes (timeouts.stream_idle reads it)
         self.final: bytes | None = None  # set by `interrupt`
+        self._skips_quick = False  # no route reads QUICK_NAME events (set with `_routes`)
+        self.quick = False  # the quick path may be taken: see the module docstring
 
     def interrupt(self, frame: bytes) -> None:
         """The gateway ends this stream early (a timeout, a shutdown): at the end that follows, an event
@@ -55,16 +66,32 @@ class SSERelay:
         self.final = frame
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
-        self.last_chunk = time.monotonic()
+        self.last_chunk = _now()
         try:
+            # The quick path: one whole QUICK_NAME event, no "\r" (which could break lines), one `data:` line
+            # (so no second `event:` field renames it), and still no tap that reads it.
+            if (
+                self.quick
+                and chunk.startswith(_QUICK)
+                and chunk.find(b"\n", _QUICK_LEN) == len(chunk) - 2
+                and chunk[-1] == 10
+                and chunk.find(b"\r") < 0
+                and self.ex.sse_taps == self._taps
+            ):
+                return chunk
             # Nothing to send yet must be [], not b"": mitmproxy writes b"" as the chunk that ends the body.
             if chunk and self.tapping and not self.decoding:  # the common case, in as few calls as possible
-                events = self.parser.feed(chunk)
-                if self.parser.held > MAX_EVENT_BYTES:
+                parser = self.parser
+                events = parser.feed(chunk)
+                if parser.held > MAX_EVENT_BYTES:
                     return self._forward(events) + self._give_up()
-                return (self._forward(events) if events else b"") or []
+                out = self._forward(events) if events else b""
+                self.quick = self._skips_quick and not parser.held
+                return out or []
+            self.quick = False
             return self._relay(chunk) or []
         except Exception:  # never reached in normal operation: see the module docstring
+            self.quick = False
             logger.exception(f"stream relay failed; forwarding the rest untouched ({clean(self.ex.host + self.ex.path)})")
             self.tapping = False
             return chunk if self.decoding else self._held() + chunk
@@ -106,7 +133,7 @@ class SSERelay:
 
     def _give_up(self) -> bytes:
         logger.warning(f"{clean(self.ex.host)} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
-        self.tapping = False
+        self.tapping = self.quick = False
         return self._held()
 
     def _held(self) -> bytes:
@@ -121,6 +148,7 @@ class SSERelay:
         if self.ex.sse_taps != self._taps:  # which tap reads which events: rebuilt when the taps change
             self._taps = list(self.ex.sse_taps)
             self._routes = [(tap.on_event, getattr(tap, "event_names", None), tap) for tap in self._taps]
+            self._skips_quick = all(names is not None and QUICK_NAME not in names for _, names, _ in self._routes)
         routes = self._routes
         if not routes:
             return events[0].raw if len(events) == 1 else b"".join([event.raw for event in events])
