@@ -100,10 +100,10 @@ class Timeouts:
         """Until the body ends (the task is cancelled then): end it after `idle` seconds without a chunk."""
         seen, last = -1, time.monotonic()
         while flow.live:
-            stream = flow.response.stream if flow.response else None
-            if stream and not isinstance(stream, relay.SSERelay):
+            stream = relay.of(flow)
+            if stream is None and flow.response is not None and flow.response.stream:
                 return  # streamed untouched (an unknown encoding): no clock on its chunks, and no way to end it well
-            if isinstance(stream, relay.SSERelay):
+            if stream is not None:
                 last = stream.last_chunk  # the relay stamps every chunk: sleep exactly until the deadline
                 step = last + idle - time.monotonic()
             else:  # buffered: watch mitmproxy's body buffer grow

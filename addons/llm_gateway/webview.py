@@ -415,7 +415,7 @@ class WebView:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or not isinstance(flow.response.stream, relay.SSERelay) or self.keep_limit <= 0:
+        if ex is None or relay.of(flow) is None or self.keep_limit <= 0:
             return
         if "store_streamed_bodies" in ctx.options and ctx.options.store_streamed_bodies:
             return  # mitmproxy keeps the whole body itself
