@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import zlib
 
 import brotli
@@ -17,6 +18,7 @@ from test_sse import event_blocks
 from llm_gateway import exchange, relay, sse, wire
 from llm_gateway.routing import ApiRouter
 from llm_gateway.answer import StreamReader
+from llm_gateway.webview import StreamCopyTap
 
 MESSAGE = {
     "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
@@ -245,6 +247,18 @@ def test_quick_path_gives_the_same_bytes_events_and_usage_however_split(data, bl
         ex.sse_taps.append(tap)
         assert feed(relay.SSERelay(ex, None), body, cuts) == body
         assert tap.seen == [(e.name, e.raw) for e in whole if not hasattr(tap, "event_names") or e.name in tap.event_names]
+
+    # the mitmweb body copy rides along on the quick path: whole events, a prefix of them up to its limit
+    limit = data.draw(st.integers(0, len(body) + 1))
+    _f, ex = exchange_for()
+    names, copy = Recorder(StreamReader.event_names), StreamCopyTap(limit)
+    ex.sse_taps += [names, copy]
+    assert feed(relay.SSERelay(ex, None), body, cuts) == body
+    assert names.seen == [(e.name, e.raw) for e in whole if e.name in StreamReader.event_names]
+    sizes = itertools.accumulate(len(e.raw) for e in whole)
+    kept = sum(1 for size in sizes if size <= limit)
+    assert copy.body() == b"".join(e.raw for e in whole[:kept])
+    assert copy.summary() == {"kept_bytes": len(copy.body()), "total_bytes": len(body), "truncated": kept < len(whole)}
 
     read = []
     for chunk_cuts in (cuts, []):  # as cut, and the body in one chunk

@@ -13,7 +13,8 @@ sees every event. Most of a stream is `content_block_delta` events that only the
 chunk that is exactly one such event, in the API's own shape, while nothing is held back and no tap
 reads them, is checked with a few `bytes` calls and sent on as the same object (the quick path; mitmproxy
 hands over one HTTP chunk at a time, and the API writes one event per chunk). Every other chunk goes
-through the parser, which gives the same result for these chunks, only slower.
+through the parser, which gives the same result for these chunks, only slower. A tap that only copies
+events (the mitmweb body copy) has `on_raw`: the quick path hands it the chunk's bytes.
 
 Nothing here may raise into mitmproxy: an exception inside a stream callable kills the connection.
 """
@@ -57,7 +58,8 @@ class SSERelay:
         self._routes: list[tuple] = []  # (on_event, event_names or None, tap), in tap order
         self.last_chunk = _now()  # when the upstream last sent bytes (timeouts.stream_idle reads it)
         self.final: bytes | None = None  # set by `interrupt`
-        self._skips_quick = False  # no route reads QUICK_NAME events (set with `_routes`)
+        self._skips_quick = False  # no route reads QUICK_NAME events but the copiers (set with `_routes`)
+        self._copiers: tuple = ()  # the taps' `on_raw`, for the quick path
         self.quick = False  # the quick path may be taken: see the module docstring
 
     def interrupt(self, frame: bytes) -> None:
@@ -78,6 +80,9 @@ class SSERelay:
                 and chunk.find(b"\r") < 0
                 and self.ex.sse_taps == self._taps
             ):
+                if self._copiers:  # mitmweb's body copy
+                    for copy in self._copiers:
+                        copy(chunk)
                 return chunk
             # Nothing to send yet must be [], not b"": mitmproxy writes b"" as the chunk that ends the body.
             if chunk and self.tapping and not self.decoding:  # the common case, in as few calls as possible
@@ -148,7 +153,10 @@ class SSERelay:
         if self.ex.sse_taps != self._taps:  # which tap reads which events: rebuilt when the taps change
             self._taps = list(self.ex.sse_taps)
             self._routes = [(tap.on_event, getattr(tap, "event_names", None), tap) for tap in self._taps]
-            self._skips_quick = all(names is not None and QUICK_NAME not in names for _, names, _ in self._routes)
+            self._copiers = tuple(tap.on_raw for tap in self._taps if hasattr(tap, "on_raw"))
+            self._skips_quick = all(
+                hasattr(tap, "on_raw") or (names is not None and QUICK_NAME not in names) for _, names, tap in self._routes
+            )
         routes = self._routes
         if not routes:
             return events[0].raw if len(events) == 1 else b"".join([event.raw for event in events])

@@ -251,17 +251,19 @@ class StreamCopyTap:
         self.truncated = False
 
     def on_event(self, event) -> None:
-        raw = event.raw
+        self.on_raw(event.raw)
+
+    def on_raw(self, raw: bytes) -> None:
+        """Copy one whole event's bytes (the relay's quick path hands them over without an `Event`)."""
         size = len(raw)
         self.total += size
         if self.truncated:
-            return None
+            return
         if self.kept + size > self.limit:
             self.truncated = True
-            return None
+            return
         self.copy += raw
         self.kept += size
-        return None
 
     def on_end(self) -> bytes:
         return b""
