@@ -15,7 +15,7 @@ from mitmproxy.test import taddons, tflow
 
 from gwtest import api_flow, forward, rule_file
 from test_sse import event_blocks
-from llm_gateway import exchange, relay, sse, wire
+from llm_gateway import credentials, exchange, relay, sse, wire
 from llm_gateway.routing import ApiRouter
 from llm_gateway.answer import StreamReader
 from llm_gateway.webview import StreamCopyTap
@@ -152,6 +152,9 @@ def test_wrapped_error_event_is_unwrapped_in_place():
 DELTA = sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
                                            "delta": {"type": "text_delta", "text": "Hi"}})
 QUICK = b"event: content_block_delta\ndata: "
+KEY = "sk-ant-upstream-key"
+KEYED = sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": f"your key is {KEY}"}})
 
 
 class Recorder:
@@ -221,7 +224,7 @@ def api_streams(draw):
     usage = [sse.encode("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}),
              sse.encode("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9}})]
     block = st.one_of(
-        st.just(DELTA), st.just(DELTA), st.sampled_from(usage),
+        st.just(DELTA), st.just(DELTA), st.just(KEYED), st.sampled_from(usage),
         st.builds(lambda text, end: QUICK + text.encode() + end, st.text(max_size=8),
                   st.sampled_from([b"\n\n", b"\r\n\n", b"\n\r\n", b"\nevent: message_delta\n\n", b"\n"])),
         event_blocks(),
@@ -259,6 +262,15 @@ def test_quick_path_gives_the_same_bytes_events_and_usage_however_split(data, bl
     kept = sum(1 for size in sizes if size <= limit)
     assert copy.body() == b"".join(e.raw for e in whole[:kept])
     assert copy.summary() == {"kept_bytes": len(copy.body()), "total_bytes": len(body), "truncated": kept < len(whole)}
+
+    # the upstream key's mask: deltas that hold the key are parsed and masked, the others go the quick path
+    _f, ex = exchange_for()
+    names = Recorder(StreamReader.event_names)
+    ex.sse_taps += [credentials.ScrubTap(KEY), names]
+    masked = body.replace(KEY.encode(), credentials.mask("upstream key").encode())
+    assert feed(relay.SSERelay(ex, None), body, cuts) == masked
+    parser = sse.SSEParser()
+    assert names.seen == [(e.name, e.raw) for e in parser.feed(masked) if e.name in StreamReader.event_names]
 
     read = []
     for chunk_cuts in (cuts, []):  # as cut, and the body in one chunk

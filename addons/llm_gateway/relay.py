@@ -14,7 +14,9 @@ chunk that is exactly one such event, in the API's own shape, while nothing is h
 reads them, is checked with a few `bytes` calls and sent on as the same object (the quick path; mitmproxy
 hands over one HTTP chunk at a time, and the API writes one event per chunk). Every other chunk goes
 through the parser, which gives the same result for these chunks, only slower. A tap that only copies
-events (the mitmweb body copy) has `on_raw`: the quick path hands it the chunk's bytes.
+events (the mitmweb body copy) has `on_raw`: the quick path hands it the chunk's bytes. A tap that acts only
+on events holding certain bytes (the upstream key's mask) names them in `event_bytes`: the quick path
+looks for them in the chunk.
 
 Nothing here may raise into mitmproxy: an exception inside a stream callable kills the connection.
 """
@@ -60,6 +62,7 @@ class SSERelay:
         self.final: bytes | None = None  # set by `interrupt`
         self._skips_quick = False  # no route reads QUICK_NAME events but the copiers (set with `_routes`)
         self._copiers: tuple = ()  # the taps' `on_raw`, for the quick path
+        self._needles: tuple = ()  # the taps' `event_bytes`: a chunk that holds one is parsed
         self.quick = False  # the quick path may be taken: see the module docstring
 
     def interrupt(self, frame: bytes) -> None:
@@ -79,6 +82,7 @@ class SSERelay:
                 and chunk[-1] == 10
                 and chunk.find(b"\r") < 0
                 and self.ex.sse_taps == self._taps
+                and (not self._needles or self._misses(chunk))
             ):
                 if self._copiers:  # mitmweb's body copy
                     for copy in self._copiers:
@@ -100,6 +104,12 @@ class SSERelay:
             logger.exception(f"stream relay failed; forwarding the rest untouched ({clean(self.ex.host + self.ex.path)})")
             self.tapping = False
             return chunk if self.decoding else self._held() + chunk
+
+    def _misses(self, chunk: bytes) -> bool:
+        for needle in self._needles:
+            if chunk.find(needle) >= 0:
+                return False
+        return True
 
     def _relay(self, chunk: bytes) -> bytes:
         end = not chunk
@@ -154,8 +164,10 @@ class SSERelay:
             self._taps = list(self.ex.sse_taps)
             self._routes = [(tap.on_event, getattr(tap, "event_names", None), tap) for tap in self._taps]
             self._copiers = tuple(tap.on_raw for tap in self._taps if hasattr(tap, "on_raw"))
+            self._needles = tuple(tap.event_bytes for tap in self._taps if getattr(tap, "event_bytes", None))
             self._skips_quick = all(
-                hasattr(tap, "on_raw") or (names is not None and QUICK_NAME not in names) for _, names, tap in self._routes
+                hasattr(tap, "on_raw") or getattr(tap, "event_bytes", None) or (names is not None and QUICK_NAME not in names)
+                for _, names, tap in self._routes
             )
         routes = self._routes
         if not routes:
