@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import zlib
 
 import brotli
 import pytest
 import zstandard
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow
 
-from gwtest import api_flow, rule_file
-from llm_gateway import exchange, relay, sse, wire
+from gwtest import api_flow, forward, rule_file
+from test_sse import event_blocks
+from llm_gateway import credentials, exchange, relay, sse, wire
 from llm_gateway.routing import ApiRouter
 from llm_gateway.answer import StreamReader
+from llm_gateway.webview import StreamCopyTap
 
 MESSAGE = {
     "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
@@ -142,3 +145,136 @@ def test_wrapped_error_event_is_unwrapped_in_place():
     [event] = sse.SSEParser().feed(out[len(head):])
     assert event.json() == native
     assert ex.unwrapped and ex.error_type == "overloaded_error"
+
+
+# --- the quick path: a chunk that is one content_block_delta no tap reads -----------------------------------
+
+DELTA = sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": "Hi"}})
+QUICK = b"event: content_block_delta\ndata: "
+KEY = "sk-ant-upstream-key"
+KEYED = sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": f"your key is {KEY}"}})
+
+
+class Recorder:
+    """A tap that writes down the events it is given; `names` as a tap's `event_names` (absent: every event)."""
+
+    def __init__(self, names=None):
+        if names is not None:
+            self.event_names = names
+        self.seen = []
+
+    def on_event(self, event):
+        self.seen.append((event.name, event.raw))
+
+    def on_end(self):
+        return b""
+
+
+def test_one_delta_per_chunk_goes_out_as_the_same_object_and_taps_still_see_the_rest():
+    _f, ex = exchange_for()
+    reader = Recorder(StreamReader.event_names)
+    ex.sse_taps += [StreamReader(ex), reader]
+    stream = relay.SSERelay(ex, None)
+    head, tail = STREAM.split(b"event: content_block_stop", 1)
+    tail = b"event: content_block_stop" + tail
+    assert stream(head)  # message_start, content_block_start: read
+    for _ in range(3):
+        chunk = bytes(DELTA)
+        assert stream(chunk) is chunk
+    assert forward(stream, [tail]) == tail
+    assert ex.complete and ex.usage["output_tokens"] == 7
+    assert [name for name, _ in reader.seen] == ["message_start", "content_block_start", "message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize("chunks, names", [
+    # the same first line, but not one plain content_block_delta: each must reach the parser
+    ([QUICK + b"x\nevent: message_stop\n\n"], ["message_stop"]),  # a second `event:` renames it
+    ([QUICK + b"x\revent: message_stop\n\n"], ["message_stop"]),  # "\r" is a line break too
+    ([QUICK + b"x\r\rdata: {}\n\n"], ["content_block_delta", None]),  # "\r\r" is a blank line: two events
+    ([QUICK + b"x\n\nevent: message_stop\ndata: {}\n\n"], ["content_block_delta", "message_stop"]),
+    ([b"event: content_block_delta\n\n\n"], ["content_block_delta", None]),
+    ([QUICK + b"x\ne", b"vent: message_stop\n\n"], ["message_stop"]),  # not ended: the next chunk goes on
+])
+def test_chunks_that_only_look_like_one_delta_are_parsed(chunks, names):
+    _f, ex = exchange_for()
+    reader = Recorder(frozenset({"message_stop", None}))
+    ex.sse_taps += [reader]
+    stream = relay.SSERelay(ex, None)
+    assert stream(b"event: ping\ndata: {}\n\n") and stream.quick  # the taps are known: the quick path is open
+    assert forward(stream, [DELTA, *chunks]) == DELTA + b"".join(chunks)
+    assert [name for name, _ in reader.seen] == [n for n in names if n in reader.event_names]
+
+
+def test_a_tap_put_on_mid_stream_sees_the_next_deltas():
+    _f, ex = exchange_for()
+    ex.sse_taps += [Recorder(StreamReader.event_names)]
+    stream = relay.SSERelay(ex, None)
+    assert stream(DELTA) == DELTA and stream.quick
+    everything = Recorder()
+    ex.sse_taps.append(everything)
+    assert forward(stream, [DELTA, DELTA]) == DELTA * 2
+    assert everything.seen == [("content_block_delta", DELTA)] * 2
+
+
+@st.composite
+def api_streams(draw):
+    """Blocks of the API's shape (mostly deltas, some usage events) among arbitrary SSE blocks."""
+    usage = [sse.encode("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}),
+             sse.encode("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9}})]
+    block = st.one_of(
+        st.just(DELTA), st.just(DELTA), st.just(KEYED), st.sampled_from(usage),
+        st.builds(lambda text, end: QUICK + text.encode() + end, st.text(max_size=8),
+                  st.sampled_from([b"\n\n", b"\r\n\n", b"\n\r\n", b"\nevent: message_delta\n\n", b"\n"])),
+        event_blocks(),
+    )
+    return draw(st.lists(block, max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), api_streams())
+def test_quick_path_gives_the_same_bytes_events_and_usage_however_split(data, blocks):
+    """Chunks cut at event boundaries (the quick path's case) or anywhere: what goes out, what each tap sees and
+    the usage read are those of the whole body parsed at once."""
+    body = b"".join(blocks)
+    ends = [sum(map(len, blocks[: i + 1])) for i in range(len(blocks))]
+    cuts = data.draw(st.lists(st.sampled_from(ends) if ends else st.just(0), max_size=12)) \
+        + data.draw(st.lists(st.integers(0, len(body)), max_size=3))
+    parser = sse.SSEParser()
+    whole = parser.feed(body)
+    assume(not parser.held)  # how a stream cut inside an event ends is tested above
+
+    for tap in (Recorder(StreamReader.event_names), Recorder()):  # the quick path open, then closed
+        _f, ex = exchange_for()
+        ex.sse_taps.append(tap)
+        assert feed(relay.SSERelay(ex, None), body, cuts) == body
+        assert tap.seen == [(e.name, e.raw) for e in whole if not hasattr(tap, "event_names") or e.name in tap.event_names]
+
+    # the mitmweb body copy rides along on the quick path: whole events, a prefix of them up to its limit
+    limit = data.draw(st.integers(0, len(body) + 1))
+    _f, ex = exchange_for()
+    names, copy = Recorder(StreamReader.event_names), StreamCopyTap(limit)
+    ex.sse_taps += [names, copy]
+    assert feed(relay.SSERelay(ex, None), body, cuts) == body
+    assert names.seen == [(e.name, e.raw) for e in whole if e.name in StreamReader.event_names]
+    sizes = itertools.accumulate(len(e.raw) for e in whole)
+    kept = sum(1 for size in sizes if size <= limit)
+    assert copy.body() == b"".join(e.raw for e in whole[:kept])
+    assert copy.summary() == {"kept_bytes": len(copy.body()), "total_bytes": len(body), "truncated": kept < len(whole)}
+
+    # the upstream key's mask: deltas that hold the key are parsed and masked, the others go the quick path
+    _f, ex = exchange_for()
+    names = Recorder(StreamReader.event_names)
+    ex.sse_taps += [credentials.ScrubTap(KEY), names]
+    masked = body.replace(KEY.encode(), credentials.mask("upstream key").encode())
+    assert feed(relay.SSERelay(ex, None), body, cuts) == masked
+    parser = sse.SSEParser()
+    assert names.seen == [(e.name, e.raw) for e in parser.feed(masked) if e.name in StreamReader.event_names]
+
+    read = []
+    for chunk_cuts in (cuts, []):  # as cut, and the body in one chunk
+        _f, ex = exchange_for()
+        ex.sse_taps.append(StreamReader(ex))
+        read.append((feed(relay.SSERelay(ex, None), body, chunk_cuts), ex.usage, ex.error_type, ex.complete, ex.model))
+    assert read[0] == read[1]

@@ -429,7 +429,7 @@ def relayed(gw: Gateway, headers: list[tuple[bytes, bytes]] | None = None) -> ht
     gw.hook("request", f)
     start_response(f, 200, headers or [(b"content-type", b"text/event-stream")])
     gw.hook("responseheaders", f)
-    assert isinstance(f.response.stream, relay.SSERelay)
+    assert relay.of(f) is not None
     return f
 
 

@@ -234,6 +234,7 @@ class ScrubTap:
 
     def __init__(self, key: str) -> None:
         self.key = key.encode()
+        self.event_bytes = self.key  # the relay's quick path sends on the deltas without it (relay.py)
 
     def on_event(self, event: Any) -> Any | None:
         if self.key not in event.raw:

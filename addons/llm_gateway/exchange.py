@@ -28,7 +28,11 @@ class SSETap(Protocol):
     """A part that watches (and may rewrite) the events of a stream as they pass.
 
     A tap may also have `event_names`, the set of event names it reads (None for events without one):
-    the relay then calls it for those events only, which keeps the path of every other event short."""
+    the relay then calls it for those events only, which keeps the path of every other event short. While
+    no tap reads `content_block_delta` (the bulk of a stream), the relay sends those on without parsing
+    them (relay.py's quick path); a tap without `event_names` closes that path for its stream, unless it
+    only copies events: such a tap has `on_raw(raw: bytes)`, which the quick path calls with the event's bytes,
+    or acts only on events that hold certain bytes, named in `event_bytes` (the relay still may call it for others)."""
 
     def on_event(self, event: Any) -> Any | None:
         """Return the event to forward: the same one, a replacement, or None to keep it unchanged."""

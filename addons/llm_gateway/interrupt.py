@@ -127,8 +127,8 @@ def end_early(flow: http.HTTPFlow, answer: http.Response, frame: bytes) -> str:
             flow.response = head
             synthetic = [ResponseData(sid, body), ResponseEndOfMessage(sid)]
             done = "answered"
-        elif isinstance(flow.response.stream, relay.SSERelay):
-            flow.response.stream.interrupt(frame)
+        elif (relayed := relay.of(flow)) is not None:
+            relayed.interrupt(frame)
             synthetic = [ResponseEndOfMessage(sid)]
             done = "stream-ended"
         else:  # streamed untouched (an unknown encoding): bytes appended would corrupt it

@@ -112,12 +112,12 @@ class Timeouts:
             if not flow.live:
                 self._timers.pop(flow, None)
                 return
-            stream = flow.response.stream if flow.response else None
-            if stream and not isinstance(stream, relay.SSERelay):
+            stream = relay.of(flow)
+            if stream is None and flow.response is not None and flow.response.stream:
                 self._timers.pop(flow, None)
                 return  # streamed untouched (an unknown encoding): no clock on its chunks, and no way to end it well
-            if isinstance(stream, relay.SSERelay):
-                last = stream.last_chunk
+            if stream is not None:
+                last = stream.last_chunk  # the relay stamps every chunk: the next check is at the deadline
                 step = last + idle - time.monotonic()
             else:  # buffered: watch mitmproxy's body buffer grow
                 layer = interrupt.find_stream(flow)

@@ -251,17 +251,19 @@ class StreamCopyTap:
         self.truncated = False
 
     def on_event(self, event) -> None:
-        raw = event.raw
+        self.on_raw(event.raw)
+
+    def on_raw(self, raw: bytes) -> None:
+        """Copy one whole event's bytes (the relay's quick path hands them over without an `Event`)."""
         size = len(raw)
         self.total += size
         if self.truncated:
-            return None
+            return
         if self.kept + size > self.limit:
             self.truncated = True
-            return None
+            return
         self.copy += raw
         self.kept += size
-        return None
 
     def on_end(self) -> bytes:
         return b""
@@ -439,7 +441,7 @@ class WebView:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or not isinstance(flow.response.stream, relay.SSERelay) or self.keep_limit <= 0:
+        if ex is None or relay.of(flow) is None or self.keep_limit <= 0:
             return
         if "store_streamed_bodies" in ctx.options and ctx.options.store_streamed_bodies:
             return  # mitmproxy keeps the whole body itself
