@@ -47,6 +47,7 @@ USER_ID_MAX_CHARS = 4096
 MAX_HEADERS = 512
 MAX_SYSTEM_BLOCKS = 16
 
+_OVERRIDE_BYTES = OVERRIDE_HEADER.encode()
 _OVERRIDE_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}")
 # Claude Code before 2.1.78: user_<sha256>_account_<uuid or empty>_session_<uuid>
 _LEGACY_USER_ID = re.compile(r"user_.*?_session_(.+)")
@@ -142,7 +143,25 @@ def find_signature(signatures: Iterable[ClientSignature], name: str | None) -> C
     if not isinstance(name, str):
         return None
     name = name.lower()
+    if isinstance(signatures, tuple):  # the rules' tuple: one dict per rule load
+        return _by_name(signatures).get(name)
     return next((s for s in signatures if s.name.lower() == name), None)
+
+
+_names: dict[int, tuple[tuple[ClientSignature, ...], dict[str, ClientSignature]]] = {}
+
+
+def _by_name(signatures: tuple[ClientSignature, ...]) -> dict[str, ClientSignature]:
+    """Lower-case name -> the first signature of that name, built once per tuple; the entry keeps it alive."""
+    entry = _names.get(id(signatures))
+    if entry is None or entry[0] is not signatures:
+        if len(_names) >= 64:
+            _names.clear()
+        table: dict[str, ClientSignature] = {}
+        for sig in signatures:
+            table.setdefault(sig.name.lower(), sig)
+        entry = _names[id(signatures)] = (signatures, table)
+    return entry[1]
 
 
 # --- matching -------------------------------------------------------------------------------------------------
@@ -402,5 +421,6 @@ class ClientDetector:
         ex.client, ex.session, ex.user_agent = found.client, found.session, found.user_agent
         signature = find_signature(ex.rules.clients, found.client)
         ex.stream_preference = signature.stream if signature else "as-sent"
-        flow.request.headers.pop(OVERRIDE_HEADER, None)
+        if any(name.lower() == _OVERRIDE_BYTES for name, _ in flow.request.headers.fields):  # a pop scans and raises
+            flow.request.headers.pop(OVERRIDE_HEADER, None)
         exchange.publish(flow, ex)

@@ -6,6 +6,8 @@ gateway that silently ignores a misspelt key lets traffic through that the autho
 
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import re
@@ -41,11 +43,15 @@ class Upstream:
     prefix: str = ""
 
     def __str__(self) -> str:
+        return self.url
+
+    @functools.cached_property
+    def url(self) -> str:  # worked out once: every routed request records it
         default = 443 if self.scheme == "https" else 80
         port = "" if self.port == default else f":{self.port}"
         return f"{self.scheme}://{self.host}{port}{self.prefix}"
 
-    @property
+    @functools.cached_property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
