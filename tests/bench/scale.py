@@ -28,7 +28,7 @@ from bench.load import READ_LIMIT, BenchError, Target, _parse_head
 
 @dataclass
 class ScaleConfig:
-    ladder: tuple[int, ...] = (25, 50, 100, 200, 300, 400, 600, 800)
+    ladder: tuple[int, ...] = (25, 50, 100, 150, 200, 300, 400, 600, 800)
     events: int = 600  # per stream: 20 s at 30 events/s
     rate: float = 30.0  # events per second per stream
     limit_ms: float = 10.0  # added p99 event delay a proxy may have at the figure
