@@ -433,6 +433,7 @@ class WebView:
         self.keep_limit = max(limit or 0, 0)
 
     def done(self) -> None:
+        exchange.publishing = True  # the module's default again: the switch is this addon's
         # mitmproxy 12 has no public way to unregister a contentview; remove ours only if it is still ours.
         key = self.view.name.lower()
         by_name = getattr(contentviews.registry, "_by_name", None)

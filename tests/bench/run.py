@@ -695,6 +695,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="instead of the table: profile the proxy with py-spy under this workload")
     ap.add_argument("--profile-target", choices=("gateway", "mitmdump"), default="gateway",
                     help="the proxy --profile samples (default: the gateway)")
+    ap.add_argument("--hooks", type=int, metavar="N",
+                    help="instead of the table: the gateway's hooks alone, in-process, for N exchanges (bench/hooks.py)")
+    ap.add_argument("--per-hook", action="store_true", help="with --hooks: each concern's hooks timed too")
+    ap.add_argument("--notes", action="store_true", help="with --hooks: gateway_flow_notes on, as in mitmweb")
     ap.add_argument("--profile-raw", metavar="FILE",
                     help="with --profile: also keep py-spy's raw stacks here (one `frame;frame;… count` per line)")
     return ap.parse_args(argv)
@@ -708,6 +712,10 @@ def _interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config.quick() if args.quick else Config()
+    if args.hooks:
+        from bench import hooks
+
+        return hooks.main(gateway_rules(hooks.UPSTREAM), request_body(False), args.hooks, args.notes, args.per_hook)
     if args.profile:
         from bench import profile
 
