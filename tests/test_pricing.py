@@ -153,11 +153,11 @@ def test_a_price_that_is_not_linear_in_the_tokens_gets_no_card_and_is_priced_by_
         return real(p, prompt, out, read, five, hour) + (Decimal(prompt) ** 2 / 10**12 if p is prices else 0)
 
     monkeypatch.setattr(pricing, "_calc", squared)
-    pricing._CARDS.clear()
+    pricing._cards.clear()
     try:
         assert pricing.rate_card(prices) is None
     finally:
-        pricing._CARDS.clear()
+        pricing._cards.clear()
     monkeypatch.setattr(pricing, "_calc", real)
     monkeypatch.setattr(pricing, "rate_card", lambda prices: None)  # no card: each request through calc_price
     tokens = {"inp": 150_000, "out": 1000, "read": 40_000, "write_5m": 10_000, "write_1h": 10_000}

@@ -22,6 +22,7 @@ from mitmproxy import http
 
 from . import exchange
 from .globs import Glob, GlobSet
+from .perobject import PerObject
 
 UNKNOWN = "unknown"
 STREAM_MODES = ("on", "off", "as-sent")
@@ -148,20 +149,15 @@ def find_signature(signatures: Iterable[ClientSignature], name: str | None) -> C
     return next((s for s in signatures if s.name.lower() == name), None)
 
 
-_names: dict[int, tuple[tuple[ClientSignature, ...], dict[str, ClientSignature]]] = {}
+def _name_table(signatures: tuple[ClientSignature, ...]) -> dict[str, ClientSignature]:
+    """Lower-case name -> the first signature of that name."""
+    table: dict[str, ClientSignature] = {}
+    for sig in signatures:
+        table.setdefault(sig.name.lower(), sig)
+    return table
 
 
-def _by_name(signatures: tuple[ClientSignature, ...]) -> dict[str, ClientSignature]:
-    """Lower-case name -> the first signature of that name, built once per tuple; the entry keeps it alive."""
-    entry = _names.get(id(signatures))
-    if entry is None or entry[0] is not signatures:
-        if len(_names) >= 64:
-            _names.clear()
-        table: dict[str, ClientSignature] = {}
-        for sig in signatures:
-            table.setdefault(sig.name.lower(), sig)
-        entry = _names[id(signatures)] = (signatures, table)
-    return entry[1]
+_by_name: PerObject[dict[str, ClientSignature]] = PerObject(_name_table, 64)
 
 
 # --- matching -------------------------------------------------------------------------------------------------
@@ -178,23 +174,17 @@ class _NameMatchers:
     headers_owner: tuple[int, ...]
 
 
-_name_matchers: dict[int, tuple[tuple[ClientSignature, ...], _NameMatchers]] = {}
+def _build_matchers(signatures: tuple[ClientSignature, ...]) -> _NameMatchers:
+    pairs = {kind: [(i, g) for i, sig in enumerate(signatures) for g in getattr(sig, kind)]
+             for kind in ("user_agent", "headers")}
+    return _NameMatchers(
+        GlobSet(g for _, g in pairs["user_agent"]), tuple(i for i, _ in pairs["user_agent"]),
+        GlobSet(g for _, g in pairs["headers"]), tuple(i for i, _ in pairs["headers"]),
+    )
 
 
-def _matchers(signatures: tuple[ClientSignature, ...]) -> _NameMatchers:
-    """Built once per tuple of signatures (once per rule load); the entry keeps the tuple alive."""
-    entry = _name_matchers.get(id(signatures))
-    if entry is None or entry[0] is not signatures:
-        if len(_name_matchers) >= 64:
-            _name_matchers.clear()
-        pairs = {kind: [(i, g) for i, sig in enumerate(signatures) for g in getattr(sig, kind)]
-                 for kind in ("user_agent", "headers")}
-        built = _NameMatchers(
-            GlobSet(g for _, g in pairs["user_agent"]), tuple(i for i, _ in pairs["user_agent"]),
-            GlobSet(g for _, g in pairs["headers"]), tuple(i for i, _ in pairs["headers"]),
-        )
-        entry = _name_matchers[id(signatures)] = (signatures, built)
-    return entry[1]
+# Built once per tuple of signatures (once per rule load).
+_matchers: PerObject[_NameMatchers] = PerObject(_build_matchers, 64)
 
 
 def _first_match(

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .perobject import PerObject
+
 
 @dataclass(frozen=True)
 class Glob:
@@ -70,18 +72,17 @@ class GlobSet:
         return text is not None and self._regex is not None and self._regex.match(text.lower()) is not None
 
 
-_sets: dict[int, tuple[tuple, GlobSet]] = {}
 MAX_SETS = 256  # distinct rule tuples kept compiled (a few per rule load)
+
+
+def _compile(items: tuple, glob_of: Callable[[Any], Glob] | None) -> GlobSet:
+    return GlobSet(items if glob_of is None else (glob_of(item) for item in items))
+
+
+_sets: PerObject[GlobSet] = PerObject(_compile, MAX_SETS)
 
 
 def glob_set(items: tuple, glob_of: Callable[[Any], Glob] | None = None) -> GlobSet:
     """The compiled `GlobSet` of a tuple from the rules (globs, or items whose glob `glob_of` gives),
-    built once per tuple, so once per rule load. The entry keeps the tuple alive, so its id cannot be
-    reused while the entry exists."""
-    entry = _sets.get(id(items))
-    if entry is None or entry[0] is not items:
-        if len(_sets) >= MAX_SETS:
-            _sets.clear()
-        globs = items if glob_of is None else (glob_of(item) for item in items)
-        entry = _sets[id(items)] = (items, GlobSet(globs))
-    return entry[1]
+    built once per tuple, so once per rule load (`PerObject`)."""
+    return _sets(items, glob_of)

@@ -22,6 +22,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import TieredPrices
 
 from .globs import glob_set
+from .perobject import PerObject
 from .rules import Price
 from .wire import cache_write_split, token
 
@@ -155,7 +156,14 @@ class RateCard(NamedTuple):
     rates: tuple[tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal], ...]
 
 
-_CARDS: dict[int, tuple[Any, RateCard | None]] = {}  # id(ModelPrice) -> (that ModelPrice, its card)
+def _card_of(prices) -> RateCard | None:
+    try:
+        return _measure(prices)
+    except (LookupError, ValueError, ArithmeticError, TypeError):
+        return None
+
+
+_cards: PerObject[RateCard | None] = PerObject(_card_of, 1024)  # per ModelPrice (one per model and date range)
 
 
 def rate_card(prices) -> RateCard | None:
@@ -163,20 +171,8 @@ def rate_card(prices) -> RateCard | None:
     price of a request is linear in its token counts, so the price of a base request and of one more token of
     each kind gives every rate. The card is checked against `calc_price` at a second point of each tier and is
     None (every request then goes to `calc_price`) when that disagrees or `calc_price` refuses: a price the
-    library may grow that is not linear in these counts is never guessed. Cached per ModelPrice object (the
-    library keeps one per model and date range)."""
-    key = id(prices)
-    cached = _CARDS.get(key)
-    if cached is not None and cached[0] is prices:
-        return cached[1]
-    try:
-        card = _measure(prices)
-    except (LookupError, ValueError, ArithmeticError, TypeError):
-        card = None
-    if len(_CARDS) >= 1024:
-        _CARDS.clear()
-    _CARDS[key] = (prices, card)
-    return card
+    library may grow that is not linear in these counts is never guessed."""
+    return _cards(prices)
 
 
 def _measure(prices) -> RateCard | None:
