@@ -188,6 +188,7 @@ def test_deployment_gives_the_drain_time_and_open_files():
 
 async def test_idle_watcher_ends_a_silent_relayed_stream_only(monkeypatch):
     import asyncio
+    import time
 
     from mitmproxy.test import tflow
 
@@ -202,7 +203,7 @@ async def test_idle_watcher_ends_a_silent_relayed_stream_only(monkeypatch):
     watcher = timeouts.Timeouts()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    watcher._watch_body(f, ex, 0.2)
+    watcher._watch_body(f, ex, 0.2, -1, time.monotonic())
     while not fired and loop.time() - started < 2:
         await asyncio.sleep(0.01)
     assert fired == ["stream_idle_timeout"] and loop.time() - started >= 0.19
@@ -210,6 +211,6 @@ async def test_idle_watcher_ends_a_silent_relayed_stream_only(monkeypatch):
 
     fired.clear()
     f.response.stream = True  # streamed untouched: no chunk clock, so never ended for silence
-    watcher._watch_body(f, ex, 0.05)
+    watcher._watch_body(f, ex, 0.05, -1, time.monotonic())
     await asyncio.sleep(0.2)
     assert fired == [] and watcher._timers == {}

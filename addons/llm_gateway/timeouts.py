@@ -45,6 +45,11 @@ def end_with_error(flow: http.HTTPFlow, ex: exchange.Exchange, reason: str, erro
     return done
 
 
+def _poll_interval(idle: float) -> float:
+    """Seconds between two looks at a buffered body's growth: a tenth of `idle`, within 0.05–1 s."""
+    return min(max(idle / 10, 0.05), 1.0)
+
+
 class Timeouts:
     """One timer per exchange in flight (`loop.call_later`, no task): a task, an event and `wait_for` per
     request cost more CPU than the rest of the gateway's request path (docs/benchmarks.md)."""
@@ -69,7 +74,7 @@ class Timeouts:
             if ex is not None:  # the first look at the body comes after a first wait: most answers are over by then
                 idle = ex.rules.timeouts.stream_idle
                 self._timers[flow] = asyncio.get_running_loop().call_later(
-                    min(idle, max(idle / 10, 0.05), 1.0), self._watch_body, flow, ex, idle, -1, time.monotonic()
+                    min(idle, _poll_interval(idle)), self._watch_body, flow, ex, idle, -1, time.monotonic()
                 )
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -101,14 +106,12 @@ class Timeouts:
         except Exception:  # a watcher must never cost the exchange
             logger.exception("timeout watcher")
 
-    def _watch_body(self, flow: http.HTTPFlow, ex: exchange.Exchange, idle: float,
-                    seen: int = -1, last: float | None = None) -> None:
+    def _watch_body(self, flow: http.HTTPFlow, ex: exchange.Exchange, idle: float, seen: int, last: float) -> None:
         """Until the body ends (`response`/`error` cancel the timer): end it after `idle` seconds without a
         chunk. A relayed stream is timed by the relay's stamp of its last chunk, so the next check is exactly
-        at the deadline; a buffered body by mitmproxy's body buffer growing, checked every idle/10 s (0.05–1 s)."""
+        at the deadline; a buffered body by mitmproxy's body buffer growing (`seen` bytes, the last growth at
+        monotonic `last`), checked every `_poll_interval`."""
         try:
-            if last is None:
-                last = time.monotonic()
             if not flow.live:
                 self._timers.pop(flow, None)
                 return
@@ -124,7 +127,7 @@ class Timeouts:
                 size = len(layer.response_body_buf) if layer is not None else seen
                 if size != seen:
                     seen, last = size, time.monotonic()
-                step = min(last + idle - time.monotonic(), max(idle / 10, 0.05), 1.0)
+                step = min(last + idle - time.monotonic(), _poll_interval(idle))
             if last + idle <= time.monotonic():
                 self._timers.pop(flow, None)
                 end_with_error(
