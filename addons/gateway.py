@@ -1,8 +1,8 @@
 """The LLM interception gateway, as mitmproxy loads it: `mitmdump -s addons/gateway.py`.
 
-Thin on purpose: `llm_gateway.compose.default_addons()` composes one object per concern, in the order
+Thin on purpose: `llm_gateway.app.default_addons()` composes one object per concern, in the order
 their hooks must run (the tests drive the same list), and mitmproxy gets them as one addon
-(`llm_gateway.dispatch`), which calls them in that order. The parts live in the `llm_gateway` package
+(`llm_gateway.app.Dispatcher`), which calls them in that order. The parts live in the `llm_gateway` package
 beside this file.
 """
 
@@ -15,11 +15,9 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
-from llm_gateway.compose import default_addons  # noqa: E402
-from llm_gateway.dispatch import Dispatcher  # noqa: E402
-from llm_gateway.rulefile import refuse_repeated_options  # noqa: E402
+from llm_gateway.app import Dispatcher, default_addons, refuse_repeated_options  # noqa: E402
 
 refuse_repeated_options()
-# Hook order matters (see compose.py); mitmproxy sees one addon, which calls the concerns in that order
-# (dispatch.py says why).
+# Hook order matters (see app.py); mitmproxy sees one addon, which calls the concerns in that order
+# (app.py says why).
 addons = [Dispatcher(default_addons())]

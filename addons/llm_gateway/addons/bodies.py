@@ -1,0 +1,74 @@
+"""Request bodies: refuse one over `limits.request_body` with a native 413, without holding it in memory.
+
+Anthropic's API refuses a request over 32 MB with 413 `request_too_large`; the gateway does the same before the
+upstream sees it, and before the body fills its memory. mitmproxy's `body_size_limit` option refuses too early
+for that (in the layer, before any hook) with its own HTML 413, which no client reads as an Anthropic error, and
+it is one limit for every flow; so this keeps mitmproxy's buffering but swaps the buffer of an API request for one
+that stops keeping bytes past the limit (`mitm.layers.CappedBody`). A body declared too large by its `content-length` is
+answered at once and its bytes are read and dropped, so that the client, which writes its whole request before
+it reads, gets the 413 instead of a reset; a chunked body is cut off the same way when it crosses the limit.
+
+Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
+(briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+from mitmproxy import http
+
+from llm_gateway.mitm import layers
+from llm_gateway.mitm.layers import CappedBody
+from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline.answer import native_answer
+
+logger = logging.getLogger("llm_gateway.bodies")
+
+
+def too_large(limit: int, size: int | None) -> http.Response:
+    shown = f"{size} bytes" if size is not None else "over the limit"
+    return native_answer(
+        "request_too_large",
+        f"Request exceeds the maximum allowed number of bytes: {shown}; this gateway accepts up to {limit} "
+        "(limits.request_body).",
+        {"connection": "close", "x-should-retry": "false"},
+    )
+
+
+class BodyLimit:
+    def __init__(self) -> None:
+        self._capped: weakref.WeakKeyDictionary[http.HTTPFlow, CappedBody] = weakref.WeakKeyDictionary()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response:
+            return
+        limit = ex.rules.limits.request_body
+        try:
+            declared = int(flow.request.headers.get("content-length", ""))
+        except ValueError:
+            declared = None
+        refused = declared is not None and declared > limit
+        # HTTP/1 reads exactly the declared length (RFC 9112 section 6.3): a body declared within the limit
+        # cannot cross it, and needs no capped buffer (nor the search for mitmproxy's layer that swaps it in).
+        if refused or declared is None or not flow.request.http_version.startswith("HTTP/1"):
+            capped = layers.cap_request_body(flow, limit, refused)
+            if capped is not None:
+                self._capped[flow] = capped
+        if refused:
+            ex.reason = "request_too_large"
+            logger.warning(f"refused a {declared}-byte request to {ex.host}{ex.path.split('?', 1)[0]!r} (limit {limit})")
+            flow.response = too_large(limit, declared)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response:
+            return
+        body = self._capped.pop(flow, None)
+        if body is not None and body.refused:
+            ex.reason = "request_too_large"
+            ex.body = None
+            logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{ex.path.split('?', 1)[0]!r}")
+            flow.response = too_large(body.limit, body.received)

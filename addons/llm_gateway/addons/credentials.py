@@ -1,0 +1,301 @@
+"""Key custody: agents hold gateway tokens; only the gateway holds the real upstream key.
+
+In a cluster the agents run untrusted code, so they should hold nothing worth stealing. With a `credentials`
+section in the rule file, an API exchange is authenticated by a gateway-issued token (sent as `x-api-key` or
+`Authorization: Bearer`, as the client likes), which the gateway swaps for the upstream key in the form the
+upstream takes (`x-api-key` for Anthropic). Tokens are stored as SHA-256 hashes only; the upstream keys come
+from files (a mounted Kubernetes Secret, re-read when it changes, also by the symlink swap Secrets update with)
+or environment variables, never from the rule file. Without `tokens`, the upstream key replaces whatever the
+client sent. `pass_through` rules let named kinds of credentials (subscription OAuth tokens) through unchanged.
+An unknown or missing token gets a native 401 `authentication_error` from the gateway; nothing is forwarded.
+
+Secrets never sit in the flow: the client's credential is masked as soon as its headers arrive (before mitmweb
+first shows the flow), and the value the upstream must see is put in only while mitmproxy serialises the
+request (`lastmoment`). An upstream that echoes the key back gets it masked in its answer.
+
+`decide` is the pure decision; `KeyStore` reads and watches the keys; `KeyCustody` is the addon; `main` mints
+a token (`python -m llm_gateway.credentials NAME`, or `scripts/mint-token NAME`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from llm_gateway.mitm import serializers
+from llm_gateway.pipeline import exchange
+from llm_gateway.policy import routing
+from llm_gateway.policy.credentials import (
+    CREDENTIAL_HEADERS,
+    Decision,
+    KeyStore,
+    decide,
+    presented,
+)
+from llm_gateway.protocol import errors
+from llm_gateway.protocol.hosts import dot_segments
+from llm_gateway.protocol.sse import Event
+
+if TYPE_CHECKING:
+    from llm_gateway.addons.rulefile import RuleFile
+
+logger = logging.getLogger("llm_gateway.credentials")
+
+WATCH_INTERVAL = 0.5  # seconds; a changed key file is in force within about a second
+UNAUTHENTICATED_MESSAGE = "invalid or missing gateway token (x-api-key or Authorization: Bearer)"
+
+
+# ------------------------------------------------------------------------------------- the decision
+
+
+def shown(host: str, path: str, method: str = "") -> str:
+    """Where a request went, for a log line: the method (escaped unless plain letters) and the path without its
+    query, cut and escaped. The host was matched against the rules' API hosts, so it is plain."""
+    if method and not (method.isascii() and method.isalpha()):
+        method = repr(method[:20])
+    return f"{method + ' ' if method else ''}{host}{path.split('?', 1)[0][:200]!r}"
+
+
+# ------------------------------------------------------------------------------------------ the keys
+
+
+# ------------------------------------------------------------------------------------------ the addon
+
+
+@dataclass
+class Custody:
+    """The secrets of one exchange, beside the flow (never in it, never in its metadata)."""
+
+    original: dict[str, str]  # header name -> what the client sent
+    placeholders: list[str] = field(default_factory=list)
+    key: str | None = None  # the upstream key sent, to mask in the answer
+
+
+_custody: weakref.WeakKeyDictionary[http.HTTPFlow, Custody] = weakref.WeakKeyDictionary()
+
+
+def mask(label: str) -> str:
+    return f"[{label}; masked by the gateway]"
+
+
+class ScrubTap:
+    """Masks the upstream key in stream events (an upstream that echoes it back in an error)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode()
+        self.event_bytes = self.key  # the relay's quick path sends on the deltas without it (relay.py)
+
+    def on_event(self, event: Any) -> Any | None:
+        if self.key not in event.raw:
+            return None
+        return Event(event.raw.replace(self.key, mask("upstream key").encode()))
+
+    def on_end(self) -> bytes:
+        return b""
+
+
+class KeyCustody:
+    """Authenticates API exchanges by gateway token and swaps in the upstream key. After routing and client
+    detection (it may tie a token to a client), before anything that forwards."""
+
+    def __init__(self, rule_file: RuleFile) -> None:
+        self.rule_file = rule_file
+        self.store = KeyStore()
+        self._watcher: asyncio.Task | None = None
+        self.wire_ready = False
+
+    def load(self, loader) -> None:
+        self.wire_ready = serializers.install()
+
+    def running(self) -> None:
+        self._sync()
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def _sync(self) -> None:
+        creds = self.rule_file.rules.credentials
+        self.store.use(creds.upstream if creds else ())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                self._sync()
+                self.store.refresh()
+            except Exception:  # the watcher must outlive anything a file can do to it
+                logger.exception("upstream key watcher")
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Take the client's credentials out of the flow before anything shows it."""
+        if flow in _custody:
+            return
+        ex = exchange.of(flow)
+        self._mask_query_tokens(flow, ex)
+        if ex is None:
+            self._off_api(flow)
+            return
+        if flow.response or ex.rules.credentials is None:
+            return
+        headers = flow.request.headers
+        original = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
+        _custody[flow] = Custody(original)
+        for name in original:
+            headers[name] = mask("client credential")
+
+    def _mask_query_tokens(self, flow: http.HTTPFlow, ex: exchange.Exchange | None) -> None:
+        """A gateway token in the query string (a misconfigured client, a curious agent) is never a credential
+        here, and never stays in the flow, the exchange's path (log lines) or what goes upstream, whatever the
+        host: it is for the gateway only. Costs a hash per query value, only on requests with a query."""
+        creds = (ex.rules if ex is not None else self.rule_file.rules).credentials
+        if creds is None or not creds.tokens or "?" not in flow.request.path:
+            return
+        query = flow.request.query.items(multi=True)
+        if not any(creds.token_for(v) for _, v in query):
+            return
+        flow.request.query = [(k, mask("gateway token") if creds.token_for(v) else v) for k, v in query]
+        if ex is not None:
+            ex.path = flow.request.path
+
+    def _off_api(self, flow: http.HTTPFlow) -> None:
+        """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
+        the gateway's own `/-/metrics`): it gets no upstream key, and a gateway token goes no further (nor stays
+        in the flow); a pass-through credential passes."""
+        rules = self.rule_file.rules
+        host = flow.request.host.lower().rstrip(".")
+        if rules.credentials is None or not any(h.match(host) for api in rules.apis for h in api.hosts):
+            return
+        headers = flow.request.headers
+        original = {name: headers.pop(name) for name in CREDENTIAL_HEADERS if name in headers}
+        if not original:
+            return
+        custody = _custody[flow] = Custody(original)
+        found = {k.lower(): v for k, v in headers.items()}
+        decision = decide(rules.credentials, presented(original), found, "unknown")
+        if decision.action == "pass" and self.wire_ready and not flow.response:
+            self._pass(flow, custody, decision)
+        else:
+            why = "is answered by the gateway" if flow.response else "is not an API path"
+            where = shown(host, flow.request.path)
+            logger.info(f"credentials: {where} {why}: its {', '.join(original)} is not forwarded")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        custody = _custody.get(flow)
+        if ex is None or custody is None or flow.response:
+            return
+        creds = ex.rules.credentials
+        seen = presented(custody.original)
+        headers = {k.lower(): v for k, v in flow.request.headers.items()}
+        decision = decide(creds, seen, headers, ex.client)
+        ex.principal = decision.principal
+        ex.notes.append(f"credentials: {decision.why}")
+        exchange.publish(flow, ex)
+        if decision.action == "refuse":
+            logger.warning(f"refused {ex.client} {shown(ex.host, ex.path, ex.method)}: {decision.why}")
+            self._answer(flow, "authentication_error", UNAUTHENTICATED_MESSAGE)
+            return
+        if not self.wire_ready:
+            self._answer(flow, "api_error", "the gateway cannot place upstream credentials (see its log)")
+            return
+        if decision.action == "pass":
+            self._pass(flow, custody, decision)
+            return
+        unsafe = self._unsafe_destination(flow, ex)
+        if unsafe:
+            logger.warning(f"no upstream key for {ex.client} {shown(ex.host, ex.path, ex.method)}: {unsafe}")
+            self._answer(flow, "invalid_request_error", f"the gateway does not send its upstream key here: {unsafe}")
+            return
+        self._sync()
+        up = decision.upstream
+        key = self.store.key(up.name) if up is not None else None
+        if key is None:
+            name = up.name if up is not None else "?"
+            logger.error(f"no upstream key {name} to send for {ex.client} ({decision.why}); answering 500")
+            self._answer(flow, "api_error", f"the gateway has no upstream key {name!r} (see its log)")
+            return
+        for name in CREDENTIAL_HEADERS:
+            flow.request.headers.pop(name, None)
+        value = key if up.header == "x-api-key" else f"Bearer {key}"
+        custody.key = key
+        self._place(flow, custody, up.header, value, f"upstream key {up.name}")
+
+    @staticmethod
+    def _unsafe_destination(flow: http.HTTPFlow, ex: exchange.Exchange) -> str | None:
+        """Why the upstream key must not go with this request, or None. A token grants the API paths the rules
+        match, not what the path resolves to upstream; and the key never crosses the network in clear to a
+        scheme and port the agent picked (egress or transparent mode, no route). A route's or the reverse
+        target's plain `http://` is the operator's choice (a sidecar, a test upstream) and stays allowed."""
+        if dot_segments(ex.path):
+            return "a path with '.' or '..' segments"
+        if flow.request.scheme != "https" and ex.mode != "reverse":
+            if routing.match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path) is None:
+                return "plain http (use https)"
+        return None
+
+    def _pass(self, flow: http.HTTPFlow, custody: Custody, decision: Decision) -> None:
+        """Forward the credentials the pass-through rule matched, and no other the client sent beside them."""
+        for name, value in custody.original.items():
+            if name in decision.passes:
+                self._place(flow, custody, name, value, f"passed through ({decision.principal}) {name}")
+            else:
+                flow.request.headers.pop(name, None)
+
+    def _place(self, flow: http.HTTPFlow, custody: Custody, name: str, value: str, label: str) -> None:
+        placeholder = serializers.hold(value, label, flow.request.host, flow.request.port)
+        custody.placeholders.append(placeholder)
+        flow.request.headers[name] = placeholder
+
+    def _answer(self, flow: http.HTTPFlow, error_type: str, message: str) -> None:
+        flow.response = http.Response.make(
+            errors.status_for_error_type(error_type),
+            errors.error_json(error_type, message),
+            {"content-type": "application/json"},
+        )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        custody = self._sent(flow)
+        ex = exchange.of(flow)
+        if custody is not None and custody.key and ex is not None:
+            ex.sse_taps.insert(0, ScrubTap(custody.key))  # first: every other tap sees the masked event
+            self._scrub_headers(flow.response, custody.key)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        custody = self._sent(flow)
+        if custody is None or not custody.key or flow.response.stream:
+            return
+        content = flow.response.get_content(strict=False)
+        if content and custody.key.encode() in content:
+            flow.response.content = content.replace(custody.key.encode(), mask("upstream key").encode())
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._sent(flow)
+
+    def _sent(self, flow: http.HTTPFlow) -> Custody | None:
+        """The request is on the wire (or never will be): its placeholders are no longer needed."""
+        custody = _custody.get(flow)
+        if custody is not None and custody.placeholders:
+            serializers.release(custody.placeholders)
+            custody.placeholders = []
+        return custody
+
+    @staticmethod
+    def _scrub_headers(response: http.Response, key: str) -> None:
+        for name, value in list(response.headers.items(multi=True)):
+            if key in value:
+                response.headers[name] = value.replace(key, mask("upstream key"))
+
+
+# ------------------------------------------------------------------------------------------ minting
+

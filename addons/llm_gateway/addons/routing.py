@@ -1,0 +1,82 @@
+"""Which flows are LLM API flows, and where they go.
+
+API flows are recognised by host and path globs in egress (regular) mode, and by the path alone on the
+base-URL (reverse) listener: everything that arrives there at an API path is an API exchange, whatever the
+reverse target is (`scripts/gateway --upstream http://litellm:4000` must not switch the gateway off because
+`apis[].hosts` names api.anthropic.com). They get an `Exchange`, keep their request bodies buffered so later parts can rewrite them, and
+may be re-sent to another upstream. Everything else is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline.flows import proxy_mode
+from llm_gateway.policy.routing import match_api, match_route
+from llm_gateway.protocol import leanjson
+
+if TYPE_CHECKING:
+    from llm_gateway.addons.rulefile import RuleFile
+
+logger = logging.getLogger("llm_gateway.routing")
+
+
+class ApiRouter:
+    def __init__(self, rule_file: RuleFile) -> None:
+        self.rule_file = rule_file
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or exchange.of(flow):
+            return
+        rules = self.rule_file.rules
+        host = flow.request.host.lower().rstrip(".")
+        mode = proxy_mode(flow)
+        api = match_api(rules, None if mode == "reverse" else host, flow.request.path)
+        if api is None:
+            return
+        # API request bodies are small and get rewritten: never stream them.
+        flow.request.stream = False
+        exchange.start(
+            flow,
+            exchange.Exchange(
+                rules=rules,
+                api=api.name,
+                mode=mode,
+                method=flow.request.method,
+                host=host,
+                path=flow.request.path,
+                user_agent=flow.request.headers.get("user-agent"),
+            ),
+        )
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response:
+            return
+        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False))
+        if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
+            ex.model = ex.body["model"][:200]
+        route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
+        if route is None:
+            ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
+        else:
+            up = route.upstream
+            request = flow.request
+            # Each setter rewrites mitmproxy's request (the host one also its Host header and authority): only
+            # what differs is set, which for a base-URL listener already aimed at the upstream is nothing.
+            if request.scheme != up.scheme:
+                request.scheme = up.scheme
+            if request.host != up.host or request.port != up.port:
+                request.host = up.host
+                request.port = up.port
+            if up.prefix:
+                request.path = up.prefix + request.path
+            if request.host_header != up.host_header:
+                request.host_header = up.host_header
+            ex.upstream = str(up)
+            ex.notes.append(f"routed to {up}")
+        exchange.publish(flow, ex)

@@ -1,0 +1,46 @@
+"""Stream preference: a client rule may force the upstream `stream` flag on or off, while the client
+still gets exactly the form it asked for.
+
+A JSON answer to a streaming request makes Claude Code send the whole request again without
+streaming (the upstream is paid twice) and makes LiteLLM emit empty chunks, so whenever the upstream
+form differs from the requested one the answer is converted faithfully: upstream SSE is accumulated
+into the Message the Anthropic SDK would build, upstream JSON is replayed as a complete event stream.
+Streams the client asked for pass through the relay unbuffered. This addon forces the flag; the answer
+is converted back by `answer.AnswerPipeline`, on the same path as every other answer.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from llm_gateway.pipeline import exchange
+from llm_gateway.protocol import jsoncodec, leanjson
+
+
+def takes_stream_flag(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
+    """Only Messages creation takes `stream` (not count_tokens, batches, …)."""
+    return (
+        flow.request.method == "POST"
+        and flow.request.path.split("?", 1)[0].rstrip("/").endswith("/v1/messages")
+        and isinstance(ex.body, dict)
+    )
+
+
+class StreamPreference:
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or flow.response or not takes_stream_flag(flow, ex):
+            return
+        requested = ex.body.get("stream") is True
+        ex.stream_requested = ex.stream_upstream = requested
+        pref = ex.stream_preference
+        wanted = {"on": True, "off": False}.get(pref, requested)
+        if wanted != requested:
+            if isinstance(ex.body, leanjson.LeanBody):  # a large body: only the flag changes, in place
+                flow.request.content = ex.body.with_stream(flow.request.get_content(strict=False), wanted)
+            else:
+                ex.body["stream"] = wanted
+                flow.request.content = jsoncodec.dumps(ex.body)
+            ex.stream_upstream = wanted
+            ex.notes.append(f"stream forced {pref} upstream")
+        exchange.publish(flow, ex)

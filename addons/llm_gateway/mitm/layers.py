@@ -1,0 +1,208 @@
+"""End a live exchange early, from outside its data path: the one place that reaches into mitmproxy's layers.
+
+A timeout or a shutdown deadline fires while mitmproxy waits for the upstream, so no hook is running for the
+flow and mitmproxy offers no API to answer it. Closing the upstream connection alone would make mitmproxy send
+its own HTML 502 (before any byte) or cut the client connection (mid-stream) — a silent cut that a naive client
+takes as a finished answer. Instead this finds the flow's `HttpStream` (the layer that owns the exchange) and
+feeds it, through `proxyserver.inject_event` (the route mitmproxy itself uses to inject WebSocket messages), the
+events an upstream would have sent:
+
+- nothing sent to the client yet (waiting for headers, or a buffered body): a whole native error answer, which
+  then passes the usual responseheaders/response hooks (so it is recorded like any answer);
+- a stream under way: the end of the body, after the relay was told to append a native `event: error` frame.
+
+The upstream connection is closed first; events the upstream still sends for this exchange are dropped.
+An upstream spoken to over HTTP/2 (egress mode, a client that chose h2), or one still being connected to (TCP or
+TLS handshake: the layer waits for it and queues what it is sent), cannot be addressed this way: there the upstream
+connection is only closed, and mitmproxy answers (its 502) or cuts as it would for an upstream that failed.
+Read from mitmproxy 12's proxy/layers/http/__init__.py (HttpStream states, HttpLayer's MessageInjected routing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers.http import (
+    HttpLayer,
+    HTTPMode,
+    HttpStream,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    ResponseTrailers,
+)
+from mitmproxy.proxy.utils import ReceiveBuffer
+
+logger = logging.getLogger("llm_gateway.interrupt")
+
+# What mitmproxy's HttpStream is doing, by the name of its server-side state.
+WAITING, BUFFERING, STREAMING = "state_wait_for_response_headers", "state_consume_response_body", "state_stream_response_body"
+_UPSTREAM_EVENTS = (ResponseHeaders, ResponseData, ResponseTrailers, ResponseEndOfMessage, ResponseProtocolError)
+
+
+def _connection_handler(flow: http.HTTPFlow) -> Any:
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+
+
+def find_stream(flow: http.HTTPFlow) -> HttpStream | None:
+    """The HttpStream layer handling `flow`, searched from its client connection's layer stack; None if gone."""
+    handler = _connection_handler(flow)
+    todo: list[Any] = [handler.layer] if handler is not None else []
+    while todo:
+        node = todo.pop()
+        if isinstance(node, HttpStream) and getattr(node, "flow", None) is flow:
+            return node
+        if isinstance(node, HttpLayer):
+            todo.extend(node.streams.values())
+        for attr in ("layer", "child_layer"):  # NextLayer.layer, tunnel and passthrough layers' child_layer
+            child = getattr(node, attr, None)
+            if isinstance(child, layer.Layer):
+                todo.append(child)
+    return None
+
+
+def state_of(stream: HttpStream) -> str:
+    return getattr(stream.server_state, "__name__", "")
+
+
+def close_upstream(flow: http.HTTPFlow) -> None:
+    """Close the flow's upstream connection (mitmproxy then answers or cuts as for a failed upstream)."""
+    handler = _connection_handler(flow)
+    if handler is None:
+        return
+    targets = [flow.server_conn]
+    if flow.server_conn not in handler.transports:  # still being opened: the flow gets its connection once it is up
+        address = (flow.request.host, flow.request.port)
+        targets = [c for c in handler.transports if c is not handler.client and c.address == address and not c.tls_established]
+    for connection in targets:
+        io = handler.transports.get(connection)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("ended by the gateway")
+
+
+def end_early(flow: http.HTTPFlow, answer: http.Response, on_streaming: Callable[[], bool]) -> str:
+    """End `flow` now: `answer` if the client got no byte yet; mid-stream, `on_streaming()` is called to append
+    its last bytes (the relay's error frame) and says whether it could (False: the stream is cut instead).
+
+    Returns what was done: "answered", "stream-ended", "closed" (only the upstream closed: HTTP/2 upstream or a
+    body that is neither relayed nor buffered) or "gone" (the exchange already ended). Never raises.
+    """
+    try:
+        stream = find_stream(flow)
+        if stream is None or not flow.live:
+            return "gone"
+        state = state_of(stream)
+        sid = stream.stream_id
+        connecting = state == WAITING and stream._paused is not None  # connect or TLS handshake under way
+        if connecting or flow.server_conn.alpn == b"h2" or state not in (WAITING, BUFFERING, STREAMING):
+            close_upstream(flow)
+            return "closed"
+        body = answer.content or b""
+        head = answer.copy()
+        head.content = b""
+        head.headers["content-length"] = str(len(body))
+        if state == WAITING:
+            head.timestamp_start = head.timestamp_end = None
+            synthetic = [ResponseHeaders(sid, head, False), ResponseData(sid, body), ResponseEndOfMessage(sid)]
+            done = "answered"
+        elif state == BUFFERING:  # nothing went to the client: replace the answer under way
+            stream.response_body_buf.clear()
+            flow.response = head
+            synthetic = [ResponseData(sid, body), ResponseEndOfMessage(sid)]
+            done = "answered"
+        elif on_streaming():
+            synthetic = [ResponseEndOfMessage(sid)]
+            done = "stream-ended"
+        else:  # streamed untouched (an unknown encoding): bytes appended would corrupt it
+            close_upstream(flow)
+            return "closed"
+        _inject(flow, stream, synthetic)
+        return done
+    except Exception:  # mitmproxy internals changed under us: fall back to closing the upstream
+        logger.exception("cannot end the exchange cleanly; closing its upstream connection")
+        close_upstream(flow)
+        return "closed"
+
+
+class _Token:
+    """The injected message that tells our handler to run; identity only."""
+
+
+def _inject(flow: http.HTTPFlow, stream: HttpStream, synthetic: list[events.Event]) -> None:
+    original = stream._handle_event
+    token = _Token()
+    ended = False
+
+    def handle(event: events.Event) -> layer.CommandGenerator[None]:
+        nonlocal ended
+        if isinstance(event, events.MessageInjected) and event.message is token:
+            ended = True
+            yield commands.CloseConnection(flow.server_conn)
+            for synthetic_event in synthetic:
+                yield from original(synthetic_event)
+        elif ended and isinstance(event, _UPSTREAM_EVENTS):
+            return  # the upstream's late bytes or its close: this exchange is over
+        else:
+            yield from original(event)
+
+    # An instance attribute, as mitmproxy itself does when a stream turns into a passthrough.
+    stream._handle_event = handle  # type: ignore[method-assign]
+    ctx.master.addons.get("proxyserver").inject_event(events.MessageInjected(flow, token))
+
+
+class CappedBody(ReceiveBuffer):
+    """mitmproxy's request body buffer, which drops everything once the body is over `limit` bytes."""
+
+    def __init__(self, limit: int, refused: bool = False) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0  # bytes, kept or not
+        self.refused = refused
+
+    def __iadd__(self, other: bytes) -> CappedBody:
+        self.received += len(other)
+        if not self.refused and self.received > self.limit:
+            self.refused = True
+            self.clear()
+        if not self.refused:
+            super().__iadd__(other)
+        return self
+
+
+def cap_request_body(flow: http.HTTPFlow, limit: int, refused: bool) -> CappedBody | None:
+    """Swap the flow's request body buffer (nothing received yet) for a `CappedBody`; None where it cannot."""
+    stream = find_stream(flow)
+    if stream is None or len(stream.request_body_buf):
+        return None
+    stream.request_body_buf = capped = CappedBody(limit, refused)
+    return capped
+
+
+def buffered_response_bytes(flow: http.HTTPFlow) -> int | None:
+    """How many bytes of a buffered answer body mitmproxy holds so far; None where the layer is gone."""
+    stream = find_stream(flow)
+    return len(stream.response_body_buf) if stream is not None else None
+
+
+def _set_layer(nextlayer: layer.NextLayer, new: layer.Layer) -> None:
+    # if another addon chose already, take its layer off the stack (a layer adds itself when it is made)
+    old = nextlayer.layer
+    if old is not None and old in nextlayer.context.layers and old is not new:
+        nextlayer.context.layers.remove(old)
+    nextlayer.layer = new
+
+
+def decrypt_as_http(nextlayer: layer.NextLayer) -> None:
+    """In the `next_layer` hook: the tunnel's plain bytes are read as HTTP (to answer them), never relayed raw."""
+    _set_layer(nextlayer, layers.HttpLayer(nextlayer.context, HTTPMode.transparent))
+
+
+def relay_untouched(nextlayer: layer.NextLayer) -> None:
+    """In the `next_layer` hook: the tunnel's bytes are relayed as they are, not parsed."""
+    _set_layer(nextlayer, layers.TCPLayer(nextlayer.context, ignore=True))

@@ -1,0 +1,59 @@
+"""mitmproxy's servers and connections, reached through its `proxyserver` addon: the listening sockets (for a
+deeper listen queue, addons/backlog.py) and closing listeners and idle connections (the drain, addons/drain.py).
+
+`proxyserver.servers` and `proxyserver.connections` are mitmproxy's own bookkeeping, not an addon API; the
+private `_servers` of a server instance holds its asyncio servers. tests/unit/mitm/test_contract.py asserts each
+exists on the installed mitmproxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mitmproxy import ctx
+
+logger = logging.getLogger("llm_gateway.drain")
+
+
+def listening_sockets(proxyserver) -> list:
+    """The listening TCP sockets (asyncio's TransportSocket wrappers) of mitmproxy's running servers."""
+    found = []
+    for instance in proxyserver.servers:
+        for server in getattr(instance, "_servers", None) or ():
+            if isinstance(server, asyncio.Server):
+                found.extend(server.sockets)
+    return found
+
+
+def set_backlog(sock, backlog: int) -> None:
+    """`listen(backlog)` again on a listening socket: a duplicate of its descriptor reaches the same socket."""
+    with sock.dup() as dup:  # a socket.socket of its own, closed after; the listener stays open
+        dup.listen(backlog)
+
+
+async def close_listeners() -> None:
+    """Stop every listener (the listening sockets only; connections already open stay)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    for instance in list(proxyserver.servers if proxyserver else ()):
+        try:
+            await instance.stop()
+        except Exception as e:  # one listener that will not close must not keep the others open
+            logger.warning(f"cannot close a listener: {e}")
+
+
+async def close_connections(wait: float = 2.0) -> None:
+    """Close the client connections left (idle keep-alive ones) and let their handlers end (up to `wait`
+    seconds), rather than have the shutdown cancel them mid-wait (Python 3.12.1's asyncio then prints a
+    traceback per connection)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    if proxyserver is None:
+        return
+    for handler in list(proxyserver.connections.values()):
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("gateway draining")
+    deadline = time.monotonic() + wait
+    while proxyserver.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

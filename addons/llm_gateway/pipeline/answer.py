@@ -1,0 +1,216 @@
+"""The answer pipeline: one place decides what an upstream answer means for the client and for the record.
+
+An answer reaches the client by one of three paths: a buffered body (JSON, or an error of any content type),
+a relayed SSE stream, or a buffered conversion (SSE→JSON or JSON→SSE when a client rule forced the upstream
+form). All three read events with the one `StreamReader` (usage, the model that answered, the end of the
+message, error frames unwrapped in place), turn error bodies into native errors with the one
+`envelopes.unwrap_response`, and leave on the exchange what the client received: `status`, `error_type`,
+`request_id`, `complete`, `reason`. The record builder (usage.build_record) reads only that.
+
+    buffered body   ── error_answer ─────────────────────────┐
+    relayed stream  ── StreamReader (on the relay) ──────────┤── settle / settle_failure ── the record
+    SSE→JSON        ── StreamReader (relay.replay) ── accumulate
+    JSON→SSE        ── messages.message_to_sse of the Message ───┘
+
+Modelled on Envoy AI Gateway's per-request translator (it returns changes and token usage; the processor
+decides error-or-success once and records usage in one place) and the Anthropic SDK's `accumulate_event`
+(a pure accumulator whose caller owns the state): the conversion accumulates what the reader passed on.
+
+Where mitmproxy itself answers (no upstream response: refused, reset, closed before the end of a buffered
+body) it writes its own text/html page after the `error` hook, and mitmproxy 12 lets no addon replace it
+(see `settle_failure`); the record then says what the client got: that status, its native error type and
+a short `reason`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mitmproxy import http
+
+from llm_gateway.pipeline import exchange, relay
+from llm_gateway.protocol import envelopes, errors, jsoncodec, messages, sse
+from llm_gateway.protocol.sse import SSE_TYPE
+from llm_gateway.util.logsafe import clean
+
+logger = logging.getLogger("llm_gateway.answer")
+
+TRUNCATED_MESSAGE = "the upstream stream ended before message_stop; the answer is incomplete"
+# mitmproxy answers with this status when the upstream failed before the client got response headers
+# (`ErrorCode.http_status_code()` of CONNECT_FAILED and GENERIC_SERVER_ERROR in proxy/layers/http/_events.py).
+MITMPROXY_ERROR_STATUS = 502
+CLIENT_GONE = "Client disconnected"  # how mitmproxy's flow.error starts when the client went away
+
+
+def is_sse(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").lower().startswith(SSE_TYPE)
+
+
+def _request_id(body: Any) -> str | None:
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+def set_body(response: http.Response, content: bytes, content_type: str) -> None:
+    """Replace a buffered body with identity-encoded content of another type."""
+    response.headers.pop("content-encoding", None)
+    response.headers["content-type"] = content_type
+    response.content = content
+
+
+def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.Unwrapped | None) -> None:
+    """Answer with a native error (`found`, when there is one), restoring the headers LiteLLM renamed and
+    the `request-id` of the inner error. The one way every path answers with an error."""
+    if found is not None:
+        response.status_code = found.status
+        response.reason = envelopes.reason_phrase(found.status)
+        set_body(response, found.body, "application/json")
+        ex.error_type = found.error_type
+    for name, value in envelopes.header_fixes(response.headers, found.request_id if found else None).items():
+        response.headers[name] = value
+
+
+def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
+    """A buffered answer with an error status, JSON or not (also an error sent as an event stream): the
+    native error it holds or stands for."""
+    body = response.get_content(strict=False) or b""
+    content_type = response.headers.get("content-type")
+    if is_sse(response):  # an error answered as a stream (LiteLLM's first-chunk errors): read its frames
+        body, content_type = stream_error_payload(body), "application/json"
+    found = None
+    if ex.rules.errors.unwrap:
+        found = envelopes.unwrap_response(response.status_code, content_type, body, ex.rules.errors.max_message)
+    if found is not None:
+        ex.unwrapped, ex.unwrapped_from = True, f"{found.source} {found.original_status}"
+        ex.notes.append(f"error unwrapped from {found.source} (HTTP {found.original_status})")
+    send_error(response, ex, found)
+
+
+def stream_error_payload(body: bytes) -> bytes:
+    """The data of the first frame of an error sent as SSE (named or not; `[DONE]` skipped), else the body."""
+    parser = sse.SSEParser()
+    for event in parser.feed(body) + parser.flush():
+        data = event.data.strip()
+        if data and data != "[DONE]":
+            return data.encode("utf-8", "surrogatepass")
+    return body
+
+
+def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
+    """A stream for a client that asked for JSON: the events pass the same reader as a relayed stream
+    (`relay.replay`), and what it passes on is accumulated into the Message, or into the native error."""
+    passed = relay.replay(ex, response.get_content(strict=False) or b"")
+    acc = messages.message_from_sse(passed)
+    ex.converted = "sse->json"
+    if acc.error is not None or acc.message is None or not acc.complete:
+        error = acc.error if acc.error is not None else errors.error_body("api_error", TRUNCATED_MESSAGE)
+        if acc.error is None:
+            ex.reason = ex.reason or "upstream stream ended before message_stop"
+        inner = error.get("error") if isinstance(error.get("error"), dict) else {}
+        error_type = inner.get("type") if isinstance(inner.get("type"), str) else "api_error"
+        message = inner.get("message") if isinstance(inner.get("message"), str) else "upstream stream failed"
+        request_id = _request_id(error) or response.headers.get("request-id")
+        status = errors.status_for_error_type(error_type)
+        body = errors.error_json(error_type, message, request_id)
+        send_error(response, ex, envelopes.Unwrapped(status, body, error_type, request_id, "stream", response.status_code))
+        ex.notes.append("stream error became an HTTP error")
+    else:
+        ex.message = acc.message
+        set_body(response, jsoncodec.dumps(acc.message), "application/json")
+        ex.notes.append("SSE converted to JSON")
+
+
+def json_to_sse(response: http.Response, ex: exchange.Exchange) -> None:
+    message = jsoncodec.parse_json_body(response.get_content(strict=False))
+    if not (isinstance(message, dict) and message.get("type") == "message"):
+        logger.warning(f"upstream answer is not a Message; passing it on unchanged ({clean(ex.host + ex.path)})")
+        return
+    ex.message = message
+    ex.converted = "json->sse"
+    set_body(response, messages.message_to_sse(message), f"{SSE_TYPE}; charset=utf-8")
+    ex.notes.append("JSON converted to SSE")
+
+
+def settle(response: http.Response, ex: exchange.Exchange) -> None:
+    """The answer is complete (the `response` hook): what the client received, decided once."""
+    ex.status = response.status_code
+    ex.request_id = response.headers.get("request-id") or ex.request_id
+    if not response.stream:
+        if ex.message is None and response.status_code < 400:
+            body = jsoncodec.parse_json_body(response.get_content(strict=False))
+            if isinstance(body, dict) and body.get("type") == "message":
+                ex.message = body
+        if ex.message is not None:
+            if isinstance(ex.message.get("usage"), dict):
+                ex.usage = ex.message["usage"]
+            if isinstance(ex.message.get("model"), str) and ex.message["model"]:
+                ex.model = ex.message["model"]
+        if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
+            ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
+    if response.status_code >= 400:
+        if ex.error_type is None:  # an error the gateway left as it came (unwrap off, or native already)
+            body = jsoncodec.parse_json_body(response.get_content(strict=False)) if not response.stream else None
+            ex.error_type = body["error"]["type"] if errors.is_native_error(body) else errors.error_type_for_status(
+                response.status_code
+            )
+            ex.request_id = ex.request_id or _request_id(body)
+
+
+def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+    """The exchange failed (the `error` hook): what the client got, and why.
+
+    - Response headers already sent (a relayed stream): the client got that status and a body that stops.
+    - The client went away first: it got nothing (status None).
+    - Otherwise mitmproxy answers itself: `HttpStream.handle_protocol_error` (proxy/layers/http/__init__.py)
+      sends a `ResponseProtocolError` to the client right after the `error` hook, whatever the hook set on
+      `flow.response`, and `Http1Server` (proxy/layers/http/_http1.py) writes it as `make_error_response`:
+      a text/html 502 (`_base.format_error`). mitmproxy 12 offers no supported way to replace it (open
+      upstream proposal: mitmproxy pull request 7999, "allow error hook to override 502 responses"), so the
+      record says what the client got: 502 and `api_error`, the type a native 502 would carry."""
+    message = flow.error.msg if flow.error else ""
+    response = flow.response
+    ex.complete = False
+    if response is not None and response.stream:
+        ex.status = response.status_code
+        ex.request_id = response.headers.get("request-id") or ex.request_id
+        reason = "client disconnected" if message.startswith(CLIENT_GONE) else "upstream closed the stream"
+    elif message.startswith(CLIENT_GONE) or message == "killed" or flow.client_conn.timestamp_end:
+        ex.status, reason = None, "client disconnected"
+    else:
+        ex.status, ex.error_type = MITMPROXY_ERROR_STATUS, "api_error"
+        reason = failure_reason(message, response is not None)
+    ex.reason = ex.reason or reason  # a part that ended the exchange itself (a timeout) already said why
+
+
+def failure_reason(message: str, had_headers: bool) -> str:
+    """A short reason for an upstream failure, from mitmproxy's error message."""
+    text = message.lower()
+    if "refused" in text or "errno 111]" in text:  # ECONNREFUSED: asyncio says "Connect call failed"
+        return "upstream refused the connection"
+    if "connect call failed" in text or "cannot connect" in text:
+        return "could not connect to the upstream"
+    if "reset" in text:
+        return "upstream reset the connection"
+    if had_headers:
+        return "upstream closed before the end of its body"
+    if "closed" in text or "disconnected" in text:
+        return "upstream closed the connection before answering"
+    if "certificate" in text or "tls" in text:
+        return "upstream TLS failed"
+    if "timed out" in text or "timeout" in text:
+        return "upstream timed out"
+    return "upstream failed"
+
+
+def native_answer(error_type: str, message: str, headers: dict[str, str] | None = None) -> http.Response:
+    """A native Anthropic error response (JSON body, status from the error type)."""
+    return http.Response.make(
+        errors.status_for_error_type(error_type), errors.error_json(error_type, message),
+        {"content-type": "application/json", **(headers or {})},
+    )
+
+
+def error_frame(error_type: str, message: str) -> bytes:
+    """One `event: error` SSE frame, as the API sends it mid-stream."""
+    return sse.encode("error", errors.error_body(error_type, message))

@@ -1,0 +1,184 @@
+"""What the gateway knows about one API exchange, shared by every addon that handles it.
+
+The live object sits beside the flow (not in `flow.metadata`, which must stay serialisable for
+`-w` and mitmweb export); `publish` copies its plain summary into `flow.metadata["gateway"]`.
+It holds the rules that were in force when the request arrived, so a reload in the middle of an
+exchange never mixes old and new rules.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mitmproxy import http
+
+from llm_gateway.policy.cachewatch import CacheWatch
+from llm_gateway.policy.pricing import Cost, cost, counts, lost_cost
+
+if TYPE_CHECKING:  # rules imports clients, which imports this module
+    from llm_gateway.policy.rules import Rules
+
+METADATA_KEY = "gateway"
+
+
+class SSETap(Protocol):
+    """A part that watches (and may rewrite) the events of a stream as they pass.
+
+    A tap may also have `event_names`, the set of event names it reads (None for events without one):
+    the relay then calls it for those events only, which keeps the path of every other event short. While
+    no tap reads `content_block_delta` (the bulk of a stream), the relay sends those on without parsing
+    them (relay.py's quick path); a tap without `event_names` closes that path for its stream, unless it
+    only copies events: such a tap has `on_raw(raw: bytes)`, which the quick path calls with the event's bytes,
+    or acts only on events that hold certain bytes, named in `event_bytes` (the relay still may call it for others)."""
+
+    def on_event(self, event: Any) -> Any | None:
+        """Return the event to forward: the same one, a replacement, or None to keep it unchanged."""
+
+    def on_end(self) -> bytes:
+        """Called once when the upstream body ended cleanly; returns raw bytes to append (or b"")."""
+
+
+@dataclass(eq=False, slots=True, weakref_slot=True)  # slots: one per API request, read by every hook
+class Exchange:
+    rules: Rules
+    api: str
+    mode: str
+    method: str
+    host: str
+    path: str
+    started: float = field(default_factory=time.time)
+    upstream: str | None = None
+    body: Any = None  # the request JSON, parsed once; None when empty or not JSON
+    client: str = "unknown"
+    session: str | None = None
+    user_agent: str | None = None
+    model: str | None = None
+    stream_preference: str = "as-sent"  # from the matched client rule
+    stream_requested: bool | None = None
+    stream_upstream: bool | None = None
+    principal: str | None = None  # the gateway token's (or pass-through rule's) name (credentials.py)
+    # filled while the response passes
+    response_started: float | None = None
+    message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
+    usage: dict[str, Any] | None = None
+    priced: Any = field(default=None, repr=False)  # pricing.exchange_cost's memo: ((model, counts), Cost)
+    # what the client received, decided once by answer.py (settle / settle_failure)
+    status: int | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+    unwrapped: bool = False
+    unwrapped_from: str | None = None
+    converted: str | None = None  # "sse->json" | "json->sse"
+    complete: bool = False
+    reason: str | None = None  # why the exchange ended early or failed (e.g. "first_byte_timeout")
+    cache_break: bool = False
+    cache_break_reason: str | None = None  # why (cachewatch.REASONS), when cache_break
+    cache_break_detail: str | None = None  # e.g. "system block 2 changed"
+    cache_break_tokens_lost: int | None = None  # cached before, not read now
+    cache_break_cost_usd: float | None = None  # what those tokens cost more than a cache read (None: no price)
+    recorded: bool = False
+    metered: bool = False  # counted in the metrics (metrics.py): once, whether the exchange ends in response or error
+    notes: list[str] = field(default_factory=list)
+    sse_taps: list[SSETap] = field(default_factory=list)
+    on_flow_gone: Any = field(default=None, repr=False)  # see `start`
+
+    def summary(self) -> dict[str, Any]:
+        """The plain, serialisable view kept in flow.metadata."""
+        return {
+            "api": self.api,
+            "mode": self.mode,
+            "client": self.client,
+            "principal": self.principal,
+            "session": self.session,
+            "user_agent": self.user_agent,
+            "model": self.model,
+            "upstream": self.upstream,
+            "stream_requested": self.stream_requested,
+            "stream_upstream": self.stream_upstream,
+            "converted": self.converted,
+            "status": self.status,
+            "error_type": self.error_type,
+            "unwrapped": self.unwrapped,
+            "unwrapped_from": self.unwrapped_from,
+            "complete": self.complete,
+            "reason": self.reason,
+            "cache_break": self.cache_break,
+            "cache_break_reason": self.cache_break_reason,
+            "cache_break_detail": self.cache_break_detail,
+            "usage": dict(self.usage) if self.usage else None,
+        }
+
+
+# The live exchange is an attribute of its flow (mitmproxy's flows have no __slots__; `get_state`, and so
+# `-w`, flow copies and mitmweb, never see it): every hook of every concern looks it up, and a dict lookup
+# on the flow costs a tenth of a WeakKeyDictionary's (which builds a weak reference per lookup).
+_ATTRIBUTE = "_llm_gateway_exchange"
+
+
+def start(flow: http.HTTPFlow, exchange: Exchange) -> Exchange:
+    flow.__dict__[_ATTRIBUTE] = exchange
+    # The taps on the exchange hold the exchange: a reference cycle, with the parsed request and answer
+    # inside it, that only the garbage collector frees, after it has promoted all of it to the oldest
+    # generation (full collections were most of the gateway's CPU cost per request). Cut it when the
+    # flow goes, so the exchange is freed at once.
+    exchange.on_flow_gone = weakref.ref(flow, functools.partial(_release, weakref.ref(exchange)))
+    publish(flow, exchange)
+    return exchange
+
+
+def _release(exchange: weakref.ref[Exchange], _flow: weakref.ref) -> None:
+    ex = exchange()
+    if ex is not None:
+        ex.sse_taps.clear()
+
+
+def of(flow: http.HTTPFlow) -> Exchange | None:
+    """The flow's exchange, or None for flows that are not LLM API traffic (and for copies of a flow)."""
+    return flow.__dict__.get(_ATTRIBUTE)
+
+
+# Whether `publish` writes flow.metadata: the summary is for people looking at flows (mitmweb, the console,
+# saved flows); webview.FlowNotes turns it off where nobody can (plain mitmdump, `gateway_flow_notes`).
+publishing = True
+
+
+def publish(flow: http.HTTPFlow, exchange: Exchange) -> None:
+    """Copy the exchange's plain summary into `flow.metadata["gateway"]` (when `publishing`)."""
+    if publishing:
+        flow.metadata[METADATA_KEY] = exchange.summary()
+
+
+def explain_break(watch: CacheWatch, ex: "Exchange") -> None:
+    """Observe one successful exchange and, on a break, fill the exchange's `cache_break*` fields (record, log,
+    mitmweb comment and metrics read them there)."""
+    usage = ex.rules.usage
+    found = watch.observe(
+        ex.session, ex.usage, ex.body, ex.started,
+        {"5m": usage.cache_ttl_5m, "1h": usage.cache_ttl_1h}, usage.cache_sessions,
+    )
+    ex.cache_break = found is not None
+    if found is not None:
+        ex.cache_break_reason, ex.cache_break_detail = found.reason, found.detail
+        ex.cache_break_tokens_lost = found.tokens_lost
+        ex.cache_break_cost_usd = lost_cost(ex.rules.pricing, ex.model, found.tokens_lost, ex.usage)
+
+
+def break_text(ex: "Exchange") -> str:
+    """"lost 9800 cached tokens ($0.0265): system_changed (system block 2 changed)", for log lines and comments."""
+    cost = f" (${ex.cache_break_cost_usd:.4f})" if ex.cache_break_cost_usd is not None else ""
+    return f"lost {ex.cache_break_tokens_lost} cached tokens{cost}: {ex.cache_break_reason} ({ex.cache_break_detail})"
+
+
+def exchange_cost(ex) -> Cost:
+    """`cost` of an `exchange.Exchange` (its rules' `pricing`, `model` and `usage`), worked out once for its
+    record, its log line and its mitmweb comment, and again only when the model or the token counts changed."""
+    key = (ex.model, counts(ex.usage) if ex.usage else None)
+    if ex.priced is not None and ex.priced[0] == key:
+        return ex.priced[1]
+    found = cost(ex.rules.pricing, ex.model, ex.usage)
+    ex.priced = (key, found)
+    return found

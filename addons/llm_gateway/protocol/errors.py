@@ -1,0 +1,64 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_gateway.protocol.jsoncodec import dumps
+
+# Native error types and the HTTP status the API sends with each.
+STATUS_BY_ERROR_TYPE: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "conflict_error": 409,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+ERROR_TYPE_BY_STATUS: dict[int, str] = {s: t for t, s in STATUS_BY_ERROR_TYPE.items()}
+
+
+def status_for_error_type(error_type: str, default: int = 500) -> int:
+    """The status the API sends with `error_type` (unknown types get `default`)."""
+    return STATUS_BY_ERROR_TYPE.get(error_type, default)
+
+
+def error_type_for_status(status: int) -> str:
+    """The native error type for an HTTP status; the closest family where there is no exact one."""
+    if status in ERROR_TYPE_BY_STATUS:
+        return ERROR_TYPE_BY_STATUS[status]
+    if status == 408:
+        return "timeout_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "api_error"
+
+
+def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    """A native error body: `{"type":"error","error":{"type":…,"message":…},"request_id":…}`."""
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def error_json(error_type: str, message: str, request_id: str | None = None) -> bytes:
+    """`error_body` serialised as the API does (compact JSON, UTF-8)."""
+    return dumps(error_body(error_type, message, request_id))
+
+
+def is_native_error(body: Any) -> bool:
+    """True for a dict shaped like a native error body."""
+    return (
+        isinstance(body, dict)
+        and body.get("type") == "error"
+        and isinstance(body.get("error"), dict)
+        and isinstance(body["error"].get("type"), str)
+    )

@@ -1,0 +1,139 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llm_gateway.protocol.usage import cache_share, token
+
+
+def render_message(
+    message: dict[str, Any] | None,
+    *,
+    stream: bool = False,
+    complete: bool = True,
+    error: dict[str, Any] | None = None,
+    malformed: bool = False,
+    copy: str | None = None,
+) -> str:
+    """The Message as text: a head (id, model, stop reason, usage, stream state), then each block."""
+    lines: list[str] = []
+    if copy:
+        lines.append(f"NOTE: {copy}")
+    if stream:
+        if error is not None:
+            err = error.get("error") if isinstance(error.get("error"), dict) else {}
+            lines.append(f"stream error: {err.get('type', '?')}: {err.get('message', '')}")
+        elif not complete:
+            lines.append("stream INCOMPLETE: it ended before message_stop")
+        if malformed:
+            lines.append("some events could not be applied (malformed); shown as far as they went")
+    if message is None:
+        return "\n".join(lines)
+
+    head = f"{message.get('role', 'assistant')} message {message.get('id', '?')}"
+    if message.get("model"):
+        head += f" · model {message['model']}"
+    lines.append(head)
+    stop = f"stop reason: {message.get('stop_reason')}"
+    if message.get("stop_sequence") is not None:
+        stop += f" (stop sequence {message['stop_sequence']!r})"
+    lines.append(stop)
+    if message.get("stop_details") is not None:
+        lines.append(f"stop details: {_compact(message['stop_details'])}")
+    if isinstance(message.get("usage"), dict):
+        lines.extend(describe_usage(message["usage"]))
+    extra = {k: v for k, v in message.items() if k not in _SHOWN_FIELDS and v is not None}
+    for key, value in extra.items():
+        lines.append(f"{key}: {_compact(value)}")
+
+    content = message.get("content")
+    for index, block in enumerate(content if isinstance(content, list) else []):
+        lines.append("")
+        lines.extend(render_block(index, block))
+    return "\n".join(lines)
+
+
+_SHOWN_FIELDS = frozenset({"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "stop_details", "usage"})
+
+
+def describe_usage(usage: dict[str, Any]) -> list[str]:
+    """`tokens: input 21 · output 9` and `cache: read 13 · write 7 (5m 7, 1h 0) · hit 32%` (+ server tools)."""
+    write = f"write {_count(usage, 'cache_creation_input_tokens')}"
+    breakdown = usage.get("cache_creation")
+    if isinstance(breakdown, dict) and breakdown:
+        write += f" (5m {_count(breakdown, 'ephemeral_5m_input_tokens')}, 1h {_count(breakdown, 'ephemeral_1h_input_tokens')})"
+    share = cache_share(usage)
+    lines = [
+        f"tokens: input {_count(usage, 'input_tokens')} · output {_count(usage, 'output_tokens')}",
+        f"cache: read {_count(usage, 'cache_read_input_tokens')} · {write} · hit {'-' if share is None else f'{share:.0%}'}",
+    ]
+    server = usage.get("server_tool_use")
+    if isinstance(server, dict) and server:
+        lines.append("server tools: " + " · ".join(f"{k} {v}" for k, v in server.items()))
+    return lines
+
+
+def _count(usage: dict[str, Any], key: str) -> str:
+    value = token(usage, key)
+    return "-" if value is None else str(value)
+
+
+def render_block(index: int, block: Any) -> list[str]:
+    """One content block: a title line, then its readable body."""
+    if not isinstance(block, dict):
+        return [f"── [{index}] ?", _pretty(block)]
+    kind = block.get("type", "?")
+    title = f"── [{index}] {kind}"
+    if block.get("name"):
+        title += f" {block['name']}"
+    if block.get("id"):
+        title += f" ({block['id']})"
+    if block.get("tool_use_id"):
+        title += f" for {block['tool_use_id']}"
+    lines = [title]
+    shown = {"type", "name", "id", "tool_use_id"}
+    if kind == "text":
+        lines.append(_text(block.get("text")))
+        for citation in block.get("citations") or []:
+            lines.append(f"  cited: {_citation(citation)}")
+        shown |= {"text", "citations"}
+    elif kind == "thinking":
+        lines.append(_text(block.get("thinking")))
+        signature = block.get("signature")
+        lines.append(f"  (signature: {len(signature) if isinstance(signature, str) else 0} chars)")
+        shown |= {"thinking", "signature"}
+    elif kind == "redacted_thinking":
+        data = block.get("data")
+        lines.append(f"(redacted: {len(data) if isinstance(data, str) else 0} chars of encrypted thinking)")
+        shown.add("data")
+    elif "input" in block:  # tool_use, server_tool_use, mcp_tool_use
+        lines.append(_pretty(block["input"]))
+        shown.add("input")
+    elif "content" in block:  # tool results (web_search_tool_result, mcp_tool_result, …), compaction
+        lines.append(_text(block["content"]) if isinstance(block["content"], str) else _pretty(block["content"]))
+        shown.add("content")
+    rest = {k: v for k, v in block.items() if k not in shown}
+    if rest:
+        lines.append(f"  {_compact(rest)}")
+    return lines
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else _pretty(value)
+
+
+def _citation(citation: Any) -> str:
+    if not isinstance(citation, dict):
+        return _compact(citation)
+    where = citation.get("url") or citation.get("document_title") or citation.get("title") or citation.get("type")
+    return f"{citation.get('cited_text', '')!r} ({where})"
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
