@@ -5,8 +5,8 @@ from __future__ import annotations
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 
-from llm_gateway import rules
-from llm_gateway.rulefile import RuleFile
+from llm_gateway.policy import rules
+from llm_gateway.addons.rulefile import RuleFile
 
 BASE_RULES = """\
 apis:
@@ -58,12 +58,12 @@ def flow_addons(rf: RuleFile) -> list:
     """gateway.py's addons (compose.default_addons), in its order, less the ones that act on the whole process
     or need mitmproxy's running event loop (the timer, the log filter, the open-file limit, the listen queue, the warm-up): what a test that
     calls the flow hooks itself drives. The first two are always `rf` and the RecordLog."""
-    from llm_gateway.backlog import ListenBacklog
-    from llm_gateway.compose import default_addons
-    from llm_gateway.fdlimit import OpenFileLimit
-    from llm_gateway.gatewaylog import GatewayLog
-    from llm_gateway.timeouts import Timeouts
-    from llm_gateway.warmup import Warmup
+    from llm_gateway.addons.backlog import ListenBacklog
+    from llm_gateway.app import default_addons
+    from llm_gateway.addons.fdlimit import OpenFileLimit
+    from llm_gateway.addons.gatewaylog import GatewayLog
+    from llm_gateway.addons.timeouts import Timeouts
+    from llm_gateway.addons.warmup import Warmup
 
     process_wide = (Timeouts, GatewayLog, OpenFileLimit, ListenBacklog, Warmup)
     return [a for a in default_addons(rf) if not isinstance(a, process_wide)]

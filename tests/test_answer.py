@@ -22,8 +22,12 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from gwtest import api_flow, flow_addons, forward, rule_file
-from llm_gateway import pricing, sse, wire
-from llm_gateway.answer import TRUNCATED_MESSAGE, failure_reason
+from llm_gateway.policy import pricing
+from llm_gateway.protocol import sse
+from llm_gateway.protocol import errors as protocol_errors
+from llm_gateway.protocol import messages
+from llm_gateway.protocol import tokens as protocol_usage
+from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE, failure_reason
 from test_envelopes import EXPECTED, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +90,7 @@ def litellm_frame(message: str, code, type_="throttling_error") -> dict:
 
 # ---------------------------------------------------------------------------------------- the new shapes
 
-RATE_INNER = json.dumps(wire.error_body("rate_limit_error", "Number of request tokens exceeded", "req_x1"))
+RATE_INNER = json.dumps(protocol_errors.error_body("rate_limit_error", "Number of request tokens exceeded", "req_x1"))
 FIRST_CHUNK_ERROR = json.dumps(litellm_frame(
     f"litellm.RateLimitError: AnthropicException - {RATE_INNER}. Received Model Group=m\n"
     "Available Model Group Fallbacks=None", "429"))
@@ -165,10 +169,10 @@ def capture_shapes() -> dict[str, Shape]:
                 if "retry-after" in headers or "llm_provider-retry-after" in headers:
                     shape.retry_after = headers.get("retry-after") or headers["llm_provider-retry-after"]
             else:
-                acc = wire.message_from_sse(body) if shape.streamed else None
+                acc = messages.message_from_sse(body) if shape.streamed else None
                 message = acc.message if acc else json.loads(body)
                 usage = (message or {}).get("usage")
-                shape.usage = tuple(wire.token(usage, k) for k in (
+                shape.usage = tuple(protocol_usage.token(usage, k) for k in (
                     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
                 if not any(shape.usage):
                     shape.usage = None
@@ -182,12 +186,12 @@ def capture_shapes() -> dict[str, Shape]:
         # The SDK's files end without the blank line that ends their last event (clients would drop it): end
         # them as the API does.
         body = path.read_bytes().rstrip(b"\r\n") + b"\n\n"
-        acc = wire.message_from_sse(body)
+        acc = messages.message_from_sse(body)
         usage = acc.message.get("usage") if acc.message else None
         shapes[f"sdk/{path.stem}"] = Shape(
             200, {"content-type": SSE}, body,
             None if acc.complete else "api_error",
-            usage=tuple(wire.token(usage, k) for k in (
+            usage=tuple(protocol_usage.token(usage, k) for k in (
                 "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")),
             complete=acc.complete,
         )
@@ -248,7 +252,7 @@ def client_view(f: http.HTTPFlow, sent: bytes, streams: bool) -> tuple[int, str 
     """(status, error type, request id) as the client sees them: an HTTP error, or a stream's error event."""
     if f.response.status_code >= 400 or not streams:
         body = json.loads(sent)
-        if wire.is_native_error(body):
+        if protocol_errors.is_native_error(body):
             return f.response.status_code, body["error"]["type"], f.response.headers.get("request-id")
         assert body["type"] == "message"
         return f.response.status_code, None, f.response.headers.get("request-id")
@@ -257,7 +261,7 @@ def client_view(f: http.HTTPFlow, sent: bytes, streams: bool) -> tuple[int, str 
     errors = [e.json() for e in parser.feed(sent) + parser.flush() if e.name == "error"]
     assert len(errors) <= 1, errors
     if errors:
-        assert wire.is_native_error(errors[0]), errors[0]
+        assert protocol_errors.is_native_error(errors[0]), errors[0]
         assert errors[0]["error"]["type"] != "None"
         return 200, errors[0]["error"]["type"], errors[0].get("request_id") or f.response.headers.get("request-id")
     return 200, None, f.response.headers.get("request-id")
@@ -276,7 +280,7 @@ def test_every_path_gives_what_the_row_says(gw, name, path, mode):
     if shape.http_status is not None or (error_type and not client_streams):
         # an HTTP error, whatever the path: the native JSON, with its status and restored headers
         assert f.response.headers["content-type"] == "application/json"
-        assert status == (shape.http_status or wire.status_for_error_type(shape.error_type))
+        assert status == (shape.http_status or protocol_errors.status_for_error_type(shape.error_type))
         if shape.retry_after:
             assert f.response.headers["retry-after"] == shape.retry_after
     assert record["status"] == status  # what the client got

@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import certs, exceptions
 from mitmproxy.test import taddons
 
-from llm_gateway import ca
-from llm_gateway.ca import CAError, GatewayCA
+from llm_gateway.tools import ca as ca_tool
+from llm_gateway.util import cafiles
+from llm_gateway.util.cafiles import CAError
+from llm_gateway.addons.ca import GatewayCA
 
 
 def mode(path: Path) -> int:
@@ -24,13 +26,13 @@ def mode(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def made() -> ca.CA:
-    return ca.create("Test gateway CA", days=30)
+def made() -> cafiles.CA:
+    return cafiles.create("Test gateway CA", days=30)
 
 
 @pytest.fixture
 def ca_dir(tmp_path, made) -> Path:
-    ca.save(made, tmp_path / "ca")
+    cafiles.save(made, tmp_path / "ca")
     return tmp_path / "ca"
 
 
@@ -45,7 +47,7 @@ def open_umask():
 
 
 def test_save_writes_key_owner_only_whatever_the_umask(tmp_path, made, open_umask):
-    cert_path, key_path = ca.save(made, tmp_path / "new")
+    cert_path, key_path = cafiles.save(made, tmp_path / "new")
     assert mode(key_path) == 0o600
     assert mode(cert_path) == 0o644
     assert mode(tmp_path / "new") == 0o700
@@ -65,17 +67,17 @@ def test_made_ca_is_a_ca_with_the_extensions_strict_clients_need(made):
 
 def test_make_ca_command_prints_the_secret_command_and_makes_the_ca_once(tmp_path, capsys, open_umask):
     out = tmp_path / "shared-ca"
-    assert ca.main(["--out", str(out), "--cn", "Cluster CA", "--days", "10"]) == 0
+    assert ca_tool.main(["--out", str(out), "--cn", "Cluster CA", "--days", "10"]) == 0
     printed = capsys.readouterr().out
-    assert f"kubectl -n llm-gateway create secret tls {ca.SECRET_NAME} --cert={out}/tls.crt --key={out}/tls.key" in printed
+    assert f"kubectl -n llm-gateway create secret tls {cafiles.SECRET_NAME} --cert={out}/tls.crt --key={out}/tls.key" in printed
     assert mode(out / "tls.key") == 0o600
     first = (out / "tls.key").read_bytes()
-    assert ca.read(out).cert.subject.rfc4514_string() == "O=Cluster CA,CN=Cluster CA"
+    assert cafiles.read(out).cert.subject.rfc4514_string() == "O=Cluster CA,CN=Cluster CA"
 
-    assert ca.main(["--out", str(out)]) == 1  # made once
+    assert ca_tool.main(["--out", str(out)]) == 1  # made once
     assert "exists" in capsys.readouterr().err
     assert (out / "tls.key").read_bytes() == first
-    assert ca.main(["--out", str(out), "--force"]) == 0
+    assert ca_tool.main(["--out", str(out), "--force"]) == 0
     assert (out / "tls.key").read_bytes() != first
     assert mode(out / "tls.key") == 0o600
 
@@ -84,20 +86,20 @@ def test_make_ca_command_prints_the_secret_command_and_makes_the_ca_once(tmp_pat
 
 
 def test_reads_a_tls_secret_folder_a_mitmproxy_confdir_and_one_pem(tmp_path, ca_dir, made):
-    assert ca.read(ca_dir).fingerprint == made.fingerprint
+    assert cafiles.read(ca_dir).fingerprint == made.fingerprint
     confdir = tmp_path / "confdir"
     confdir.mkdir()
-    ca.install(made, confdir)
-    assert ca.read(confdir).fingerprint == made.fingerprint
+    cafiles.install(made, confdir)
+    assert cafiles.read(confdir).fingerprint == made.fingerprint
     pem = tmp_path / "both.pem"
     pem.write_bytes(made.cert_pem() + made.key_pem())  # either order
-    assert ca.read(pem).fingerprint == made.fingerprint
+    assert cafiles.read(pem).fingerprint == made.fingerprint
 
 
 def test_reads_mitmproxys_own_ca(tmp_path):
     certs.CertStore.create_store(tmp_path, "mitmproxy", 2048)
     store = certs.CertStore.from_store(tmp_path, "mitmproxy", 2048)
-    assert ca.read(tmp_path).cert == store.default_ca._cert
+    assert cafiles.read(tmp_path).cert == store.default_ca._cert
 
 
 def pem_key(key) -> bytes:
@@ -105,13 +107,13 @@ def pem_key(key) -> bytes:
 
 
 def test_refuses_what_cannot_be_a_ca(tmp_path, made):
-    other = ca.create("Other", days=5)
+    other = cafiles.create("Other", days=5)
     folder = tmp_path / "mismatch"
     folder.mkdir()
     (folder / "tls.crt").write_bytes(made.cert_pem())
     (folder / "tls.key").write_bytes(other.key_pem())
     with pytest.raises(CAError, match="does not belong"):
-        ca.read(folder)
+        cafiles.read(folder)
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "leaf")])
@@ -123,21 +125,21 @@ def test_refuses_what_cannot_be_a_ca(tmp_path, made):
     leaf = builder.not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
     (tmp_path / "leaf.pem").write_bytes(pem_key(key) + leaf.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(CAError, match="not a CA"):
-        ca.read(tmp_path / "leaf.pem")
+        cafiles.read(tmp_path / "leaf.pem")
 
-    expired = ca.create("Old", days=-1)
+    expired = cafiles.create("Old", days=-1)
     (tmp_path / "old.pem").write_bytes(expired.key_pem() + expired.cert_pem())
     with pytest.raises(CAError, match="expired"):
-        ca.read(tmp_path / "old.pem")
+        cafiles.read(tmp_path / "old.pem")
 
     (tmp_path / "cert-only.pem").write_bytes(made.cert_pem())
     with pytest.raises(CAError, match="private key"):
-        ca.read(tmp_path / "cert-only.pem")
+        cafiles.read(tmp_path / "cert-only.pem")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CAError, match="neither"):
-        ca.read(tmp_path / "empty")
+        cafiles.read(tmp_path / "empty")
     with pytest.raises(CAError, match="No such file"):
-        ca.read(tmp_path / "missing")
+        cafiles.read(tmp_path / "missing")
 
 
 # -- the addon ------------------------------------------------------------------------------------------

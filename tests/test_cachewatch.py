@@ -11,8 +11,8 @@ import json
 import pytest
 
 from fakes.upstream import CacheAccounting
-from llm_gateway import cachewatch
-from llm_gateway.cachewatch import CacheWatch, explain, fingerprint, min_cacheable
+from llm_gateway.policy import cachewatch
+from llm_gateway.policy.cachewatch import CacheWatch, explain, fingerprint, min_cacheable
 
 TTL = {"5m": 300.0, "1h": 3600.0}
 SECRET = "the-prompt-text-that-must-never-be-kept"

@@ -12,9 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.http import Headers
 
-from llm_gateway import clients, rules
-from llm_gateway.clients import OVERRIDE_HEADER, ClientSignature, Detection, detect, find_signature, session_id
-from llm_gateway.globs import Glob
+from llm_gateway.policy import clients
+from llm_gateway.protocol import headers as protocol_headers
+from llm_gateway.policy import rules
+from llm_gateway.policy.clients import OVERRIDE_HEADER, Detection, detect, find_signature, session_id
+from llm_gateway.policy.spec import ClientSignature
+from llm_gateway.util.globs import Glob
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -595,7 +598,7 @@ def test_arbitrary_input_never_raises(headers: Any, body: Any) -> None:
 def _normalize_by_items(headers: Headers) -> dict[str, str]:
     """What `_normalize` gave before its one-pass read of mitmproxy's raw fields: `items()`, first name wins."""
     out: dict[str, str] = {}
-    for name, value in islice(headers.items(), clients.MAX_HEADERS):
+    for name, value in islice(headers.items(), protocol_headers.MAX_HEADERS):
         out.setdefault(name.lower(), value)
     return out
 
@@ -609,10 +612,10 @@ def test_headers_are_read_from_their_raw_fields_as_items_would_give_them(fields)
     """Repeated names folded with ", ", case variants of one name together, undecodable bytes escaped, and
     past MAX_HEADERS distinct names the rest left out, exactly as mitmproxy's `Headers.items()` gives them."""
     headers = Headers(fields)
-    assert clients._normalize(headers) == _normalize_by_items(headers)
-    limit = clients.MAX_HEADERS
-    clients.MAX_HEADERS = 2
+    assert protocol_headers.normalize(headers) == _normalize_by_items(headers)
+    limit = protocol_headers.MAX_HEADERS
+    protocol_headers.MAX_HEADERS = 2
     try:
-        assert clients._normalize(headers) == _normalize_by_items(headers)
+        assert protocol_headers.normalize(headers) == _normalize_by_items(headers)
     finally:
-        clients.MAX_HEADERS = limit
+        protocol_headers.MAX_HEADERS = limit

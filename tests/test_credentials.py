@@ -1,4 +1,4 @@
-"""Key custody (credentials.py, credspec.py, lastmoment.py): the rule section, the decision, the key files,
+"""Key custody (credentials.py, credspec.py, serializers.py): the rule section, the decision, the key files,
 the addon on flows, and the last-moment placing of the upstream key into the wire bytes only."""
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ from mitmproxy.proxy.layers.http import _http2
 from mitmproxy.test import taddons
 
 from gwtest import BASE_RULES, api_flow, rule_file
-from llm_gateway import credentials, exchange, lastmoment, rules
-from llm_gateway.clients import ClientDetector
-from llm_gateway.credspec import token_hash
-from llm_gateway.routing import ApiRouter
+from llm_gateway.addons import credentials
+from llm_gateway.policy import credentials as policy_credentials
+from llm_gateway.policy import spec as policy_spec
+from llm_gateway.tools import mint_token
+from llm_gateway.pipeline import exchange
+from llm_gateway.mitm import serializers
+from llm_gateway.policy import rules
+from llm_gateway.addons.clients import ClientDetector
+from llm_gateway.policy.spec import token_hash
+from llm_gateway.addons.routing import ApiRouter
 from secretvolume import write_secret
 
 TOKEN_A = "llmgw-team-a-token-0123456789"
@@ -102,9 +108,9 @@ def creds(tmp_path):
     return rules.parse(creds_rules(tmp_path / "k")).credentials
 
 
-def decide(creds, headers: dict[str, str], client: str = "unknown") -> credentials.Decision:
+def decide(creds, headers: dict[str, str], client: str = "unknown") -> policy_credentials.Decision:
     h = {k.lower(): v for k, v in headers.items()}
-    return credentials.decide(creds, credentials.presented(h), h, client)
+    return policy_credentials.decide(creds, policy_credentials.presented(h), h, client)
 
 
 def test_a_token_in_either_header_is_swapped_for_its_upstream(creds):
@@ -145,30 +151,30 @@ def test_without_tokens_the_upstream_key_replaces_anything(tmp_path):
 # ------------------------------------------------------------------------------------------- the keys
 
 
-def spec(path: Path) -> credentials.UpstreamKey:
-    return credentials.UpstreamKey("main", key_file=str(path))
+def spec(path: Path) -> policy_spec.UpstreamKey:
+    return policy_spec.UpstreamKey("main", key_file=str(path))
 
 
 def test_read_key_strips_and_refuses_without_showing_content(tmp_path, monkeypatch):
     key = tmp_path / "k"
     key.write_text(f"  {KEY}\n")
-    assert credentials.read_key(spec(key)) == KEY
+    assert policy_credentials.read_key(spec(key)) == KEY
     key.write_text("sk-ant with space\n")
     with pytest.raises(ValueError) as e:
-        credentials.read_key(spec(key))
+        policy_credentials.read_key(spec(key))
     assert "cannot carry" in str(e.value) and "with space" not in str(e.value)
     with pytest.raises(ValueError, match="cannot read file"):
-        credentials.read_key(spec(tmp_path / "missing"))
+        policy_credentials.read_key(spec(tmp_path / "missing"))
     monkeypatch.setenv("LLMGW_K", KEY)
-    assert credentials.read_key(credentials.UpstreamKey("e", key_env="LLMGW_K")) == KEY
+    assert policy_credentials.read_key(policy_spec.UpstreamKey("e", key_env="LLMGW_K")) == KEY
     monkeypatch.setenv("LLMGW_K", "")
     with pytest.raises(ValueError, match="environment variable LLMGW_K is empty"):
-        credentials.read_key(credentials.UpstreamKey("e", key_env="LLMGW_K"))
+        policy_credentials.read_key(policy_spec.UpstreamKey("e", key_env="LLMGW_K"))
 
 
 def test_key_store_follows_a_secret_swap_and_keeps_the_last_good_key(tmp_path, caplog):
     path = write_secret(tmp_path, "api-key", KEY + "\n")
-    store = credentials.KeyStore()
+    store = policy_credentials.KeyStore()
     store.use((spec(path),))
     assert store.key("main") == KEY
     store.refresh()
@@ -187,7 +193,7 @@ def test_key_store_reads_again_when_the_rules_change_the_spec(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("sk-a")
     b.write_text("sk-b")
-    store = credentials.KeyStore()
+    store = policy_credentials.KeyStore()
     store.use((spec(a),))
     store.use((spec(b),))
     assert store.key("main") == "sk-b"
@@ -282,13 +288,13 @@ def test_upstream_header_authorization_and_tied_token(chain):
 @pytest.mark.parametrize("headers", [{}, {"x-api-key": "llmgw-wrong"}, {"x-api-key": TOKEN_B}])
 def test_refused_requests_get_a_native_401_and_go_nowhere(chain, headers):
     f = api_flow(headers=headers)
-    held = lastmoment.held()
+    held = serializers.held()
     chain.run("requestheaders", f)
     chain.run("request", f)
     assert f.response.status_code == 401
     assert f.response.json() == {"type": "error", "error": {
         "type": "authentication_error", "message": credentials.UNAUTHENTICATED_MESSAGE}}
-    assert exchange.of(f).principal is None and lastmoment.held() == held
+    assert exchange.of(f).principal is None and serializers.held() == held
 
 
 def test_pass_through_forwards_the_clients_own_credential_masked_in_the_flow(chain):
@@ -321,7 +327,7 @@ def test_flows_without_credentials_rules_are_untouched():
 def test_an_echoed_key_is_masked_in_bodies_headers_and_stream_events(chain):
     from mitmproxy.test import tutils
 
-    from llm_gateway.sse import Event
+    from llm_gateway.protocol.sse import Event
 
     f = api_flow(headers={"x-api-key": TOKEN_A})
     chain.run("requestheaders", f)
@@ -340,7 +346,7 @@ def test_an_echoed_key_is_masked_in_bodies_headers_and_stream_events(chain):
 
 
 def test_mint_prints_the_token_once_and_a_line_that_parses(capsys):
-    assert credentials.main(["team-a", "--upstream", "main"]) == 0
+    assert mint_token.main(["team-a", "--upstream", "main"]) == 0
     out = capsys.readouterr().out.splitlines()
     token, line = out[1], out[3]
     assert token.startswith("llmgw-") and out.count(token) == 1 and token not in line
@@ -351,7 +357,7 @@ def test_mint_prints_the_token_once_and_a_line_that_parses(capsys):
 
 def test_mint_refuses_a_bad_name():
     with pytest.raises(SystemExit):
-        credentials.main(["bad name"])
+        mint_token.main(["bad name"])
 
 
 def test_off_api_paths_of_api_hosts_lose_tokens_but_pass_through_passes(chain):

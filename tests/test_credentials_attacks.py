@@ -10,7 +10,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.test import taddons
 
 from gwtest import api_flow
-from llm_gateway import exchange
+from llm_gateway.pipeline import exchange
 from test_credentials import KEY, TOKEN_A, Chain, creds_rules
 from test_credentials import chain  # noqa: F401  (the fixture: routing, detection, custody)
 
@@ -134,14 +134,15 @@ def test_mint_prints_a_line_that_means_what_was_asked():
     printed line parses into exactly that; `--upstream` is a credentials.upstream name and is checked as one."""
     import yaml
 
-    from llm_gateway import credentials
+    from llm_gateway.policy import credentials as policy_credentials
+    from llm_gateway.policy import spec
 
     for client in ("claude-code", "claude code #1", "x, upstream: other}"):
-        token, line = credentials.mint("a", client=client)
+        token, line = policy_credentials.mint("a", client=client)
         [entry] = yaml.safe_load(line)
-        assert entry == {"name": "a", "sha256": credentials.token_hash(token), "client": client}
+        assert entry == {"name": "a", "sha256": spec.token_hash(token), "client": client}
     with pytest.raises(ValueError, match="upstream"):
-        credentials.mint("a", upstream="main}, client: x")
+        policy_credentials.mint("a", upstream="main}, client: x")
 
 
 def test_the_log_says_why_a_refused_api_request_lost_its_credential(chain, caplog):

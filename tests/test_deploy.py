@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_gateway import ca, endpoints, rules
+from llm_gateway.util import cafiles
+from llm_gateway.addons import endpoints
+from llm_gateway.policy import rules
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -136,7 +138,7 @@ def test_rules_come_from_the_configmap_and_the_ca_from_the_secret():
     assert cm["name"] == configmap["metadata"]["name"] == "llm-gateway-rules"
     assert cm["items"] == [{"key": "rules.yaml", "path": "rules.yaml"}] and "rules.yaml" in configmap["data"]
     assert env()["LLM_GATEWAY_RULES"] == f"{mount['mountPath']}/rules.yaml"
-    assert secret["name"] == ca.SECRET_NAME
+    assert secret["name"] == cafiles.SECRET_NAME
     assert {i["key"]: i["path"] for i in secret["items"]} == {"tls.crt": "ca/tls.crt", "tls.key": "ca/tls.key"}
     assert env()["LLM_GATEWAY_CA"] == f"{mount['mountPath']}/ca"
     assert not any("subPath" in m for m in container()["volumeMounts"])  # subPath mounts never see updates
@@ -144,9 +146,9 @@ def test_rules_come_from_the_configmap_and_the_ca_from_the_secret():
     [tmp] = [m for m in container()["volumeMounts"] if m["name"] == "tmp"]
     assert env()["LLM_GATEWAY_CONFDIR"].startswith(tmp["mountPath"] + "/")
     namespace = deployment()["metadata"]["namespace"]
-    assert namespace == ca.NAMESPACE == configmap["metadata"]["namespace"]
+    assert namespace == cafiles.NAMESPACE == configmap["metadata"]["namespace"]
     docs = (ROOT / "docs" / "cluster.md").read_text()
-    assert f"-n {namespace} create secret tls {ca.SECRET_NAME}" in docs
+    assert f"-n {namespace} create secret tls {cafiles.SECRET_NAME}" in docs
 
 
 def test_configmap_is_make_configmaps_output_for_the_default_rules(tmp_path):
@@ -171,8 +173,8 @@ def test_one_service_per_listener_selecting_the_pods():
             targets[port["targetPort"]] = service["metadata"]["name"]
     assert set(targets) == {"egress", "base-url", "metrics"}
     docs = (ROOT / "docs" / "cluster.md").read_text()
-    assert f"HTTPS_PROXY=http://{targets['egress']}.{ca.NAMESPACE}.svc:{named['egress']}" in docs
-    assert f"ANTHROPIC_BASE_URL=http://{targets['base-url']}.{ca.NAMESPACE}.svc:{named['base-url']}" in docs
+    assert f"HTTPS_PROXY=http://{targets['egress']}.{cafiles.NAMESPACE}.svc:{named['egress']}" in docs
+    assert f"ANTHROPIC_BASE_URL=http://{targets['base-url']}.{cafiles.NAMESPACE}.svc:{named['base-url']}" in docs
 
 
 def test_agent_services_keep_one_client_on_one_replica():
@@ -227,6 +229,6 @@ def test_containerfile_install_steps_give_a_working_gateway(tmp_path):
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import llm_gateway.decoding, llm_gateway.ca, mitmproxy.tools.dump"],
+        [str(venv / "bin" / "python"), "-c", "import llm_gateway.protocol.decoding, llm_gateway.util.cafiles, mitmproxy.tools.dump"],
         capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr

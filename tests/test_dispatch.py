@@ -12,7 +12,7 @@ from mitmproxy import command, ctx, exceptions, hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
 
-from llm_gateway.dispatch import Dispatcher
+from llm_gateway.app import Dispatcher
 
 GATEWAY_SCRIPT = Path(__file__).resolve().parent.parent / "addons" / "gateway.py"
 

@@ -19,7 +19,7 @@ import realclients
 from conftest import routed_rules
 from fakes.upstream import CacheAccounting, FakeUpstream
 from harness import Gateway, free_port
-from llm_gateway import report
+from llm_gateway.tools import report
 
 pytestmark = pytest.mark.e2e
 

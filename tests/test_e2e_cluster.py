@@ -27,7 +27,7 @@ import sdk_client
 from conftest import routed_rules
 from fakes.upstream import FakeUpstream, Scenario, litellm_wrapped_error
 from harness import BIN, ROOT, Gateway, free_port
-from llm_gateway import ca
+from llm_gateway.util import cafiles
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ CONFDIR_RE = re.compile(r"confdir is now (\S+)")
 def shared_ca(tmp_path_factory) -> Path:
     """The CA scripts/make-ca would make once, as the Secret's tls.crt and tls.key."""
     folder = tmp_path_factory.mktemp("shared") / "ca"
-    ca.save(ca.create("E2E shared gateway CA", days=2), folder)
+    cafiles.save(cafiles.create("E2E shared gateway CA", days=2), folder)
     return folder
 
 

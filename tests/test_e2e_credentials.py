@@ -27,8 +27,8 @@ import sdk_client
 from conftest import routed_rules
 from fakes.upstream import Scenario
 from harness import ROOT, Gateway
-from llm_gateway import credentials
-from llm_gateway.credspec import token_hash
+from llm_gateway.policy import credentials as policy_credentials
+from llm_gateway.policy.spec import token_hash
 from secretvolume import write_secret
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 MARK = secrets.token_hex(6)
 UPSTREAM_KEY = f"sk-ant-api03-UPSTREAMONE{MARK}"
 ROTATED_KEY = f"sk-ant-api03-UPSTREAMTWO{MARK}"
-TOKEN, _ = credentials.mint("team-a")
+TOKEN, _ = policy_credentials.mint("team-a")
 OTHER_TOKEN = f"llmgw-NOTATOKEN{MARK}"
 OAUTH = f"sk-ant-oat01-SUBSCRIPTION{MARK}"
 SECRETS = {"upstream key": UPSTREAM_KEY, "rotated key": ROTATED_KEY, "gateway token": TOKEN, "wrong token": OTHER_TOKEN}
@@ -241,7 +241,7 @@ def test_no_key_or_token_in_anything_the_gateway_wrote(traffic):
     for name in ("sdk-base-url-create", "wrong-egress", "oauth", "rotated"):
         assert_clean(f"what the client got ({name})", json.dumps(got[name]))
     report = subprocess.run(
-        [sys.executable, "-m", "llm_gateway.report", "--format", "json", str(gw.usage_log)],
+        [sys.executable, "-m", "llm_gateway.tools.report", "--format", "json", str(gw.usage_log)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "addons")}, timeout=30,
     )
     assert report.returncode == 0 and "team-a" in gw.usage_log.read_text()

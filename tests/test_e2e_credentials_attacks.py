@@ -12,13 +12,13 @@ import pytest
 from fakes.upstream import FakeUpstream
 from gwtest import BASE_RULES
 from harness import ROOT
-from llm_gateway import credentials
-from llm_gateway.credspec import token_hash
+from llm_gateway.policy import credentials as policy_credentials
+from llm_gateway.policy.spec import token_hash
 from secretvolume import write_secret
 
 pytestmark = pytest.mark.e2e
 
-TOKEN, _ = credentials.mint("team-a")
+TOKEN, _ = policy_credentials.mint("team-a")
 KEY = "sk-ant-api03-ATTACKTESTKEY-" + token_hash(TOKEN)[:12]
 BODY = json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
 

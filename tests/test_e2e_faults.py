@@ -26,7 +26,7 @@ import realclients
 from conftest import routed_rules
 from fakes.upstream import FakeUpstream, Scenario
 from harness import Gateway
-from llm_gateway import ca
+from llm_gateway.util import cafiles
 
 pytestmark = pytest.mark.e2e
 
@@ -154,7 +154,7 @@ class TLSUpstream(BadUpstream):
     """An HTTPS server with a certificate the gateway does not trust."""
 
     def __init__(self, folder: Path) -> None:
-        cert = ca.create("untrusted.test", 2)
+        cert = cafiles.create("untrusted.test", 2)
         (folder / "key.pem").write_bytes(cert.key_pem())
         (folder / "cert.pem").write_bytes(cert.cert_pem())
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -25,7 +25,7 @@ import sdk_client
 from conftest import routed_rules
 from fakes.upstream import Scenario, litellm_wrapped_error
 from harness import ROOT, Gateway, free_port
-from llm_gateway import wire
+from llm_gateway.protocol import messages
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +110,7 @@ def test_streamed_answer_reads_as_the_assembled_message(web):
     # the body was kept for viewing: exactly the events the client assembled its message from
     assert flow["response"]["contentLength"] > 0
     body = api.get(f"/flows/{flow['id']}/response/content.data")
-    kept = wire.message_from_sse(body)
+    kept = messages.message_from_sse(body)
     assert kept.complete and sdk_client.without_nulls(kept.message) == sdk_client.without_nulls(result["message"])
 
     view = api.view(flow["id"])
@@ -215,7 +215,7 @@ def test_keeping_the_copy_sends_nothing_twice(web):
     flows = sorted(api.flows(test_id, count=2), key=lambda f: f["timestamp_created"])
     assert len(flows) == 2
     for n, (flow, body) in enumerate(zip(flows, bodies)):
-        acc = wire.message_from_sse(body)
+        acc = messages.message_from_sse(body)
         assert acc.complete and not acc.malformed and acc.message["content"][0]["text"] == f"answer number {n}"
         assert api.get(f"/flows/{flow['id']}/response/content.data") == body
         assert flow["response"]["contentLength"] == len(body)

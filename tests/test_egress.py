@@ -15,12 +15,15 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from gwtest import rule_file
-from llm_gateway import egress
-from llm_gateway.egress import EgressPolicy, blocked_by, ip_literal, judge, normalize_host, path_forms
-from llm_gateway.records import RecordLog
-from llm_gateway.routing import ApiRouter
-from llm_gateway import exchange
-from llm_gateway import rules as rules_mod
+from llm_gateway.addons import egress as addons_egress
+from llm_gateway.policy import egress as policy_egress
+from llm_gateway.addons.egress import EgressPolicy
+from llm_gateway.policy.egress import blocked_by, judge
+from llm_gateway.protocol.hosts import ip_literal, normalize_host, path_forms
+from llm_gateway.addons.recordlog import RecordLog
+from llm_gateway.addons.routing import ApiRouter
+from llm_gateway.pipeline import exchange
+from llm_gateway.policy import rules as rules_mod
 
 RULES = """\
 apis:
@@ -162,23 +165,23 @@ def egress_rules(text: str = RULES):
     ],
 )
 def test_judge(host, port, allowed, inspect, rule):
-    assert judge(egress_rules(), host, port) == egress.Verdict(allowed, inspect, rule)
+    assert judge(egress_rules(), host, port) == policy_egress.Verdict(allowed, inspect, rule)
 
 
 def test_default_allow_still_denies_unlisted_ip_addresses():
     e = egress_rules("egress:\n  default: allow\n  allow: ['*']\n")
-    assert judge(e, "anything.example", 443) == egress.Verdict(True, False, "egress.allow[0]: *")
+    assert judge(e, "anything.example", 443) == policy_egress.Verdict(True, False, "egress.allow[0]: *")
     assert judge(e, "192.168.0.1", 443).allowed is False
     assert judge(e, "2130706433", 443).allowed is False
     assert judge(e, "::1", 443).allowed is False
     e = egress_rules("egress:\n  default: allow\n")
-    assert judge(e, "x.example", 8080) == egress.Verdict(True, False, "egress.default: allow")
+    assert judge(e, "x.example", 8080) == policy_egress.Verdict(True, False, "egress.default: allow")
     assert judge(e, "10.0.0.1", 80).allowed is False
 
 
 def test_inspect_implies_allow():
     e = egress_rules("egress:\n  default: deny\n  inspect: [api.example.com]\n")
-    assert judge(e, "api.example.com", 443) == egress.Verdict(True, True, "egress.inspect[0]: api.example.com")
+    assert judge(e, "api.example.com", 443) == policy_egress.Verdict(True, True, "egress.inspect[0]: api.example.com")
 
 
 def test_path_forms_resolve_encoding_and_dot_segments():
@@ -394,7 +397,7 @@ def test_host_header_of_another_host_is_refused(policy, header):
     assert body["error"]["type"] == "permission_error" and "domain fronting" in body["error"]["message"]
     rec = records_of(policy)[-1]
     assert rec["decision"] == "fronting" and rec["host"] == "api.anthropic.com"
-    assert rec["host_header"] == normalize_host(egress.host_of_header(header))
+    assert rec["host_header"] == normalize_host(policy_egress.host_of_header(header))
     assert rec["rule"] == "Host header differs from the CONNECT target"
 
 
@@ -602,12 +605,12 @@ def test_hooks_fail_closed(policy, monkeypatch, caplog):
         raise RuntimeError("bug")
 
     t = tunnel(policy, "api.github.com")
-    monkeypatch.setattr(egress, "canonical_host", broken)
+    monkeypatch.setattr(addons_egress, "canonical_host", broken)
     data = hello_data(t, "api.github.com")
     policy.tls_clienthello(data)
     assert data.ignore_connection is False and policy.tunnels[t.server_conn].refused == "denied"
 
-    monkeypatch.setattr(egress, "judge", broken)
+    monkeypatch.setattr(addons_egress, "judge", broken)
     f = connect_flow("api.github.com")
     policy.http_connect(f)
     r = plain_flow("api.github.com")

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_gateway import envelopes, wire
-from llm_gateway.envelopes import Unwrapped, header_fixes, unwrap_error_event, unwrap_response
+from llm_gateway.protocol import envelopes
+from llm_gateway.protocol import errors as protocol_errors
+from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol.envelopes import Unwrapped, header_fixes, unwrap_error_event, unwrap_response
 
 FIXTURES = Path(__file__).parent / "fixtures" / "litellm"
 
@@ -46,7 +48,7 @@ def load(version: str, name: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def native(error_type: str, message: str, request_id: str | None = None) -> dict:
-    return wire.error_body(error_type, message, request_id)
+    return protocol_errors.error_body(error_type, message, request_id)
 
 
 def compact(value) -> str:
@@ -59,7 +61,7 @@ def litellm_body(message: str, code: int | str, type_: str = "None", param="None
 
 def assert_native(u: Unwrapped) -> dict:
     body = json.loads(u.body)
-    assert wire.is_native_error(body)
+    assert protocol_errors.is_native_error(body)
     assert body["error"]["type"] == u.error_type
     assert isinstance(body["error"]["message"], str)
     return body
@@ -239,7 +241,7 @@ def test_shape1_passthrough_string():
     assert (u.status, u.error_type, u.request_id) == (429, "rate_limit_error", "req_011FAKE429")
     assert u.source == "litellm-passthrough"
     assert json.loads(u.body) == RATE
-    assert u.body == wire.dumps(RATE)
+    assert u.body == jsoncodec.dumps(RATE)
 
 
 @pytest.mark.parametrize("quote", ["'", '"'])
@@ -262,8 +264,8 @@ def test_shape2_bytes_repr_529_keeps_status():
 
 def test_shape3_native_passes_byte_for_byte():
     for err in (RATE, OVERLOADED, UNICODE, native("some_future_error", "x")):
-        status = wire.status_for_error_type(err["error"]["type"])
-        assert unwrap_response(status, "application/json", wire.dumps(err)) is None
+        status = protocol_errors.status_for_error_type(err["error"]["type"])
+        assert unwrap_response(status, "application/json", jsoncodec.dumps(err)) is None
     # even with odd whitespace, and on a status that does not match its type
     body = b'  {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n'
     assert unwrap_response(500, "application/json", body) is None
@@ -397,7 +399,7 @@ def test_python_literal_quoted_inside_another_envelope(inner, outer, message):
         wrapped = ENVELOPES[inner](n, 400)
     body = ENVELOPES[outer](wrapped.decode(), 400)
     u = unwrap_response(400, "application/json", body)
-    assert u.body == wire.dumps(n)
+    assert u.body == jsoncodec.dumps(n)
 
 
 def test_quoted_text_before_the_error():
@@ -446,7 +448,7 @@ def test_detail_and_text_bodies():
     body = compact({"detail": "proxy error: " + compact(OVERLOADED)}).encode()
     u = unwrap_response(500, "application/json", body)
     assert (u.status, u.source, json.loads(u.body)) == (529, "embedded-json", OVERLOADED)
-    u = unwrap_response(502, "text/plain", b"Bad gateway: " + wire.dumps(OVERLOADED))
+    u = unwrap_response(502, "text/plain", b"Bad gateway: " + jsoncodec.dumps(OVERLOADED))
     assert (u.status, u.source, json.loads(u.body)) == (529, "embedded-text", OVERLOADED)
 
 
@@ -651,7 +653,7 @@ def test_header_fixes_with_mitmproxy_headers():
 
 UNTYPED = {"", "None", "none", "null"}
 error_types = st.one_of(
-    st.sampled_from(sorted(wire.STATUS_BY_ERROR_TYPE)),
+    st.sampled_from(sorted(protocol_errors.STATUS_BY_ERROR_TYPE)),
     st.text(min_size=1, max_size=20).filter(lambda t: t.strip() not in UNTYPED),
 )
 request_ids = st.one_of(st.none(), st.from_regex(r"req_[A-Za-z0-9]{1,24}", fullmatch=True))
@@ -677,7 +679,7 @@ ENVELOPES = {
     "passthrough": lambda n, s: litellm_body(compact(n), s),
     "bytes-repr": lambda n, s: litellm_body(repr(compact(n).encode()), s),
     "routed-old": lambda n, s: litellm_body(compact(n) + OLD_SUFFIX, s),
-    "routed-new": lambda n, s: wire.dumps(native(wire.error_type_for_status(s), _prefix(compact(n)) + NEW_SUFFIX)),
+    "routed-new": lambda n, s: jsoncodec.dumps(native(protocol_errors.error_type_for_status(s), _prefix(compact(n)) + NEW_SUFFIX)),
     "chat": lambda n, s: litellm_body(_prefix(compact(n)) + OLD_SUFFIX, s, "throttling_error", None),
     "chat-bytes": lambda n, s: litellm_body(_prefix(repr(compact(n).encode())) + NEW_SUFFIX, s, "x", None),
     "ascii-escaped": lambda n, s: json.dumps({"error": {"message": json.dumps(n), "code": s}}).encode(),
@@ -705,9 +707,9 @@ def test_any_envelope_unwraps_to_exactly_the_native_error(n, status, kinds, pre,
     u = unwrap_response(status, "application/json", body)
     assert u is not None
     assert json.loads(u.body) == n
-    assert u.body == wire.dumps(n)
+    assert u.body == jsoncodec.dumps(n)
     assert u.error_type == n["error"]["type"]
-    assert u.status == wire.status_for_error_type(n["error"]["type"], default=status)
+    assert u.status == protocol_errors.status_for_error_type(n["error"]["type"], default=status)
     assert u.request_id == n.get("request_id")
     assert u.original_status == status
 
@@ -759,7 +761,7 @@ def test_arbitrary_json_never_raises(status, value):
     if u is not None:
         assert_native(u)
     result = unwrap_error_event(value)
-    assert result is None or wire.is_native_error(result)
+    assert result is None or protocol_errors.is_native_error(result)
 
 
 @given(data=st.dictionaries(st.text(max_size=40), st.text(max_size=40), max_size=8), rid=request_ids)

@@ -13,12 +13,14 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from gwtest import forward, rule_file
-from llm_gateway import exchange, wire
-from llm_gateway.answer import AnswerPipeline
-from llm_gateway.records import RecordLog
-from llm_gateway.routing import ApiRouter
-from llm_gateway.streams import StreamPreference
-from llm_gateway.usage import Usage
+from llm_gateway.pipeline import exchange
+from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol import messages
+from llm_gateway.addons.answer import AnswerPipeline
+from llm_gateway.addons.recordlog import RecordLog
+from llm_gateway.addons.routing import ApiRouter
+from llm_gateway.addons.streams import StreamPreference
+from llm_gateway.addons.usage import Usage
 
 MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "end_turn",
            "stop_sequence": None, "content": [{"type": "text", "text": "hi"}],
@@ -42,9 +44,9 @@ def run_exchange(addons, stream: bool) -> weakref.ref:
     if stream:
         f.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
         hook("responseheaders", f)
-        assert b"message_stop" in forward(f.response.stream, [wire.message_to_sse(MESSAGE)])
+        assert b"message_stop" in forward(f.response.stream, [messages.message_to_sse(MESSAGE)])
     else:
-        f.response = http.Response.make(200, wire.dumps(MESSAGE), {"content-type": "application/json"})
+        f.response = http.Response.make(200, jsoncodec.dumps(MESSAGE), {"content-type": "application/json"})
         hook("responseheaders", f)
     hook("response", f)
     ex = exchange.of(f)

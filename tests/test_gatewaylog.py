@@ -8,8 +8,8 @@ from mitmproxy import flow as mflow
 from mitmproxy.test import taddons, tflow, tutils
 
 from gwtest import api_flow, rule_file
-from llm_gateway.gatewaylog import CHATTY_LOGGER, GatewayLog
-from llm_gateway.routing import ApiRouter
+from llm_gateway.addons.gatewaylog import CHATTY_LOGGER, GatewayLog
+from llm_gateway.addons.routing import ApiRouter
 
 
 def levels(caplog) -> list[tuple[str, str]]:

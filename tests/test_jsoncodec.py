@@ -1,5 +1,5 @@
-"""Bodies read and records written with orjson, always giving what Python's json would (exchange.parse_json_body,
-records.encode): orjson is strict RFC 8259, and what it refuses goes to json."""
+"""Bodies read and records written with orjson, always giving what Python's json would (jsoncodec.parse_json_body,
+jsoncodec.encode_line): orjson is strict RFC 8259, and what it refuses goes to json."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_gateway import records
-from llm_gateway.exchange import parse_json_body
+from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol.jsoncodec import parse_json_body
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
@@ -65,7 +65,7 @@ def test_duplicate_keys_keep_the_last_as_json_does():
 @settings(max_examples=300, deadline=None)
 @given(record=st.dictionaries(st.text(max_size=10), json_values, max_size=8))
 def test_a_record_line_reads_back_as_the_record(record):
-    line = records.encode(record)
+    line = jsoncodec.encode_line(record)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     back = json.loads(line)
     text = json.dumps(record, ensure_ascii=False)
@@ -74,11 +74,11 @@ def test_a_record_line_reads_back_as_the_record(record):
 
 
 def test_nan_and_infinities_are_written_as_null_valid_json():
-    assert json.loads(records.encode({"a": math.nan, "b": [math.inf]})) == {"a": None, "b": [None]}
+    assert json.loads(jsoncodec.encode_line({"a": math.nan, "b": [math.inf]})) == {"a": None, "b": [None]}
 
 
 def test_a_lone_surrogate_from_a_client_is_replaced_not_lost():
-    line = records.encode({"model": "claude\ud800x", "n": 1})
+    line = jsoncodec.encode_line({"model": "claude\ud800x", "n": 1})
     assert json.loads(line) == {"model": "claude?x", "n": 1}
 
 
@@ -87,4 +87,4 @@ def test_unknown_types_are_written_as_their_text():
         def __str__(self):
             return "odd"
 
-    assert json.loads(records.encode({"x": Odd()})) == {"x": "odd"}
+    assert json.loads(jsoncodec.encode_line({"x": Odd()})) == {"x": "odd"}

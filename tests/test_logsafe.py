@@ -6,8 +6,8 @@ import unicodedata
 
 from hypothesis import given, strategies as st
 
-from llm_gateway import usage
-from llm_gateway.logsafe import MAX_SHOWN, clean, clean_or_dash
+from llm_gateway.records import schema
+from llm_gateway.util.logsafe import MAX_SHOWN, clean, clean_or_dash
 
 FORGED = "claude-sonnet-4-5\n[12:00:00.000] egress allowed: CONNECT evil.example:443"
 
@@ -40,6 +40,6 @@ def test_the_usage_line_escapes_model_client_and_session(caplog):
     record = {"client": "evil\nclient", "session": "s\r\n[x]", "model": FORGED, "status": 200,
               "input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
               "cache_hit_share": 0.0, "cost_usd": None, "complete": True}
-    line = usage.human_line(record)
+    line = schema.human_line(record)
     assert "\n" not in line and "\r" not in line
     assert line.startswith("evil\\nclient session=s\\r\\n[x] claude-sonnet-4-5\\n[12:00:00.000] egress allowed")

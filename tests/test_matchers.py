@@ -9,8 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import DEFAULT_RULES
-from llm_gateway import clients, pricing, rules
-from llm_gateway.globs import Glob, GlobSet, glob_set
+from llm_gateway.policy import clients
+from llm_gateway.protocol import headers as headers_mod
+from llm_gateway.policy import pricing
+from llm_gateway.policy import rules
+from llm_gateway.util.globs import Glob, GlobSet, glob_set
 
 DEFAULT = rules.load(DEFAULT_RULES)
 
@@ -65,7 +68,7 @@ def test_detection_with_compiled_matchers_agrees_with_each_signature_in_order():
         if ua:
             headers["user-agent"] = ua
         body = rng.choice(BODIES)
-        h = clients._normalize(headers)
+        h = headers_mod.normalize(headers)
         expected = next(((s, how) for s in sigs if (how := clients._match(s, h, h.get("user-agent"), body))), None)
         assert clients._first_match(sigs, h, h.get("user-agent"), body) == expected, (headers, body)
         assert clients._first_match(list(sigs), h, h.get("user-agent"), body) == expected

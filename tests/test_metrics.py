@@ -12,11 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gwtest
 from harness import free_port
-from llm_gateway import endpoints as endpoints_mod
-from llm_gateway import exchange, metrics as metrics_mod
-from llm_gateway.endpoints import Endpoints
-from llm_gateway.metrics import Metrics
-from llm_gateway.records import RecordLog
+from llm_gateway.addons import endpoints as endpoints_mod
+from llm_gateway.pipeline import exchange
+from llm_gateway.addons import metrics as metrics_mod
+from llm_gateway.addons.endpoints import Endpoints
+from llm_gateway.addons.metrics import Metrics
+from llm_gateway.addons.recordlog import RecordLog
 
 USAGE = {"input_tokens": 21, "output_tokens": 9, "cache_creation_input_tokens": 7, "cache_read_input_tokens": 13}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_gateway.perobject import PerObject
+from llm_gateway.util.perobject import PerObject
 
 
 def test_built_once_per_object_by_identity_not_equality():

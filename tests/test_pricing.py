@@ -13,7 +13,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llm_gateway import pricing, rules
+from llm_gateway.pipeline import exchange
+from llm_gateway.policy import pricing
+from llm_gateway.policy import rules
+from llm_gateway.policy import spec
 from test_answer import SSE, Shape, frame, gw, message_start  # noqa: F401 (gw: the addons, as a fixture)
 
 SONNET_45 = "claude-sonnet-4-5-20250929"
@@ -167,9 +170,10 @@ def test_a_price_that_is_not_linear_in_the_tokens_gets_no_card_and_is_priced_by_
 def test_one_exchange_is_priced_once_for_its_record_line_and_comment(monkeypatch):
     calls = []
     real = pricing.cost
-    monkeypatch.setattr(pricing, "cost", lambda *a: calls.append(a) or real(*a))
-    ex = type("Ex", (), {"model": SONNET_45, "usage": usage(inp=10, out=5), "rules": rules.Rules(), "priced": None})()
-    first = pricing.exchange_cost(ex)
-    assert pricing.exchange_cost(ex) is first and len(calls) == 1
+    monkeypatch.setattr(exchange, "cost", lambda *a: calls.append(a) or real(*a))
+    ex = exchange.Exchange(spec.Rules(), "anthropic", "reverse", "POST", "gw", "/v1/messages",
+                           model=SONNET_45, usage=usage(inp=10, out=5))
+    first = ex.cost()
+    assert ex.cost() is first and len(calls) == 1
     ex.usage = usage(inp=10, out=6)  # the counts changed (a stream's last usage): priced again
-    assert pricing.exchange_cost(ex).cost_usd > first.cost_usd and len(calls) == 2
+    assert ex.cost().cost_usd > first.cost_usd and len(calls) == 2

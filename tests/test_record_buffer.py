@@ -9,9 +9,9 @@ import logging
 
 from mitmproxy.test import taddons
 
-from llm_gateway import records as records_mod
-from llm_gateway import rules
-from llm_gateway.records import RecordLog
+from llm_gateway.records import writer as records_mod
+from llm_gateway.policy import spec
+from llm_gateway.addons.recordlog import RecordLog
 
 
 def lines(path) -> list[dict]:
@@ -26,7 +26,7 @@ async def test_records_wait_for_the_flush_and_keep_their_order(tmp_path):
     with taddons.context(records) as tctx:
         tctx.configure(records, gateway_log=str(log))
         for i in range(5):
-            records.write({"n": i}, rules.Rules())
+            records.write({"n": i}, spec.Rules())
         assert [r["n"] for r in seen] == list(range(5))  # observers (metrics) see each record at once
         assert lines(log) == [] and records.written == 0  # nothing written on the request path
         await asyncio.sleep(records_mod.FLUSH_INTERVAL * 3)
@@ -40,10 +40,10 @@ async def test_a_clean_stop_writes_every_queued_record_and_later_ones_at_once(tm
     with taddons.context(records) as tctx:
         tctx.configure(records, gateway_log=str(log))
         for i in range(3):
-            records.write({"n": i}, rules.Rules())
+            records.write({"n": i}, spec.Rules())
         records.done()  # mitmproxy's done hook on a clean stop
         assert [r["n"] for r in lines(log)] == [0, 1, 2]
-        records.write({"n": 3}, rules.Rules())  # e.g. an error hook of a flow cut off by the stop
+        records.write({"n": 3}, spec.Rules())  # e.g. an error hook of a flow cut off by the stop
         assert [r["n"] for r in lines(log)] == [0, 1, 2, 3]
 
 
@@ -53,7 +53,7 @@ async def test_memory_is_bounded_under_any_load(tmp_path):
     with taddons.context(records) as tctx:
         tctx.configure(records, gateway_log=str(log))
         for i in range(records_mod.MAX_PENDING):
-            records.write({"n": i}, rules.Rules())
+            records.write({"n": i}, spec.Rules())
         assert len(lines(log)) == records_mod.MAX_PENDING  # written at once when that many wait
         records.done()
 
@@ -64,7 +64,7 @@ async def test_deferred_log_lines_come_after_their_records_and_a_failure_is_logg
     order = []
     with taddons.context(records) as tctx:
         tctx.configure(records, gateway_log=str(log))
-        records.write({"n": 1}, rules.Rules())
+        records.write({"n": 1}, spec.Rules())
         records.later(lambda: order.append(len(lines(log))))
         records.later(lambda: 1 / 0)
         assert order == []
@@ -79,8 +79,8 @@ async def test_records_for_two_files_go_each_to_its_own(tmp_path):
     records = RecordLog()
     with taddons.context(records) as tctx:
         tctx.configure(records, gateway_log="")
-        a = rules.Rules(usage=rules.Usage(log=str(first)))
-        b = rules.Rules(usage=rules.Usage(log=str(second)))
+        a = spec.Rules(usage=spec.Usage(log=str(first)))
+        b = spec.Rules(usage=spec.Usage(log=str(second)))
         for r, n in ((a, 1), (b, 2), (a, 3)):
             records.write({"n": n}, r)
         records.done()
@@ -89,7 +89,7 @@ async def test_records_for_two_files_go_each_to_its_own(tmp_path):
 
 async def test_usage_lines_between_two_flushes_share_one_log_record(tmp_path, caplog):
     from test_usage import RULES, Gateway, message, usage_of
-    from llm_gateway.usage import Usage
+    from llm_gateway.addons.usage import Usage
 
     log = tmp_path / "usage.jsonl"
     records = RecordLog()

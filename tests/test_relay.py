@@ -15,10 +15,16 @@ from mitmproxy.test import taddons, tflow
 
 from gwtest import api_flow, forward, rule_file
 from test_sse import event_blocks
-from llm_gateway import credentials, exchange, relay, sse, wire
-from llm_gateway.routing import ApiRouter
-from llm_gateway.answer import StreamReader
-from llm_gateway.webview import StreamCopyTap
+from llm_gateway.addons import credentials
+from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline import relay
+from llm_gateway.protocol import sse
+from llm_gateway.protocol import errors
+from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol import messages
+from llm_gateway.addons.routing import ApiRouter
+from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.addons.webview import StreamCopyTap
 
 MESSAGE = {
     "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
@@ -26,7 +32,7 @@ MESSAGE = {
     "stop_reason": "end_turn", "stop_sequence": None,
     "usage": {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 500},
 }
-STREAM = wire.message_to_sse(MESSAGE)
+STREAM = messages.message_to_sse(MESSAGE)
 
 
 @pytest.fixture(autouse=True)
@@ -136,8 +142,8 @@ def test_truncated_stream_gets_a_native_error_event_appended():
 def test_wrapped_error_event_is_unwrapped_in_place():
     _f, ex = exchange_for()
     ex.sse_taps += [StreamReader(ex)]
-    native = wire.error_body("overloaded_error", "Overloaded", "req_9")
-    wrapped = {"error": {"message": wire.dumps(native).decode(), "type": "None", "param": "None", "code": "529"}}
+    native = errors.error_body("overloaded_error", "Overloaded", "req_9")
+    wrapped = {"error": {"message": jsoncodec.dumps(native).decode(), "type": "None", "param": "None", "code": "529"}}
     head = STREAM[: STREAM.index(b"event: content_block_start")]
     body = head + sse.encode("error", wrapped)
     out = feed(relay.SSERelay(ex, None), body, [len(head) + 3])

@@ -9,14 +9,21 @@ import pytest
 from mitmproxy.test import taddons
 
 from gwtest import BASE_RULES, api_flow, forward, rule_file
-from llm_gateway import exchange, interrupt, leanjson, relay, rules, sse, wire
-from llm_gateway.bodies import CappedBody
-from llm_gateway.drain import Drain
-from llm_gateway.endpoints import Endpoints
-from llm_gateway.metrics import Metrics
-from llm_gateway.routing import ApiRouter
-from llm_gateway.answer import StreamReader
-from llm_gateway.usage import build_record
+from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline import answer as pipeline_answer
+from llm_gateway.protocol import leanjson
+from llm_gateway.pipeline import relay
+from llm_gateway.policy import rules
+from llm_gateway.protocol import sse
+from llm_gateway.protocol import errors
+from llm_gateway.mitm.layers import CappedBody
+from llm_gateway.addons.drain import Drain
+from llm_gateway.addons.timeouts import Timeouts
+from llm_gateway.addons.endpoints import Endpoints
+from llm_gateway.addons.metrics import Metrics
+from llm_gateway.addons.routing import ApiRouter
+from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.pipeline.record import build_record
 
 
 @pytest.fixture(autouse=True)
@@ -70,14 +77,14 @@ def test_interrupted_stream_drops_the_half_event_and_appends_the_frame():
     r = relay.SSERelay(ex, None)
     start = sse.encode("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 3}}})
     half = b'event: content_block_delta\ndata: {"type":"content_blo'
-    frame = interrupt.error_frame("timeout_error", "silent upstream")
+    frame = pipeline_answer.error_frame("timeout_error", "silent upstream")
     sent = r(start + half)
     r.interrupt(frame)
     tail = r(b"")
     assert (b"".join(sent) if isinstance(sent, list) else sent) == start
     assert tail == frame, "the half event is dropped, the frame appended whole"
     assert ex.error_type == "timeout_error" and ex.complete is False and ex.usage == {"input_tokens": 3}
-    assert json.loads(frame.split(b"data: ", 1)[1]) == wire.error_body("timeout_error", "silent upstream")
+    assert json.loads(frame.split(b"data: ", 1)[1]) == errors.error_body("timeout_error", "silent upstream")
 
 
 def test_relay_stamps_every_chunk():
@@ -89,9 +96,9 @@ def test_relay_stamps_every_chunk():
 
 
 def test_answers_are_native():
-    answer = interrupt.native_answer("timeout_error", "late", {"x-should-retry": "true"})
+    answer = pipeline_answer.native_answer("timeout_error", "late", {"x-should-retry": "true"})
     assert answer.status_code == 504 and answer.headers["x-should-retry"] == "true"
-    assert wire.is_native_error(json.loads(answer.content))
+    assert errors.is_native_error(json.loads(answer.content))
 
 
 # -- request bodies ---------------------------------------------------------------------------------------------
@@ -143,7 +150,7 @@ def test_lean_body_adds_a_missing_stream_flag_and_refuses_what_is_not_an_object(
 
 
 def test_drain_answers_new_requests_and_turns_not_ready():
-    drain = Drain()
+    drain = Drain(Timeouts())
     endpoints = Endpoints(rule_file(), Metrics(), drain)
     assert endpoints.answer("GET", "/-/ready")[0] == 200
     drain.draining = True
@@ -177,7 +184,7 @@ def test_deployment_gives_the_drain_time_and_open_files():
     pod = test_deploy.deployment()["spec"]["template"]["spec"]
     [prestop_sleep] = [int(a) for a in test_deploy.container()["lifecycle"]["preStop"]["exec"]["command"] if a.isdigit()]
     grace = int(test_deploy.env()["LLM_GATEWAY_DRAIN_GRACE"])
-    with taddons.context(Drain()) as ctx:
+    with taddons.context(Drain(Timeouts())) as ctx:
         assert grace == ctx.options.gateway_drain_grace  # the option's default, as the docs say
     assert pod["terminationGracePeriodSeconds"] > prestop_sleep + grace
     assert int(test_deploy.env()["LLM_GATEWAY_NOFILE"]) >= 65536
@@ -192,7 +199,7 @@ async def test_idle_watcher_ends_a_silent_relayed_stream_only(monkeypatch):
 
     from mitmproxy.test import tflow
 
-    from llm_gateway import timeouts
+    from llm_gateway.addons import timeouts
 
     fired = []
     monkeypatch.setattr(timeouts, "end_with_error", lambda flow, ex, reason, *a, **k: fired.append(reason))

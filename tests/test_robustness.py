@@ -35,10 +35,18 @@ from mitmproxy import contentviews
 from mitmproxy.test import taddons
 
 from gwtest import api_flow, flow_addons, rule_file
-from llm_gateway import exchange, relay, rules, sse, wire
-from llm_gateway.answer import TRUNCATED_MESSAGE
-from llm_gateway.rules import RulesError
-from llm_gateway.usage import TOKEN_FIELDS, Usage
+from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline import relay
+from llm_gateway.policy import rules
+from llm_gateway.policy import spec
+from llm_gateway.protocol import sse
+from llm_gateway.protocol import errors as protocol_errors
+from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol import messages
+from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE
+from llm_gateway.policy.rules import RulesError
+from llm_gateway.protocol.tokens import TOKEN_FIELDS
+from llm_gateway.addons.usage import Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES_TEXT = (ROOT / "rules.yaml").read_text()
@@ -56,7 +64,7 @@ MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "clau
            "content": [{"type": "text", "text": "Hello there"}], "stop_reason": "end_turn", "stop_sequence": None,
            "usage": {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 3,
                      "cache_read_input_tokens": 500}}
-STREAM = wire.message_to_sse(MESSAGE)
+STREAM = messages.message_to_sse(MESSAGE)
 
 
 # ------------------------------------------------------------------------------------------ the gateway
@@ -193,8 +201,8 @@ stream_events = st.one_of(
 )
 # Error events: native, wrapped by LiteLLM, and junk.
 error_events = st.one_of(
-    st.just(_event("error", wire.error_body("overloaded_error", "Overloaded", "req_1"))),
-    st.just(_event("error", {"error": {"message": json.dumps(wire.error_body("rate_limit_error", "slow")),
+    st.just(_event("error", protocol_errors.error_body("overloaded_error", "Overloaded", "req_1"))),
+    st.just(_event("error", {"error": {"message": json.dumps(protocol_errors.error_body("rate_limit_error", "slow")),
                                        "type": "None", "param": "None", "code": "429"}})),
     json_values.map(lambda d: _event("error", d)),
     st.just(b'data: {"error": "not a native one"}\n\n'),
@@ -224,13 +232,13 @@ def _message(draw) -> dict:
 
 @st.composite
 def message_bodies(draw) -> bytes:
-    return wire.dumps(_message(draw))
+    return jsoncodec.dumps(_message(draw))
 
 
 json_bodies = st.one_of(
     message_bodies(),
-    st.just(wire.error_json("rate_limit_error", "slow down", "req_2")),
-    st.just(json.dumps({"error": {"message": wire.error_json("overloaded_error", "o").decode(), "type": "None",
+    st.just(protocol_errors.error_json("rate_limit_error", "slow down", "req_2")),
+    st.just(json.dumps({"error": {"message": protocol_errors.error_json("overloaded_error", "o").decode(), "type": "None",
                                   "param": "None", "code": "529"}}).encode()),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=80),
@@ -411,7 +419,7 @@ def test_hooks_never_raise_and_pass_on_what_they_do_not_understand(
             # Streamed untouched (an encoding nobody can read), or an answer that needed no change.
             assert f.response.raw_content in (None, wire_body) and list(f.response.headers.fields) == before_fields
         elif not f.response.stream and status >= 400 and f.response.raw_content != wire_body:
-            assert wire.is_native_error(json.loads(f.response.raw_content))
+            assert protocol_errors.is_native_error(json.loads(f.response.raw_content))
 
     record = check_record(gw, lines_before, seen_before, f)
     assert record["complete"] is False or not died
@@ -455,7 +463,7 @@ def test_a_cut_stream_reaches_the_client_whole_and_ends_with_one_error_event(gat
         assert out == body
     else:
         [last] = got[len(sent):]
-        assert last.name == "error" and last.json() == wire.error_body("api_error", TRUNCATED_MESSAGE)
+        assert last.name == "error" and last.json() == protocol_errors.error_body("api_error", TRUNCATED_MESSAGE)
     record = check_record(gateway, lines_before, seen_before, f)
     assert record["complete"] is finished
 
@@ -497,7 +505,7 @@ def test_a_huge_event_is_not_held_without_bound(gateway):
 def test_huge_events_that_do_end_pass_whole(gateway):
     """A 5 MB event (a big tool result) is an event like any other: forwarded whole and read."""
     f = relayed(gateway)
-    start = wire.message_to_sse({"id": "m", "type": "message", "role": "assistant", "model": "claude-x",
+    start = messages.message_to_sse({"id": "m", "type": "message", "role": "assistant", "model": "claude-x",
                                  "content": [{"type": "text", "text": "x" * 5_000_000}], "stop_reason": "end_turn",
                                  "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 4}})
     out = stream(f.response.stream, cut(start, list(range(0, len(start), 65536))))
@@ -550,7 +558,7 @@ def test_a_body_python_cannot_write_back_is_still_forced(gateway):
 LOCATED = re.compile(r"^r\.yaml:(\d+): \S")
 
 
-def parse_or_refuse(text: str) -> rules.Rules | None:
+def parse_or_refuse(text: str) -> spec.Rules | None:
     """The rules, or None after checking the refusal is a RulesError naming file and line."""
     try:
         return rules.parse(text, "r.yaml")
@@ -651,7 +659,7 @@ def test_client_names_chosen_by_requests_do_not_grow_memory_without_bound(gatewa
     request, if a buggy agent so wishes). Metrics fold them into "other" past a bound; the per-client
     totals behind `gateway.stats` must stay bounded too."""
     usage = next(a for a in gateway.addons if isinstance(a, Usage))
-    body = wire.dumps({**MESSAGE, "usage": {"input_tokens": 1, "output_tokens": 1}})
+    body = jsoncodec.dumps({**MESSAGE, "usage": {"input_tokens": 1, "output_tokens": 1}})
     for i in range(2 * MAX_TOTALS):
         f = make_flow(b'{"model":"claude-x","max_tokens":5,"messages":[]}', [(b"x-gateway-client", f"agent-{i}".encode())])
         gateway.hook("requestheaders", f)

@@ -3,8 +3,8 @@
 from mitmproxy.test import taddons, tflow
 
 from gwtest import api_flow, rule_file
-from llm_gateway import exchange
-from llm_gateway.routing import ApiRouter
+from llm_gateway.pipeline import exchange
+from llm_gateway.addons.routing import ApiRouter
 
 ROUTED = """\
 apis:

@@ -8,8 +8,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from llm_gateway import rulefile
-from llm_gateway.rulefile import RuleFile
+from llm_gateway.addons import rulefile
+from llm_gateway.addons.rulefile import RuleFile
 
 GOOD = "apis:\n  - {name: a, hosts: [x.test], paths: [/v1/messages]}\n"
 OTHER = "apis:\n  - {name: b, hosts: [y.test], paths: [/v1/messages]}\n"

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_gateway import rules
-from llm_gateway.rules import RulesError, Upstream
+from llm_gateway.policy import rules
+from llm_gateway.policy.rules import RulesError
+from llm_gateway.policy.spec import Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

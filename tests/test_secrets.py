@@ -31,8 +31,8 @@ from mitmproxy import io as mio
 from conftest import routed_rules
 from fakes.upstream import FakeUpstream, Scenario, litellm_wrapped_error
 from harness import ROOT, Gateway
-from llm_gateway import ca
-from llm_gateway.credspec import token_hash
+from llm_gateway.util import cafiles
+from llm_gateway.policy.spec import token_hash
 from secretvolume import write_secret
 
 pytestmark = pytest.mark.e2e
@@ -215,7 +215,7 @@ def test_no_secret_in_flow_metadata_or_comments(traffic):
 def test_no_secret_in_the_usage_report(traffic, fmt):
     gw = traffic[0]
     done = subprocess.run(
-        [sys.executable, "-m", "llm_gateway.report", "--format", fmt, str(gw.usage_log)],
+        [sys.executable, "-m", "llm_gateway.tools.report", "--format", fmt, str(gw.usage_log)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "addons")}, timeout=30,
     )
     assert done.returncode == 0, done.stderr
@@ -291,7 +291,7 @@ def test_custody_secrets_are_in_no_answer_log_record_metric_or_report(custody):
     assert_clean("mitmdump output", gw.output())
     assert_clean("the record log", gw.usage_log.read_text())
     report = subprocess.run(
-        [sys.executable, "-m", "llm_gateway.report", "--format", "json", str(gw.usage_log)],
+        [sys.executable, "-m", "llm_gateway.tools.report", "--format", "json", str(gw.usage_log)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "addons")}, timeout=30,
     )
     assert report.returncode == 0 and "custody-stream" in report.stdout
@@ -340,7 +340,7 @@ def test_the_ca_key_mitmproxy_makes_is_owner_only(fake, open_umask):
 def test_the_ca_key_the_gateway_installs_is_owner_only(fake, tmp_path, open_umask):
     """`gateway_ca`: the shared CA is copied into a private confdir of the gateway's own."""
     os.umask(0o022)
-    ca.save(ca.create("secrets test CA", 2), tmp_path / "ca")
+    cafiles.save(cafiles.create("secrets test CA", 2), tmp_path / "ca")
     os.umask(0)
     with Gateway(routed_rules(fake.url), extra_args=("--set", f"gateway_ca={tmp_path / 'ca'}")) as gw:
         os.umask(0o022)

@@ -8,7 +8,7 @@ from anthropic._streaming import SSEDecoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_gateway import sse
+from llm_gateway.protocol import sse
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

@@ -10,8 +10,8 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons
 
 from gwtest import BASE_RULES, rule_file
-from llm_gateway import rules as rules_mod
-from llm_gateway.startup import StartupReport, api_destinations
+from llm_gateway.policy import rules as rules_mod
+from llm_gateway.addons.startup import StartupReport, api_destinations
 
 TARGET = ProxyMode.parse("reverse:https://api.anthropic.com@127.0.0.1:8081")
 

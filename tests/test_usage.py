@@ -15,12 +15,20 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from gwtest import BASE_RULES, api_flow, rule_file, forward
-from llm_gateway import exchange, pricing, relay, rules, sse
-from llm_gateway.clients import ClientDetector
-from llm_gateway.records import RecordLog
-from llm_gateway.routing import ApiRouter
-from llm_gateway.answer import AnswerPipeline, StreamReader
-from llm_gateway.usage import Usage, build_record, human_line
+from llm_gateway.pipeline import exchange
+from llm_gateway.policy import pricing
+from llm_gateway.pipeline import relay
+from llm_gateway.policy import rules
+from llm_gateway.policy import spec
+from llm_gateway.protocol import sse
+from llm_gateway.addons.clients import ClientDetector
+from llm_gateway.addons.recordlog import RecordLog
+from llm_gateway.addons.routing import ApiRouter
+from llm_gateway.addons.answer import AnswerPipeline
+from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.addons.usage import Usage
+from llm_gateway.pipeline.record import build_record
+from llm_gateway.records.schema import human_line
 
 SONNET, HAIKU = "claude-sonnet-4-5-20250929", "claude-haiku-4-5"
 PRICES = """\
@@ -470,7 +478,7 @@ def test_records_append_across_reopen(record_ctx, tmp_path):
     tctx, records = record_ctx
     path = tmp_path / "a" / "b" / "usage.jsonl"  # folders are made
     tctx.configure(records, gateway_log=str(path))
-    r = rules.Rules()
+    r = spec.Rules()
     records.write({"kind": "usage", "n": 1}, r)
     records.done()  # the gateway stops
     records.write({"kind": "usage", "n": 2}, r)  # reopened for append
@@ -491,15 +499,15 @@ def test_records_path_from_rules_option_wins_and_switches(record_ctx, tmp_path):
     records.write({"n": 2}, from_rules)
     assert (tmp_path / "option.jsonl").read_text() == '{"n":2}\n'
     tctx.configure(records, gateway_log="")
-    records.write({"n": 3}, rules.Rules())  # no log anywhere: nothing written, nothing raised
+    records.write({"n": 3}, spec.Rules())  # no log anywhere: nothing written, nothing raised
     assert records.written == 2
 
 
 def test_records_dash_is_stdout(record_ctx, capsysbinary):
     tctx, records = record_ctx
     tctx.configure(records, gateway_log="-")
-    records.write({"kind": "usage", "model": "claude-é"}, rules.Rules())
-    records.write({"kind": "usage", "n": 2}, rules.Rules())
+    records.write({"kind": "usage", "model": "claude-é"}, spec.Rules())
+    records.write({"kind": "usage", "n": 2}, spec.Rules())
     out = capsysbinary.readouterr().out
     assert out == '{"kind":"usage","model":"claude-é"}\n{"kind":"usage","n":2}\n'.encode()
 
@@ -507,11 +515,11 @@ def test_records_dash_is_stdout(record_ctx, capsysbinary):
 def test_records_never_raise(record_ctx, tmp_path, caplog):
     tctx, records = record_ctx
     tctx.configure(records, gateway_log=str(tmp_path))  # a folder: cannot be opened as a file
-    records.write({"n": 1}, rules.Rules())
+    records.write({"n": 1}, spec.Rules())
     assert records.written == 0 and "cannot write record" in caplog.text
     tctx.configure(records, gateway_log=str(tmp_path / "ok.jsonl"))
-    records.write({"bad": "\ud800", "obj": object(), 1: 2}, rules.Rules())  # a lone surrogate, an object
-    records.write({"n": 2}, rules.Rules())
+    records.write({"bad": "\ud800", "obj": object(), 1: 2}, spec.Rules())  # a lone surrogate, an object
+    records.write({"n": 2}, spec.Rules())
     lines = (tmp_path / "ok.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["bad"] == "?" and json.loads(lines[1]) == {"n": 2}
 
@@ -525,7 +533,7 @@ def test_records_from_concurrent_writers_stay_whole_lines(record_ctx, tmp_path):
     def writer(n: int) -> None:
         log = RecordLog()  # one writer each, like separate processes
         for i in range(50):
-            log.write({"w": n, "i": i, "pad": big}, rules.Rules())
+            log.write({"w": n, "i": i, "pad": big}, spec.Rules())
         log.done()
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
@@ -540,7 +548,7 @@ def test_records_from_concurrent_writers_stay_whole_lines(record_ctx, tmp_path):
 def test_build_record_and_human_line_on_a_bare_exchange():
     """build_record reads only the exchange and the flow: usable without the addon."""
     f = api_flow()
-    ex = exchange.start(f, exchange.Exchange(rules=rules.Rules(), api="anthropic", mode="regular", method="POST",
+    ex = exchange.start(f, exchange.Exchange(rules=spec.Rules(), api="anthropic", mode="regular", method="POST",
                                              host="api.anthropic.com", path="/v1/messages?beta=true"))
     ex.usage = {"input_tokens": 3, "output_tokens": True, "cache_creation": {"ephemeral_5m_input_tokens": "9"}}
     r = build_record(f, ex, ex.started + 1.5)

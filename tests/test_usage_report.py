@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_gateway import report
+from llm_gateway.tools import report
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "usage_report"

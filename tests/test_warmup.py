@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 
-from llm_gateway import pricing
-from llm_gateway.warmup import Warmup
+from llm_gateway.policy import pricing
+from llm_gateway.addons.warmup import Warmup
 
 
 def test_running_loads_the_price_list_and_freezes_what_start_up_left(monkeypatch):

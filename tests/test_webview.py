@@ -12,11 +12,17 @@ from mitmproxy.contentviews import Metadata
 from mitmproxy.test import taddons, tutils
 
 from gwtest import api_flow, rule_file, forward
-from llm_gateway import exchange, sse, wire, webview
-from llm_gateway.routing import ApiRouter
-from llm_gateway.streams import StreamPreference
-from llm_gateway.answer import AnswerPipeline
-from llm_gateway.webview import MessageView, StreamCopyTap, WebView
+from llm_gateway.pipeline import exchange
+from llm_gateway.protocol import sse
+from llm_gateway.protocol import errors
+from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol import messages
+from llm_gateway.addons import webview
+from llm_gateway.pipeline import flows
+from llm_gateway.addons.routing import ApiRouter
+from llm_gateway.addons.streams import StreamPreference
+from llm_gateway.addons.answer import AnswerPipeline
+from llm_gateway.addons.webview import MessageView, StreamCopyTap, WebView
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
 SSE = "text/event-stream"
@@ -75,7 +81,7 @@ def view_text(data: bytes, content_type: str | None = SSE, flow=None) -> str:
 
 
 def test_every_block_kind_is_readable():
-    text = view_text(wire.message_to_sse(MESSAGE))
+    text = view_text(messages.message_to_sse(MESSAGE))
     lines = text.splitlines()
     assert lines[0] == "assistant message msg_01XYZ · model claude-sonnet-4-5"
     assert lines[1] == "stop reason: tool_use"
@@ -103,8 +109,8 @@ def test_every_block_kind_is_readable():
 
 
 def test_json_and_stream_of_one_message_read_the_same():
-    as_json = view_text(wire.dumps(MESSAGE), "application/json")
-    assert as_json == view_text(wire.message_to_sse(MESSAGE))
+    as_json = view_text(jsoncodec.dumps(MESSAGE), "application/json")
+    assert as_json == view_text(messages.message_to_sse(MESSAGE))
     assert "stream" not in as_json.splitlines()[0]
 
 
@@ -121,13 +127,13 @@ def test_fake_upstream_style_stream_with_pings_and_split_deltas():
 def test_stop_sequence_details_and_extra_fields_are_shown():
     message = dict(MESSAGE, content=[{"type": "text", "text": "hi"}], stop_reason="stop_sequence", stop_sequence="END",
                    stop_details={"type": "refusal"}, container={"id": "cont_1"})
-    text = view_text(wire.dumps(message), "application/json")
+    text = view_text(jsoncodec.dumps(message), "application/json")
     assert "stop reason: stop_sequence (stop sequence 'END')" in text
     assert 'stop details: {"type":"refusal"}' in text and 'container: {"id":"cont_1"}' in text
 
 
 def test_incomplete_stream_says_so():
-    events = wire.message_to_events(MESSAGE)
+    events = messages.message_to_events(MESSAGE)
     cut = b"".join(sse.encode(name, data) for name, data in events[:8])  # a few blocks, no message_stop
     text = view_text(cut)
     assert text.splitlines()[0] == "stream INCOMPLETE: it ended before message_stop"
@@ -135,20 +141,20 @@ def test_incomplete_stream_says_so():
 
 
 def test_stream_error_event_is_shown_with_what_came_before():
-    events = wire.message_to_events(dict(MESSAGE, content=[{"type": "text", "text": "half an answ"}]))[:3]
-    body = b"".join(sse.encode(n, d) for n, d in events) + sse.encode("error", wire.error_body("overloaded_error", "Overloaded"))
+    events = messages.message_to_events(dict(MESSAGE, content=[{"type": "text", "text": "half an answ"}]))[:3]
+    body = b"".join(sse.encode(n, d) for n, d in events) + sse.encode("error", errors.error_body("overloaded_error", "Overloaded"))
     text = view_text(body)
     assert text.splitlines()[0] == "stream error: overloaded_error: Overloaded"
     assert "half an answ" in text
 
 
 def test_error_only_stream():
-    text = view_text(sse.encode("error", wire.error_body("rate_limit_error", "slow down")))
+    text = view_text(sse.encode("error", errors.error_body("rate_limit_error", "slow down")))
     assert text == "stream error: rate_limit_error: slow down"
 
 
 def test_malformed_events_are_reported():
-    body = wire.message_to_sse(dict(MESSAGE, content=[{"type": "text", "text": "ok"}]))
+    body = messages.message_to_sse(dict(MESSAGE, content=[{"type": "text", "text": "ok"}]))
     body = body.replace(b"event: message_stop", b'event: content_block_delta\ndata: {"type":"content_block_delta","index":7,"delta":{}}\n\nevent: message_stop')
     text = view_text(body)
     assert "some events could not be applied (malformed)" in text and "── [0] text\nok" in text
@@ -157,7 +163,7 @@ def test_malformed_events_are_reported():
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.txt")), ids=lambda p: p.stem)
 def test_sdk_fixtures_render(path):
     data = path.read_bytes()
-    acc = wire.message_from_sse(data)
+    acc = messages.message_from_sse(data)
     text = view_text(data)
     assert f"model {acc.message['model']}" in text.splitlines()[1 if not acc.complete or acc.malformed else 0]
     for index, block in enumerate(acc.message["content"]):
@@ -176,8 +182,8 @@ def test_not_a_message_is_refused():
 
 def test_priority_beats_json_and_raw_for_messages_only():
     view = MessageView()
-    stream = wire.message_to_sse(MESSAGE)
-    body = wire.dumps(MESSAGE)
+    stream = messages.message_to_sse(MESSAGE)
+    body = jsoncodec.dumps(MESSAGE)
     assert view.render_priority(stream, response_meta(SSE)) > 1
     assert view.render_priority(body, response_meta("application/json")) > contentviews.json_view.render_priority(
         body, response_meta("application/json")
@@ -192,7 +198,7 @@ def test_priority_beats_json_and_raw_for_messages_only():
 def test_truncated_copy_is_noted_from_flow_metadata():
     f = api_flow(resp=True)
     f.metadata[webview.STREAM_COPY_KEY] = {"kept_bytes": 1024, "total_bytes": 5000, "truncated": True}
-    text = view_text(wire.message_to_sse(MESSAGE)[:600], flow=f)
+    text = view_text(messages.message_to_sse(MESSAGE)[:600], flow=f)
     assert text.splitlines()[0].startswith("NOTE: only the first 1.0k of 4.9k were kept")
 
 
@@ -202,11 +208,11 @@ def test_addon_registers_the_view_and_removes_it():
         assert contentviews.registry["llm-message"] is addon.view
         f = api_flow(resp=True)
         f.response.headers["content-type"] = "text/event-stream; charset=utf-8"
-        f.response.content = wire.message_to_sse(MESSAGE)
+        f.response.content = messages.message_to_sse(MESSAGE)
         pretty = contentviews.prettify_message(f.response, f)
         assert pretty.view_name == "llm-message" and "── [3] tool_use get_weather" in pretty.text
         f.response.headers["content-type"] = "application/json"
-        f.response.content = wire.dumps(MESSAGE)
+        f.response.content = jsoncodec.dumps(MESSAGE)
         assert contentviews.prettify_message(f.response, f).view_name == "llm-message"
         tctx.master.addons.remove(addon)
     assert "llm-message" not in contentviews.registry
@@ -222,7 +228,7 @@ def events_of(body: bytes) -> list[sse.Event]:
 
 
 def test_copy_tap_keeps_whole_events_up_to_the_limit():
-    events = events_of(wire.message_to_sse(MESSAGE))
+    events = events_of(messages.message_to_sse(MESSAGE))
     sizes = [len(e.raw) for e in events]
     limit = sum(sizes[:5])  # exactly five events fit
     tap = StreamCopyTap(limit)
@@ -243,7 +249,7 @@ def test_copy_tap_stops_at_the_first_event_that_does_not_fit():
 
 
 def test_copy_tap_under_the_limit_keeps_everything():
-    body = wire.message_to_sse(MESSAGE)
+    body = messages.message_to_sse(MESSAGE)
     tap = StreamCopyTap(len(body))
     for e in events_of(body):
         tap.on_event(e)
@@ -282,7 +288,7 @@ def pipeline():  # the gateway's API-flow addons, in its order, without records
 
 
 def test_streamed_body_is_kept_for_viewing_and_forwarding_is_unchanged():
-    body = wire.message_to_sse(MESSAGE)
+    body = messages.message_to_sse(MESSAGE)
     addons = pipeline()
     with taddons.context(*addons):
         f, forwarded = streamed_flow(addons, chunks(body, 7))
@@ -293,7 +299,7 @@ def test_streamed_body_is_kept_for_viewing_and_forwarding_is_unchanged():
 
 
 def test_stream_copy_keeps_what_was_forwarded_after_other_taps_rewrote_it():
-    events = wire.message_to_events(dict(MESSAGE, content=[{"type": "text", "text": "hi"}]))[:2]
+    events = messages.message_to_events(dict(MESSAGE, content=[{"type": "text", "text": "hi"}]))[:2]
     wrapped = {"error": {"message": '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
                          "type": "None", "param": "None", "code": "529"}}
     body = b"".join(sse.encode(n, d) for n, d in events) + sse.encode("error", wrapped)
@@ -306,7 +312,7 @@ def test_stream_copy_keeps_what_was_forwarded_after_other_taps_rewrote_it():
 
 
 def test_stream_copy_limit_and_truncation_note():
-    body = wire.message_to_sse(dict(MESSAGE, content=[{"type": "text", "text": "word " * 2000}]))
+    body = messages.message_to_sse(dict(MESSAGE, content=[{"type": "text", "text": "word " * 2000}]))
     addons = pipeline()
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[-1], gateway_keep_stream_body="1k")
@@ -321,7 +327,7 @@ def test_stream_copy_limit_and_truncation_note():
 
 
 def test_stream_copy_can_be_turned_off_and_leaves_buffered_bodies_alone():
-    body = wire.message_to_sse(MESSAGE)
+    body = messages.message_to_sse(MESSAGE)
     addons = pipeline()
     with taddons.context(*addons, Proxyserver()) as tctx:
         tctx.configure(addons[-1], gateway_keep_stream_body="0")
@@ -346,7 +352,7 @@ def test_bad_size_is_refused():
 
 
 def test_cut_off_stream_keeps_its_copy_on_error():
-    body = wire.message_to_sse(MESSAGE)
+    body = messages.message_to_sse(MESSAGE)
     addons = pipeline()
     with taddons.context(*addons):
         f = api_flow(b'{"model":"claude-x","max_tokens":5,"stream":true,"messages":[]}')
@@ -391,7 +397,7 @@ def test_comment_names_client_session_stream_and_tokens():
 
 
 def test_comment_leads_with_cost_when_the_model_has_a_price():
-    from llm_gateway import rules as rules_mod
+    from llm_gateway.policy import rules as rules_mod
 
     f, ex = api_exchange(client="claude-code", usage=dict(USAGE), complete=True)
     ex.rules = rules_mod.parse(
@@ -459,11 +465,11 @@ def test_refused_egress_is_marked():
     for decision in ("denied", "blocked", "fronting"):
         f = api_flow(resp=True, host="evil.example")
         f.response.status_code = 403
-        f.metadata[webview.EGRESS_METADATA] = {"decision": decision, "host": "evil.example", "port": 443, "rule": "default deny"}
+        f.metadata[flows.EGRESS_METADATA] = {"decision": decision, "host": "evil.example", "port": 443, "rule": "default deny"}
         webview.annotate(f)
         assert f.marked == ":no_entry:" and f.comment == f"egress {decision}: evil.example:443 (default deny)"
     f = api_flow(resp=True, host="ok.example")
-    f.metadata[webview.EGRESS_METADATA] = {"decision": "allowed", "host": "ok.example"}
+    f.metadata[flows.EGRESS_METADATA] = {"decision": "allowed", "host": "ok.example"}
     webview.annotate(f)
     assert f.marked == "" and f.comment == ""
 
@@ -472,7 +478,7 @@ def test_connect_refusal_is_annotated_by_the_hook():
     addon = WebView()
     with taddons.context(addon):
         f = api_flow(resp=True, host="evil.example")
-        f.metadata[webview.EGRESS_METADATA] = {"decision": "denied"}
+        f.metadata[flows.EGRESS_METADATA] = {"decision": "denied"}
         addon.http_connect_error(f)
         assert f.marked == ":no_entry:" and f.comment == "egress denied: evil.example"
 
@@ -508,7 +514,7 @@ def test_flow_notes_are_for_places_where_someone_can_look_at_flows(tmp_path):
 
 
 def test_with_flow_notes_off_no_comment_marker_or_metadata_is_written_and_the_rest_still_is():
-    body = wire.message_to_sse(MESSAGE)
+    body = messages.message_to_sse(MESSAGE)
     addons = pipeline()
     try:
         with taddons.context(*addons) as tctx:

@@ -29,7 +29,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jiter import from_json
 
-from llm_gateway import sse, wire
+from llm_gateway.protocol import sse
+from llm_gateway.protocol import errors
+from llm_gateway.protocol import messages as protocol_messages
+from llm_gateway.protocol import partialjson
+from llm_gateway.protocol import tokens as protocol_usage
 
 SETTINGS = settings(max_examples=200, deadline=None)
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
@@ -71,8 +75,8 @@ def encode(events: list[tuple[str, Any]]) -> bytes:
     return b"".join(sse.encode(name, data) for name, data in events)
 
 
-def accumulate(chunks: list[bytes]) -> wire.MessageAccumulator:
-    parser, acc = sse.SSEParser(), wire.MessageAccumulator()
+def accumulate(chunks: list[bytes]) -> protocol_messages.MessageAccumulator:
+    parser, acc = sse.SSEParser(), protocol_messages.MessageAccumulator()
     for chunk in chunks:
         for event in parser.feed(chunk):
             acc.feed_event(event)
@@ -207,7 +211,7 @@ BETA_STREAMS: dict[str, list[tuple[str, Any]]] = {
 def test_hand_written_streams_match_the_sdk(name):
     events = STREAMS[name]
     body = encode(events)
-    acc = wire.message_from_sse(body)
+    acc = protocol_messages.message_from_sse(body)
     assert_same(acc.message, sdk_message(body))
     assert_same(acc.message, sdk_message(body, beta=True))
     assert acc.complete == (events[-1] == END)
@@ -217,29 +221,29 @@ def test_hand_written_streams_match_the_sdk(name):
 @pytest.mark.parametrize("name", BETA_STREAMS)
 def test_hand_written_beta_streams_match_the_beta_sdk(name):
     body = encode(BETA_STREAMS[name])
-    acc = wire.message_from_sse(body)
+    acc = protocol_messages.message_from_sse(body)
     assert_same(acc.message, sdk_message(body, beta=True))
     assert acc.complete and not acc.malformed
 
 
 def test_hand_written_results_are_what_they_should_be():
     """So that agreeing with the SDK is not agreeing on nothing."""
-    m = wire.message_from_sse(encode(STREAMS["tool_use in chunks"])).message
+    m = protocol_messages.message_from_sse(encode(STREAMS["tool_use in chunks"])).message
     assert m["content"] == [{**TOOL, "input": {"location": "Paris", "n": [1, 2.5]}}]
     assert m["usage"] == {**USAGE, "output_tokens": 9}
     assert (m["stop_reason"], m["stop_sequence"], m["stop_details"]) == ("tool_use", None, None)
-    m = wire.message_from_sse(encode(STREAMS["thinking and signature"])).message
+    m = protocol_messages.message_from_sse(encode(STREAMS["thinking and signature"])).message
     assert m["content"][0] == {"type": "thinking", "thinking": "Let me think.", "signature": "sig-B"}
-    m = wire.message_from_sse(encode(STREAMS["text with citations"])).message
+    m = protocol_messages.message_from_sse(encode(STREAMS["text with citations"])).message
     assert m["content"][0]["citations"] == [CITATION, {**CITATION, "start_char_index": 4}]
-    m = wire.message_from_sse(encode(STREAMS["message_delta with output_tokens only, then nulls"])).message
+    m = protocol_messages.message_from_sse(encode(STREAMS["message_delta with output_tokens only, then nulls"])).message
     assert m["usage"] == {**USAGE, "output_tokens": 6}
-    m = wire.message_from_sse(encode(BETA_STREAMS["fallback and context_management"])).message
+    m = protocol_messages.message_from_sse(encode(BETA_STREAMS["fallback and context_management"])).message
     assert (m["model"], m["context_management"]) == ("claude-other", {"applied_edits": []})
 
 
 def test_ping_error_and_events_before_message_start():
-    acc = wire.MessageAccumulator()
+    acc = protocol_messages.MessageAccumulator()
     acc.feed("ping", {"type": "ping"})
     acc.feed(*stop(0))  # before message_start: skipped, as the SDK does
     assert acc.message is None and acc.malformed
@@ -248,14 +252,14 @@ def test_ping_error_and_events_before_message_start():
     assert acc.error == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     assert not acc.complete
 
-    acc = wire.message_from_sse(b"event: error\ndata: upstream fell over\n\n")
-    assert acc.error == wire.error_body("api_error", "upstream fell over") and acc.malformed
+    acc = protocol_messages.message_from_sse(b"event: error\ndata: upstream fell over\n\n")
+    assert acc.error == errors.error_body("api_error", "upstream fell over") and acc.malformed
 
 
 def test_accumulating_does_not_change_the_events_fed():
     for events in [*STREAMS.values(), *BETA_STREAMS.values()]:
         snapshot = copy.deepcopy(events)
-        acc = wire.MessageAccumulator()
+        acc = protocol_messages.MessageAccumulator()
         for name, data in events:
             acc.feed(name, data)
         acc.message
@@ -264,10 +268,10 @@ def test_accumulating_does_not_change_the_events_fed():
 
 def test_merge_delta_usage():
     usage = {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 1, "service_tier": "standard"}
-    wire.merge_delta_usage(usage, {"output_tokens": 7, "input_tokens": None, "cache_creation_input_tokens": 3})
+    protocol_usage.merge_delta_usage(usage, {"output_tokens": 7, "input_tokens": None, "cache_creation_input_tokens": 3})
     assert usage == {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 7, "service_tier": "standard",
                      "cache_creation_input_tokens": 3}
-    wire.merge_delta_usage(usage, {"input_tokens": 11, "server_tool_use": {"web_search_requests": 2}})
+    protocol_usage.merge_delta_usage(usage, {"input_tokens": 11, "server_tool_use": {"web_search_requests": 2}})
     assert usage["input_tokens"] == 11 and usage["server_tool_use"] == {"web_search_requests": 2}
     assert usage["output_tokens"] is None  # like the SDK: output_tokens is always taken
 
@@ -289,7 +293,7 @@ SDK_RAISES = {  # fixture: what we build where SDK 2.12 raises instead
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.txt")), ids=lambda p: p.stem)
 def test_sdk_fixtures(path):
     body = path.read_bytes()
-    acc = wire.message_from_sse(body)
+    acc = protocol_messages.message_from_sse(body)
     name = path.stem
     assert acc.complete
     if name in SDK_RAISES:  # message_start without usage: the delta's totals stand alone
@@ -305,7 +309,7 @@ def test_sdk_fixtures(path):
 
 
 def test_fixture_with_tool_input_cut_by_max_tokens():
-    acc = wire.message_from_sse((FIXTURES / "incomplete_partial_json_response.txt").read_bytes())
+    acc = protocol_messages.message_from_sse((FIXTURES / "incomplete_partial_json_response.txt").read_bytes())
     assert acc.message["content"][1]["input"] == {
         "filename": "taxes.txt",
         "lines_of_text": ["# COMPREHENSIVE TAX GUIDE FOR INDIVIDUALS WITH MULTIPLE W-2s", "", "## INTRODUCTION", ""],
@@ -416,7 +420,7 @@ def streams(draw, beta: bool = False):
     message_start usage, one to three message_deltas with random usage, maybe no message_stop; sometimes
     deltas that do not fit their block (the SDK ignores them; we ignore them and set `malformed`)."""
     events, misfits = [], False
-    for name, data in wire.message_to_events(draw(messages(beta))):
+    for name, data in protocol_messages.message_to_events(draw(messages(beta))):
         if draw(st.integers(0, 7)) == 0:
             events.append(draw(st.sampled_from([PING, ("future_event", {"type": "future_event", "x": [1]})])))
         if name == "message_start":
@@ -470,7 +474,7 @@ def test_generated_streams_match_the_sdk(data, generated):
     assert acc.malformed == misfits
     assert acc.complete == (events[-1][0] == "message_stop")
     # Feeding parsed (name, data) pairs directly gives the same.
-    direct = wire.MessageAccumulator()
+    direct = protocol_messages.MessageAccumulator()
     for name, payload in events:
         direct.feed(name, payload)
     assert_same(direct.message, theirs)
@@ -531,15 +535,15 @@ def test_generated_beta_messages_round_trip(message):
 
 def check_round_trip(message: dict, beta_only: bool = False) -> None:
     original = copy.deepcopy(message)
-    events = wire.message_to_events(message)
-    body = wire.message_to_sse(message)
+    events = protocol_messages.message_to_events(message)
+    body = protocol_messages.message_to_sse(message)
     assert message == original  # not changed on the way
     assert body == encode(events)
     expected = with_stop_details(message)
     assert_same(sdk_message(body, beta=True), expected)
     if not beta_only:
         assert_same(sdk_message(body), expected)
-    acc = wire.message_from_sse(body)
+    acc = protocol_messages.message_from_sse(body)
     assert_same(acc.message, expected)
     assert acc.complete and not acc.malformed and acc.error is None
     # The shape the API sends: names match types, message_start is empty, every block opens and closes.
@@ -555,7 +559,7 @@ def check_round_trip(message: dict, beta_only: bool = False) -> None:
         block_type = d["content_block"]["type"]
         if block_type in ("text", "thinking"):
             assert d["content_block"].get("text", "") == "" and d["content_block"].get("thinking", "") == ""
-        if block_type in wire.TOOL_INPUT_BLOCKS:
+        if block_type in protocol_messages.TOOL_INPUT_BLOCKS:
             assert d["content_block"]["input"] == {}
 
 
@@ -592,11 +596,11 @@ junk_events = st.one_of(  # events of the right type with the wrong insides, and
 def test_malformed_events_never_raise(started, events):
     if started:  # most checks only run once a message has started
         events = [start(content=[{"type": "text", "text": "a"}, {"type": ["odd"]}, TOOL])] + events
-    acc = wire.MessageAccumulator()
+    acc = protocol_messages.MessageAccumulator()
     for name, data in events:
         acc.feed(name, data)
     assert acc.message is None or isinstance(acc.message, dict)
-    wire.message_from_sse(encode([(name or "x", data) for name, data in events]))
+    protocol_messages.message_from_sse(encode([(name or "x", data) for name, data in events]))
 
 
 ODD = [None, 5, 1.5, True, "x", "", [], ["x"], {}, {"type": ["x"]}]
@@ -614,7 +618,7 @@ ODD_DELTAS = ODD + [{"type": t} for t in [None, ["x"], *DELTA_TYPES]] + [
 def test_every_odd_block_with_every_odd_delta_never_raises():
     """Every delta shape against every block shape, deterministically (random junk rarely lines them up)."""
     for content_block in ODD_BLOCKS:
-        acc = wire.MessageAccumulator()
+        acc = protocol_messages.MessageAccumulator()
         acc.feed(*start(content=[content_block]))
         acc.feed("content_block_start", {"type": "content_block_start", "index": 1, "content_block": content_block})
         for index in (1, 0, -1, 2, "1", None, True, 1.5, [1]):
@@ -628,7 +632,7 @@ def test_every_odd_block_with_every_odd_delta_never_raises():
         assert isinstance(acc.message, dict) and acc.malformed
     starts = ODD + [{"content": c, "usage": u} for c in ODD for u in ODD]
     for data in ODD + [{"type": "message_start", "message": m} for m in starts]:
-        acc = wire.MessageAccumulator()
+        acc = protocol_messages.MessageAccumulator()
         acc.feed("message_start", data)
         acc.feed(*message_delta())
         acc.feed("error", data)
@@ -638,8 +642,8 @@ def test_every_odd_block_with_every_odd_delta_never_raises():
 @SETTINGS
 @given(st.binary(max_size=300))
 def test_arbitrary_bodies_never_raise(body):
-    wire.message_from_sse(body)
-    wire.message_from_sse(b'event: message_start\ndata: {"type":"message_start","message":{"content":[]}}\n\n' + body)
+    protocol_messages.message_from_sse(body)
+    protocol_messages.message_from_sse(b'event: message_start\ndata: {"type":"message_start","message":{"content":[]}}\n\n' + body)
 
 
 # --- partial JSON, as the SDK reads tool input ---------------------------------------------------
@@ -650,12 +654,12 @@ def test_arbitrary_bodies_never_raise(body):
 def test_partial_json_is_what_jiter_makes_of_any_prefix(data, value):
     separators = data.draw(st.sampled_from([(",", ":"), (", ", ": ")]))
     text = json.dumps(value, separators=separators, ensure_ascii=data.draw(st.booleans()))
-    assert wire.parse_partial_json(text) == value
+    assert partialjson.parse_partial_json(text) == value
     prefix = text[: data.draw(st.integers(0, len(text)))]
     try:
         expected = from_json(prefix.encode(), partial_mode=True)
     except ValueError:
         with pytest.raises(ValueError):
-            wire.parse_partial_json(prefix)
+            partialjson.parse_partial_json(prefix)
     else:
-        assert json.dumps(wire.parse_partial_json(prefix)) == json.dumps(expected)
+        assert json.dumps(partialjson.parse_partial_json(prefix)) == json.dumps(expected)

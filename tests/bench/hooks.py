@@ -24,10 +24,11 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from fakes.upstream import Scenario
-from llm_gateway import exchange, rules
-from llm_gateway.compose import default_addons
-from llm_gateway.dispatch import Dispatcher
-from llm_gateway.rulefile import RuleFile
+from llm_gateway.pipeline import exchange
+from llm_gateway.policy import rules
+from llm_gateway.app import default_addons
+from llm_gateway.app import Dispatcher
+from llm_gateway.addons.rulefile import RuleFile
 
 from . import source
 

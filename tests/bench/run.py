@@ -259,22 +259,23 @@ def sized(stream: bool, size: Callable[[Config], int]) -> Callable[[Setup, Confi
 
 
 def in_process(to: str) -> Callable[[Setup, Config], Awaitable[dict[str, float]]]:
-    """Conversion without a proxy: wire.message_from_sse / wire.message_to_sse on the same message."""
+    """Conversion without a proxy: protocol_messages.message_from_sse / protocol_messages.message_to_sse on the same message."""
 
     async def run(setup: Setup, cfg: Config) -> dict[str, float]:
-        from llm_gateway import wire
+        from llm_gateway.protocol import jsoncodec
+        from llm_gateway.protocol import messages as protocol_messages
 
         sse, message = conversion_inputs(cfg.convert_bytes)
         times = []
         for _ in range(3):
             start = time.perf_counter()
             if to == "json":
-                acc = wire.message_from_sse(sse)
+                acc = protocol_messages.message_from_sse(sse)
                 if not acc.complete or acc.message is None:
                     raise BenchError("in-process: message_from_sse did not complete")
-                wire.dumps(acc.message)
+                jsoncodec.dumps(acc.message)
             else:
-                wire.message_to_sse(message)
+                protocol_messages.message_to_sse(message)
             times.append(time.perf_counter() - start)
         t = statistics.median(times)
         return {"ms_per_mb": t * 1000 / (cfg.convert_bytes / MB), "mbps": cfg.convert_bytes / MB / t}
@@ -343,12 +344,12 @@ def workloads(cfg: Config) -> list[Workload]:
         Workload("convert-to-json", f"A Message of {conv} MB, client asks for JSON (forced on: SSE converted to JSON)",
                  ("source", "mitmdump", "gateway", "gateway-on", "litellm", "in-process"),
                  size_metrics, sized(False, lambda c: c.convert_bytes), (("ms_per_mb", "ratio"),),
-                 "in-process: wire.message_from_sse on the SSE body, plus wire.dumps of the Message.",
+                 "in-process: protocol_messages.message_from_sse on the SSE body, plus jsoncodec.dumps of the Message.",
                  in_process("json")),
         Workload("convert-to-sse", f"A Message of {conv} MB, client asks for a stream (forced off: JSON converted to SSE)",
                  ("source", "mitmdump", "gateway", "gateway-off", "litellm", "in-process"),
                  size_metrics, sized(True, lambda c: c.convert_bytes), (("ms_per_mb", "ratio"),),
-                 "in-process: wire.message_to_sse on the Message.", in_process("sse"), streams=True),
+                 "in-process: protocol_messages.message_to_sse on the Message.", in_process("sse"), streams=True),
     ]
 
 

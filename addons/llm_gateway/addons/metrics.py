@@ -22,8 +22,8 @@ from prometheus_client.exposition import choose_encoder
 
 from llm_gateway.pipeline import exchange
 from llm_gateway.policy import cachewatch
-from llm_gateway.protocol import errors, usage
-from llm_gateway.protocol.usage import token
+from llm_gateway.protocol import errors
+from llm_gateway.protocol.tokens import TOKEN_FIELDS, full_price_prompt_tokens, token
 from llm_gateway.util.logsafe import clean
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ logger = logging.getLogger("llm_gateway.metrics")
 MAX_VALUES = 64  # distinct values per label before "other"
 OTHER = "other"
 MAX_LABEL_SETS = 4096  # raw label value sets whose children are kept (`Metrics._labels`)
-TOKEN_KINDS = dict(zip(("input", "output", "cache_read", "cache_write"), usage.TOKEN_FIELDS))  # label -> field
+TOKEN_KINDS = dict(zip(("input", "output", "cache_read", "cache_write"), TOKEN_FIELDS))  # label -> field
 _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
@@ -155,7 +155,7 @@ class Metrics:
                     child.inc(n)
                     principal_child.inc(n)
         read = token(usage, "cache_read_input_tokens") or 0
-        prompt = read + usage.full_price_prompt_tokens(usage)
+        prompt = read + full_price_prompt_tokens(usage)
         if prompt:
             totals = self._prompt.setdefault((client, model), [0, 0])
             totals[0] += read

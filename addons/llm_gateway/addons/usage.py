@@ -16,10 +16,9 @@ from mitmproxy import command, http
 
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.record import build_record
-from llm_gateway.policy import cachewatch
 from llm_gateway.policy.cachewatch import CacheWatch
-from llm_gateway.protocol import usage
-from llm_gateway.protocol.usage import TOKEN_FIELDS, cache_share
+from llm_gateway.protocol import tokens
+from llm_gateway.protocol.tokens import TOKEN_FIELDS, cache_share
 from llm_gateway.records.schema import human_line, is_error
 from llm_gateway.util.logsafe import clean
 
@@ -43,7 +42,7 @@ class Usage:
         if ex is None:
             return
         if ex.status is not None and ex.status < 400 and ex.error_type is None:
-            cachewatch.explain_break(self.cache, ex)
+            ex.explain_break(self.cache)
             if ex.cache_break:
                 self.warn_cache_break(ex)
         self.finish(flow, ex)
@@ -79,11 +78,11 @@ class Usage:
             logger.info("\n".join(human_line(record) for record in done))
 
     def warn_cache_break(self, ex: exchange.Exchange) -> None:
-        full_price = usage.full_price_prompt_tokens(ex.usage)
+        full_price = tokens.full_price_prompt_tokens(ex.usage)
         request_id = ex.request_id or "-"
         logger.warning(
             f"cache break: session {clean(ex.session)} ({clean(ex.client)}) request {clean(request_id)} "
-            f"{clean(cachewatch.break_text(ex), 400)}; {full_price} prompt tokens paid at full price "
+            f"{clean(ex.break_text(), 400)}; {full_price} prompt tokens paid at full price "
             f"(break #{self.cache.sessions[ex.session].breaks} in this session)"
         )
 

@@ -28,11 +28,10 @@ from mitmproxy.utils import human
 from llm_gateway.mitm import registry
 from llm_gateway.pipeline import exchange, relay
 from llm_gateway.pipeline.flows import EGRESS_METADATA
-from llm_gateway.policy import cachewatch, pricing
 from llm_gateway.protocol import jsoncodec, messages
 from llm_gateway.protocol.render import _count, render_message
 from llm_gateway.protocol.sse import SSE_TYPE
-from llm_gateway.protocol.usage import cache_share
+from llm_gateway.protocol.tokens import cache_share
 from llm_gateway.util.logsafe import clean
 
 logger = logging.getLogger("llm_gateway.webview")
@@ -174,7 +173,7 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         lead.append(f"failed: {clean(flow.error.msg, 120)}")
     elif ex.usage:
         share = cache_share(ex.usage)
-        cost = pricing.exchange_cost(ex).cost_usd
+        cost = ex.cost().cost_usd
         lead.append(f"hit {'-' if share is None else f'{share:.0%}'}" + ("" if cost is None else f" ${cost:.4f}"))
     if ex.cache_break:
         lead.append("CACHE BREAK" + (f" {clean(ex.cache_break_reason, 40)}" if ex.cache_break_reason else ""))
@@ -199,7 +198,7 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
             f" cache r{_count(usage, 'cache_read_input_tokens')} w{_count(usage, 'cache_creation_input_tokens')}"
         )
     if ex.cache_break and ex.cache_break_reason:
-        parts.append(clean(cachewatch.break_text(ex), 400))
+        parts.append(clean(ex.break_text(), 400))
     if flow.response is not None and flow.response.status_code < 400 and not ex.complete and not ex.error_type:
         parts.append("incomplete")
     copy = flow.metadata.get(STREAM_COPY_KEY)

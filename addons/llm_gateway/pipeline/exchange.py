@@ -65,7 +65,7 @@ class Exchange:
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
-    priced: Any = field(default=None, repr=False)  # pricing.exchange_cost's memo: ((model, counts), Cost)
+    priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, counts), Cost)
     # what the client received, decided once by answer.py (settle / settle_failure)
     status: int | None = None
     request_id: str | None = None
@@ -85,6 +85,35 @@ class Exchange:
     notes: list[str] = field(default_factory=list)
     sse_taps: list[SSETap] = field(default_factory=list)
     on_flow_gone: Any = field(default=None, repr=False)  # see `start`
+
+    def cost(self) -> Cost:
+        """The price of this exchange (its rules' `pricing`, `model` and `usage`), worked out once for its
+        record, its log line and its mitmweb comment, and again only when the model or the token counts changed."""
+        key = (self.model, counts(self.usage) if self.usage else None)
+        if self.priced is not None and self.priced[0] == key:
+            return self.priced[1]
+        found = cost(self.rules.pricing, self.model, self.usage)
+        self.priced = (key, found)
+        return found
+
+    def explain_break(self, watch: CacheWatch) -> None:
+        """Observe one successful exchange and, on a break, fill the exchange's `cache_break*` fields (record, log,
+        mitmweb comment and metrics read them there)."""
+        usage = self.rules.usage
+        found = watch.observe(
+            self.session, self.usage, self.body, self.started,
+            {"5m": usage.cache_ttl_5m, "1h": usage.cache_ttl_1h}, usage.cache_sessions,
+        )
+        self.cache_break = found is not None
+        if found is not None:
+            self.cache_break_reason, self.cache_break_detail = found.reason, found.detail
+            self.cache_break_tokens_lost = found.tokens_lost
+            self.cache_break_cost_usd = lost_cost(self.rules.pricing, self.model, found.tokens_lost, self.usage)
+
+    def break_text(self) -> str:
+        """"lost 9800 cached tokens ($0.0265): system_changed (system block 2 changed)", for log lines and comments."""
+        cost = f" (${self.cache_break_cost_usd:.4f})" if self.cache_break_cost_usd is not None else ""
+        return f"lost {self.cache_break_tokens_lost} cached tokens{cost}: {self.cache_break_reason} ({self.cache_break_detail})"
 
     def summary(self) -> dict[str, Any]:
         """The plain, serialisable view kept in flow.metadata."""
@@ -152,33 +181,3 @@ def publish(flow: http.HTTPFlow, exchange: Exchange) -> None:
         flow.metadata[METADATA_KEY] = exchange.summary()
 
 
-def explain_break(watch: CacheWatch, ex: "Exchange") -> None:
-    """Observe one successful exchange and, on a break, fill the exchange's `cache_break*` fields (record, log,
-    mitmweb comment and metrics read them there)."""
-    usage = ex.rules.usage
-    found = watch.observe(
-        ex.session, ex.usage, ex.body, ex.started,
-        {"5m": usage.cache_ttl_5m, "1h": usage.cache_ttl_1h}, usage.cache_sessions,
-    )
-    ex.cache_break = found is not None
-    if found is not None:
-        ex.cache_break_reason, ex.cache_break_detail = found.reason, found.detail
-        ex.cache_break_tokens_lost = found.tokens_lost
-        ex.cache_break_cost_usd = lost_cost(ex.rules.pricing, ex.model, found.tokens_lost, ex.usage)
-
-
-def break_text(ex: "Exchange") -> str:
-    """"lost 9800 cached tokens ($0.0265): system_changed (system block 2 changed)", for log lines and comments."""
-    cost = f" (${ex.cache_break_cost_usd:.4f})" if ex.cache_break_cost_usd is not None else ""
-    return f"lost {ex.cache_break_tokens_lost} cached tokens{cost}: {ex.cache_break_reason} ({ex.cache_break_detail})"
-
-
-def exchange_cost(ex) -> Cost:
-    """`cost` of an `exchange.Exchange` (its rules' `pricing`, `model` and `usage`), worked out once for its
-    record, its log line and its mitmweb comment, and again only when the model or the token counts changed."""
-    key = (ex.model, counts(ex.usage) if ex.usage else None)
-    if ex.priced is not None and ex.priced[0] == key:
-        return ex.priced[1]
-    found = cost(ex.rules.pricing, ex.model, ex.usage)
-    ex.priced = (key, found)
-    return found

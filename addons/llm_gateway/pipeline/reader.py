@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE, _request_id
-from llm_gateway.protocol import envelopes, errors, sse, usage
+from llm_gateway.protocol import envelopes, errors, sse, tokens
 
 
 class StreamReader:
@@ -38,7 +38,7 @@ class StreamReader:
             if isinstance(data, dict) and isinstance(data.get("usage"), dict):
                 if ex.usage is None:
                     ex.usage = {}
-                usage.merge_delta_usage(ex.usage, data["usage"])
+                tokens.merge_delta_usage(ex.usage, data["usage"])
         elif name == "message_stop":
             self.finished = ex.complete = True
         elif name == "content_block_start":

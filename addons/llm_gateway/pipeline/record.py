@@ -8,16 +8,15 @@ from typing import Any
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange
-from llm_gateway.policy import pricing
-from llm_gateway.protocol.usage import TOKEN_FIELDS, cache_share, token
+from llm_gateway.protocol.tokens import TOKEN_FIELDS, cache_share, cache_write_split, token
 
 
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
     """The usage record of one exchange: from the exchange alone, as the answer pipeline (answer.py) left
     it; `status`, `error_type`, `request_id` and `reason` are what the client received."""
     usage = ex.usage
-    five, hour = usage.cache_write_split(usage)
-    price = pricing.exchange_cost(ex)
+    five, hour = cache_write_split(usage)
+    price = ex.cost()
     first_byte = ex.response_started
     return {
         "kind": "usage",

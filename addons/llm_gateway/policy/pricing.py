@@ -22,7 +22,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import TieredPrices
 
 from llm_gateway.policy.rules import Price
-from llm_gateway.protocol.usage import cache_write_split, token
+from llm_gateway.protocol.tokens import cache_write_split, token
 from llm_gateway.util.globs import glob_set
 from llm_gateway.util.perobject import PerObject
 

@@ -12,7 +12,7 @@ from llm_gateway.protocol import sse
 from llm_gateway.protocol.errors import error_body
 from llm_gateway.protocol.jsoncodec import dumps
 from llm_gateway.protocol.partialjson import parse_partial_json
-from llm_gateway.protocol.usage import merge_delta_usage
+from llm_gateway.protocol.tokens import merge_delta_usage
 
 # --- Messages as SSE streams -----------------------------------------------------------------------
 #

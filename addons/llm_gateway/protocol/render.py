@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llm_gateway.protocol.usage import cache_share, token
+from llm_gateway.protocol.tokens import cache_share, token
 
 
 def render_message(

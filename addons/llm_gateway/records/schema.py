@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_gateway.protocol.usage import integer
+from llm_gateway.protocol.tokens import integer
 from llm_gateway.util.logsafe import clean, clean_or_dash
 
 

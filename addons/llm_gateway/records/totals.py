@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_gateway.protocol.usage import TOKEN_FIELDS, cache_share, integer
+from llm_gateway.protocol.tokens import TOKEN_FIELDS, cache_share, integer
 from llm_gateway.records.schema import is_error
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
-from llm_gateway.protocol.usage import TOKEN_FIELDS
-from llm_gateway.records import breaks
+from llm_gateway.protocol.tokens import TOKEN_FIELDS
+from llm_gateway.records import breaks as cache_breaks
 from llm_gateway.records.reader import ReportError, Skipped, iso_time, read_records
 from llm_gateway.records.totals import Totals
 
@@ -125,7 +125,7 @@ class Report:
     sessions: dict[tuple[str, str | None], Totals] = field(default_factory=dict)  # (client, session), first seen first
     clients: dict[str, Totals] = field(default_factory=dict)
     total: Totals = field(default_factory=Totals)
-    breaks: breaks.BreakTable = field(default_factory=breaks.BreakTable)  # by client and reason
+    breaks: cache_breaks.BreakTable = field(default_factory=cache_breaks.BreakTable)  # by client and reason
 
     def add(self, record: dict[str, Any]) -> None:
         client = str(record.get("client") or "unknown")
@@ -153,7 +153,7 @@ class Report:
 
 def build(names: Iterable[str], filters: Filters, by: str, recompute_breaks: bool = False) -> Report:
     """`recompute_breaks`: find cache breaks again in the merged records (of every replica) rather than count the
-    ones each replica recorded (breaks.recompute)."""
+    ones each replica recorded (cache_breaks.recompute)."""
     report = Report(by=by, filters=filters, skipped=Skipped())
     kept = []
     for record, when in read_records(names, report.skipped):
@@ -162,7 +162,7 @@ def build(names: Iterable[str], filters: Filters, by: str, recompute_breaks: boo
             if recompute_breaks:
                 kept.append((record, when))
     if recompute_breaks:
-        report.breaks = breaks.table_from_merged(kept)
+        report.breaks = cache_breaks.table_from_merged(kept)
     return report
 
 
@@ -242,8 +242,8 @@ def render_table(report: Report) -> str:
         blocks.append(f"By {name}:\n" + aligned(columns, keys, lines))
     breaks = report.breaks.result()
     if breaks:
-        columns, keys = list(breaks.COLUMNS), ["client", "reason"]
-        lines = [[breaks.TABLE_HEADERS[c] for c in columns]]
+        columns, keys = list(cache_breaks.COLUMNS), ["client", "reason"]
+        lines = [[cache_breaks.TABLE_HEADERS[c] for c in columns]]
         lines += [[table_cell("cost_usd" if c == "lost_usd" else c, row[c]) for c in columns] for row in breaks]
         lost = [row["lost_usd"] for row in breaks if row["lost_usd"] is not None]
         lines.append(["TOTAL", "", *(table_cell(c, sum(row[c] for row in breaks)) for c in ("breaks", "tokens_lost")),
