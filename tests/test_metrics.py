@@ -23,7 +23,7 @@ USAGE = {"input_tokens": 21, "output_tokens": 9, "cache_creation_input_tokens": 
 
 
 def finished(*, client="claude-code", model="claude-sonnet-4-5", session="sess-1", status=200, usage=USAGE,
-             error_type=None, unwrapped=False, cache_break=False, mode="reverse"):
+             error_type=None, unwrapped=False, cache_break=False, mode="reverse", complete=True):
     """A flow whose exchange went through the whole chain, as Metrics sees it after Usage."""
     flow = gwtest.api_flow(mode=mode)
     rules = gwtest.rule_file().rules
@@ -33,6 +33,7 @@ def finished(*, client="claude-code", model="claude-sonnet-4-5", session="sess-1
     ex.usage = dict(usage) if usage is not None else None
     ex.error_type, ex.unwrapped, ex.cache_break = error_type, unwrapped, cache_break
     ex.status = status  # what the client got, as answer.py leaves it
+    ex.complete = complete and status is not None and status < 400
     if status is not None:
         flow.response = tutils.tresp(status_code=status)
     else:

@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from llm_gateway.pipeline import exchange
 from llm_gateway.policy import cachewatch
 from llm_gateway.protocol import errors
+from llm_gateway.records.schema import INCOMPLETE, NO_RESPONSE, outcome
 from llm_gateway.protocol.tokens import TOKEN_FIELDS, full_price_prompt_tokens, token
 from llm_gateway.util.logsafe import clean
 
@@ -34,6 +35,8 @@ logger = logging.getLogger("llm_gateway.metrics")
 MAX_VALUES = 64  # distinct values per label before "other"
 OTHER = "other"
 MAX_LABEL_SETS = 4096  # raw label value sets whose children are kept (`Metrics._labels`)
+# error_type label values: the native types, and the two outcomes without one
+ERROR_KINDS = frozenset(errors.STATUS_BY_ERROR_TYPE) | {INCOMPLETE, NO_RESPONSE}
 TOKEN_KINDS = dict(zip(("input", "output", "cache_read", "cache_write"), TOKEN_FIELDS))  # label -> field
 _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -85,7 +88,9 @@ class Metrics:
             ["client", "reason"], registry=r,
         )
         self.errors = Counter(
-            "llm_gateway_errors", "Exchanges that ended in an Anthropic error, by error type", [*labels, "error_type"],
+            "llm_gateway_errors",
+            "Exchanges that failed or are unfinished (records/schema.outcome), by native error type, "
+            "'incomplete' (cut short) or 'no_response'", [*labels, "error_type"],
             registry=r,
         )
         self.unwrapped = Counter(
@@ -167,11 +172,12 @@ class Metrics:
             self._child(self.cache_breaks, client, model).inc()
             if ex.cache_break_reason in cachewatch.REASONS:
                 self._child(self.cache_break_reasons, client, ex.cache_break_reason).inc()
-        if ex.error_type:
-            error_type = ex.error_type if ex.error_type in errors.STATUS_BY_ERROR_TYPE else OTHER
-            self._child(self.errors, client, model, error_type).inc()
+        found = outcome(status, ex.error_type, ex.complete)  # as the record, gateway.stats and the report say
+        if found.error:
+            kind = found.kind if found.kind in ERROR_KINDS else OTHER
+            self._child(self.errors, client, model, kind).inc()
             if ex.unwrapped:
-                self._child(self.unwrapped, client, model, error_type).inc()
+                self._child(self.unwrapped, client, model, kind).inc()
 
     def _labels(self, client: str | None, model: str | None, principal: str | None, status: int | None) -> tuple:
         """(client label, model label, and the counters every exchange with these values adds to: its requests,

@@ -18,8 +18,8 @@ from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.record import build_record
 from llm_gateway.policy.cachewatch import CacheWatch
 from llm_gateway.protocol import tokens
-from llm_gateway.protocol.tokens import TOKEN_FIELDS, cache_share
-from llm_gateway.records.schema import human_line, is_error
+from llm_gateway.records.schema import human_line, outcome
+from llm_gateway.records.totals import Totals
 from llm_gateway.util.logsafe import clean
 
 if TYPE_CHECKING:
@@ -34,14 +34,14 @@ class Usage:
     def __init__(self, records: RecordLog) -> None:
         self.records = records
         self.cache = CacheWatch()
-        self.totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.totals: dict[str, Totals] = defaultdict(Totals)  # client -> running totals (gateway.stats)
         self._unlogged: list[dict[str, Any]] = []  # records whose human line is still to be logged
 
     def response(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None:
             return
-        if ex.status is not None and ex.status < 400 and ex.error_type is None:
+        if outcome(ex.status, ex.error_type, ex.complete).answered:  # as the report's --recompute-breaks reads it
             ex.explain_break(self.cache)
             if ex.cache_break:
                 self.warn_cache_break(ex)
@@ -90,34 +90,24 @@ class Usage:
         client = record["client"]
         if client not in self.totals and len(self.totals) >= MAX_CLIENTS:
             client = "other"
-        t = self.totals[client]
-        t["requests"] += 1
-        for key in TOKEN_FIELDS:
-            t[key] += record[key] or 0
-        if record["cost_usd"] is not None:  # an unknown cost is not $0
-            t["priced"] += 1
-            t["cost_usd"] += record["cost_usd"]
-            t["saved_usd"] += record["saved_usd"] or 0
-        elif any(record[key] for key in TOKEN_FIELDS):
-            t["unpriced"] += 1
-        t["cache_breaks"] += bool(record["cache_break"])
-        t["errors"] += is_error(record)
+        self.totals[client].add(record)
 
     @command.command("gateway.stats")
     def stats(self) -> str:
         """Running totals per client since the gateway started: requests, tokens, cache share, cost."""
         lines = []
-        for client, t in sorted(self.totals.items()):
-            usage = {k: int(t[k]) for k in TOKEN_FIELDS}
-            share = cache_share(usage)
-            money = f"cost ${t['cost_usd']:.4f}, saved ${t['saved_usd']:.4f}" if t["priced"] else "cost -, saved -"
+        for client, totals in sorted(self.totals.items()):
+            t = totals.row()
+            share = t["cache_hit_share"]
+            money = (f"cost ${t['cost_usd']:.4f}, saved ${t['saved_usd'] or 0:.4f}" if t["cost_usd"] is not None
+                     else "cost -, saved -")
             if t["unpriced"]:
-                money += f" ({int(t['unpriced'])} requests of unknown price not included)"
+                money += f" ({t['unpriced']} requests of unknown price not included)"
             lines.append(
-                f"{client}: {int(t['requests'])} requests, in {usage['input_tokens']}, out {usage['output_tokens']}, "
-                f"cache read {usage['cache_read_input_tokens']}, cache write {usage['cache_creation_input_tokens']}, "
+                f"{client}: {t['requests']} requests, in {t['input_tokens']}, out {t['output_tokens']}, "
+                f"cache read {t['cache_read_input_tokens']}, cache write {t['cache_creation_input_tokens']}, "
                 f"hit {'-' if share is None else f'{share:.0%}'}, {money}, "
-                f"cache breaks {int(t['cache_breaks'])}, errors {int(t['errors'])}"
+                f"cache breaks {t['cache_breaks']}, errors {t['errors']}"
             )
         summary = "\n".join(lines) or "no API exchanges yet"
         logger.info(summary)

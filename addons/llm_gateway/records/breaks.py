@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Iterator
 
+from llm_gateway.records.schema import record_outcome
+
 TTL_5M, TTL_1H = 300.0, 3600.0  # seconds: the API's cache lifetimes
 COLUMNS = ("client", "reason", "breaks", "tokens_lost", "lost_usd", "unpriced")
 TABLE_HEADERS = {"client": "CLIENT", "reason": "REASON", "breaks": "BREAKS", "tokens_lost": "TOKENS LOST",
@@ -97,8 +99,7 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
             continue
         seen.add(same)
         session, read = record.get("session"), _int(record.get("cache_read_input_tokens"))
-        status = _int(record.get("status"))
-        if not isinstance(session, str) or read is None or status is None or status >= 400 or record.get("error_type"):
+        if not isinstance(session, str) or read is None or not record_outcome(record).answered:
             continue
         key = (session, record.get("model"))
         prev = last.get(key)

@@ -1,22 +1,57 @@
-"""TODO docstring."""
+"""What a usage record means: whether the exchange failed and why, and its one line for people.
+
+A record (pipeline/record.py writes it; docs and README list its fields) says what the client received:
+`status` (None: no response at all), `error_type` (the native Anthropic error type it got, if any) and
+`complete` (False: the answer was cut short). `outcome()` reads those three once, for everyone who counts:
+the `llm_gateway_errors` metric, `gateway.stats`, scripts/usage_report and the cache-break recompute.
+No mitmproxy: the report runs wherever the log is copied.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+from llm_gateway.protocol.errors import error_type_for_status
 
 from llm_gateway.protocol.tokens import integer
 from llm_gateway.util.logsafe import clean, clean_or_dash
 
 
+NO_RESPONSE = "no_response"  # the client got no response (it went away, or mitmproxy could not answer it)
+INCOMPLETE = "incomplete"  # a success status whose answer was cut short (no message_stop)
+
+
+class Outcome(NamedTuple):
+    """`answered`: the client got a success status (2xx/3xx, no error type), so the answer's usage is real (a
+    stream cut short still counts: its usage came with message_start). `error`: the exchange failed or is
+    unfinished. `kind`: "ok", the native error type, `INCOMPLETE` or `NO_RESPONSE`."""
+
+    answered: bool
+    error: bool
+    kind: str
+
+
+def outcome(status: Any, error_type: Any, complete: Any) -> Outcome:
+    """The one definition of "did this exchange fail, and how", from what the client received."""
+    status = integer(status)
+    if isinstance(error_type, str) and error_type:
+        return Outcome(False, True, error_type)
+    if status is None:
+        return Outcome(False, True, NO_RESPONSE)
+    if status >= 400:
+        return Outcome(False, True, error_type_for_status(status))
+    if complete is False:
+        return Outcome(True, True, INCOMPLETE)
+    return Outcome(True, False, "ok")
+
+
+def record_outcome(record: dict[str, Any]) -> Outcome:
+    return outcome(record.get("status"), record.get("error_type"), record.get("complete"))
+
+
 def is_error(record: dict[str, Any]) -> bool:
     """Failed or unfinished: an error type, an error status, no response at all, or cut short."""
-    status = integer(record.get("status"))
-    return (
-        record.get("error_type") is not None
-        or status is None
-        or status >= 400
-        or record.get("complete") is False
-    )
+    return record_outcome(record).error
 
 
 def human_line(record: dict[str, Any]) -> str:

@@ -1,0 +1,73 @@
+"""The mitmproxy internals the fence (llm_gateway/mitm/) relies on exist on the installed mitmproxy.
+
+None of these is mitmproxy's addon API. A release that renames or moves one fails here, by name, instead of the
+gateway falling back at run time (closing instead of answering, a listener without its deeper queue, a key left
+in flows). `scripts/test-latest` runs this against the newest mitmproxy 12 the declared range allows.
+No network, no event loop: it inspects classes and modules only.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from mitmproxy import contentviews, optmanager
+from mitmproxy.addons import proxyserver
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer, layers, mode_servers, server
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy.utils import ReceiveBuffer
+
+from llm_gateway.mitm import layers as fence_layers
+
+
+def source(obj) -> str:
+    return inspect.getsource(obj)
+
+
+@pytest.mark.parametrize("state", [fence_layers.WAITING, fence_layers.BUFFERING, fence_layers.STREAMING])
+def test_http_stream_states_the_timeouts_and_drain_read(state):
+    """mitm/layers.end_early tells the exchange's phase by the name of HttpStream's server-side state."""
+    assert callable(getattr(http_layers.HttpStream, state))
+
+
+def test_http_stream_attributes_end_early_and_the_body_cap_use():
+    init = source(http_layers.HttpStream.__init__)
+    for name in ("request_body_buf", "response_body_buf", "server_state", "stream_id"):
+        assert f"self.{name}" in init, name
+    assert "self._paused" in source(http_layers.HttpStream), "_paused: a connect or TLS handshake under way"
+    assert callable(http_layers.HttpStream._handle_event)  # replaced per stream by mitm/layers._inject
+    assert "self.streams" in source(http_layers.HttpLayer.__init__)  # walked by find_stream
+
+
+def test_the_event_and_command_types_end_early_feeds_the_stream():
+    for name in ("ResponseHeaders", "ResponseData", "ResponseEndOfMessage", "ResponseProtocolError", "ResponseTrailers"):
+        assert inspect.isclass(getattr(http_layers, name)), name
+    assert inspect.isclass(events.MessageInjected) and inspect.isclass(commands.CloseConnection)
+    assert issubclass(fence_layers.CappedBody, ReceiveBuffer) and callable(ReceiveBuffer.__iadd__)
+    assert hasattr(layer, "NextLayer") and inspect.isclass(layers.HttpLayer) and inspect.isclass(layers.TCPLayer)
+    assert hasattr(http_layers.HTTPMode, "transparent")
+
+
+def test_proxyserver_bookkeeping_the_drain_and_the_backlog_use():
+    ps = source(proxyserver.Proxyserver)
+    assert "self.connections" in ps and "self.servers" in ps and callable(proxyserver.Proxyserver.inject_event)
+    assert "self.transports" in source(server.ConnectionHandler.__init__)
+    assert "self.client" in source(server.ConnectionHandler.__init__)
+    assert "self._servers" in source(mode_servers.AsyncioServerInstance)  # the listening asyncio servers
+    assert inspect.iscoroutinefunction(mode_servers.ServerInstance.stop)
+    assert "self.changed" in source(proxyserver.Servers.__init__)  # addons/backlog follows new listeners
+
+
+def test_request_serialisers_key_custody_wraps():
+    """mitm/serializers puts the real upstream key into the bytes sent, in these two functions only."""
+    assert callable(http1.assemble_request_head) and callable(_http2.format_h2_request_headers)
+    # looked up at call time, so that the wrappers installed on the modules are the ones called
+    assert "http1.assemble_request_head(" in source(http_layers._http1)
+    assert "yield from format_h2_request_headers(" in source(_http2)
+
+
+def test_option_and_contentview_internals():
+    assert "self.deferred" in source(optmanager.OptManager.__init__)  # mitm/options
+    assert isinstance(contentviews.registry._by_name, dict)  # mitm/registry.unregister_view
