@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The answer pipeline as an addon: picks the path in `responseheaders`, answers in `response`, records
+failures in `error`; pipeline/answer.py decides what the answer means.
+"""
 
 from __future__ import annotations
 

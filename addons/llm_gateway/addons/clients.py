@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Client detection as an addon: which client and session sent a request, and its stream preference
+(policy/clients.py decides from the headers and body).
+"""
 
 from __future__ import annotations
 

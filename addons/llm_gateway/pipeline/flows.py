@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Facts about a flow that every part reads the same way: which listener it came through (base-URL
+`reverse` or egress `regular` mode) and the `flow.metadata` keys the gateway writes.
+"""
 
 from __future__ import annotations
 

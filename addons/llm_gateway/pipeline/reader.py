@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The one reader of stream events, on every path that carries events (relay, replayed conversion)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The usage record of one exchange, built from what the answer pipeline left on the Exchange: tokens,
+cost (US dollars), the cache break, and what the client received (`status`, `error_type`, `complete`,
+`reason`). records/schema.py says what the fields mean.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Key custody's decisions (the `credentials` section): which credential a request presented, whether it
+admits the request and to which upstream key, the key files read (and re-read when a Secret rotates), and new
+tokens minted (only their sha256 goes into the rules). addons/credentials.py applies them to flows.
+"""
 
 from __future__ import annotations
 

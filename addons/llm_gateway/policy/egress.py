@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The egress policy's decisions on the rules (`egress`): may `host:port` be reached, is it decrypted,
+is a path blocked; and a Host header's host in the one normal form (protocol/hosts.py).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Which API a request belongs to (`apis[]`: host and path globs) and where it goes (`routes[]`): decisions
+on the rules alone, for addons/routing.py, the egress policy and key custody.
+"""
 
 from __future__ import annotations
 

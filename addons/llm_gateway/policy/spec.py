@@ -1,6 +1,7 @@
-"""The `credentials` section of the rule file as plain frozen data (read by `rules.py`, used by `credentials.py`).
+"""What rules.yaml can say, as plain frozen data: every section's datatypes, read by policy/rules.py (the YAML
+reader) and decided on by the other policy modules; `Rules` is one whole version of the file.
 
-No secret is ever held here: upstream keys are named by where to read them (a file or an environment
+The `credentials` section: no secret is ever held here: upstream keys are named by where to read them (a file or an environment
 variable), gateway tokens by their SHA-256.
 """
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Anthropic's native errors: the table of error types and HTTP statuses (Anthropic's API reference,
+"Errors"), and the bodies the API sends: `{"type": "error", "error": {"type", "message"}, "request_id"}`.
+"""
 
 from __future__ import annotations
 

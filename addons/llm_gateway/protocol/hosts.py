@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Host names and paths in the one form the gateway compares them in: lower case, no brackets, no
+trailing dot; IP addresses in any spelling a resolver accepts; a path as sent and as a server reads it.
+"""
 
 from __future__ import annotations
 

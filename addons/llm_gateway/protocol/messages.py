@@ -1,7 +1,7 @@
-"""The Anthropic Messages API wire format: errors, and Messages as JSON or as SSE events.
+"""Messages as JSON or as SSE events: a stream accumulated into its Message, and a Message sent as a stream.
 
-Every part of the gateway that reads or writes Anthropic bodies goes through here, so the format is
-described once.
+Every part of the gateway that turns one form into the other goes through here (errors are protocol/errors.py,
+token counts protocol/tokens.py), so the format is described once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The value of a JSON text cut short (tool input when a stream stops at max_tokens), as the Anthropic
+SDK's partial-JSON reader (jiter's partial mode) gives it.
+"""
 
 from __future__ import annotations
 

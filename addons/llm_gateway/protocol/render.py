@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""A Message as plain text for people (mitmweb's message view): blocks, citations, tool input, usage."""
 
 from __future__ import annotations
 

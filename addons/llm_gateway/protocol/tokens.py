@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Token counts of an Anthropic `usage` object, read one way everywhere (records, metrics, the report).
+
+input_tokens excludes cache reads and cache writes (Anthropic's API reference, "usage"); cache writes split by
+lifetime (5m / 1h) when the answer says so; the cache hit share is cache_read / (input + cache_read + cache_write).
+"""
 
 from __future__ import annotations
 

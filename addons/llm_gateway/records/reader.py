@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Reading record logs: JSONL files or standard input (gzip too), lines that are not records counted,
+never fatal, each record with its time. Used by scripts/usage_report and the cache-break recompute.
+"""
 
 from __future__ import annotations
 

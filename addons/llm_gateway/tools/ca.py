@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`scripts/make-ca` (`python -m llm_gateway.tools.ca`): make the CA every replica shares, and print the
+kubectl commands that store it as a Secret and give agents its certificate.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`scripts/mint-token NAME` (`python -m llm_gateway.tools.mint_token`): a new gateway token and the
+rule line that admits it (policy/credentials.mint).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The gateway's CA as files: made (RSA, `cryptography`), read, saved and installed where mitmproxy looks.
+
+One CA for every replica (a Kubernetes Secret), instead of a CA per confdir; addons/ca.py installs it, and
+tools/ca.py (scripts/make-ca) makes it. No mitmproxy import: the file names are mitmproxy's, as constants.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""File stamps: whether a watched file (the rule file, a key file) changed since it was last read."""
 
 from __future__ import annotations
 
