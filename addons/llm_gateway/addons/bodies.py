@@ -23,6 +23,7 @@ from llm_gateway.mitm import layers
 from llm_gateway.mitm.layers import CappedBody
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
+from llm_gateway.protocol.hosts import path_of
 
 logger = logging.getLogger("llm_gateway.bodies")
 
@@ -59,7 +60,7 @@ class BodyLimit:
                 self._capped[flow] = capped
         if refused:
             ex.reason = "request_too_large"
-            logger.warning(f"refused a {declared}-byte request to {ex.host}{ex.path.split('?', 1)[0]!r} (limit {limit})")
+            logger.warning(f"refused a {declared}-byte request to {ex.host}{path_of(ex.path)!r} (limit {limit})")
             flow.response = too_large(limit, declared)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -70,5 +71,5 @@ class BodyLimit:
         if body is not None and body.refused:
             ex.reason = "request_too_large"
             ex.body = None
-            logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{ex.path.split('?', 1)[0]!r}")
+            logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{path_of(ex.path)!r}")
             flow.response = too_large(body.limit, body.received)

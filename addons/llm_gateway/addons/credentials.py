@@ -38,7 +38,7 @@ from llm_gateway.policy.credentials import (
     presented,
 )
 from llm_gateway.protocol import errors
-from llm_gateway.protocol.hosts import dot_segments
+from llm_gateway.protocol.hosts import dot_segments, path_of
 from llm_gateway.protocol.sse import Event
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def shown(host: str, path: str, method: str = "") -> str:
     query, cut and escaped. The host was matched against the rules' API hosts, so it is plain."""
     if method and not (method.isascii() and method.isalpha()):
         method = repr(method[:20])
-    return f"{method + ' ' if method else ''}{host}{path.split('?', 1)[0][:200]!r}"
+    return f"{method + ' ' if method else ''}{host}{path_of(path)[:200]!r}"
 
 
 # ------------------------------------------------------------------------------------------ the keys

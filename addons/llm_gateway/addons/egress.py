@@ -50,7 +50,7 @@ from llm_gateway.policy.egress import (
 from llm_gateway.policy.routing import match_api
 from llm_gateway.policy.rules import Rules
 from llm_gateway.protocol import errors
-from llm_gateway.protocol.hosts import canonical_host, normalize_host
+from llm_gateway.protocol.hosts import canonical_host, normalize_host, path_of
 from llm_gateway.util.logsafe import clean
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ class EgressPolicy:
                 **extra: Any) -> http.Response:
         """A 403 that says what was refused and by which rule (in the body and the `x-gateway-egress`
         header); native JSON for API requests. It never names the rule file: that is the gateway's layout."""
-        where = f"{host}:{port}" + (path.split("?", 1)[0] if path else "")
+        where = f"{host}:{port}" + (path_of(path) if path else "")
         if decision == "fronting":
             named = extra.get("host_header") or extra.get("sni")
             what = f"refused {where}: {rule} ({named} is not {host}: domain fronting)"
@@ -305,7 +305,7 @@ class EgressPolicy:
             "method": method,
             "host": host,
             "port": port,
-            "path": path.split("?", 1)[0] if path is not None else None,  # query strings may carry tokens
+            "path": path_of(path) if path is not None else None,  # query strings may carry tokens
             "rule": rule,
             "client_ip": client_ip,
             **{k: v for k, v in extra.items() if v is not None},

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mitmproxy import ctx, http
 
 from llm_gateway.pipeline.flows import proxy_mode
+from llm_gateway.protocol.hosts import path_of
 
 if TYPE_CHECKING:
     from llm_gateway.addons.metrics import Metrics
@@ -75,7 +76,7 @@ class Endpoints:
         self, method: str, target: str, *, accept: str | None = None, port: bool = False
     ) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request; `accept` picks the exposition format."""
-        path = target.split("?", 1)[0]
+        path = path_of(target)
         if path not in PATHS and not (port and path == "/metrics"):
             return 404, TEXT, b"not found: the gateway answers /-/healthz, /-/ready and /-/metrics\n"
         if method not in ("GET", "HEAD"):
@@ -95,7 +96,7 @@ class Endpoints:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not ctx.options.gateway_status_paths:
             return
-        if flow.request.path.split("?", 1)[0] not in PATHS or proxy_mode(flow) != "reverse":
+        if path_of(flow.request.path) not in PATHS or proxy_mode(flow) != "reverse":
             return
         request = flow.request
         status, content_type, body = self.answer(request.method, request.path, accept=request.headers.get("accept"))

@@ -17,6 +17,7 @@ import logging
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange
+from llm_gateway.protocol.hosts import path_of
 from llm_gateway.util.logsafe import clean
 
 logger = logging.getLogger("llm_gateway.log")
@@ -39,7 +40,7 @@ class ConnectionChatter(logging.Filter):
 def where(flow: http.HTTPFlow) -> str:
     """`GET https://api.anthropic.com:443/api/hello`, without the query string, escaped for a log line."""
     request = flow.request
-    path = request.path.split("?", 1)[0]
+    path = path_of(request.path)
     return clean(f"{request.method} {request.scheme}://{request.pretty_host}:{request.port}{path}")
 
 

@@ -23,8 +23,8 @@ from prometheus_client.exposition import choose_encoder
 from llm_gateway.pipeline import exchange
 from llm_gateway.policy import cachewatch
 from llm_gateway.protocol import errors
-from llm_gateway.records.schema import INCOMPLETE, NO_RESPONSE, outcome
 from llm_gateway.protocol.tokens import TOKEN_FIELDS, full_price_prompt_tokens, token
+from llm_gateway.records.schema import INCOMPLETE, NO_RESPONSE, outcome
 from llm_gateway.util.logsafe import clean
 
 if TYPE_CHECKING:

@@ -15,13 +15,14 @@ from mitmproxy import http
 
 from llm_gateway.pipeline import exchange
 from llm_gateway.protocol import jsoncodec, leanjson
+from llm_gateway.protocol.hosts import path_of
 
 
 def takes_stream_flag(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
     """Only Messages creation takes `stream` (not count_tokens, batches, …)."""
     return (
         flow.request.method == "POST"
-        and flow.request.path.split("?", 1)[0].rstrip("/").endswith("/v1/messages")
+        and path_of(flow.request.path).rstrip("/").endswith("/v1/messages")
         and isinstance(ex.body, dict)
     )
 

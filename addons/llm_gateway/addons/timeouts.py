@@ -25,6 +25,7 @@ from mitmproxy import http
 
 from llm_gateway.mitm import layers
 from llm_gateway.pipeline import answer, exchange, relay
+from llm_gateway.protocol.hosts import path_of
 
 logger = logging.getLogger("llm_gateway.timeouts")
 
@@ -39,7 +40,7 @@ def end_with_error(flow: http.HTTPFlow, ex: exchange.Exchange, reason: str, erro
         flow, answer.native_answer(error_type, message, headers),
         lambda: relay.interrupt(flow, answer.error_frame(error_type, message)),
     )
-    logger.warning(f"{reason}: {ex.host}{ex.path.split('?', 1)[0]!r} ({ex.client}, session {ex.session}): {done}")
+    logger.warning(f"{reason}: {ex.host}{path_of(ex.path)!r} ({ex.client}, session {ex.session}): {done}")
     return done
 
 

@@ -11,7 +11,13 @@ from typing import Any
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange
-from llm_gateway.protocol.tokens import TOKEN_FIELDS, cache_share, cache_write_split, token
+from llm_gateway.protocol.hosts import path_of
+from llm_gateway.protocol.tokens import (
+    TOKEN_FIELDS,
+    cache_share,
+    cache_write_split,
+    token,
+)
 
 
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
@@ -31,7 +37,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "api": ex.api,
         "method": ex.method,
         "host": ex.host,
-        "path": ex.path.split("?", 1)[0],
+        "path": path_of(ex.path),
         "upstream": ex.upstream,
         "model": ex.model,
         "status": ex.status,

@@ -13,10 +13,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Mapping
 
-logger = logging.getLogger("llm_gateway.credentials")
-
 from llm_gateway.policy.spec import Credentials, PassThrough, UpstreamKey, token_hash
 from llm_gateway.util.files import file_stamp
+
+logger = logging.getLogger("llm_gateway.credentials")
 
 CREDENTIAL_HEADERS = ("x-api-key", "authorization")  # where clients put Anthropic credentials
 

@@ -5,12 +5,13 @@ on the rules alone, for addons/routing.py, the egress policy and key custody.
 from __future__ import annotations
 
 from llm_gateway.policy.rules import Api, Route, Rules
+from llm_gateway.protocol.hosts import path_of
 from llm_gateway.util.globs import glob_set
 
 
 def match_api(rules: Rules, host: str | None, path: str) -> Api | None:
     """The first API whose host and path globs match; `host=None` (the base-URL listener) matches any host."""
-    path = path.split("?", 1)[0]
+    path = path_of(path)
     for api in rules.apis:
         if (host is None or glob_set(api.hosts).match(host)) and glob_set(api.paths).match(path):  # compiled once per rule load
             return api
@@ -18,7 +19,7 @@ def match_api(rules: Rules, host: str | None, path: str) -> Api | None:
 
 
 def match_route(rules: Rules, api: str, mode: str, host: str, path: str) -> Route | None:
-    path = path.split("?", 1)[0]
+    path = path_of(path)
     for route in rules.routes:
         if (
             (route.host is None or route.host.match(host))

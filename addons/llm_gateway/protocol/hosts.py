@@ -11,6 +11,12 @@ import socket
 from urllib.parse import unquote
 
 
+def path_of(target: str) -> str:
+    """A request target without its query string (`/v1/messages?beta=true` -> `/v1/messages`): what paths are
+    matched, logged and recorded by (a query string may carry a token)."""
+    return target.split("?", 1)[0]
+
+
 def normalize_host(host: str | None) -> str:
     """The one form hosts are compared in: lower case, no brackets, no trailing dots."""
     return (host or "").strip().lower().strip("[]").rstrip(".")
@@ -65,7 +71,7 @@ def dot_segments(path: str) -> bool:
     separated by a backslash, or followed by `;` parameters (`..;`, which servlet containers read as `..`): the
     upstream may resolve it (RFC 3986 section 5.2.4) to an endpoint outside the API paths the rules matched,
     e.g. `/v1/messages/../files`."""
-    path = path.split("?", 1)[0]
+    path = path_of(path)
     for _ in range(4):  # %252e -> %2e -> .: undo nested encodings, boundedly
         decoded = unquote(path)
         if decoded == path:

@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from llm_gateway.protocol.errors import error_type_for_status
-
 from llm_gateway.protocol.tokens import integer
 from llm_gateway.util.logsafe import clean, clean_or_dash
-
 
 NO_RESPONSE = "no_response"  # the client got no response (it went away, or mitmproxy could not answer it)
 INCOMPLETE = "incomplete"  # a success status whose answer was cut short (no message_stop)
