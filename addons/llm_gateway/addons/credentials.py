@@ -38,7 +38,7 @@ from llm_gateway.policy.credentials import (
     presented,
 )
 from llm_gateway.protocol import errors
-from llm_gateway.protocol.hosts import dot_segments, path_of
+from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.sse import Event
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class KeyCustody:
         the gateway's own `/-/metrics`): it gets no upstream key, and a gateway token goes no further (nor stays
         in the flow); a pass-through credential passes."""
         rules = self.rule_file.rules
-        host = flow.request.host.lower().rstrip(".")
+        host = normalize_host(flow.request.host)
         if rules.credentials is None or not any(h.match(host) for api in rules.apis for h in api.hosts):
             return
         headers = flow.request.headers

@@ -18,6 +18,7 @@ from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.policy.routing import match_api, match_route
 from llm_gateway.protocol import leanjson
+from llm_gateway.protocol.hosts import normalize_host
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -33,7 +34,7 @@ class ApiRouter:
         if flow.response or exchange.of(flow):
             return
         rules = self.rule_file.rules
-        host = flow.request.host.lower().rstrip(".")
+        host = normalize_host(flow.request.host)
         mode = proxy_mode(flow)
         api = match_api(rules, None if mode == "reverse" else host, flow.request.path)
         if api is None:

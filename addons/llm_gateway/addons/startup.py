@@ -18,6 +18,7 @@ from mitmproxy import ctx
 from mitmproxy.proxy import mode_specs
 
 from llm_gateway.policy.rules import Rules
+from llm_gateway.protocol.hosts import normalize_host
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -28,7 +29,7 @@ logger = logging.getLogger("llm_gateway.startup")
 def api_destinations(rules: Rules, target: mode_specs.ReverseMode) -> str:
     """Where a reverse listener's API requests go, by the first routes that can match them:
     `http://litellm:4000/anthropic (routes[0])`, or several `for <path glob>` parts, then the target."""
-    host = target.address[0].lower().rstrip(".")
+    host = normalize_host(target.address[0])
     apis = {api.name for api in rules.apis}
     parts = []
     for i, route in enumerate(rules.routes):

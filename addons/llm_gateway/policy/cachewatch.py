@@ -19,13 +19,14 @@ forgotten least-recently-used first).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from llm_gateway.protocol import jsoncodec
 
 if TYPE_CHECKING:
     pass
@@ -173,8 +174,7 @@ def _hash(block: Any) -> bytes:
                 h.update(len(part).to_bytes(8, "little"))
                 h.update(part)
         return h.digest()
-    text = json.dumps(block, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=DIGEST).digest()
+    return hashlib.blake2b(jsoncodec.canonical(block), digest_size=DIGEST).digest()
 
 
 def _blocks(value: Any) -> list[Any]:

@@ -11,7 +11,6 @@ ANY matching matcher names the client; none names it `unknown`. A request may na
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from itertools import islice
 from typing import Any
 
 from llm_gateway.policy.spec import ClientSignature
+from llm_gateway.protocol import jsoncodec
 from llm_gateway.protocol.headers import normalize
 from llm_gateway.util.globs import GlobSet
 from llm_gateway.util.perobject import PerObject
@@ -249,10 +249,7 @@ def _claude_code_session(user_id: str | None) -> str | None:
         return None
     text = user_id.strip()
     if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except (ValueError, RecursionError):
-            parsed = None
+        parsed = jsoncodec.loads(text)
         if isinstance(parsed, dict):
             found = _clean_session(parsed.get("session_id"))
             if found:

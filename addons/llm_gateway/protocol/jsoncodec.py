@@ -25,6 +25,21 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
+def loads(text: str | bytes) -> Any:
+    """A JSON text's value, or None where it is not JSON (never raises): an event's data, a log line, a header."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def canonical(value: Any) -> bytes:
+    """The one canonical text of a value, for hashing and comparing: keys sorted, compact, UTF-8 with lone
+    surrogates kept (a client's half emoji hashes as itself), unknown types as their str()."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.encode("utf-8", "surrogatepass")
+
+
 def parse_json_body(content: bytes | None) -> Any:
     """A body as JSON, or None: never raises, whatever the client sent. Always what `json.loads` gives:
     orjson (strict RFC 8259, about three times faster on an agent's request) reads it, except where it would

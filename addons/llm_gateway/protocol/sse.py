@@ -13,7 +13,6 @@ no name, as the SDK does.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -77,10 +76,7 @@ class Event:
     def json(self) -> Any:
         """`data` parsed as JSON (parsed once, then cached); None when it is not valid JSON."""
         if self._json is _UNSET:
-            try:
-                self._json = json.loads(self.data)
-            except (ValueError, RecursionError):
-                self._json = None
+            self._json = jsoncodec.loads(self.data)
         return self._json
 
     def _parse(self) -> None:

@@ -15,12 +15,12 @@ Standard library only (the report runs wherever the log is copied to). Two sourc
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Iterator
 
+from llm_gateway.protocol import jsoncodec
 from llm_gateway.records.schema import record_outcome
 
 TTL_5M, TTL_1H = 300.0, 3600.0  # seconds: the API's cache lifetimes
@@ -94,7 +94,7 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
     last: dict[tuple[str, Any], tuple[datetime, int, bool]] = {}  # (session, model) -> (time, cached, wrote 1h)
     seen: set[bytes] = set()  # records already counted: shippers deliver at least once, rotated logs overlap
     for record, when in sorted(records, key=lambda pair: pair[1]):
-        same = hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16).digest()
+        same = hashlib.blake2b(jsoncodec.canonical(record), digest_size=16).digest()
         if same in seen:  # compared with itself, a copy reads less than it cached: a break that never was
             continue
         seen.add(same)

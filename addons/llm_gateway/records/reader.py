@@ -4,11 +4,12 @@ never fatal, each record with its time. Used by scripts/usage_report and the cac
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any, Iterable, Iterator
+
+from llm_gateway.protocol import jsoncodec
 
 
 @dataclass
@@ -58,10 +59,7 @@ def read_records(names: Iterable[str], skipped: Skipped) -> Iterator[tuple[dict[
                 line = raw.strip()
                 if not line:
                     continue
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
-                    record = None
+                record = jsoncodec.loads(line)
                 if not isinstance(record, dict):
                     skipped.corrupt_at(f"{label}:{lineno}")
                     continue
