@@ -29,7 +29,7 @@ from llm_gateway.mitm import registry
 from llm_gateway.pipeline import exchange, relay
 from llm_gateway.pipeline.flows import EGRESS_METADATA
 from llm_gateway.protocol import jsoncodec, messages
-from llm_gateway.protocol.render import _count, render_message
+from llm_gateway.protocol.render import count_text, render_message
 from llm_gateway.protocol.sse import SSE_TYPE
 from llm_gateway.protocol.tokens import cache_share
 from llm_gateway.util.logsafe import clean
@@ -194,8 +194,8 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
     if ex.usage:
         usage = ex.usage
         parts.append(
-            f"in {_count(usage, 'input_tokens')} out {_count(usage, 'output_tokens')}"
-            f" cache r{_count(usage, 'cache_read_input_tokens')} w{_count(usage, 'cache_creation_input_tokens')}"
+            f"in {count_text(usage, 'input_tokens')} out {count_text(usage, 'output_tokens')}"
+            f" cache r{count_text(usage, 'cache_read_input_tokens')} w{count_text(usage, 'cache_creation_input_tokens')}"
         )
     if ex.cache_break and ex.cache_break_reason:
         parts.append(clean(ex.break_text(), 400))

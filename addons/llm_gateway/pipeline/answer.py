@@ -25,7 +25,6 @@ a short `reason`.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from mitmproxy import http
 
@@ -45,11 +44,6 @@ CLIENT_GONE = "Client disconnected"  # how mitmproxy's flow.error starts when th
 
 def is_sse(response: http.Response) -> bool:
     return response.headers.get("content-type", "").lower().startswith(SSE_TYPE)
-
-
-def _request_id(body: Any) -> str | None:
-    rid = body.get("request_id") if isinstance(body, dict) else None
-    return rid if isinstance(rid, str) and rid else None
 
 
 def set_body(response: http.Response, content: bytes, content_type: str) -> None:
@@ -110,7 +104,7 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
         inner = error.get("error") if isinstance(error.get("error"), dict) else {}
         error_type = inner.get("type") if isinstance(inner.get("type"), str) else "api_error"
         message = inner.get("message") if isinstance(inner.get("message"), str) else "upstream stream failed"
-        request_id = _request_id(error) or response.headers.get("request-id")
+        request_id = errors.request_id_of(error) or response.headers.get("request-id")
         status = errors.status_for_error_type(error_type)
         body = errors.error_json(error_type, message, request_id)
         send_error(response, ex, envelopes.Unwrapped(status, body, error_type, request_id, "stream", response.status_code))
@@ -154,7 +148,7 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
             ex.error_type = body["error"]["type"] if errors.is_native_error(body) else errors.error_type_for_status(
                 response.status_code
             )
-            ex.request_id = ex.request_id or _request_id(body)
+            ex.request_id = ex.request_id or errors.request_id_of(body)
 
 
 def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llm_gateway.pipeline import exchange
-from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE, _request_id
+from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE
 from llm_gateway.protocol import envelopes, errors, sse, tokens
 
 
@@ -64,7 +64,7 @@ class StreamReader:
         self.finished = True
         if errors.is_native_error(found):
             ex.error_type = found["error"]["type"]
-            ex.request_id = ex.request_id or _request_id(found)
+            ex.request_id = ex.request_id or errors.request_id_of(found)
         else:
             ex.error_type = "api_error"  # an error event that is not JSON: its text is the message
         ex.reason = ex.reason or "stream error event"  # a part that ended the stream itself said why first

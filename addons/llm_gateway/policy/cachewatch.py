@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol.tokens import CACHE_TTL, token
 
 if TYPE_CHECKING:
     pass
@@ -43,7 +44,7 @@ MAX_CONVERSATIONS = 16
 # with its prompt, 8 bytes a block; 5000 sessions of long conversations and subagents stay well below this
 MAX_BYTES = 256 * 2**20
 OVERHEAD = 400  # bytes of a fingerprint besides its arrays: the objects, the conversation's key and entry
-DEFAULT_TTL = {"5m": 300.0, "1h": 3600.0}  # seconds; the API's two cache lifetimes
+DEFAULT_TTL = CACHE_TTL  # seconds; the API's two cache lifetimes
 # Minimum cacheable prompt length in tokens, per model (Anthropic's prompt-caching docs, "Cache limitations");
 # first match wins; anything else: DEFAULT_MIN_CACHEABLE.
 MIN_CACHEABLE: tuple[tuple[re.Pattern[str], int], ...] = (
@@ -401,11 +402,6 @@ class SessionCache:
     size: int = 0  # footprint of its conversations' fingerprints, bytes
 
 
-def _count(usage: dict, key: str) -> int | None:
-    value = usage.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
 class CacheWatch:
     """Per-session memory of the last request of each conversation; bounded to `max_sessions` sessions and
     `max_bytes` bytes of fingerprints, least recently seen sessions forgotten first."""
@@ -443,7 +439,7 @@ class CacheWatch:
         self.sessions[session] = state
         self._trim()
         state.requests += 1
-        read, wrote = _count(usage, "cache_read_input_tokens"), _count(usage, "cache_creation_input_tokens") or 0
+        read, wrote = token(usage, "cache_read_input_tokens"), token(usage, "cache_creation_input_tokens") or 0
         fp = fingerprint(body)
         key = conversation_key(fp)
         prev = state.conversations.get(key)
@@ -452,7 +448,7 @@ class CacheWatch:
                          if continues(seen.fingerprint, fp)), None)
         found = None
         if prev is not None and read is not None and read < prev.cached:
-            prompt = read + wrote + (_count(usage, "input_tokens") or 0)
+            prompt = read + wrote + (token(usage, "input_tokens") or 0)
             reason, detail = explain(prev.fingerprint, fp, started - prev.started, ttl_seconds or DEFAULT_TTL, prompt)
             state.breaks += 1
             self.breaks += 1

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_gateway.protocol.tokens import CACHE_TTL
 from llm_gateway.util.globs import Glob
 
 UPSTREAM_HEADERS = ("x-api-key", "authorization")  # how an upstream takes its key (authorization: Bearer)
@@ -207,8 +208,8 @@ class Egress:
 class Usage:
     log: str | None = None  # absolute path, "-" for stdout, None for no file
     cache_sessions: int = 5000  # sessions whose prompt-cache fingerprints are kept (cachewatch), least recent out
-    cache_ttl_5m: float = 300.0  # seconds the API keeps a "5m" cache entry; other values only for a test upstream
-    cache_ttl_1h: float = 3600.0  # seconds the API keeps a "1h" cache entry
+    cache_ttl_5m: float = CACHE_TTL["5m"]  # seconds the API keeps a "5m" cache entry; other values only for a test upstream
+    cache_ttl_1h: float = CACHE_TTL["1h"]  # seconds the API keeps a "1h" cache entry
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def unwrap_error_event(data: dict) -> dict | None:
                 message = _as_text(data["error"].get("message"))
                 stated = explicit_status(message)
                 error_type = errors.error_type_for_status(stated) if stated else "api_error"
-                return errors.error_body(error_type, message, _request_id(data))
+                return errors.error_body(error_type, message, errors.request_id_of(data))
             return _restated(data)
         found = _search(data, 0, budget)
         if found is not None:
@@ -279,7 +279,7 @@ def _unwrap_response(status: int, content_type: str | None, body: bytes, max_mes
             if _untyped(parsed):
                 message = _as_text(parsed["error"].get("message")) or stripped
                 stated = explicit_status(message)
-                return _built(stated or status, message, "untyped-error", max_message, _request_id(parsed), original=status)
+                return _built(stated or status, message, "untyped-error", max_message, errors.request_id_of(parsed), original=status)
             restated = _restated(parsed)
             if restated is not None:
                 return _from_inner(restated, status, "litellm-overload", parsed)
@@ -303,11 +303,11 @@ def _from_inner(inner: dict, original_status: int, source: str, outer: Any) -> U
     """An `Unwrapped` carrying the native error `inner` exactly as found."""
     err = inner["error"]
     error_type = err["type"]
-    request_id = _request_id(inner) or _request_id(outer)
+    request_id = errors.request_id_of(inner) or errors.request_id_of(outer)
     if isinstance(err.get("message"), str):
         body = jsoncodec.dumps(inner)
     else:  # a native shape with a missing or odd message: normalise it
-        body = jsoncodec.dumps(errors.error_body(error_type, _as_text(err.get("message")), _request_id(inner)))
+        body = jsoncodec.dumps(errors.error_body(error_type, _as_text(err.get("message")), errors.request_id_of(inner)))
     return Unwrapped(
         status=errors.status_for_error_type(error_type, default=original_status),
         body=body,
@@ -386,20 +386,12 @@ def _restated(native: dict) -> dict | None:
     message = native["error"].get("message")
     if native["error"]["type"] != "api_error" or explicit_status(message) != 529:
         return None
-    return errors.error_body("overloaded_error", message, _request_id(native))
+    return errors.error_body("overloaded_error", message, errors.request_id_of(native))
 
 
 def _untyped(native: dict) -> bool:
     """A native-shaped error whose type is LiteLLM's stringified None (or empty)."""
     return native["error"]["type"].strip() in ("", "None", "none", "null")
-
-
-def _request_id(value: Any) -> str | None:
-    if isinstance(value, dict):
-        rid = value.get("request_id")
-        if isinstance(rid, str) and rid:
-            return rid
-    return None
 
 
 def _as_text(value: Any) -> str:

@@ -56,6 +56,12 @@ def error_json(error_type: str, message: str, request_id: str | None = None) -> 
     return dumps(error_body(error_type, message, request_id))
 
 
+def request_id_of(body: Any) -> str | None:
+    """The `request_id` an error body carries (the API puts it beside `error`), or None."""
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
 def is_native_error(body: Any) -> bool:
     """True for a dict shaped like a native error body."""
     return (

@@ -60,14 +60,14 @@ _SHOWN_FIELDS = frozenset({"id", "type", "role", "model", "content", "stop_reaso
 
 def describe_usage(usage: dict[str, Any]) -> list[str]:
     """`tokens: input 21 · output 9` and `cache: read 13 · write 7 (5m 7, 1h 0) · hit 32%` (+ server tools)."""
-    write = f"write {_count(usage, 'cache_creation_input_tokens')}"
+    write = f"write {count_text(usage, 'cache_creation_input_tokens')}"
     breakdown = usage.get("cache_creation")
     if isinstance(breakdown, dict) and breakdown:
-        write += f" (5m {_count(breakdown, 'ephemeral_5m_input_tokens')}, 1h {_count(breakdown, 'ephemeral_1h_input_tokens')})"
+        write += f" (5m {count_text(breakdown, 'ephemeral_5m_input_tokens')}, 1h {count_text(breakdown, 'ephemeral_1h_input_tokens')})"
     share = cache_share(usage)
     lines = [
-        f"tokens: input {_count(usage, 'input_tokens')} · output {_count(usage, 'output_tokens')}",
-        f"cache: read {_count(usage, 'cache_read_input_tokens')} · {write} · hit {'-' if share is None else f'{share:.0%}'}",
+        f"tokens: input {count_text(usage, 'input_tokens')} · output {count_text(usage, 'output_tokens')}",
+        f"cache: read {count_text(usage, 'cache_read_input_tokens')} · {write} · hit {'-' if share is None else f'{share:.0%}'}",
     ]
     server = usage.get("server_tool_use")
     if isinstance(server, dict) and server:
@@ -75,7 +75,7 @@ def describe_usage(usage: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _count(usage: dict[str, Any], key: str) -> str:
+def count_text(usage: dict[str, Any], key: str) -> str:
     value = token(usage, key)
     return "-" if value is None else str(value)
 

@@ -20,15 +20,19 @@ OPTIONAL_DELTA_USAGE = (
 )
 
 
+# The API's two prompt-cache lifetimes, in seconds, by the `ttl` a cache_control block names (Anthropic docs,
+# "Prompt caching": 5 minutes by default, 1 hour on request). The rules may shorten them for a test upstream.
+CACHE_TTL = {"5m": 300.0, "1h": 3600.0}
+
 # The four token counts of a usage object, in the order records, reports and metrics show them. Cache reads
 # and cache writes are not part of input_tokens.
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 def token(usage: dict[str, Any] | None, key: str) -> int | None:
-    """A token count from a usage object, or None where it is absent or not an integer."""
-    value = usage.get(key) if usage else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count from a usage object, or None where it is absent or not a count (not an integer, or
+    negative: what an upstream or a copied log may hold). The one reader of token counts."""
+    return integer(usage.get(key)) if usage else None
 
 
 def cache_write_split(usage: dict[str, Any] | None) -> tuple[int | None, int | None]:
@@ -73,4 +77,5 @@ def merge_delta_usage(usage: dict[str, Any], delta_usage: dict[str, Any]) -> Non
 
 
 def integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A count (tokens, a status) as read from JSON: a non-negative integer, else None (booleans are not)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

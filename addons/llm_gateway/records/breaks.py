@@ -21,21 +21,14 @@ from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 from llm_gateway.protocol import jsoncodec
+from llm_gateway.protocol.tokens import CACHE_TTL, integer
 from llm_gateway.records.schema import record_outcome
+from llm_gateway.records.totals import dollars
 
-TTL_5M, TTL_1H = 300.0, 3600.0  # seconds: the API's cache lifetimes
+TTL_5M, TTL_1H = CACHE_TTL["5m"], CACHE_TTL["1h"]  # seconds
 COLUMNS = ("client", "reason", "breaks", "tokens_lost", "lost_usd", "unpriced")
 TABLE_HEADERS = {"client": "CLIENT", "reason": "REASON", "breaks": "BREAKS", "tokens_lost": "TOKENS LOST",
                  "lost_usd": "LOST $", "unpriced": "UNPRICED"}
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _money(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
 
 
 @dataclass
@@ -62,8 +55,8 @@ class BreakTable:
     def add_recorded(self, record: dict[str, Any]) -> None:
         """Count a record's own break, as the gateway found it."""
         if record.get("cache_break") is True:
-            self.add(_client(record), _reason(record) or "unknown", _int(record.get("cache_break_tokens_lost")),
-                     _money(record.get("cache_break_cost_usd")))
+            self.add(_client(record), _reason(record) or "unknown", integer(record.get("cache_break_tokens_lost")),
+                     dollars(record.get("cache_break_cost_usd")))
 
     def result(self) -> list[dict[str, Any]]:
         """One row per (client, reason), most money lost first; None where no cost is known."""
@@ -98,22 +91,22 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
         if same in seen:  # compared with itself, a copy reads less than it cached: a break that never was
             continue
         seen.add(same)
-        session, read = record.get("session"), _int(record.get("cache_read_input_tokens"))
+        session, read = record.get("session"), integer(record.get("cache_read_input_tokens"))
         if not isinstance(session, str) or read is None or not record_outcome(record).answered:
             continue
         key = (session, record.get("model"))
         prev = last.get(key)
-        last[key] = (when, read + (_int(record.get("cache_creation_input_tokens")) or 0),
-                     bool(_int(record.get("cache_creation_1h_input_tokens"))))
+        last[key] = (when, read + (integer(record.get("cache_creation_input_tokens")) or 0),
+                     bool(integer(record.get("cache_creation_1h_input_tokens"))))
         recorded = _reason(record) if record.get("cache_break") is True else None
         if prev is None or read >= prev[1]:
             if recorded:  # found by the replica against another model's request: a model switch
-                lost = _int(record.get("cache_break_tokens_lost")) or 0
-                yield record, recorded, lost, _money(record.get("cache_break_cost_usd"))
+                lost = integer(record.get("cache_break_tokens_lost")) or 0
+                yield record, recorded, lost, dollars(record.get("cache_break_cost_usd"))
             continue
         lost = prev[1] - read
         if recorded:
-            yield record, recorded, lost, _money(record.get("cache_break_cost_usd"))
+            yield record, recorded, lost, dollars(record.get("cache_break_cost_usd"))
             continue
         pause = (when - prev[0]).total_seconds()
         yield record, "ttl_expired" if pause > (TTL_1H if prev[2] else TTL_5M) else "unknown", lost, None
