@@ -29,6 +29,7 @@ from mitmproxy import http
 
 from llm_gateway.mitm import serializers
 from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.policy import routing
 from llm_gateway.policy.credentials import (
     CREDENTIAL_HEADERS,
@@ -37,7 +38,6 @@ from llm_gateway.policy.credentials import (
     decide,
     presented,
 )
-from llm_gateway.protocol import errors
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.sse import Event
 
@@ -258,11 +258,7 @@ class KeyCustody:
         flow.request.headers[name] = placeholder
 
     def _answer(self, flow: http.HTTPFlow, error_type: str, message: str) -> None:
-        flow.response = http.Response.make(
-            errors.status_for_error_type(error_type),
-            errors.error_json(error_type, message),
-            {"content-type": "application/json"},
-        )
+        flow.response = native_answer(error_type, message)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         custody = self._sent(flow)

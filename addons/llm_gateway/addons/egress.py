@@ -39,6 +39,7 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import server_hooks
 
 from llm_gateway.mitm import layers as mitm_layers
+from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.pipeline.flows import EGRESS_METADATA, is_regular
 from llm_gateway.policy.egress import (
     blocked_by,
@@ -49,7 +50,6 @@ from llm_gateway.policy.egress import (
 )
 from llm_gateway.policy.routing import match_api
 from llm_gateway.policy.rules import Rules
-from llm_gateway.protocol import errors
 from llm_gateway.protocol.hosts import canonical_host, normalize_host, path_of
 from llm_gateway.util.logsafe import clean
 
@@ -287,10 +287,7 @@ class EgressPolicy:
         message = f"LLM gateway egress policy {what}; see the gateway log or the egress record"
         reason = clean(f"{decision}: {what}", 1000).encode("ascii", "backslashreplace").decode("ascii")
         if path is not None and match_api(rules, host, path):
-            return http.Response.make(
-                403, errors.error_json("permission_error", message),
-                {"content-type": "application/json", REFUSAL_HEADER: reason},
-            )
+            return native_answer("permission_error", message, {REFUSAL_HEADER: reason})  # a 403
         return http.Response.make(
             403, message + "\n", {"content-type": "text/plain; charset=utf-8", REFUSAL_HEADER: reason}
         )
