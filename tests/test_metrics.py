@@ -29,7 +29,7 @@ def finished(*, client="claude-code", model="claude-sonnet-4-5", session="sess-1
     rules = gwtest.rule_file().rules
     ex = exchange.start(flow, exchange.Exchange(rules=rules, api="anthropic", mode=mode, method="POST",
                                                 host="api.anthropic.com", path="/v1/messages"))
-    ex.client, ex.model, ex.session = client, model, session
+    ex.client, ex.model_answered, ex.session = client, model, session
     ex.usage = dict(usage) if usage is not None else None
     ex.error_type, ex.unwrapped, ex.cache_break = error_type, unwrapped, cache_break
     ex.status = status  # what the client got, as answer.py leaves it

@@ -172,7 +172,7 @@ def test_one_exchange_is_priced_once_for_its_record_line_and_comment(monkeypatch
     real = pricing.cost
     monkeypatch.setattr(exchange, "cost", lambda *a: calls.append(a) or real(*a))
     ex = exchange.Exchange(spec.Rules(), "anthropic", "reverse", "POST", "gw", "/v1/messages",
-                           model=SONNET_45, usage=usage(inp=10, out=5))
+                           model_answered=SONNET_45, usage=usage(inp=10, out=5))
     first = ex.cost()
     assert ex.cost() is first and len(calls) == 1
     ex.usage = usage(inp=10, out=6)  # the counts changed (a stream's last usage): priced again

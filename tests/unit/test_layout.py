@@ -98,3 +98,82 @@ def test_the_scan_sees_a_private_name(tmp_path):
     for code in ("def f(stream):\n    return stream._paused\n", "x = getattr(registry, '_by_name', None)\n",
                  "from mitmproxy.proxy.layers.http import _http2\n"):
         assert any(name in PRIVATE for _, name in names_in(ast.parse(code))), code
+
+
+# Each Exchange field and the only modules (under addons/llm_gateway) that may assign it; fields given to the
+# constructor (rules, api, mode, method, host, path, started, user_agent) are built by addons/routing.py.
+# Lists are appended to and taps added only through Exchange's own methods (note, add_tap).
+ANSWER = {"pipeline/answer.py", "pipeline/reader.py"}
+FIELD_OWNERS = {
+    "path": {"addons/credentials.py"},  # the query string's tokens masked
+    "upstream": {"addons/routing.py"},
+    "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
+    # forced (streams), let go through `release()`
+    "model_requested": {"addons/routing.py"},
+    **dict.fromkeys(("client", "session", "user_agent", "stream_preference"), {"addons/clients.py"}),
+    "principal": {"addons/credentials.py"},
+    **dict.fromkeys(("stream_requested", "stream_upstream"), {"addons/streams.py"}),
+    "response_started": {"addons/answer.py"},
+    **dict.fromkeys(("status", "request_id", "error_type", "unwrapped", "unwrapped_from", "converted", "complete",
+                     "usage", "model_answered"), ANSWER),
+    "message": ANSWER | {"pipeline/exchange.py"},
+    **dict.fromkeys(("reason", "priced", "on_flow_gone", "notes", "sse_taps", "tap_stages", "cache_break",
+                     "cache_break_reason", "cache_break_detail", "cache_break_tokens_lost", "cache_break_cost_usd"),
+                    {"pipeline/exchange.py"}),
+    "recorded": {"addons/usage.py"},
+    "metered": {"addons/metrics.py"},
+}
+MUTATORS = {"append", "extend", "insert", "clear", "remove", "pop", "sort", "reverse"}
+
+
+def exchange_writes(tree: ast.AST, in_exchange_module: bool):
+    """(field, line) for each assignment to an Exchange field, and each in-place change of its lists, in `tree`.
+    An exchange is what the code calls `ex`, `self.ex` or `exchange` (or `self` in pipeline/exchange.py)."""
+
+    def is_exchange(node: ast.AST) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in ("ex", "exchange") or (in_exchange_module and node.id == "self")
+        return isinstance(node, ast.Attribute) and node.attr == "ex"
+
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for part in ast.walk(target):
+                if isinstance(part, ast.Attribute) and is_exchange(part.value):
+                    yield part.attr, node.lineno
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+            owner = node.func.value
+            if isinstance(owner, ast.Attribute) and owner.attr in ("notes", "sse_taps", "tap_stages") \
+                    and is_exchange(owner.value):
+                yield owner.attr, node.lineno
+
+
+def test_exchange_field_owners():
+    from llm_gateway.pipeline.exchange import Exchange
+
+    fields = set(Exchange.__dataclass_fields__)
+    assert set(FIELD_OWNERS) <= fields, set(FIELD_OWNERS) - fields
+    wrong = []
+    for path, tree in modules():
+        where = path.relative_to(PACKAGE).as_posix()
+        for field, line in exchange_writes(tree, where == "pipeline/exchange.py"):
+            if field in fields and where not in FIELD_OWNERS.get(field, set()):
+                wrong.append(f"{where}:{line} writes {field}")
+    assert not wrong, wrong
+
+
+def test_the_owner_scan_sees_a_write():
+    tree = ast.parse("def f(ex, self):\n    ex.reason = 'x'\n    self.ex.notes.append('y')\n")
+    assert sorted(exchange_writes(tree, False)) == [("notes", 3), ("reason", 2)]
+
+
+def test_taps_run_in_their_declared_stages():
+    """The scrub sees each event first, then the reader, then the copy, whichever addon added its tap first."""
+    from llm_gateway.pipeline import exchange
+
+    ex = exchange.Exchange(None, "anthropic", "reverse", "POST", "gw", "/v1/messages")
+    for tap, stage in (("copy", exchange.COPY), ("reader", exchange.READ), ("scrub", exchange.SCRUB),
+                       ("second reader", exchange.READ)):
+        ex.add_tap(tap, stage)
+    assert ex.sse_taps == ["scrub", "reader", "second reader", "copy"]

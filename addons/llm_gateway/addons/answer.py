@@ -28,7 +28,7 @@ class AnswerPipeline:
         if ex is None:
             return
         ex.response_started = time.time()
-        ex.sse_taps.insert(0, StreamReader(ex))  # first: every later tap sees the native events
+        ex.add_tap(StreamReader(ex), exchange.READ)  # after the scrub; the copy sees the native events
         response = flow.response
         # Relay only a stream the client asked for (or did not say), and only a success: an error sent as a
         # stream is buffered and answered as a native JSON error, like any other error.

@@ -59,7 +59,7 @@ class BodyLimit:
             if capped is not None:
                 self._capped[flow] = capped
         if refused:
-            ex.reason = "request_too_large"
+            ex.stop("request_too_large")
             logger.warning(f"refused a {declared}-byte request to {ex.host}{path_of(ex.path)!r} (limit {limit})")
             flow.response = too_large(limit, declared)
 
@@ -69,7 +69,7 @@ class BodyLimit:
             return
         body = self._capped.pop(flow, None)
         if body is not None and body.refused:
-            ex.reason = "request_too_large"
-            ex.body = None
+            ex.stop("request_too_large")
+            ex.release()
             logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{path_of(ex.path)!r}")
             flow.response = too_large(body.limit, body.received)

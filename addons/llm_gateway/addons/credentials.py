@@ -200,7 +200,7 @@ class KeyCustody:
         headers = {k.lower(): v for k, v in flow.request.headers.items()}
         decision = decide(creds, seen, headers, ex.client)
         ex.principal = decision.principal
-        ex.notes.append(f"credentials: {decision.why}")
+        ex.note(f"credentials: {decision.why}")
         exchange.publish(flow, ex)
         if decision.action == "refuse":
             logger.warning(f"refused {ex.client} {shown(ex.host, ex.path, ex.method)}: {decision.why}")
@@ -264,7 +264,7 @@ class KeyCustody:
         custody = self._sent(flow)
         ex = exchange.of(flow)
         if custody is not None and custody.key and ex is not None:
-            ex.sse_taps.insert(0, ScrubTap(custody.key))  # first: every other tap sees the masked event
+            ex.add_tap(ScrubTap(custody.key), exchange.SCRUB)  # first: every other tap sees the masked event
             self._scrub_headers(flow.response, custody.key)
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -102,7 +102,7 @@ class Drain:
         headers = {"retry-after": RETRY_AFTER, "connection": "close", "x-should-retry": "true"}
         ex = exchange.of(flow)
         if ex is not None:
-            ex.reason = "shutdown"
+            ex.stop("shutdown")
             flow.response = native_answer(
                 "overloaded_error", "This gateway replica is shutting down; retry (another replica will answer).",
                 headers,

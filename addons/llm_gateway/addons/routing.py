@@ -60,7 +60,7 @@ class ApiRouter:
             return
         ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False))
         if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
-            ex.model = ex.body["model"][:200]
+            ex.model_requested = ex.body["model"][:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         if route is None:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
@@ -79,5 +79,5 @@ class ApiRouter:
             if request.host_header != up.host_header:
                 request.host_header = up.host_header
             ex.upstream = str(up)
-            ex.notes.append(f"routed to {up}")
+            ex.note(f"routed to {up}")
         exchange.publish(flow, ex)

@@ -43,5 +43,5 @@ class StreamPreference:
                 ex.body["stream"] = wanted
                 flow.request.content = jsoncodec.dumps(ex.body)
             ex.stream_upstream = wanted
-            ex.notes.append(f"stream forced {pref} upstream")
+            ex.note(f"stream forced {pref} upstream")
         exchange.publish(flow, ex)

@@ -67,7 +67,7 @@ class Usage:
         # The parsed request and answer are done with (the record holds what was read from them). mitmproxy's
         # flows are freed by the garbage collector, not by reference counts: released here, the few hundred
         # objects of an agent's parsed request go at once instead of riding along through its collections.
-        ex.body = ex.message = None
+        ex.release()
 
     def log_lines(self) -> None:
         """One log record for the lines of every exchange since the last flush: mitmproxy hands each log

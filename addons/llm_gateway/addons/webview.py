@@ -313,7 +313,7 @@ class WebView:
             return
         if "store_streamed_bodies" in ctx.options and ctx.options.store_streamed_bodies:
             return  # mitmproxy keeps the whole body itself
-        ex.sse_taps.append(StreamCopyTap(self.keep_limit))
+        ex.add_tap(StreamCopyTap(self.keep_limit), exchange.COPY)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -340,4 +340,4 @@ class WebView:
         flow.response.raw_content = tap.body()  # only the flow's copy: the client already has every byte
         flow.metadata[STREAM_COPY_KEY] = tap.summary()
         if tap.truncated:
-            ex.notes.append(f"stream copy cut at {tap.kept} of {tap.total} bytes")
+            ex.note(f"stream copy cut at {tap.kept} of {tap.total} bytes")

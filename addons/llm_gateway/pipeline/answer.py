@@ -77,7 +77,7 @@ def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
         found = envelopes.unwrap_response(response.status_code, content_type, body, ex.rules.errors.max_message)
     if found is not None:
         ex.unwrapped, ex.unwrapped_from = True, f"{found.source} {found.original_status}"
-        ex.notes.append(f"error unwrapped from {found.source} (HTTP {found.original_status})")
+        ex.note(f"error unwrapped from {found.source} (HTTP {found.original_status})")
     send_error(response, ex, found)
 
 
@@ -100,7 +100,7 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
     if acc.error is not None or acc.message is None or not acc.complete:
         error = acc.error if acc.error is not None else errors.error_body("api_error", TRUNCATED_MESSAGE)
         if acc.error is None:
-            ex.reason = ex.reason or "upstream stream ended before message_stop"
+            ex.stop("upstream stream ended before message_stop")
         inner = error.get("error") if isinstance(error.get("error"), dict) else {}
         error_type = inner.get("type") if isinstance(inner.get("type"), str) else "api_error"
         message = inner.get("message") if isinstance(inner.get("message"), str) else "upstream stream failed"
@@ -108,11 +108,11 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
         status = errors.status_for_error_type(error_type)
         body = errors.error_json(error_type, message, request_id)
         send_error(response, ex, envelopes.Unwrapped(status, body, error_type, request_id, "stream", response.status_code))
-        ex.notes.append("stream error became an HTTP error")
+        ex.note("stream error became an HTTP error")
     else:
         ex.message = acc.message
         set_body(response, jsoncodec.dumps(acc.message), "application/json")
-        ex.notes.append("SSE converted to JSON")
+        ex.note("SSE converted to JSON")
 
 
 def json_to_sse(response: http.Response, ex: exchange.Exchange) -> None:
@@ -123,7 +123,7 @@ def json_to_sse(response: http.Response, ex: exchange.Exchange) -> None:
     ex.message = message
     ex.converted = "json->sse"
     set_body(response, messages.message_to_sse(message), f"{SSE_TYPE}; charset=utf-8")
-    ex.notes.append("JSON converted to SSE")
+    ex.note("JSON converted to SSE")
 
 
 def settle(response: http.Response, ex: exchange.Exchange) -> None:
@@ -139,7 +139,7 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
             if isinstance(ex.message.get("usage"), dict):
                 ex.usage = ex.message["usage"]
             if isinstance(ex.message.get("model"), str) and ex.message["model"]:
-                ex.model = ex.message["model"]
+                ex.model_answered = ex.message["model"]
         if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
             ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
     if response.status_code >= 400:
@@ -174,7 +174,7 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
     else:
         ex.status, ex.error_type = MITMPROXY_ERROR_STATUS, "api_error"
         reason = failure_reason(message, response is not None)
-    ex.reason = ex.reason or reason  # a part that ended the exchange itself (a timeout) already said why
+    ex.stop(reason)  # a part that ended the exchange itself (a timeout) already said why
 
 
 def failure_reason(message: str, had_headers: bool) -> str:

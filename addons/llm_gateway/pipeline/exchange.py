@@ -8,6 +8,7 @@ exchange never mixes old and new rules.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 import weakref
@@ -23,6 +24,11 @@ if TYPE_CHECKING:  # rules imports clients, which imports this module
     from llm_gateway.policy.rules import Rules
 
 METADATA_KEY = "gateway"
+
+
+# The stages of a stream's taps, in the order each event passes them: secrets masked first (key custody's scrub),
+# then read (the answer pipeline's reader: usage, model, errors), then copied for people (mitmweb's body copy).
+SCRUB, READ, COPY = 0, 1, 2
 
 
 class SSETap(Protocol):
@@ -56,7 +62,7 @@ class Exchange:
     client: str = "unknown"
     session: str | None = None
     user_agent: str | None = None
-    model: str | None = None
+    model_requested: str | None = None  # what the request asks for (addons/routing), cut to 200 characters
     stream_preference: str = "as-sent"  # from the matched client rule
     stream_requested: bool | None = None
     stream_upstream: bool | None = None
@@ -65,6 +71,7 @@ class Exchange:
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
+    model_answered: str | None = None  # the model the answer names (pipeline/answer, pipeline/reader)
     priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, counts), Cost)
     # what the client received, decided once by answer.py (settle / settle_failure)
     status: int | None = None
@@ -83,8 +90,35 @@ class Exchange:
     recorded: bool = False
     metered: bool = False  # counted in the metrics (metrics.py): once, whether the exchange ends in response or error
     notes: list[str] = field(default_factory=list)
-    sse_taps: list[SSETap] = field(default_factory=list)
+    sse_taps: list[SSETap] = field(default_factory=list)  # in stage order: see `add_tap`
+    tap_stages: list[int] = field(default_factory=list)  # the stage of each tap in sse_taps
     on_flow_gone: Any = field(default=None, repr=False)  # see `start`
+
+    @property
+    def model(self) -> str | None:
+        """The model priced, recorded and counted: the one that answered, else the one asked for."""
+        return self.model_answered or self.model_requested
+
+    def stop(self, reason: str) -> None:
+        """Say why the exchange ended early or failed (e.g. "first_byte_timeout"). The first reason stands: a
+        timeout that ends a stream is why it ended, not the cut stream that follows."""
+        if self.reason is None:
+            self.reason = reason
+
+    def note(self, text: str) -> None:
+        """Add a line for people (mitmweb's comment, the log line); notes are only ever added."""
+        self.notes.append(text)
+
+    def add_tap(self, tap: SSETap, stage: int) -> None:
+        """Add a stream tap in its stage (`SCRUB` < `READ` < `COPY`), after the taps already in that stage: the
+        order in which taps see each event is declared here, not a side effect of which addon's hook ran first."""
+        at = bisect.bisect_right(self.tap_stages, stage)
+        self.tap_stages.insert(at, stage)
+        self.sse_taps.insert(at, tap)
+
+    def release(self) -> None:
+        """Let go of the parsed request and answer: once the record is built, or when the request is refused."""
+        self.body = self.message = None
 
     def cost(self) -> Cost:
         """The price of this exchange (its rules' `pricing`, `model` and `usage`), worked out once for its
@@ -163,6 +197,7 @@ def _release(exchange: weakref.ref[Exchange], _flow: weakref.ref) -> None:
     ex = exchange()
     if ex is not None:
         ex.sse_taps.clear()
+        ex.tap_stages.clear()
 
 
 def of(flow: http.HTTPFlow) -> Exchange | None:

@@ -32,7 +32,7 @@ class StreamReader:
                 if isinstance(message.get("usage"), dict):
                     ex.usage = dict(message["usage"])
                 if isinstance(message.get("model"), str) and message["model"]:
-                    ex.model = message["model"]  # price and record the model that answered
+                    ex.model_answered = message["model"]  # price and record the model that answered
         elif name == "message_delta":
             data = event.json()
             if isinstance(data, dict) and isinstance(data.get("usage"), dict):
@@ -47,7 +47,7 @@ class StreamReader:
                 block = data.get("content_block") if isinstance(data, dict) else None
                 to = block.get("to") if isinstance(block, dict) and block.get("type") == "fallback" else None
                 if isinstance(to, dict) and isinstance(to.get("model"), str) and to["model"]:
-                    ex.model = to["model"]
+                    ex.model_answered = to["model"]
         elif name == "error" or (name is None and '"error"' in event.data):
             return self._error(event)
         return None
@@ -57,7 +57,7 @@ class StreamReader:
         native = envelopes.unwrap_error_event(data) if ex.rules.errors.unwrap and isinstance(data, dict) else None
         if native is not None:
             ex.unwrapped, ex.unwrapped_from = True, "stream error event"
-            ex.notes.append("stream error event unwrapped")
+            ex.note("stream error event unwrapped")
         elif event.name is None:
             return None  # an unnamed frame that holds no error: not ours to judge
         found = native if native is not None else data
@@ -67,13 +67,13 @@ class StreamReader:
             ex.request_id = ex.request_id or errors.request_id_of(found)
         else:
             ex.error_type = "api_error"  # an error event that is not JSON: its text is the message
-        ex.reason = ex.reason or "stream error event"  # a part that ended the stream itself said why first
+        ex.stop("stream error event")  # a part that ended the stream itself said why first
         return sse.Event(sse.encode("error", native)) if native is not None else None
 
     def on_end(self) -> bytes:
         if self.finished:
             return b""
         self.ex.error_type = "api_error"
-        self.ex.reason = self.ex.reason or "upstream stream ended before message_stop"
-        self.ex.notes.append("truncated stream: api_error appended")
+        self.ex.stop("upstream stream ended before message_stop")
+        self.ex.note("truncated stream: api_error appended")
         return sse.encode("error", errors.error_body("api_error", TRUNCATED_MESSAGE))

@@ -47,7 +47,7 @@ def _exchange(status, error_type, complete, client):
     flow = gwtest.api_flow(mode="reverse")
     ex = exchange.start(flow, exchange.Exchange(rules=gwtest.rule_file().rules, api="anthropic", mode="reverse",
                                                 method="POST", host="api.anthropic.com", path="/v1/messages"))
-    ex.client, ex.model, ex.session, ex.usage = client, "claude-sonnet-4-5", "sess-1", dict(USAGE)
+    ex.client, ex.model_answered, ex.session, ex.usage = client, "claude-sonnet-4-5", "sess-1", dict(USAGE)
     ex.status, ex.error_type, ex.complete = status, error_type, complete
     flow.response = tutils.tresp(status_code=status) if status is not None else None
     return flow
