@@ -177,3 +177,91 @@ def test_taps_run_in_their_declared_stages():
                        ("second reader", exchange.READ)):
         ex.add_tap(tap, stage)
     assert ex.sse_taps == ["scrub", "reader", "second reader", "copy"]
+
+
+# The places that catch every exception, each a boundary where a failure must not travel further, and why.
+# Anywhere else an unexpected exception is a bug that reaches app.Dispatcher, which logs it as mitmproxy logs
+# an addon error and runs the next concern. A new broad `except` is added here with its reason, or narrowed.
+BOUNDARIES = {
+    "app.py": {
+        "_chain.dispatch": "one concern's failure must not stop the next (mitmproxy's safecall, per concern)",
+        "_chain.dispatch_async": "the same, for async hooks",
+        "Dispatcher.load": "the same, for `load`",
+    },
+    "pipeline/relay.py": {
+        "SSERelay.__call__": "mitmproxy calls the relay per chunk: an exception would cut the client's stream",
+        "SSERelay._relay": "a chunk the decoder cannot read is forwarded as received",
+        "SSERelay._forward": "one tap's failure must not stop the stream or the other taps",
+        "SSERelay._end": "the same, at the end of the stream",
+    },
+    "mitm/layers.py": {"end_early": "mitmproxy internals changed under us: close the upstream instead"},
+    "mitm/server.py": {"close_listeners": "one listener that will not close must not keep the others open"},
+    "addons/egress.py": {
+        "EgressPolicy.http_connect": "fail closed: a bug refuses the tunnel, never lets it through",
+        "EgressPolicy.tls_clienthello": "fail closed",
+        "EgressPolicy.requestheaders": "fail closed",
+    },
+    "addons/endpoints.py": {
+        "Endpoints._serve": "the metrics port's own server task: a failure is logged, never left unread",
+        "Endpoints._handle": "one connection to the metrics port: logged, and the connection closed",
+    },
+    "addons/metrics.py": {"Metrics._exchange": "metrics must never cost an exchange"},
+    "addons/webview.py": {"WebView._finish": "viewing aids must never disturb the traffic"},
+    "addons/recordlog.py": {"RecordLog.write": "one record observer's failure must not lose the record"},
+    "records/writer.py": {"RecordWriter.flush": "work deferred to a flush (a log line) must not lose records"},
+    "addons/timeouts.py": {
+        "Timeouts._first_byte_expired": "a timer callback: nothing above it would log the failure",
+        "Timeouts._watch_body": "the same",
+    },
+    "addons/drain.py": {"Drain._drain": "a background task: the process must still exit"},
+    "addons/rulefile.py": {"RuleFile._watch": "the rule file watcher must outlive anything a file can do to it"},
+    "addons/credentials.py": {"KeyCustody._watch": "the key file watcher, likewise"},
+    "addons/backlog.py": {"ListenBacklog.apply": "mitmproxy internals moved: its own listen queue stays"},
+    "addons/startup.py": {"StartupReport.running": "a banner must never stop the gateway"},
+    "addons/warmup.py": {"Warmup.running": "prices then load on first use; never a reason not to start"},
+    "policy/rules.py": {"_Reader.scalar": "PyYAML's constructors raise anything on `!!int abc` and the like"},
+    "policy/clients.py": {
+        "detect": "client detection reads hostile headers and bodies and never raises",
+        "session_id": "the same",
+    },
+    "protocol/envelopes.py": {
+        "unwrap_response": "hostile error bodies: never raise, fall back to an error built from the status",
+        "unwrap_error_event": "hostile stream error events, likewise",
+        "header_fixes": "hostile answer headers, likewise",
+    },
+}
+
+
+def broad_handlers(tree: ast.AST):
+    """(enclosing Class.function, line) of every `except:`, `except Exception` and `except BaseException`."""
+
+    def visit(node, owner):
+        for child in ast.iter_child_nodes(node):
+            inner = owner
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = f"{owner}.{child.name}" if owner else child.name
+            if isinstance(child, ast.ExceptHandler) and (
+                child.type is None or isinstance(child.type, ast.Name) and child.type.id in ("Exception", "BaseException")
+            ):
+                yield owner, child.lineno
+            yield from visit(child, inner)
+
+    yield from visit(tree, "")
+
+
+def test_broad_excepts_only_at_named_boundaries():
+    found, unnamed = set(), []
+    for path, tree in modules():
+        where = path.relative_to(PACKAGE).as_posix()
+        for owner, line in broad_handlers(tree):
+            found.add((where, owner))
+            if owner not in BOUNDARIES.get(where, {}):
+                unnamed.append(f"{where}:{line} in {owner or 'the module'}")
+    assert not unnamed, unnamed
+    named = {(where, owner) for where, owners in BOUNDARIES.items() for owner in owners}
+    assert named == found, f"named but gone: {named - found}"
+
+
+def test_the_boundary_scan_sees_a_broad_except():
+    tree = ast.parse("class A:\n    def f(self):\n        try:\n            pass\n        except Exception:\n            pass\n")
+    assert list(broad_handlers(tree)) == [("A.f", 5)]

@@ -265,11 +265,8 @@ def _unwrap_response(status: int, content_type: str | None, body: bytes, max_mes
     parsed: Any = None
     is_json = False
     if stripped[:1] in ("{", "["):
-        try:
-            parsed = json.loads(stripped)
-            is_json = True
-        except Exception:  # noqa: BLE001 - not JSON after all
-            is_json = False
+        parsed = jsoncodec.loads(stripped)
+        is_json = parsed is not None  # an object or an array: never null
 
     if is_json:
         if errors.is_native_error(parsed):
@@ -363,20 +360,17 @@ def _message_text(text: str, content_type: str | None) -> str:
     ct = (content_type or "").lower()
     head = text.lstrip()[:64].lower()
     if "html" in ct or head.startswith(("<!doctype html", "<html", "<head", "<body", "<title")):
-        try:
-            title_match = _HTML_TITLE.search(text)
-            title = _SPACE.sub(" ", html.unescape(title_match.group(1))).strip() if title_match else ""
-            words = _HTML_DROP.sub(" ", text)
-            if title_match:
-                words = words.replace(title_match.group(0), " ", 1)
-            words = _SPACE.sub(" ", html.unescape(_HTML_TAG.sub(" ", words))).strip()
-            if title and words.startswith(title):
-                words = words[len(title) :].strip()
-            readable = f"{title}: {words}" if title and words else (title or words)
-            if readable:
-                return readable
-        except Exception:  # noqa: BLE001
-            pass
+        title_match = _HTML_TITLE.search(text)
+        title = _SPACE.sub(" ", html.unescape(title_match.group(1))).strip() if title_match else ""
+        words = _HTML_DROP.sub(" ", text)
+        if title_match:
+            words = words.replace(title_match.group(0), " ", 1)
+        words = _SPACE.sub(" ", html.unescape(_HTML_TAG.sub(" ", words))).strip()
+        if title and words.startswith(title):
+            words = words[len(title) :].strip()
+        readable = f"{title}: {words}" if title and words else (title or words)
+        if readable:
+            return readable
     return text.strip()
 
 
@@ -401,7 +395,7 @@ def _as_text(value: Any) -> str:
         return value
     try:
         return jsoncodec.dumps(value).decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001
+    except (TypeError, ValueError, RecursionError):  # not JSON: a value a relay wrote as something else
         return str(value)
 
 
@@ -544,7 +538,7 @@ def _find_native(text: str, depth: int, budget: _Budget) -> dict | None:
     if '\\"' in text and budget.take():
         try:
             unescaped = _JSON_ESCAPE.sub(lambda m: json.loads(f'"{m.group(0)}"'), text)
-        except Exception:  # noqa: BLE001
+        except ValueError:  # an escape JSON does not have
             return None
         if unescaped != text:
             return _find_native(unescaped, depth + 1, budget)
@@ -556,7 +550,7 @@ def _object_at(text: str, start: int, budget: _Budget) -> tuple[Any, int | None]
     try:
         value, end = _DECODER.raw_decode(text, start)
         return value, end
-    except Exception:  # noqa: BLE001
+    except (ValueError, RecursionError):  # not JSON (or nested past the recursion limit)
         pass
     # A Python dict repr, e.g. `{'type': 'error', 'error': {…}}`.
     after = text[start + 1 : start + 64].lstrip()
@@ -577,7 +571,7 @@ def _string_at(text: str, start: int) -> tuple[Any, int | None]:
     """
     try:
         value, end = _DECODER.raw_decode(text, start)
-    except Exception:  # noqa: BLE001
+    except (ValueError, RecursionError):
         return None, None
     if not isinstance(value, str) or "{" not in value or text.find("\\", start, end) < 0:
         return None, None
@@ -601,8 +595,8 @@ def _literal(source: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. SyntaxWarning: invalid escape sequence '\\u'
             return ast.literal_eval(source)
-    except Exception:  # noqa: BLE001
-        return None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # what literal_eval raises on
+        return None  # a non-literal; MemoryError: CPython's parser on very deep nesting
 
 
 def _balanced_end(text: str, start: int) -> int | None:

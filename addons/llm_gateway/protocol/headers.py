@@ -26,7 +26,7 @@ def normalize(headers: Any) -> dict[str, str]:
         return normalize_fields(fields)
     try:
         items = headers.items()
-    except Exception:
+    except (AttributeError, TypeError):  # not a mapping
         return out
     try:
         for name, value in islice(items, MAX_HEADERS):
@@ -36,7 +36,7 @@ def normalize(headers: Any) -> dict[str, str]:
                 value = value.decode("utf-8", "surrogateescape")
             if isinstance(name, str) and isinstance(value, str):
                 out.setdefault(name.lower(), value)
-    except Exception:
+    except (TypeError, ValueError):  # an item that is not a (name, value) pair
         pass
     return out
 
