@@ -1,7 +1,7 @@
 """Bad input never breaks traffic: the addon hooks as mitmproxy calls them, fed arbitrary and malformed
 requests and responses, and the rule file loader fed arbitrary YAML.
 
-The parts have their own property tests (test_sse, test_wire, test_envelopes, test_clients); these drive
+The parts have their own property tests (test_sse, test_messages, test_envelopes, test_clients); these drive
 the composed addons instead, in gateway.py's order and mitmproxy's hook order, with tflow flows:
 
 - nothing raises out of a hook or out of the stream callable, whatever the body, headers, encoding,
