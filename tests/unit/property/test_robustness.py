@@ -48,7 +48,7 @@ from llm_gateway.policy.rules import RulesError
 from llm_gateway.protocol.tokens import TOKEN_FIELDS
 from llm_gateway.addons.usage import Usage
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_RULES_TEXT = (ROOT / "rules.yaml").read_text()
 SSE_TYPE = "text/event-stream"
 
