@@ -1,7 +1,7 @@
 """Bad input never breaks traffic: the addon hooks as mitmproxy calls them, fed arbitrary and malformed
 requests and responses, and the rule file loader fed arbitrary YAML.
 
-The parts have their own property tests (test_sse, test_wire, test_envelopes, test_clients); these drive
+The parts have their own property tests (test_sse, test_messages, test_envelopes, test_clients); these drive
 the composed addons instead, in gateway.py's order and mitmproxy's hook order, with tflow flows:
 
 - nothing raises out of a hook or out of the stream callable, whatever the body, headers, encoding,
@@ -48,7 +48,7 @@ from llm_gateway.policy.rules import RulesError
 from llm_gateway.protocol.tokens import TOKEN_FIELDS
 from llm_gateway.addons.usage import Usage
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_RULES_TEXT = (ROOT / "rules.yaml").read_text()
 SSE_TYPE = "text/event-stream"
 

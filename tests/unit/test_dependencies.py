@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPTRY = Path(sys.executable).parent / "deptry"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 

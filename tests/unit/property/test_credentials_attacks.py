@@ -11,8 +11,8 @@ from mitmproxy.test import taddons
 
 from gwtest import api_flow
 from llm_gateway.pipeline import exchange
-from test_credentials import KEY, TOKEN_A, Chain, creds_rules
-from test_credentials import chain  # noqa: F401  (the fixture: routing, detection, custody)
+from unit.policy.test_credentials import KEY, TOKEN_A, Chain, creds_rules
+from unit.policy.test_credentials import chain  # noqa: F401  (the fixture: routing, detection, custody)
 
 
 def custody_of(chain, flow):

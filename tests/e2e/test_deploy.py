@@ -19,7 +19,7 @@ from llm_gateway.util import cafiles
 from llm_gateway.addons import endpoints
 from llm_gateway.policy import rules
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 

@@ -24,7 +24,7 @@ from llm_gateway.addons.streams import StreamPreference
 from llm_gateway.addons.answer import AnswerPipeline
 from llm_gateway.addons.webview import MessageView, StreamCopyTap, WebView
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sse"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "sse"
 SSE = "text/event-stream"
 
 USAGE = {

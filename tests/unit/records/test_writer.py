@@ -88,7 +88,7 @@ async def test_records_for_two_files_go_each_to_its_own(tmp_path):
 
 
 async def test_usage_lines_between_two_flushes_share_one_log_record(tmp_path, caplog):
-    from test_usage import RULES, Gateway, message, usage_of
+    from unit.addons.test_usage import RULES, Gateway, message, usage_of
     from llm_gateway.addons.usage import Usage
 
     log = tmp_path / "usage.jsonl"

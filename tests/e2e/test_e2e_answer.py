@@ -17,9 +17,9 @@ import sdk_client
 from conftest import DEFAULT_RULES, routed_rules
 from fakes.upstream import Scenario
 from harness import Gateway, free_port
-from test_e2e_faults import BadUpstream
-from test_answer import (BEDROCK_FRAME, FIRST_CHUNK_ERROR, GROWING, OVERLOAD, SSE, VERTEX, frame, litellm_frame,
-                         message_start)
+from e2e.test_e2e_faults import BadUpstream
+from unit.pipeline.test_answer import (BEDROCK_FRAME, FIRST_CHUNK_ERROR, GROWING, OVERLOAD, SSE, VERTEX, frame,
+                                       litellm_frame, message_start)
 
 pytestmark = pytest.mark.e2e
 

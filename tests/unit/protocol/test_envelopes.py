@@ -15,7 +15,7 @@ from llm_gateway.protocol import errors as protocol_errors
 from llm_gateway.protocol import jsoncodec
 from llm_gateway.protocol.envelopes import Unwrapped, header_fixes, unwrap_error_event, unwrap_response
 
-FIXTURES = Path(__file__).parent / "fixtures" / "litellm"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "litellm"
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from fakes.upstream import DEFAULT_TEXT, DEFAULT_USAGE, FakeUpstream, Scenario, litellm_wrapped_error, message_to_events
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "hello"}]
 
 

@@ -17,7 +17,7 @@ from llm_gateway.pipeline import exchange
 from llm_gateway.policy import pricing
 from llm_gateway.policy import rules
 from llm_gateway.policy import spec
-from test_answer import SSE, Shape, frame, gw, message_start  # noqa: F401 (gw: the addons, as a fixture)
+from unit.pipeline.test_answer import SSE, Shape, frame, gw, message_start  # noqa: F401 (gw: the addons, as a fixture)
 
 SONNET_45 = "claude-sonnet-4-5-20250929"
 # Sonnet 4.5: standard, and past 200K prompt tokens (input + cache reads + cache writes) for the whole request

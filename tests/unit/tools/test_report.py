@@ -16,7 +16,7 @@ import pytest
 
 from llm_gateway.tools import report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "scripts" / "usage_report"
 
 CC_A = "8be2e96a-a3ed-42d9-b652-ae345397006b"  # a Claude Code session

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow
 
 from gwtest import api_flow, forward, rule_file
-from test_sse import event_blocks
+from unit.protocol.test_sse import event_blocks
 from llm_gateway.addons import credentials
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline import relay

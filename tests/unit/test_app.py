@@ -14,7 +14,7 @@ from mitmproxy.test import taddons, tflow
 
 from llm_gateway.app import Dispatcher
 
-GATEWAY_SCRIPT = Path(__file__).resolve().parent.parent / "addons" / "gateway.py"
+GATEWAY_SCRIPT = Path(__file__).resolve().parents[2] / "addons" / "gateway.py"
 
 
 class Concern:

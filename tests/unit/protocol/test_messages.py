@@ -36,7 +36,7 @@ from llm_gateway.protocol import partialjson
 from llm_gateway.protocol import tokens as protocol_usage
 
 SETTINGS = settings(max_examples=200, deadline=None)
-FIXTURES = Path(__file__).parent / "fixtures" / "sse"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "sse"
 BETA_ONLY_FIXTURES = {"compaction_response", "fallback_response", "context_management_response"}
 
 

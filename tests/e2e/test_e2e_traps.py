@@ -28,8 +28,8 @@ import sdk_client
 from conftest import routed_rules
 from fakes.upstream import DEFAULT_TEXT
 from harness import ROOT, Gateway, free_port
-from test_e2e_egress import RESOLVE, connect, get, make_ca_and_leaf, post, read_head, tls_request
-from test_e2e_mitmweb import WebApi
+from e2e.test_e2e_egress import RESOLVE, connect, get, make_ca_and_leaf, post, read_head, tls_request
+from e2e.test_e2e_mitmweb import WebApi
 
 pytestmark = pytest.mark.e2e
 

@@ -179,7 +179,7 @@ def test_record_says_why_an_exchange_ended_early():
 
 
 def test_deployment_gives_the_drain_time_and_open_files():
-    import test_deploy
+    from e2e import test_deploy
 
     pod = test_deploy.deployment()["spec"]["template"]["spec"]
     [prestop_sleep] = [int(a) for a in test_deploy.container()["lifecycle"]["preStop"]["exec"]["command"] if a.isdigit()]

@@ -386,7 +386,7 @@ def test_a_token_sent_to_a_path_the_gateway_answers_itself_leaves_the_flow(chain
 def test_the_mint_token_command(tmp_path):
     import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "mint-token"
+    script = Path(__file__).resolve().parents[3] / "scripts" / "mint-token"
     done = subprocess.run([str(script), "ci-pool", "--client", "claude-code"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     token, line = done.stdout.splitlines()[1], done.stdout.splitlines()[3]

@@ -28,10 +28,10 @@ from llm_gateway.protocol import errors as protocol_errors
 from llm_gateway.protocol import messages
 from llm_gateway.protocol import tokens as protocol_usage
 from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE, failure_reason
-from test_envelopes import EXPECTED, load
+from unit.protocol.test_envelopes import EXPECTED, load
 
-ROOT = Path(__file__).resolve().parent.parent
-SSE_FIXTURES = Path(__file__).parent / "fixtures" / "sse"
+ROOT = Path(__file__).resolve().parents[3]
+SSE_FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "sse"
 SSE = "text/event-stream"
 RULES = (ROOT / "rules.yaml").read_text().replace(
     "clients:\n",

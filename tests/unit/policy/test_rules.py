@@ -8,7 +8,7 @@ from llm_gateway.policy import rules
 from llm_gateway.policy.rules import RulesError
 from llm_gateway.policy.spec import Upstream
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 FULL = """\
 apis:

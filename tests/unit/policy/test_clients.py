@@ -19,7 +19,7 @@ from llm_gateway.policy.clients import OVERRIDE_HEADER, Detection, detect, find_
 from llm_gateway.policy.spec import ClientSignature
 from llm_gateway.util.globs import Glob
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 SIGS = rules.load(ROOT / "rules.yaml").clients  # the default rule file, through the real parser
 NAMES = [s.name for s in SIGS]
