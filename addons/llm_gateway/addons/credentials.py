@@ -11,7 +11,7 @@ An unknown or missing token gets a native 401 `authentication_error` from the ga
 
 Secrets never sit in the flow: the client's credential is masked as soon as its headers arrive (before mitmweb
 first shows the flow), and the value the upstream must see is put in only while mitmproxy serialises the
-request (`lastmoment`). An upstream that echoes the key back gets it masked in its answer.
+request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer.
 
 `decide` is the pure decision; `KeyStore` reads and watches the keys; `KeyCustody` is the addon; `main` mints
 a token (`python -m llm_gateway.credentials NAME`, or `scripts/mint-token NAME`).
@@ -88,7 +88,7 @@ class ScrubTap:
 
     def __init__(self, key: str) -> None:
         self.key = key.encode()
-        self.event_bytes = self.key  # the relay's quick path sends on the deltas without it (relay.py)
+        self.event_bytes = self.key  # the relay's quick path sends on the deltas without it (pipeline/relay.py)
 
     def on_event(self, event: Any) -> Any | None:
         if self.key not in event.raw:

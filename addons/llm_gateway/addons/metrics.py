@@ -143,7 +143,7 @@ class Metrics:
             return
         ex.metered = True
         try:
-            self.observe(ex, ex.status)  # what the client got (answer.py), as the record says
+            self.observe(ex, ex.status)  # what the client got (pipeline/answer.py), as the record says
         except Exception:  # metrics must never cost an exchange
             logger.exception("metrics")
 

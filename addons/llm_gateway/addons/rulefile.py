@@ -1,7 +1,7 @@
 """The rule file as a mitmproxy addon: the `gateway_rules` option, loading, watching and reloading.
 
 The current `Rules` is replaced whole, only by a version that parsed cleanly: a broken edit is
-reported and the last good rules stay in force; so is an emptied file (rules.py refuses it) and a file
+reported and the last good rules stay in force; so is an emptied file (policy/rules.py refuses it) and a file
 that was moved away or deleted (reported once, read again when it is back). At start-up a broken file is
 an error, which makes mitmdump exit non-zero with the file, line and reason.
 """

@@ -34,7 +34,7 @@ RETRY = {"x-should-retry": "true"}  # the SDKs retry a 504 anyway; this says so 
 
 def end_with_error(flow: http.HTTPFlow, ex: exchange.Exchange, reason: str, error_type: str, message: str,
                    headers: dict[str, str] | None = None) -> str:
-    """End `flow` early with a native error (HTTP answer or stream frame); returns what `interrupt` did."""
+    """End `flow` early with a native error (HTTP answer or stream frame); returns what mitm/layers.end_early did."""
     ex.stop(reason)
     done = layers.end_early(
         flow, answer.native_answer(error_type, message, headers),

@@ -2,7 +2,7 @@
 
 `cache_read_input_tokens` is the number that matters most: an agent session without prompt caching
 costs about ten times more. What the answer means (usage, status, error) is decided once by the answer
-pipeline (answer.py); this addon writes the record, the human line, and watches for cache breaks.
+pipeline (pipeline/answer.py); this addon writes the record, the human line, and watches for cache breaks.
 """
 
 from __future__ import annotations

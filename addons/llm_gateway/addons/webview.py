@@ -179,7 +179,7 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         lead.append("CACHE BREAK" + (f" {clean(ex.cache_break_reason, 40)}" if ex.cache_break_reason else ""))
     parts = [" ".join(lead)] if lead else []
     parts.append(clean(ex.client, 64))
-    if ex.principal:  # key custody: the gateway token's name (credentials.py)
+    if ex.principal:  # key custody: the gateway token's name (addons/credentials.py)
         parts.append(f"principal {clean(ex.principal, 64)}")
     session = short_session(ex.session)
     if session:

@@ -37,7 +37,7 @@ class SSETap(Protocol):
     A tap may also have `event_names`, the set of event names it reads (None for events without one):
     the relay then calls it for those events only, which keeps the path of every other event short. While
     no tap reads `content_block_delta` (the bulk of a stream), the relay sends those on without parsing
-    them (relay.py's quick path); a tap without `event_names` closes that path for its stream, unless it
+    them (pipeline/relay.py's quick path); a tap without `event_names` closes that path for its stream, unless it
     only copies events: such a tap has `on_raw(raw: bytes)`, which the quick path calls with the event's bytes,
     or acts only on events that hold certain bytes, named in `event_bytes` (the relay still may call it for others)."""
 
@@ -66,14 +66,14 @@ class Exchange:
     stream_preference: str = "as-sent"  # from the matched client rule
     stream_requested: bool | None = None
     stream_upstream: bool | None = None
-    principal: str | None = None  # the gateway token's (or pass-through rule's) name (credentials.py)
+    principal: str | None = None  # the gateway token's (or pass-through rule's) name (addons/credentials.py)
     # filled while the response passes
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
     model_answered: str | None = None  # the model the answer names (pipeline/answer, pipeline/reader)
     priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, counts), Cost)
-    # what the client received, decided once by answer.py (settle / settle_failure)
+    # what the client received, decided once by pipeline/answer.py (settle / settle_failure)
     status: int | None = None
     request_id: str | None = None
     error_type: str | None = None
@@ -88,7 +88,7 @@ class Exchange:
     cache_break_tokens_lost: int | None = None  # cached before, not read now
     cache_break_cost_usd: float | None = None  # what those tokens cost more than a cache read (None: no price)
     recorded: bool = False
-    metered: bool = False  # counted in the metrics (metrics.py): once, whether the exchange ends in response or error
+    metered: bool = False  # counted in the metrics (addons/metrics.py): once, whether the exchange ends in response or error
     notes: list[str] = field(default_factory=list)
     sse_taps: list[SSETap] = field(default_factory=list)  # in stage order: see `add_tap`
     tap_stages: list[int] = field(default_factory=list)  # the stage of each tap in sse_taps
@@ -206,7 +206,7 @@ def of(flow: http.HTTPFlow) -> Exchange | None:
 
 
 # Whether `publish` writes flow.metadata: the summary is for people looking at flows (mitmweb, the console,
-# saved flows); webview.FlowNotes turns it off where nobody can (plain mitmdump, `gateway_flow_notes`).
+# saved flows); addons/webview.WebView turns it off where nobody can (plain mitmdump, `gateway_flow_notes`).
 publishing = True
 
 

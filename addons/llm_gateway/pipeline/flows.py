@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mitmproxy import connection, http
 
-# Where a refused flow says so, for mitmweb's markers (webview.py reads it).
+# Where a refused flow says so, for mitmweb's markers (addons/webview.py reads it).
 EGRESS_METADATA = "gateway_egress"
 
 

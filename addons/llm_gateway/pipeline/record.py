@@ -21,7 +21,7 @@ from llm_gateway.protocol.tokens import (
 
 
 def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict[str, Any]:
-    """The usage record of one exchange: from the exchange alone, as the answer pipeline (answer.py) left
+    """The usage record of one exchange: from the exchange alone, as the answer pipeline (pipeline/answer.py) left
     it; `status`, `error_type`, `request_id` and `reason` are what the client received."""
     usage = ex.usage
     five, hour = cache_write_split(usage)

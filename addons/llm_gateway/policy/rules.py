@@ -365,7 +365,7 @@ class _Reader:
         m = self.mapping(node, where, {"model": True, **dict.fromkeys(fields, True)})
         return Price(self.glob(m["model"], f"{where}.model"), *(self.number(m[f], f"{where}.{f}") for f in fields))
 
-    # --- credentials (key custody: credentials.py) ----------------------------------------------
+    # --- credentials (key custody: addons/credentials.py) ----------------------------------------------
 
     def credentials(self, node: yaml.Node, client_rules: tuple[ClientSignature, ...]) -> Credentials:
         m = self.mapping(node, "credentials", {"upstream": True, "tokens": False, "pass_through": False})

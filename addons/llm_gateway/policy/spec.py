@@ -220,7 +220,7 @@ class Errors:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds; see timeouts.py."""
+    """Seconds; see addons/timeouts.py."""
 
     first_byte: float = 300.0  # from the request sent upstream to the upstream's response headers
     stream_idle: float = 120.0  # longest silence between two chunks of an answer's body
@@ -253,7 +253,7 @@ class Rules:
     usage: Usage = field(default_factory=Usage)
     errors: Errors = field(default_factory=Errors)
     pricing: tuple[Price, ...] = ()
-    credentials: Credentials | None = None  # key custody (credentials.py); None: clients' credentials pass
+    credentials: Credentials | None = None  # key custody (addons/credentials.py); None: clients' credentials pass
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
 

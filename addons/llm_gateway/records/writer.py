@@ -28,7 +28,7 @@ MAX_PENDING = 1000  # records; more than this are written at once (memory stays 
 
 
 def standard_output():
-    """Where `-` sends records: standard output, also when `llm-gateway-dump` (launch.py) has pointed
+    """Where `-` sends records: standard output, also when `llm-gateway-dump` (tools/launch.py) has pointed
     `sys.stdout`, which mitmproxy's own log and flow lines use, at standard error."""
     return sys.__stdout__ if sys.stdout is sys.stderr and sys.__stdout__ is not None else sys.stdout
 
