@@ -55,7 +55,7 @@ def forward(stream, chunks) -> bytes:
 
 
 def flow_addons(rf: RuleFile) -> list:
-    """gateway.py's addons (compose.default_addons), in its order, less the ones that act on the whole process
+    """gateway.py's addons (app.default_addons), in its order, less the ones that act on the whole process
     or need mitmproxy's running event loop (the timer, the log filter, the open-file limit, the listen queue, the warm-up): what a test that
     calls the flow hooks itself drives. The first two are always `rf` and the RecordLog."""
     from llm_gateway.addons.backlog import ListenBacklog

@@ -7,7 +7,7 @@ the timeouts) are made here and passed in: no addon imports another.
 
 `Dispatcher` is the one addon mitmproxy sees. mitmproxy delivers every event (and the `update` event that
 follows each flow event) by walking its whole addon tree: a generator per addon, a `getattr` per addon and
-hook, a `safecall` per addon. With twelve concerns as twelve addons that walk cost about 0.2 ms per request on
+hook, a `safecall` per addon. With twenty-one concerns as twenty-one addons that walk cost about 0.2 ms per request on
 a 2-core machine, more than most concerns' own work (docs/benchmarks.md). For each hook at least one concern
 implements, the dispatcher holds the concerns' bound methods in the fixed order they were given in, and calls
 them in a plain loop. Hooks no concern implements are not attributes at all, so mitmproxy's `getattr` finds

@@ -1,6 +1,6 @@
 """The gateway's own work per API exchange, in-process: `scripts/bench --hooks`.
 
-Every concern of `compose.default_addons()` behind the `Dispatcher`, as mitmproxy drives them, under
+Every concern of `app.default_addons()` behind the `Dispatcher`, as mitmproxy drives them, under
 mitmproxy's `taddons` (no proxy, no sockets), for the bench's agent-sized JSON request and the source's answer:
 requestheaders, request, responseheaders and response of one flow after another. What it prints is the CPU
 time (`time.process_time`) of the hooks per exchange, less the same loop with a dispatcher that does nothing

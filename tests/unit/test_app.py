@@ -1,4 +1,4 @@
-"""The one addon mitmproxy sees (dispatch.py): concerns called in order, once each, with everything
+"""The one addon mitmproxy sees (app.Dispatcher): concerns called in order, once each, with everything
 mitmproxy would have done for them as addons of their own (options, configure, running, done, commands,
 async hooks, errors kept apart) — and the real gateway.py loaded as mitmproxy loads it."""
 

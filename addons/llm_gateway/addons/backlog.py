@@ -42,12 +42,12 @@ class ListenBacklog:
         )
 
     def running(self) -> None:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        if proxyserver is None or not hasattr(proxyserver, "servers"):
+        proxyserver = server.find_proxyserver()
+        if proxyserver is None:
             return
         if self._watching is not proxyserver:
             self._watching = proxyserver
-            proxyserver.servers.changed.connect(self.apply)  # held weakly by mitmproxy: we keep ourselves
+            server.on_listeners_changed(proxyserver, self.apply)  # held weakly by mitmproxy: we keep ourselves
         self.apply()
 
     def configure(self, updated: set[str]) -> None:

@@ -13,8 +13,8 @@ Secrets never sit in the flow: the client's credential is masked as soon as its 
 first shows the flow), and the value the upstream must see is put in only while mitmproxy serialises the
 request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer.
 
-`decide` is the pure decision; `KeyStore` reads and watches the keys; `KeyCustody` is the addon; `main` mints
-a token (`python -m llm_gateway.credentials NAME`, or `scripts/mint-token NAME`).
+`policy/credentials.decide` is the pure decision; `policy/credentials.KeyStore` reads and watches the keys;
+`KeyCustody` here is the addon; `tools/mint_token` mints a token (`scripts/mint-token NAME`).
 """
 
 from __future__ import annotations

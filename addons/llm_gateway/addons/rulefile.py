@@ -23,7 +23,8 @@ from llm_gateway.util.files import file_stamp
 
 logger = logging.getLogger("llm_gateway.rules")
 
-DEFAULT_RULES = str(Path(__file__).resolve().parent.parent.parent / "rules.yaml")
+# the repository's rules.yaml: addons/llm_gateway/addons/rulefile.py -> the folder holding addons/
+DEFAULT_RULES = str(Path(__file__).resolve().parents[3] / "rules.yaml")
 WATCH_INTERVAL = 0.5  # seconds; a changed file is live within about a second
 
 

@@ -6,7 +6,7 @@ streaming (the upstream is paid twice) and makes LiteLLM emit empty chunks, so w
 form differs from the requested one the answer is converted faithfully: upstream SSE is accumulated
 into the Message the Anthropic SDK would build, upstream JSON is replayed as a complete event stream.
 Streams the client asked for pass through the relay unbuffered. This addon forces the flag; the answer
-is converted back by `answer.AnswerPipeline`, on the same path as every other answer.
+is converted back by the answer pipeline (pipeline/answer.py), on the same path as every other answer.
 """
 
 from __future__ import annotations

@@ -11,10 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import ctx
 
 logger = logging.getLogger("llm_gateway.drain")
+
+
+def find_proxyserver() -> Any | None:
+    """mitmproxy's `proxyserver` addon, where it runs with its server bookkeeping; else None (tests, tools)."""
+    found = ctx.master.addons.get("proxyserver")
+    return found if found is not None and hasattr(found, "servers") else None
+
+
+def on_listeners_changed(proxyserver: Any, callback: Callable[[], Any]) -> None:
+    """Call `callback` whenever mitmproxy starts or stops a listener (its server manager's `changed` signal,
+    which holds the callback weakly: its owner must stay alive)."""
+    proxyserver.servers.changed.connect(callback)
 
 
 def listening_sockets(proxyserver) -> list:

@@ -20,8 +20,8 @@ from mitmproxy import http
 from llm_gateway.policy.cachewatch import CacheWatch
 from llm_gateway.policy.pricing import Cost, cost, counts, lost_cost
 
-if TYPE_CHECKING:  # rules imports clients, which imports this module
-    from llm_gateway.policy.rules import Rules
+if TYPE_CHECKING:
+    from llm_gateway.policy.spec import Rules
 
 METADATA_KEY = "gateway"
 

@@ -2,7 +2,8 @@
 
 Bodies are read as `json.loads` reads them (orjson where it gives the same value, about three times faster on
 an agent's request); Anthropic bodies are written compact with non-ASCII kept as UTF-8, as the API writes
-them; records are one JSON line each. Standard library and orjson only.
+them; records are one JSON line each. Standard library, and orjson where it is installed (the gateway always
+has it; the usage report also runs where only the standard library is).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson
+try:
+    import orjson
+except ImportError:  # the usage report on a machine with the standard library alone: json does it all
+    orjson = None
 
 
 def dumps(value: Any) -> bytes:
@@ -47,7 +51,7 @@ def parse_json_body(content: bytes | None) -> Any:
     more digits (orjson reads an integer past 64 bits as a float) go to json."""
     if not content or content[:1] not in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
         return None
-    if _LONG_DIGITS not in content.translate(_DIGITS_AS_ZERO):
+    if orjson is not None and _LONG_DIGITS not in content.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError:
@@ -68,9 +72,10 @@ def encode_line(record: dict[str, Any]) -> bytes:
     record that is not JSON (a cycle). orjson writes it (about ten times faster than json; NaN and infinities
     as null, where json would write invalid JSON); what orjson refuses (a lone surrogate from a client's JSON,
     an integer past 64 bits) goes to json, a lone surrogate replaced."""
-    try:
-        return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
-    except TypeError:
-        pass
+    if orjson is not None:
+        try:
+            return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            pass
     text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
     return (text + "\n").encode("utf-8", "replace")

@@ -111,7 +111,7 @@ def parse(data: bytes) -> LeanBody | None:
 
 
 def parse_request_body(content: bytes | None) -> Any:
-    """A request body as JSON (`exchange.parse_json_body`), lean (`LeanBody`) when over LEAN_ABOVE bytes."""
+    """A request body as JSON (`jsoncodec.parse_json_body`), lean (`LeanBody`) when over LEAN_ABOVE bytes."""
     if content and len(content) > LEAN_ABOVE:
         return parse(content)
     return parse_json_body(content)

@@ -1,8 +1,8 @@
 """Usage report: totals per session and per client from the gateway's JSONL record log.
 
 Run as `scripts/usage_report [FILE ...]` (or `python -m llm_gateway.tools.report`; `llm_gateway.report` still
-works). Standard library and the gateway's records/ and protocol/ layers only, no mitmproxy import, so it runs
-anywhere the log is copied to. Cache breaks are also shown by client and reason (records/breaks.py); `--recompute-breaks` finds them again in the
+works). The standard library and the gateway's records/ and protocol/ layers only (no mitmproxy, no other package: a
+test runs it so), so it runs anywhere the log is copied to. Cache breaks are also shown by client and reason (records/breaks.py); `--recompute-breaks` finds them again in the
 merged records of every replica.
 
 Only `"kind": "usage"` records count; other records sharing the file (egress decisions, …) are skipped,

@@ -149,3 +149,11 @@ async def test_watcher_reports_an_emptied_and_a_missing_file_and_keeps_the_rules
             assert rf.rules.apis[0].name == "b"
         finally:
             rf.done()
+
+
+def test_the_default_rule_file_is_the_repository_rules_yaml():
+    """`mitmdump -s addons/gateway.py` without gateway_rules loads the rules.yaml beside addons/ (README)."""
+    from pathlib import Path
+
+    default = Path(rulefile.DEFAULT_RULES)
+    assert default.is_file() and default == Path(__file__).resolve().parents[3] / "rules.yaml"

@@ -1,5 +1,5 @@
 """Usage records: the Usage addon with real exchanges (JSON, SSE, errors, cache breaks, cost, stats, no
-secrets), and the parts it stands on: pricing.py, records.py (cachewatch.py: test_cachewatch.py)."""
+secrets), and the parts it stands on: policy/pricing.py, the record log (policy/cachewatch.py: unit/policy/test_cachewatch.py)."""
 
 from __future__ import annotations
 
@@ -463,7 +463,7 @@ def test_cost_never_raises_on_junk_usage():
     assert pricing.cost((), SONNET, junk) == (0.0, 0.0, pricing.LIBRARY)
 
 
-# ------------------------------------------------------------------------------------------------ records.py
+# ------------------------------------------------------------------------------------------- the record log
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ A shape is one upstream answer (status, headers, body bytes). A path is what the
 the upstream was asked for: pass-through JSON, pass-through SSE, forced on (client JSON, upstream SSE),
 forced off (client SSE, upstream JSON). Every shape runs through every path that can carry it (an HTTP error
 through all four, a stream through the two that ask the upstream for one, a Message through the other two),
-in both modes, through the addons gateway.py loads (compose.default_addons), hook by hook as mitmproxy calls
+in both modes, through the addons gateway.py loads (app.default_addons), hook by hook as mitmproxy calls
 them. Each row states once what the client must get and what the record must say; each path must give it.
 
 Shapes: every LiteLLM capture in tests/fixtures/litellm (the reference captures are the 1.91.5 ones), the

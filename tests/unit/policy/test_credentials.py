@@ -1,4 +1,4 @@
-"""Key custody (credentials.py, credspec.py, serializers.py): the rule section, the decision, the key files,
+"""Key custody (policy/credentials.py, policy/spec.py, addons/credentials.py, mitm/serializers.py): the rule section, the decision, the key files,
 the addon on flows, and the last-moment placing of the upstream key into the wire bytes only."""
 
 from __future__ import annotations

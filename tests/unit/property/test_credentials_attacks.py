@@ -119,7 +119,7 @@ def test_a_query_without_tokens_is_left_as_sent(chain):
 
 
 def test_without_its_wire_wrapping_the_gateway_forwards_no_credential(chain):
-    """`lastmoment.install` failed (a mitmproxy without those serialisers): API requests are answered, not
+    """`mitm/serializers.install` failed (a mitmproxy without those serialisers): API requests are answered, not
     forwarded with a placeholder, and a pass-through credential off the API paths is not forwarded either."""
     chain.custody.wire_ready = False
     f = custody_of(chain, api_flow(headers={"x-api-key": TOKEN_A}))

@@ -71,7 +71,7 @@ STREAM = messages.message_to_sse(MESSAGE)
 
 
 class Gateway:
-    """The addons gateway.py loads (compose.default_addons), in its order, driven hook by hook like mitmproxy."""
+    """The addons gateway.py loads (app.default_addons), in its order, driven hook by hook like mitmproxy."""
 
     def __init__(self, log: Path) -> None:
         self.log = log

@@ -1,4 +1,4 @@
-"""records.py off the request path: while an event loop runs, records wait (briefly, boundedly) and
+"""The record log (records/writer.py, addons/recordlog.py) off the request path: while an event loop runs, records wait (briefly, boundedly) and
 go out together; a clean stop (`done`) writes every one of them; without a loop they go out at once."""
 
 from __future__ import annotations

@@ -497,3 +497,29 @@ def test_recomputed_breaks_ignore_a_record_shipped_twice(capsys, tmp_path):
     again.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))  # an overlapping copy
     code, out, _ = run(capsys, "--format", "json", "--recompute-breaks", str(once), str(again), str(once))
     assert code == 0 and break_rows(json.loads(out)) == []
+
+
+def test_the_report_runs_on_the_standard_library_alone(tmp_path):
+    """scripts/usage_report on a machine where the log was copied: no mitmproxy, no orjson, no genai-prices.
+    A finder refuses every third-party import, and the report still reads the log."""
+    import sys
+
+    log = tmp_path / "usage.jsonl"
+    log.write_text('{"kind": "usage", "client": "c", "session": "s", "status": 200, "complete": true, '
+                   '"input_tokens": 3, "output_tokens": 1, "cost_usd": 0.5, "ts": "2026-01-01T00:00:00Z"}\n')
+    addons = Path(__file__).resolve().parents[3] / "addons"
+    guard = (
+        "import sys, importlib.abc\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        top = name.split('.')[0]\n"
+        "        if top not in sys.stdlib_module_names and top != 'llm_gateway':\n"
+        "            raise ImportError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        f"sys.path.insert(0, {str(addons)!r})\n"
+        "from llm_gateway.tools import report\n"
+        f"sys.exit(report.main(['--format', 'json', {str(log)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", guard], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"requests": 1' in done.stdout and '"errors": 0' in done.stdout
