@@ -174,3 +174,32 @@ def test_an_option_given_twice_stops_startup_instead_of_running_without_rules(mo
         pass
     assert gw.proc.wait(15) != 0
     assert "option gateway_log is set 2 times" in gw.output()
+
+
+def test_plain_mitmdump_without_gateway_rules_loads_the_repository_rules(tmp_path):
+    """README's "without the script" start: `mitmdump -s addons/gateway.py` with no gateway_rules loads the
+    rules.yaml beside addons/, and answers its health probe."""
+    import urllib.request
+
+    from harness import BIN, GATEWAY_SCRIPT
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mitmdump"), "-s", str(GATEWAY_SCRIPT), "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{port}",
+         "--set", "flow_detail=0", "--set", "connection_strategy=lazy", "--set", f"gateway_log={tmp_path / 'usage.jsonl'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline, ready = time.monotonic() + 30, False
+        while time.monotonic() < deadline and proc.poll() is None and not ready:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthz", timeout=2) as answer:
+                    ready = answer.status == 200
+            except OSError:
+                time.sleep(0.2)
+        assert ready, "the gateway did not start with its default rules"
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    expected = GATEWAY_SCRIPT.parent.parent / "rules.yaml"
+    assert f"rules loaded from {expected}" in output, output[-2000:]
