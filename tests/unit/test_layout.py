@@ -103,7 +103,7 @@ def test_the_scan_sees_a_private_name(tmp_path):
 # Each Exchange field and the only modules (under addons/llm_gateway) that may assign it; fields given to the
 # constructor (rules, api, mode, method, host, path, started, user_agent) are built by addons/routing.py.
 # Lists are appended to and taps added only through Exchange's own methods (note, add_tap).
-ANSWER = {"pipeline/answer.py", "pipeline/reader.py"}
+ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py"}
 FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},

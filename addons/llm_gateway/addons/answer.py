@@ -17,7 +17,7 @@ from llm_gateway.pipeline.answer import (
     settle_failure,
     sse_to_json,
 )
-from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.pipeline.streamreader import StreamReader
 
 
 class AnswerPipeline:

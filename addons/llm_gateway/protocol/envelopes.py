@@ -6,7 +6,7 @@ the wrong status (an upstream 529 as 500) and without the retry headers. Clients
 from the status and `error.type`, so the gateway finds the native error inside the envelope and sends it
 as the API would have.
 
-Pure logic, applied by pipeline/answer.py (bodies) and pipeline/reader.py (stream error frames). Nothing here raises: any input that is not understood gives either a
+Pure logic, applied by pipeline/answer.py (bodies) and pipeline/streamreader.py (stream error frames). Nothing here raises: any input that is not understood gives either a
 native error built from the status (for error statuses) or None (leave the response untouched).
 
 Shapes handled (each with the LiteLLM versions that send it, in `unwrap_response`): the native error JSON

@@ -25,7 +25,7 @@ from llm_gateway.addons.clients import ClientDetector
 from llm_gateway.addons.recordlog import RecordLog
 from llm_gateway.addons.routing import ApiRouter
 from llm_gateway.addons.answer import AnswerPipeline
-from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.pipeline.streamreader import StreamReader
 from llm_gateway.addons.usage import Usage
 from llm_gateway.pipeline.record import build_record
 from llm_gateway.records.schema import human_line

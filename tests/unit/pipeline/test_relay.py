@@ -23,7 +23,7 @@ from llm_gateway.protocol import errors
 from llm_gateway.protocol import jsoncodec
 from llm_gateway.protocol import messages
 from llm_gateway.addons.routing import ApiRouter
-from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.pipeline.streamreader import StreamReader
 from llm_gateway.addons.webview import StreamCopyTap
 
 MESSAGE = {

@@ -22,7 +22,7 @@ from llm_gateway.addons.timeouts import Timeouts
 from llm_gateway.addons.endpoints import Endpoints
 from llm_gateway.addons.metrics import Metrics
 from llm_gateway.addons.routing import ApiRouter
-from llm_gateway.pipeline.reader import StreamReader
+from llm_gateway.pipeline.streamreader import StreamReader
 from llm_gateway.pipeline.record import build_record
 
 
