@@ -135,7 +135,6 @@ class Dispatcher:
         return f"Dispatcher({', '.join(_name(c) for c in self.concerns)})"
 
 
-
 def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None = None) -> list:
     """One addon per concern, in the order their hooks must run. `rule_file` and `records` may be given
     (tests hand in a RuleFile holding parsed rules); the first two entries are always those two."""

@@ -13,7 +13,6 @@ from typing import Any
 MAX_HEADERS = 512  # distinct header names read; the rest are ignored
 
 
-
 def normalize(headers: Any) -> dict[str, str]:
     """Header name (lower-case) -> value, first occurrence wins; junk entries are skipped. mitmproxy's
     `Headers` give what their `items()` would (repeated fields folded with ", ", names and values decoded
