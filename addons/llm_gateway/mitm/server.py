@@ -49,7 +49,7 @@ def set_backlog(sock, backlog: int) -> None:
 
 async def close_listeners() -> None:
     """Stop every listener (the listening sockets only; connections already open stay)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
+    proxyserver = find_proxyserver()
     for instance in list(proxyserver.servers if proxyserver else ()):
         try:
             await instance.stop()
@@ -61,7 +61,7 @@ async def close_connections(wait: float = 2.0) -> None:
     """Close the client connections left (idle keep-alive ones) and let their handlers end (up to `wait`
     seconds), rather than have the shutdown cancel them mid-wait (Python 3.12.1's asyncio then prints a
     traceback per connection)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
+    proxyserver = find_proxyserver()
     if proxyserver is None:
         return
     for handler in list(proxyserver.connections.values()):

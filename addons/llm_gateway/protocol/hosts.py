@@ -50,7 +50,7 @@ def path_forms(path: str) -> set[str]:
 
     A block on `/api/*` must also stop `/%61pi/x`, `//api/x` and `/v1/../api/x`.
     """
-    raw = path.split("?", 1)[0].split("#", 1)[0] or "/"
+    raw = path_of(path).split("#", 1)[0] or "/"
     forms = {raw}
     decoded = raw
     for _ in range(3):  # double encoding too

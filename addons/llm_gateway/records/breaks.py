@@ -25,7 +25,6 @@ from llm_gateway.protocol.tokens import CACHE_TTL, integer
 from llm_gateway.records.schema import record_outcome
 from llm_gateway.records.totals import dollars
 
-TTL_5M, TTL_1H = CACHE_TTL["5m"], CACHE_TTL["1h"]  # seconds
 COLUMNS = ("client", "reason", "breaks", "tokens_lost", "lost_usd", "unpriced")
 TABLE_HEADERS = {"client": "CLIENT", "reason": "REASON", "breaks": "BREAKS", "tokens_lost": "TOKENS LOST",
                  "lost_usd": "LOST $", "unpriced": "UNPRICED"}
@@ -109,7 +108,7 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
             yield record, recorded, lost, dollars(record.get("cache_break_cost_usd"))
             continue
         pause = (when - prev[0]).total_seconds()
-        yield record, "ttl_expired" if pause > (TTL_1H if prev[2] else TTL_5M) else "unknown", lost, None
+        yield record, "ttl_expired" if pause > CACHE_TTL["1h" if prev[2] else "5m"] else "unknown", lost, None
 
 
 def table_from_merged(records: Iterable[tuple[dict[str, Any], datetime]]) -> BreakTable:
