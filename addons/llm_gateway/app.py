@@ -46,6 +46,7 @@ from llm_gateway.addons.endpoints import Endpoints
 from llm_gateway.addons.fdlimit import OpenFileLimit
 from llm_gateway.addons.gatewaylog import GatewayLog
 from llm_gateway.addons.metrics import Metrics
+from llm_gateway.addons.otel import OtelExport
 from llm_gateway.addons.recordlog import RecordLog
 from llm_gateway.addons.routing import ApiRouter
 from llm_gateway.addons.rulefile import RuleFile, refuse_repeated_options
@@ -160,6 +161,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
         Usage(records),  # response/error: one usage record per exchange
         metrics,  # response/error: Prometheus counters from the finished exchange, after Usage
+        OtelExport(rule_file, metrics.registry),  # request→response/error: a GenAI span per exchange (when on)
         WebView(),  # mitmweb's message view, stream body copy, flow comments and markers
         GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
         StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups

@@ -115,13 +115,14 @@ FIELD_OWNERS = {
     **dict.fromkeys(("stream_requested", "stream_upstream"), {"addons/streams.py"}),
     "response_started": {"addons/answer.py"},
     **dict.fromkeys(("status", "request_id", "error_type", "unwrapped", "unwrapped_from", "converted", "complete",
-                     "usage", "model_answered"), ANSWER),
+                     "usage", "model_answered", "response_id", "stop_reason"), ANSWER),
     "message": ANSWER | {"pipeline/exchange.py"},
     **dict.fromkeys(("reason", "priced", "on_flow_gone", "notes", "sse_taps", "tap_stages", "cache_break",
                      "cache_break_reason", "cache_break_detail", "cache_break_tokens_lost", "cache_break_cost_usd"),
                     {"pipeline/exchange.py"}),
     "recorded": {"addons/usage.py"},
     "metered": {"addons/metrics.py"},
+    "span": {"addons/otel.py"},
 }
 MUTATORS = {"append", "extend", "insert", "clear", "remove", "pop", "sort", "reverse"}
 

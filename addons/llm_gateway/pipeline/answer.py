@@ -140,6 +140,10 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
                 ex.usage = ex.message["usage"]
             if isinstance(ex.message.get("model"), str) and ex.message["model"]:
                 ex.model_answered = ex.message["model"]
+            if isinstance(ex.message.get("id"), str):
+                ex.response_id = ex.message["id"][:200]
+            if isinstance(ex.message.get("stop_reason"), str):
+                ex.stop_reason = ex.message["stop_reason"][:200]
         if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
             ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
     if response.status_code >= 400:

@@ -72,6 +72,8 @@ class Exchange:
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
     model_answered: str | None = None  # the model the answer names (pipeline/answer, pipeline/reader)
+    response_id: str | None = None  # the Message's `id` ("msg_…"), cut to 200 characters
+    stop_reason: str | None = None  # the Message's `stop_reason` ("end_turn", "tool_use", …), cut to 200 characters
     priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, counts), Cost)
     # what the client received, decided once by pipeline/answer.py (settle / settle_failure)
     status: int | None = None
@@ -93,6 +95,7 @@ class Exchange:
     sse_taps: list[SSETap] = field(default_factory=list)  # in stage order: see `add_tap`
     tap_stages: list[int] = field(default_factory=list)  # the stage of each tap in sse_taps
     on_flow_gone: Any = field(default=None, repr=False)  # see `start`
+    span: Any = field(default=None, repr=False)  # the OpenTelemetry span while the exchange runs (addons/otel.py)
 
     @property
     def model(self) -> str | None:

@@ -33,12 +33,17 @@ class StreamReader:
                     ex.usage = dict(message["usage"])
                 if isinstance(message.get("model"), str) and message["model"]:
                     ex.model_answered = message["model"]  # price and record the model that answered
+                if isinstance(message.get("id"), str):
+                    ex.response_id = message["id"][:200]
         elif name == "message_delta":
             data = event.json()
             if isinstance(data, dict) and isinstance(data.get("usage"), dict):
                 if ex.usage is None:
                     ex.usage = {}
                 tokens.merge_delta_usage(ex.usage, data["usage"])
+            delta = data.get("delta") if isinstance(data, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
+                ex.stop_reason = delta["stop_reason"][:200]
         elif name == "message_stop":
             self.finished = ex.complete = True
         elif name == "content_block_start":

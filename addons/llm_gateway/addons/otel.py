@@ -1,0 +1,236 @@
+"""OpenTelemetry export: one GenAI span per API exchange and the GenAI client metrics, over OTLP/HTTP.
+
+Off by default, and then nothing of OpenTelemetry is imported: a request costs one dict lookup and one
+comparison. On when the rules say `otel: {enabled: true}` or an `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` is set
+(policy/otel.py); everything else is the SDK's own `OTEL_*` configuration (endpoint, headers, service name,
+resource attributes, sampler, batch and export intervals).
+
+- A span starts at the request's arrival (`Exchange.started`) and continues an incoming `traceparent` (the
+  propagators of `OTEL_PROPAGATORS`, W3C trace context by default); it ends in the `response` hook, which for a
+  relayed stream mitmproxy calls once the stream ended (after `message_stop`, or cut short), or in `error`.
+  This addon runs after Usage, so the cache break Usage found is on the exchange: it becomes a span event.
+- Export is off the event loop: ended spans go to the SDK's BatchSpanProcessor (a worker thread) through a
+  bound of `OTEL_BSP_MAX_QUEUE_SIZE` spans in flight; past it a span is dropped, never waited for. Dropped and
+  failed spans are counted in the Prometheus exposition (`llm_gateway_otel_spans{result}`), and the SDK's own
+  self-metrics go out with the rest. Metrics: a PeriodicExportingMetricReader (`OTEL_METRIC_EXPORT_INTERVAL`).
+- Attributes: pipeline/genai.py (the one mapping). Prompt and answer text only with content capture on; the
+  answer's text only where the gateway held the whole answer (not for relayed streams).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from llm_gateway.pipeline import exchange, genai
+from llm_gateway.policy.otel import capturing, exporting
+from llm_gateway.protocol import jsoncodec
+
+if TYPE_CHECKING:
+    from llm_gateway.addons.rulefile import RuleFile
+    from llm_gateway.policy.spec import Rules
+
+logger = logging.getLogger("llm_gateway.otel")
+
+INSTRUMENTATION = "llm_gateway"
+DEFAULT_SERVICE_NAME = "llm-gateway"
+DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
+ENDED = False  # `Exchange.span` once the span ended (None: none started yet)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+class OtelExport:
+    def __init__(self, rule_file: RuleFile, registry: Any = None, environ: Mapping[str, str] | None = None) -> None:
+        self.rule_file = rule_file
+        self.registry = registry  # a prometheus_client registry for the span counters (the gateway's own)
+        self.environ = os.environ if environ is None else environ
+        self._decided: tuple[Rules | None, bool, bool] = (None, False, False)  # (rules, exporting, capturing)
+        self.sdk: _Sdk | None = None
+
+    # -- switches -----------------------------------------------------------------------------------
+
+    def _switches(self, rules: Rules) -> tuple[bool, bool]:
+        decided = self._decided
+        if decided[0] is not rules:
+            otel = rules.otel
+            decided = self._decided = (rules, exporting(otel, self.environ), capturing(otel, self.environ))
+        return decided[1], decided[2]
+
+    def _ready(self) -> _Sdk:
+        if self.sdk is None:
+            self.sdk = _Sdk(self.environ, self.registry)
+            logger.info(f"OpenTelemetry export on: {self.sdk.where}")
+        return self.sdk
+
+    def running(self) -> None:
+        if self._switches(self.rule_file.rules)[0]:
+            self._ready()
+
+    def done(self) -> None:
+        if self.sdk is not None:
+            self.sdk.shutdown()
+
+    # -- exchanges ----------------------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or ex.span is not None:
+            return
+        on, capture = self._switches(ex.rules)
+        if on:
+            self._start(flow, ex, capture)
+
+    def _start(self, flow: http.HTTPFlow, ex: exchange.Exchange, capture: bool) -> Any:
+        sdk = self._ready()
+        request = flow.request
+        attributes = genai.start_attributes(ex, request.headers, request.host, request.port)
+        if capture:
+            attributes.update(genai.content_attributes(ex.body))
+        span = ex.span = sdk.start(genai.span_name(ex), request.headers, attributes, _ns(ex.started))
+        return span
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def _end(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        if ex is None or ex.span is ENDED:
+            return
+        on, capture = self._switches(ex.rules)
+        span = ex.span
+        if span is None:
+            if not on:
+                return
+            span = self._start(flow, ex, capture)  # refused before the `request` hook (e.g. a body over the limit)
+        ex.span = ENDED
+        sdk = self._ready()
+        attributes = genai.end_attributes(ex)
+        if capture and flow.response is not None and not flow.response.stream:
+            message = jsoncodec.parse_json_body(flow.response.get_content(strict=False))
+            attributes.update(genai.output_attributes(message))
+        found = genai.break_event(ex)
+        sdk.end(span, attributes, found, attributes.get("error.type"))
+        sdk.measure(ex, flow.request.host, flow.request.port)
+
+
+class _Sdk:
+    """The OpenTelemetry SDK, built once export is on: a tracer and a meter exporting over OTLP/HTTP."""
+
+    def __init__(self, environ: Mapping[str, str], registry: Any) -> None:
+        from opentelemetry import propagate, trace
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.propagate, self.trace = propagate, trace
+        named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        resource = Resource.create({} if named else {"service.name": DEFAULT_SERVICE_NAME})
+        self.where = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318 (the OTLP default)"
+
+        spans = Counter("llm_gateway_otel_spans", "OpenTelemetry spans by result: exported, failed (the receiver "
+                        "refused or was unreachable), dropped (more than OTEL_BSP_MAX_QUEUE_SIZE in flight)",
+                        ["result"], registry=registry if registry is not None else CollectorRegistry())
+        self.exported, self.failed, self.dropped = (spans.labels(r) for r in ("exported", "failed", "dropped"))
+        try:
+            self.max_in_flight = max(1, int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE)))
+        except ValueError:
+            self.max_in_flight = DEFAULT_MAX_QUEUE
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        sdk = self
+        self.span_exporter = OTLPSpanExporter()
+
+        class Counting(SpanExporter):
+            """The OTLP exporter, counting what it delivered and what it could not (in the worker thread)."""
+
+            def export(self, batch):
+                try:
+                    result = sdk.span_exporter.export(batch)
+                finally:
+                    with sdk.lock:
+                        sdk.in_flight -= len(batch)
+                (sdk.exported if result is SpanExportResult.SUCCESS else sdk.failed).inc(len(batch))
+                return result
+
+            def shutdown(self):
+                sdk.span_exporter.shutdown()
+
+            def force_flush(self, timeout_millis: int = 30000) -> bool:
+                return sdk.span_exporter.force_flush(timeout_millis)
+
+        self.metric_reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=[self.metric_reader])
+        self.tracer_provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
+        self.processor = BatchSpanProcessor(Counting(), meter_provider=self.meter_provider)
+        self.tracer_provider.add_span_processor(self.processor)
+        self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
+        meter = self.meter_provider.get_meter(INSTRUMENTATION)
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used",
+            explicit_bucket_boundaries_advisory=list(genai.TOKEN_BUCKETS))
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration",
+            explicit_bucket_boundaries_advisory=list(genai.SECONDS_BUCKETS))
+        self.first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk", unit="s",
+            description="Time to receive the first chunk of a streamed answer",
+            explicit_bucket_boundaries_advisory=list(genai.SECONDS_BUCKETS))
+        self.kind = trace.SpanKind.CLIENT
+
+    def start(self, name: str, headers: Any, attributes: dict[str, Any], start_ns: int) -> Any:
+        parent = self.propagate.extract(headers)  # an incoming traceparent (and baggage) continued
+        return self.tracer.start_span(name, context=parent, kind=self.kind, attributes=attributes,
+                                      start_time=start_ns)
+
+    def end(self, span: Any, attributes: dict[str, Any], cache_break: dict[str, Any] | None,
+            error_type: str | None) -> None:
+        span.set_attributes(attributes)
+        if cache_break is not None:
+            span.add_event(genai.BREAK_EVENT, cache_break)
+        if error_type:
+            span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, error_type))
+        if not span.is_recording():  # not sampled: nothing goes to the processor
+            span.end()
+            return
+        with self.lock:
+            room = self.in_flight < self.max_in_flight
+            if room:
+                self.in_flight += 1
+        if room:
+            span.end()
+        else:
+            self.dropped.inc()  # the span is never ended: nothing of it reaches the queue
+
+    def measure(self, ex: exchange.Exchange, server: str | None, port: int | None) -> None:
+        attributes = genai.metric_attributes(ex, server, port)
+        self.duration.record(max(0.0, time.time() - ex.started), attributes)
+        ttfc = genai.time_to_first_chunk(ex)
+        if ttfc is not None:
+            self.first_chunk.record(ttfc, attributes)
+        for kind, count in genai.token_points(ex):
+            self.token_usage.record(count, {**attributes, "gen_ai.token.type": kind})
+
+    def shutdown(self) -> None:
+        """Flush what is queued and stop the worker threads; an unreachable receiver is not waited for long."""
+        self.tracer_provider.force_flush(timeout_millis=2000)
+        self.span_exporter.shutdown()  # interrupts a retry's back-off: what is still queued may be lost, not the exit
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown(timeout_millis=5000)
