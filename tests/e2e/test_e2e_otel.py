@@ -235,22 +235,33 @@ def test_content_is_captured_only_when_switched_on(module_fake, receiver):
         assert "the secret answer" in a["gen_ai.output.messages"]
 
 
-def test_off_by_default_nothing_is_exported(module_fake, receiver):
-    receiver.clear()
+def test_off_by_default_nothing_is_exported(module_fake):
+    receiver = Receiver().start()  # a receiver of its own: the module's gateway still sends its metrics
     port = free_port()
-    with Gateway(routed_rules(module_fake.url), extra_args=("--set", f"gateway_metrics_port={port}")) as gw:
+    with Gateway(routed_rules(module_fake.url), env={"OTEL_EXPORTER_OTLP_ENDPOINT": ""},
+                 extra_args=("--set", f"gateway_metrics_port={port}")) as gw:
         module_fake.script(Scenario(text="quiet"))
         assert sdk_client.run("create", base_url=gw.base_url, model=MODEL)["ok"]
         gw.wait_record(lambda r: r["status"] == 200)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/-/metrics", timeout=5).read().decode()
+    receiver.stop()
     assert "llm_gateway_otel" not in text
     assert receiver.requests == [] and receiver.spans == []
+
+
+def test_refused_otel_settings_leave_the_gateway_serving(module_fake, receiver):
+    env = otel_env(receiver.url, OTEL_BSP_MAX_QUEUE_SIZE="2", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="512")
+    with Gateway(routed_rules(module_fake.url), env=env) as gw:
+        module_fake.script(Scenario(text="still here"))
+        assert sdk_client.run("create", base_url=gw.base_url, model=MODEL)["ok"]
+        assert "OpenTelemetry export off: the OTEL_* settings were refused" in gw.output()
 
 
 def test_receiver_down_the_gateway_keeps_serving(module_fake):
     """Export to a port nobody listens on: every request is answered, failures are counted, the stop is prompt."""
     port, dead = free_port(), free_port()
-    env = otel_env(f"http://127.0.0.1:{dead}", OTEL_EXPORTER_OTLP_TIMEOUT="1", OTEL_BSP_MAX_QUEUE_SIZE="8")
+    env = otel_env(f"http://127.0.0.1:{dead}", OTEL_EXPORTER_OTLP_TIMEOUT="1", OTEL_BSP_MAX_QUEUE_SIZE="8",
+                   OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4")
     with Gateway(routed_rules(module_fake.url), env=env, extra_args=("--set", f"gateway_metrics_port={port}")) as gw:
         module_fake.clear()
         client = anthropic.Anthropic(base_url=gw.base_url, api_key="sk-ant-test", max_retries=0)

@@ -55,6 +55,7 @@ class OtelExport:
         self.environ = os.environ if environ is None else environ
         self._decided: tuple[Rules | None, bool, bool] = (None, False, False)  # (rules, exporting, capturing)
         self.sdk: _Sdk | None = None
+        self.refused = False  # the SDK refused the OTEL_* settings: no export until a restart
 
     # -- switches -----------------------------------------------------------------------------------
 
@@ -65,9 +66,16 @@ class OtelExport:
             decided = self._decided = (rules, exporting(otel, self.environ), capturing(otel, self.environ))
         return decided[1], decided[2]
 
-    def _ready(self) -> _Sdk:
-        if self.sdk is None:
-            self.sdk = _Sdk(self.environ, self.registry)
+    def _ready(self) -> _Sdk | None:
+        """The SDK, built on first need; None (and export off until a restart) when the `OTEL_*` settings are
+        refused: a bad telemetry setting must never cost the traffic, so it is a warning, not a stop."""
+        if self.sdk is None and not self.refused:
+            try:
+                self.sdk = _Sdk(self.environ, self.registry)
+            except ValueError as e:  # the SDK's refusal of a setting (e.g. a batch larger than the queue)
+                self.refused = True
+                logger.warning(f"OpenTelemetry export off: the OTEL_* settings were refused: {e}")
+                return None
             logger.info(f"OpenTelemetry export on: {self.sdk.where}")
         return self.sdk
 
@@ -86,11 +94,10 @@ class OtelExport:
         if ex is None or ex.span is not None:
             return
         on, capture = self._switches(ex.rules)
-        if on:
-            self._start(flow, ex, capture)
+        if on and (sdk := self._ready()) is not None:
+            self._start(sdk, flow, ex, capture)
 
-    def _start(self, flow: http.HTTPFlow, ex: exchange.Exchange, capture: bool) -> Any:
-        sdk = self._ready()
+    def _start(self, sdk: _Sdk, flow: http.HTTPFlow, ex: exchange.Exchange, capture: bool) -> Any:
         request = flow.request
         attributes = genai.start_attributes(ex, request.headers, request.host, request.port)
         if capture:
@@ -109,13 +116,13 @@ class OtelExport:
         if ex is None or ex.span is ENDED:
             return
         on, capture = self._switches(ex.rules)
+        sdk = self.sdk
         span = ex.span
         if span is None:
-            if not on:
+            if not on or (sdk := self._ready()) is None:
                 return
-            span = self._start(flow, ex, capture)  # refused before the `request` hook (e.g. a body over the limit)
+            span = self._start(sdk, flow, ex, capture)  # refused before the `request` hook (a body over the limit)
         ex.span = ENDED
-        sdk = self._ready()
         attributes = genai.end_attributes(ex)
         if capture and flow.response is not None and not flow.response.stream:
             message = jsoncodec.parse_json_body(flow.response.get_content(strict=False))
