@@ -58,7 +58,12 @@ SETUPS = {
     "gateway-view": "gateway, mitmweb's aids on too (flow notes, 4 MB body copy)",
     "litellm": f"LiteLLM {LITELLM_VERSION} pass-through",
     "in-process": "in-process wire.*",
+    "gateway-otel": "gateway, OpenTelemetry export on to a local OTLP/HTTP receiver (--otel)",
+    "gateway-otel-down": "gateway, OpenTelemetry export on, receiver down (--otel)",
 }
+# Run only with --otel (or when named in --setups): the cost of exporting spans and metrics (addons/otel.py).
+OTEL_SETUPS = ("gateway-otel", "gateway-otel-down")
+OTEL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000", "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
 # Bare mitmdump buffers every body (its default), while the gateway streams SSE answers itself. So the
 # streaming workloads compare with a second bare mitmdump that streams too: with stream_large_bodies=1
 # a chunked body (every SSE answer) is streamed as soon as its first byte is there. The buffering one
@@ -319,14 +324,14 @@ def workloads(cfg: Config) -> list[Workload]:
     big = cfg.big_bytes // MB
     conv = cfg.convert_bytes // MB
     return [
-        Workload("messages-1", "Non-streaming Messages, 1 connection", (*plain, "gateway-view", "gateway-on", "litellm"),
+        Workload("messages-1", "Non-streaming Messages, 1 connection", (*plain, "gateway-view", "gateway-on", "litellm", *OTEL_SETUPS),
                  msg_metrics, messages(1), (("rps", "ratio"), ("p50", "ratio"), ("cpu", "ratio")),
                  "gateway-on: the client asks for JSON, the upstream is asked for a stream, the gateway converts it."),
-        Workload("messages-16", "Non-streaming Messages, 16 connections", (*plain, "gateway-view", "gateway-on", "litellm"),
+        Workload("messages-16", "Non-streaming Messages, 16 connections", (*plain, "gateway-view", "gateway-on", "litellm", *OTEL_SETUPS),
                  msg_metrics, messages(16), (("rps", "ratio"), ("p99", "ratio"), ("cpu", "ratio")),
                  "gateway-on: as above."),
         Workload("stream-delayed", f"Streamed answer, upstream waits {cfg.delay * 1000:.0f} ms, then "
-                 f"{cfg.event_delay * 1000:.0f} ms between events", (*plain, "gateway-off", "litellm"),
+                 f"{cfg.event_delay * 1000:.0f} ms between events", (*plain, "gateway-off", "litellm", *OTEL_SETUPS),
                  (Metric("ttfe", "first event ms", 2), Metric("total", "total ms", 2)), delayed_stream,
                  (("ttfe", "diff"), ("total", "diff")),
                  "gateway-off: the upstream is asked for JSON and the gateway replays it as events, so the first "
@@ -426,6 +431,17 @@ class Bench:
                                                        headers={**headers, "User-Agent": agent}),
                                           lambda p=gw.proc.pid: [p])
             self.gateway = gw
+        for name in set(OTEL_SETUPS) & needed:  # --otel: the gateway exporting spans and metrics
+            if name == "gateway-otel":
+                from otlp import Receiver
+
+                endpoint = self.stack.enter_context(Receiver()).url
+            else:
+                endpoint = f"http://127.0.0.1:{procs.free_port()}"  # nobody listens there
+            otel = self._start(procs.Gateway(gateway_rules(source_url), reverse_to=source_url,
+                                             env={**OTEL_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}))
+            self.setups[name] = Setup(name, Target(name, "127.0.0.1", otel.reverse_port, headers=headers),
+                                      lambda p=otel.proc.pid: [p])
         if "gateway-view" in needed:  # what mitmweb adds (gateway_flow_notes and the body copy are on there)
             view = self._start(procs.Gateway(gateway_rules(source_url), reverse_to=source_url, extra_args=VIEW_OPTIONS))
             self.setups["gateway-view"] = Setup("gateway-view", Target("gateway-view", "127.0.0.1", view.reverse_port,
@@ -689,6 +705,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     + ", ".join([w.name for w in workloads(Config())] + list(SCALE_WORKLOADS)))
     ap.add_argument("--setups", help="comma-separated set-ups (default: all): " + ", ".join(SETUPS))
     ap.add_argument("--no-litellm", action="store_true", help="leave out the LiteLLM set-up")
+    ap.add_argument("--otel", action="store_true",
+                    help="add the OpenTelemetry set-ups (export on; receiver down): " + ", ".join(OTEL_SETUPS))
     ap.add_argument("--budget", type=float, help="seconds for all rounds (default 270; quick 180)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--update-docs", action="store_true", help=f"write the table into {DOCS.relative_to(ROOT)}")
@@ -740,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.no_litellm:
         names.discard("litellm")
+    if not args.otel and not args.setups:
+        names -= set(OTEL_SETUPS)
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mitmproxy import http
 
@@ -132,6 +133,15 @@ class OtelExport:
         sdk.measure(ex, flow.request.host, flow.request.port)
 
 
+def _shown(url: str) -> str:
+    """An endpoint for the log: without user information or query (either may hold a credential)."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password or parts.query):
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class _Sdk:
     """The OpenTelemetry SDK, built once export is on: a tracer and a meter exporting over OTLP/HTTP."""
 
@@ -149,8 +159,8 @@ class _Sdk:
         self.propagate, self.trace = propagate, trace
         named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
         resource = Resource.create({} if named else {"service.name": DEFAULT_SERVICE_NAME})
-        self.where = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318 (the OTLP default)"
+        self.where = _shown(environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318 (the OTLP default)")
 
         spans = Counter("llm_gateway_otel_spans", "OpenTelemetry spans by result: exported, failed (the receiver "
                         "refused or was unreachable), dropped (more than OTEL_BSP_MAX_QUEUE_SIZE in flight)",
@@ -183,8 +193,10 @@ class _Sdk:
             def force_flush(self, timeout_millis: int = 30000) -> bool:
                 return sdk.span_exporter.force_flush(timeout_millis)
 
-        self.metric_reader = PeriodicExportingMetricReader(OTLPMetricExporter())
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=[self.metric_reader])
+        # OTEL_METRICS_EXPORTER=none: spans only (a back end that takes no OTLP metrics, such as Langfuse)
+        readers = [] if environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none" else [
+            PeriodicExportingMetricReader(OTLPMetricExporter())]
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self.tracer_provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
         self.processor = BatchSpanProcessor(Counting(), meter_provider=self.meter_provider)
         self.tracer_provider.add_span_processor(self.processor)
