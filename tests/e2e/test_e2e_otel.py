@@ -284,4 +284,7 @@ def test_receiver_down_the_gateway_keeps_serving(module_fake):
             time.sleep(0.2)
         assert counts.get("failed", 0) >= 1 and counts.get("dropped", 0) >= 1, text
         assert counts.get("exported", 0) == 0
+        output = gw.output()
+        assert output.count("OpenTelemetry export to ") == 1 and "failing:" in output  # one line, not one a retry
+        assert "Transient error" not in output
         assert gw.stop() == 0  # a clean exit on SIGTERM, not the harness's SIGKILL after waiting

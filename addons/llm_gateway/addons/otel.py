@@ -43,6 +43,7 @@ INSTRUMENTATION = "llm_gateway"
 DEFAULT_SERVICE_NAME = "llm-gateway"
 DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 ENDED = False  # `Exchange.span` once the span ended (None: none started yet)
+WARN_EVERY = 60.0  # seconds between two "export failing" lines
 
 
 def _ns(seconds: float) -> int:
@@ -171,6 +172,8 @@ class _Sdk:
         except ValueError:
             self.max_in_flight = DEFAULT_MAX_QUEUE
         self.in_flight = 0
+        self.undelivered, self.warned = 0, -WARN_EVERY
+        logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)  # see `warn_failed`
         self.lock = threading.Lock()
         sdk = self
         self.span_exporter = OTLPSpanExporter()
@@ -184,7 +187,11 @@ class _Sdk:
                 finally:
                     with sdk.lock:
                         sdk.in_flight -= len(batch)
-                (sdk.exported if result is SpanExportResult.SUCCESS else sdk.failed).inc(len(batch))
+                if result is SpanExportResult.SUCCESS:
+                    sdk.exported.inc(len(batch))
+                else:
+                    sdk.failed.inc(len(batch))
+                    sdk.warn_failed(len(batch))
                 return result
 
             def shutdown(self):
@@ -213,6 +220,16 @@ class _Sdk:
             description="Time to receive the first chunk of a streamed answer",
             explicit_bucket_boundaries_advisory=list(genai.SECONDS_BUCKETS))
         self.kind = trace.SpanKind.CLIENT
+
+    def warn_failed(self, count: int) -> None:
+        """One line a minute at most while export fails (the exporter's own line per retry is silenced: an
+        unreachable receiver would otherwise log several lines a second, each waking mitmproxy's event loop)."""
+        self.undelivered += count
+        now = time.monotonic()
+        if now - self.warned >= WARN_EVERY:
+            self.warned = now
+            logger.warning(f"OpenTelemetry export to {self.where} failing: {self.undelivered} spans not delivered "
+                           "since start (llm_gateway_otel_spans_total{result=\"failed\"})")
 
     def start(self, name: str, headers: Any, attributes: dict[str, Any], start_ns: int) -> Any:
         parent = self.propagate.extract(headers)  # an incoming traceparent (and baggage) continued
