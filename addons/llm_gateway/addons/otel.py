@@ -11,8 +11,8 @@ resource attributes, sampler, batch and export intervals).
   This addon runs after Usage, so the cache break Usage found is on the exchange: it becomes a span event.
 - Export is off the event loop: ended spans go to the SDK's BatchSpanProcessor (a worker thread) through a
   bound of `OTEL_BSP_MAX_QUEUE_SIZE` spans in flight; past it a span is dropped, never waited for. Dropped and
-  failed spans are counted in the Prometheus exposition (`llm_gateway_otel_spans{result}`), and the SDK's own
-  self-metrics go out with the rest. Metrics: a PeriodicExportingMetricReader (`OTEL_METRIC_EXPORT_INTERVAL`).
+  failed spans are counted in the Prometheus exposition (`llm_gateway_otel_spans{result}`), where they are seen
+  even while the receiver is down. Metrics: a PeriodicExportingMetricReader (`OTEL_METRIC_EXPORT_INTERVAL`).
 - Attributes: pipeline/genai.py (the one mapping). Prompt and answer text only with content capture on; the
   answer's text only where the gateway held the whole answer (not for relayed streams).
 """
@@ -205,7 +205,7 @@ class _Sdk:
             PeriodicExportingMetricReader(OTLPMetricExporter())]
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self.tracer_provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
-        self.processor = BatchSpanProcessor(Counting(), meter_provider=self.meter_provider)
+        self.processor = BatchSpanProcessor(Counting())
         self.tracer_provider.add_span_processor(self.processor)
         self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
         meter = self.meter_provider.get_meter(INSTRUMENTATION)
