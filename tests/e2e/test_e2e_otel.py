@@ -203,6 +203,27 @@ def test_claude_code_span_carries_its_session_and_agent(gw, module_fake, receive
     assert a["llm_gateway.cost.usd"] == pytest.approx(record["cost_usd"])
 
 
+def test_claude_code_subagent_span_carries_its_agent_id(gw, module_fake, receiver):
+    """Claude Code delegates to a subagent (its `Agent` tool): the subagent's requests carry
+    x-claude-code-agent-id, and so do their spans; the main loop's have none."""
+    module_fake.clear()
+    delegate = {"type": "tool_use", "id": "toolu_otel_1", "name": "Agent",
+                "input": {"description": "say hi", "prompt": "say hi", "subagent_type": "general-purpose"}}
+    module_fake.script(Scenario(content=[delegate]), *(Scenario(text=f"done {i}") for i in range(4)))
+    done = realclients.run_claude("delegate", base_url=gw.base_url, args=["--allowedTools", "Agent"])
+    assert done.returncode == 0, done.stderr
+    seen = [q for q in module_fake.requests if q.path_only == "/v1/messages"]
+    sub = [q for q in seen if q.headers.get("x-claude-code-agent-id")]
+    main = [q for q in seen if not q.headers.get("x-claude-code-agent-id")]
+    assert sub and main, [dict(q.headers.items()) for q in seen]
+    for q in sub + main[:1]:
+        record = gw.wait_record(lambda r, q=q: r["request_id"] == q.request_id)
+        a = span_of(receiver, record)["attributes"]
+        assert a.get("llm_gateway.agent.id") == q.headers.get("x-claude-code-agent-id")
+        assert a.get("llm_gateway.agent.parent_id") == q.headers.get("x-claude-code-parent-agent-id")
+        assert a["gen_ai.conversation.id"] == q.headers.get("x-claude-code-session-id") == record["session"]
+
+
 def test_litellm_client_through_the_gateway(module_fake, receiver):
     """A LiteLLM proxy as the gateway's client (its Anthropic api_base is the gateway)."""
     with Gateway(routed_rules(module_fake.url, PRICING + "otel: {enabled: true}\n"),
