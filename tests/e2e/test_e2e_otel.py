@@ -106,6 +106,34 @@ def test_sdk_exchange_is_one_genai_span_continuing_the_callers_trace(gw, module_
     assert span["end_ns"] - span["start_ns"] >= (record["duration_ms"] - 0.1) * 1e6
 
 
+def test_egress_mode_span_names_the_mode_and_the_upstream(gw, module_fake, receiver):
+    module_fake.clear()
+    module_fake.script(Scenario(text="through the proxy", usage=USAGE))
+    result = sdk_client.run("create", model=MODEL, env={"HTTPS_PROXY": gw.proxy_url,
+                                                        "SSL_CERT_FILE": str(gw.ca_bundle())})
+    assert result["ok"], result
+    record = gw.wait_record(lambda r: r["request_id"] == module_fake.messages_requests()[-1].request_id)
+    a = span_of(receiver, record)["attributes"]
+    assert record["mode"] == "regular" and a["llm_gateway.mode"] == "egress"
+    assert a["server.address"] == "127.0.0.1" and a["server.port"] == int(module_fake.url.rsplit(":", 1)[1])
+    assert_tokens_match(span_of(receiver, record), record)
+
+
+def test_forced_stream_is_named_on_the_span(module_fake, receiver):
+    """A client rule forces the upstream stream on: the client asked for JSON, the gateway converted."""
+    clients = [{"name": "forced-sdk", "user_agent": ["anthropic/python *"], "stream": "on"}]
+    with Gateway(routed_rules(module_fake.url, clients=clients), env=otel_env(receiver.url)) as gw:
+        module_fake.clear()
+        module_fake.script(Scenario(text="converted", usage=USAGE, request_id="req_otel_forced"))
+        assert sdk_client.run("create", base_url=gw.base_url, model=MODEL)["ok"]
+        record = gw.wait_record(lambda r: r["request_id"] == "req_otel_forced")
+        a = span_of(receiver, record)["attributes"]
+        assert (record["stream_requested"], record["stream_upstream"], record["converted"]) == (False, True, "sse->json")
+        assert a["llm_gateway.stream.forced"] is True and a["llm_gateway.stream.converted"] == "sse->json"
+        assert a["gen_ai.request.stream"] is False and a["gen_ai.response.time_to_first_chunk"] >= 0
+        assert a["llm_gateway.client.name"] == "forced-sdk"
+
+
 def test_failed_exchange_has_error_type(gw, module_fake, receiver):
     module_fake.clear()
     module_fake.script(Scenario.error(429, "rate_limit_error", "slow down", request_id="req_otel_429"))
