@@ -7,9 +7,12 @@ the usage record of the same exchange (tokens, cost, cache break), so the two ca
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 import urllib.request
 from datetime import datetime
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -337,3 +340,22 @@ def test_receiver_down_the_gateway_keeps_serving(module_fake):
         assert output.count("OpenTelemetry export to ") == 1 and "failing:" in output  # one line, not one a retry
         assert "Transient error" not in output
         assert gw.stop() == 0  # a clean exit on SIGTERM, not the harness's SIGKILL after waiting
+
+
+def test_bench_otel_flag_measures_export_on_and_receiver_down(tmp_path):
+    """`scripts/bench --otel` runs its two set-ups (no timing asserted; the figures are docs/observability.md's)."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bench.json"
+    setups = ("mitmdump", "gateway", "gateway-otel", "gateway-otel-down")
+    done = subprocess.run(
+        [str(root / "scripts" / "bench"), "--quick", "--otel", "--only", "messages-1", "--setups", ",".join(setups),
+         "--seconds", "0.3", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["errors"] == {}
+    for setup in setups:
+        [run] = results["results"]["messages-1"][setup]
+        assert run["rps"] > 0, (setup, run)
+    assert "| gateway, OpenTelemetry export on, receiver down (--otel) |" in done.stdout
+    alive = [pid for pid in results["info"]["pids"] if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"left running: {alive}"
