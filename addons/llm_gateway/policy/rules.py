@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from mitmproxy.utils import human
 
+from llm_gateway.policy import quotas
 from llm_gateway.policy.clients import ClientSignature
 from llm_gateway.policy.spec import (
     MODES,
@@ -188,7 +189,7 @@ class _Reader:
             root,
             "the rule file",
             {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
-            | {"timeouts": False, "limits": False},
+            | {"timeouts": False, "limits": False, "quotas": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -204,6 +205,7 @@ class _Reader:
             credentials=section("credentials", lambda n: self.credentials(n, clients), None),
             timeouts=section("timeouts", self.timeouts, Timeouts()),
             limits=section("limits", self.limits, Limits()),
+            quotas=section("quotas", lambda n: quotas.read(self, n), quotas.Quotas()),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:

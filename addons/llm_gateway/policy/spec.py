@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_gateway.policy.quotas import Quotas
 from llm_gateway.protocol.tokens import CACHE_TTL
 from llm_gateway.util.globs import Glob
 
@@ -256,6 +257,7 @@ class Rules:
     credentials: Credentials | None = None  # key custody (addons/credentials.py); None: clients' credentials pass
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    quotas: Quotas = field(default_factory=Quotas)  # spend and rate limits (policy/quotas.py, addons/quotas/)
 
 
 def token_hash(token: str) -> str:
