@@ -151,6 +151,10 @@ def test_parallel_requests_in_one_session_admit_only_what_fits_the_budget(fake, 
     assert all(r["quota_limits"] == ["per-session"] for r in records)
     assert {r["reason"] for r in records if r["quota_refused"]} == {"spend_limit_reached"}
     assert "quota refused" in gw.wait_for_output("quota refused")
+    with urllib.request.urlopen(gw.base_url + "/-/metrics", timeout=5) as answer:
+        metrics = answer.read().decode()
+    assert 'llm_gateway_quota_refusals_total{limit="per-session",reason="spend_limit_reached"} 14.0' in metrics
+    assert 'llm_gateway_quota_spend_usd_total{limit="per-session"}' in metrics
     # the caller's own standing replaced the upstream's headers on the admitted answers
     for raw in ok:
         assert raw.headers["anthropic-ratelimit-unified-representative-claim"] == "overage"
