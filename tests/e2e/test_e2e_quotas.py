@@ -18,6 +18,7 @@ import anthropic
 import pytest
 
 import realclients
+import sdk_client
 from conftest import routed_rules
 from fakes.upstream import Scenario
 from harness import free_port
@@ -313,3 +314,20 @@ def test_claude_code_gets_the_spend_limit_in_its_own_words_and_does_not_retry(fa
     assert len(fake.messages_requests()) == before  # nothing went upstream
     refused = gw.wait_records(lambda r: r.get("quota_refused") == "claude-code-daily", 1)
     assert len(refused) == 1  # x-should-retry: false held Claude Code back, five retries allowed
+
+
+def test_egress_mode_is_admitted_before_upstream_too(fake, gateway_factory):
+    """HTTPS_PROXY (egress) traffic counts against the same budgets, with the memory store."""
+    gw = gateway_factory(quota_rules(fake.url, """\
+  budgets:
+    - {name: egress-pool, usd: {daily: 0.000001}}
+"""))
+    env = {"HTTPS_PROXY": gw.proxy_url, "SSL_CERT_FILE": str(gw.ca_bundle())}
+    scenario = {"x-fake-scenario": Scenario(usage=USAGE).to_header()}
+    assert sdk_client.run("create", env=env, headers=scenario, model=MODEL)["ok"]
+    time.sleep(0.3)
+    refused = sdk_client.run("create", env=env, headers=scenario, model=MODEL, max_retries=2)
+    assert not refused["ok"] and refused["status"] == 429 and refused["type"] == "billing_error", refused
+    assert len(fake.messages_requests()) == 1
+    records = gw.wait_records(None, 2)
+    assert [r["mode"] for r in records] == ["regular", "regular"] and records[1]["quota_refused"] == "egress-pool"
