@@ -29,12 +29,14 @@ and 95 %. The record holds `quota_limits` and `quota_refused`; metrics count spe
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,10 +122,14 @@ class Quotas:
 
     # -- admission ---------------------------------------------------------------------------------------
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    @inspect.markcoroutinefunction  # app.Dispatcher awaits what it returns; nothing to await without quotas
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         ex = exchange.of(flow)
         if ex is None or flow.response or not ex.rules.quotas.active or not is_metered(ex):
-            return
+            return None
+        return self._admit(flow, ex)
+
+    async def _admit(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
         q = ex.rules.quotas
         now = time.time()
         counters = policy.counters(q, ex.principal, ex.client, ex.session, ex.model_requested, now)
