@@ -62,6 +62,8 @@ logger = logging.getLogger("llm_gateway.quotas")
 BYTES_PER_TOKEN = 4  # a rough mean for English text and code (Anthropic's docs: about 3.5 characters a token)
 DEFAULT_MAX_TOKENS = 4096  # output reserved when a request names no max_tokens (the API requires one)
 SESSIONS_KEPT = 10_000  # sessions whose last prompt is remembered for the estimate, least recent out
+COUNTER_CACHE = 4096  # (principal, client, session, model, minute) -> its counters, kept until this many
+PRICE_PROBE_TOKENS = 100_000  # tokens priced once per model for its per-token rates (below the 200K tier)
 STORE_TIMEOUT = 1.0  # seconds an admission waits for the shared store before on_store_error decides
 LOUD_EVERY = 10.0  # seconds between two log lines about the same store being down
 SPEND_LIMIT_REACHED, RATE_LIMITED, FETCH_ERROR = "spend_limit_reached", "rate_limited", "fetch_error"
@@ -91,6 +93,11 @@ class Quotas:
         self._last: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # session -> (bytes, input cost µ$, prompt tokens)
         self._tasks: set[asyncio.Task] = set()
         self._loud: dict[str, float] = {}
+        self._replica = uuid.uuid4().hex[:12]  # reservation ids: this process's prefix and a count
+        self._n = 0
+        self._rules: Any = None  # the rules the caches below were made for
+        self._counter_cache: dict[tuple, tuple[Counter, ...]] = {}
+        self._rates: dict[str | None, tuple[float, float]] = {}
         self.spend = self.refusals = self.store_errors = None
         if metrics is not None:
             r = metrics.registry
@@ -132,15 +139,20 @@ class Quotas:
     async def _admit(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
         q = ex.rules.quotas
         now = time.time()
-        counters = policy.counters(q, ex.principal, ex.client, ex.session, ex.model_requested, now)
+        counters = self._counters_of(ex, now)
         if not counters:
             return
         ex.quota_limits = tuple(dict.fromkeys(c.name for c in counters))
-        rid = uuid.uuid4().hex
+        self._n += 1
+        rid = f"{self._replica}-{self._n}"  # unique across replicas without a uuid per request
         amount = self.estimate(ex, len(flow.request.raw_content or b""))
         store = self.store(q)
         try:
-            verdict = await asyncio.wait_for(store.admit(counters, rid, amount, q.reservation_ttl, now), STORE_TIMEOUT * 2)
+            if store is self.local:  # nothing to wait for: no coroutine, no timer
+                verdict = store.admit_now(counters, rid, amount, q.reservation_ttl, now)
+            else:
+                verdict = await asyncio.wait_for(store.admit(counters, rid, amount, q.reservation_ttl, now),
+                                                 STORE_TIMEOUT * 2)
         except (StoreError, asyncio.TimeoutError) as e:
             self._count_store_error("admit", q.on_store_error)
             self._loudly(q.store, f"quota store {q.store} failed ({clean(str(e) or 'timed out', 300)}); "
@@ -150,13 +162,46 @@ class Quotas:
                 self._refuse_unavailable(flow, ex)
                 return
             store = self.local
-            verdict = await store.admit(counters, rid, amount, q.reservation_ttl, now)
+            verdict = store.admit_now(counters, rid, amount, q.reservation_ttl, now)
         if verdict.refused is not None:
             self._refuse(flow, ex, counters[verdict.refused], verdict, now)
             return
         budgets = [(c, level) for c, level in zip(counters, verdict.levels) if c.kind == "usd"]
         standing = max(budgets, key=lambda b: b[1] / b[0].limit) if budgets else None
         self._holds[flow] = Hold(store, counters, rid, amount, standing)
+
+    def _fresh(self, ex: exchange.Exchange) -> None:
+        """The caches below hold for one version of the rules."""
+        if ex.rules is not self._rules:
+            self._rules = ex.rules
+            self._counter_cache.clear()
+            self._rates.clear()
+
+    def _counters_of(self, ex: exchange.Exchange, now: float) -> tuple[Counter, ...]:
+        """policy.counters, worked out once per minute for each (principal, client, session, model): the windows
+        and keys change at minute boundaries at most."""
+        self._fresh(ex)
+        minute = int(now // 60)
+        key = (ex.principal, ex.client, ex.session, ex.model_requested, minute)
+        found = self._counter_cache.get(key)
+        if found is None:
+            if len(self._counter_cache) >= COUNTER_CACHE:
+                self._counter_cache.clear()
+            found = self._counter_cache[key] = tuple(
+                policy.counters(ex.rules.quotas, ex.principal, ex.client, ex.session, ex.model_requested, minute * 60.0))
+        return found
+
+    def rates(self, ex: exchange.Exchange, model: str | None) -> tuple[float, float]:
+        """Micro-dollars per input token and per output token of `model` (the rules' pricing, else genai-prices;
+        0 for an unknown model), priced once per model at 100K tokens: the base tier of a long-context price."""
+        self._fresh(ex)
+        found = self._rates.get(model)
+        if found is None:
+            per = PRICE_PROBE_TOKENS
+            inp = pricing.cost(ex.rules.pricing, model, {"input_tokens": per}).cost_usd
+            out = pricing.cost(ex.rules.pricing, model, {"output_tokens": per}).cost_usd
+            found = self._rates[model] = ((inp or 0.0) * MICRO / per, (out or 0.0) * MICRO / per)
+        return found
 
     def estimate(self, ex: exchange.Exchange, size: int) -> int:
         """Micro-dollars to reserve: the input as the session's last prompt plus what is new (else the whole body,
@@ -170,8 +215,8 @@ class Quotas:
             known, new = last[1], (size - last[0]) // BYTES_PER_TOKEN
         else:
             new = size // BYTES_PER_TOKEN
-        price = pricing.cost(ex.rules.pricing, ex.model_requested, {"input_tokens": new, "output_tokens": out})
-        return known + (round(price.cost_usd * MICRO) if price.cost_usd is not None else 0)
+        per_in, per_out = self.rates(ex, ex.model_requested)
+        return known + round(new * per_in + out * per_out)
 
     # -- refusals ----------------------------------------------------------------------------------------
 
@@ -235,18 +280,21 @@ class Quotas:
         inp = (token(usage, "input_tokens") or 0) + (token(usage, "cache_creation_input_tokens") or 0)
         out = token(usage, "output_tokens") or 0
         session = ex.session
-        if session and usage:
+        if session and usage and cost:
             size = len(flow.request.raw_content or b"")
             prompt = inp + (token(usage, "cache_read_input_tokens") or 0)
-            without_output = pricing.cost(ex.rules.pricing, ex.model, {**usage, "output_tokens": 0}).cost_usd
-            self._last[session] = (size, round((without_output or 0) * MICRO), prompt)
+            input_side = max(cost - round(out * self.rates(ex, ex.model)[1]), 0)  # what the prompt cost
+            self._last[session] = (size, input_side, prompt)
             self._last.move_to_end(session)
             while len(self._last) > SESSIONS_KEPT:
                 self._last.popitem(last=False)
         if self.spend is not None and dollars:
             for name in dict.fromkeys(c.name for c in hold.counters if c.kind == "usd"):
                 self.spend.labels(name).inc(dollars)
-        self._spawn(self._settle_in(hold, ex.rules.quotas, cost, inp, out))
+        if hold.store is self.local:
+            self.local.settle_now(hold.counters, hold.rid, cost, inp, out)
+        else:
+            self._spawn(self._settle_in(hold, ex.rules.quotas, cost, inp, out))
 
     async def _settle_in(self, hold: Hold, q: policy.Quotas, cost: int, inp: int, out: int) -> None:
         try:
@@ -256,7 +304,7 @@ class Quotas:
             self._loudly(q.store, f"quota store {q.store} failed to settle ({clean(str(e) or 'timed out', 300)}): "
                                   f"${cost / MICRO:.6f} counted in this process only; the reservation expires "
                                   f"in at most {q.reservation_ttl:g} s")
-            await self.local.settle(hold.counters, hold.rid, cost, inp, out)
+            self.local.settle_now(hold.counters, hold.rid, cost, inp, out)
 
     # -- helpers -----------------------------------------------------------------------------------------
 

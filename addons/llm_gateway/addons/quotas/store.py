@@ -14,6 +14,7 @@ a rate counter is one integer. Every key expires on its own past its window (pol
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -41,6 +42,7 @@ class _Budget:
     spent: int = 0
     held: int = 0
     reservations: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (micro-dollars, expiry)
+    expiries: list[tuple[float, str]] = field(default_factory=list)  # a heap of (expiry, id), settled ones left in
     expires: float | None = None
 
 
@@ -67,11 +69,19 @@ class MemoryStore:
         b = self.budgets.get(c.key)
         if b is None:
             b = self.budgets[c.key] = _Budget(expires=now + c.ttl if c.ttl else None)
-        for rid in [r for r, (_, exp) in b.reservations.items() if exp <= now]:
-            b.held -= b.reservations.pop(rid)[0]
+        expiries = b.expiries
+        while expiries and expiries[0][0] <= now:  # reservations in expiry order: only the expired are looked at
+            _, rid = heapq.heappop(expiries)
+            held = b.reservations.pop(rid, None)
+            if held is not None:
+                b.held -= held[0]
         return b
 
     async def admit(self, counters: Sequence[Counter], rid: str, amount: int, ttl: float, now: float | None = None) -> Verdict:
+        return self.admit_now(counters, rid, amount, ttl, now)
+
+    def admit_now(self, counters: Sequence[Counter], rid: str, amount: int, ttl: float, now: float | None = None) -> Verdict:
+        """`admit` without a coroutine: the addon calls the memory store directly."""
         now = time.time() if now is None else now
         self._sweep(now)
         levels = []
@@ -90,6 +100,10 @@ class MemoryStore:
             if c.kind == "usd":
                 b = self.budgets[c.key]
                 b.reservations[rid] = (amount, now + ttl)
+                heapq.heappush(b.expiries, (now + ttl, rid))
+                if len(b.expiries) > 2 * len(b.reservations) + 64:  # mostly settled entries: rebuilt from the live
+                    b.expiries = [(exp, r) for r, (_, exp) in b.reservations.items()]
+                    heapq.heapify(b.expiries)
                 b.held += amount
             elif c.kind == "requests":
                 self._count(c, 1, now)
@@ -101,11 +115,15 @@ class MemoryStore:
 
     async def settle(self, counters: Sequence[Counter], rid: str, cost: int, input_tokens: int, output_tokens: int,
                      now: float | None = None) -> None:
+        self.settle_now(counters, rid, cost, input_tokens, output_tokens, now)
+
+    def settle_now(self, counters: Sequence[Counter], rid: str, cost: int, input_tokens: int, output_tokens: int,
+                   now: float | None = None) -> None:
         now = time.time() if now is None else now
         for c in counters:
             if c.kind == "usd":
                 b = self._budget(c, now)
-                held = b.reservations.pop(rid, None)
+                held = b.reservations.pop(rid, None)  # its heap entry goes when it comes up
                 if held is not None:
                     b.held -= held[0]
                 b.spent += cost
