@@ -331,3 +331,38 @@ def test_egress_mode_is_admitted_before_upstream_too(fake, gateway_factory):
     assert len(fake.messages_requests()) == 1
     records = gw.wait_records(None, 2)
     assert [r["mode"] for r in records] == ["regular", "regular"] and records[1]["quota_refused"] == "egress-pool"
+
+
+def test_claude_code_receives_the_usage_notice_headers_it_reads(fake, gateway_factory, redis_server, tmp_path):
+    """Past 75 % of a cap, what reaches Claude Code (mitmdump's own saved flows: the answer as sent) carries the
+    `anthropic-ratelimit-unified-*` standing it shows its notice from, and none of the upstream's own headers."""
+    from mitmproxy import http as mhttp
+    from mitmproxy import io as mio
+
+    saved = tmp_path / "flows.mitm"
+    gw = gateway_factory(quota_rules(fake.url, f"""\
+  store: {redis_server.url}
+  budgets:
+    - {{name: team, usd: {{daily: 0.0112}}}}
+"""), extra_args=("-w", str(saved)))
+    assert outcome(sdk(gw, "before", scenario=Scenario(usage=USAGE)))[0] == "ok"  # $0.00903 of $0.0112: 80 %
+    time.sleep(0.3)
+    fake.script(*[Scenario(text="noticed", usage={**USAGE, "output_tokens": 1}, ratelimit={"requests-remaining": 5})
+                  for _ in range(4)])
+    done = realclients.run_claude("hello", base_url=gw.base_url)
+    assert done.returncode == 0, done.stderr
+    gw.stop()  # the flow file is complete
+    with open(saved, "rb") as f:
+        flows = [x for x in mio.FlowReader(f).stream() if isinstance(x, mhttp.HTTPFlow)]
+    cc = [x for x in flows if x.request.path.startswith("/v1/messages") and "count_tokens" not in x.request.path
+          and x.request.headers.get("x-claude-code-session-id", "before") != "before"]
+    assert cc, [x.request.path for x in flows]
+    for flow in cc:
+        h = flow.response.headers
+        assert h["anthropic-ratelimit-unified-status"] == "allowed_warning"
+        assert h["anthropic-ratelimit-unified-representative-claim"] == "overage"
+        assert h["anthropic-ratelimit-unified-overage-status"] == "allowed_warning"
+        assert float(h["anthropic-ratelimit-unified-overage-utilization"]) >= 0.75
+        assert h["anthropic-ratelimit-unified-overage-surpassed-threshold"] == "0.75"
+        assert int(h["anthropic-ratelimit-unified-reset"]) > time.time()
+        assert "anthropic-ratelimit-requests-remaining" not in h
