@@ -3,6 +3,7 @@ redis-server (Debian's package, scripts/test-tools --only redis), with the real 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ COST = (10 * 3 + 600 * 15) / 1e6  # US dollars per answered exchange
 class RedisServer:
     """A real redis-server on 127.0.0.1, a free port, a temp dir, nothing persisted; stopped by its pid."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run scripts/test-tools --only redis")
@@ -43,6 +44,7 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="llmgw-redis-")
         self.proc: subprocess.Popen | None = None
+        self.password = password
 
     @property
     def url(self) -> str:
@@ -51,7 +53,7 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes"],
+             "--dir", self.dir, "--protected-mode", "yes", *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -61,7 +63,7 @@ class RedisServer:
 
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 time.sleep(0.05)
@@ -366,3 +368,58 @@ def test_claude_code_receives_the_usage_notice_headers_it_reads(fake, gateway_fa
         assert h["anthropic-ratelimit-unified-overage-surpassed-threshold"] == "0.75"
         assert int(h["anthropic-ratelimit-unified-reset"]) > time.time()
         assert "anthropic-ratelimit-requests-remaining" not in h
+
+
+def test_a_client_leaving_mid_stream_is_charged_what_it_used_with_a_password_from_a_file(fake, gateway_factory, tmp_path):
+    """The store's password comes from a file the rules name; a stream the client leaves is settled with the usage
+    it reported (no reservation left held), and the counter holds exactly the record's cost."""
+    import redis
+
+    server = RedisServer(password="s3cret-for-the-test").start()
+    try:
+        (tmp_path / "redis-password").write_text("s3cret-for-the-test\n")
+        gw = gateway_factory(quota_rules(fake.url, f"""\
+  store: {server.url}
+  password_file: {tmp_path / "redis-password"}
+  budgets:
+    - {{name: stream-cap, per: session, usd: {{total: 1}}}}
+"""))
+        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"x-claude-code-session-id": "leaver", "x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01",
+                   "x-fake-scenario": Scenario(usage={**USAGE, "input_tokens": 5000}, burst=200, event_delay=0.05).to_header()}
+        conn = http.client.HTTPConnection("127.0.0.1", gw.reverse_port, timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(body), {**headers, "content-type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == 200
+        assert answer.headers["anthropic-ratelimit-unified-status"] == "allowed"
+        for _ in range(12):  # message_start and a few deltas, then leave
+            answer.readline()
+        conn.sock.close()
+        conn.close()
+        record = gw.wait_record(lambda r: r["session"] == "leaver")
+        assert record["complete"] is False and record["cost_usd"] > 0 and record["quota_limits"] == ["stream-cap"]
+        store = redis.Redis.from_url(server.url, password="s3cret-for-the-test")
+        [key] = [k for k in store.keys("*stream-cap*") if not k.endswith(b":r")]
+        deadline = time.monotonic() + 5
+        while int(store.hget(key, "held") or 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert int(store.hget(key, "held")) == 0
+        assert int(store.hget(key, "spent")) == round(record["cost_usd"] * 1_000_000)
+        store.close()
+    finally:
+        server.close()
+
+
+def test_a_bad_quotas_section_on_reload_keeps_the_last_good_rules(fake, gateway_factory):
+    good = quota_rules(fake.url, """\
+  budgets:
+    - {name: tiny, usd: {total: 0.000001}}
+""")
+    gw = gateway_factory(good)
+    client = sdk(gw, "reload", retries=0, scenario=Scenario(usage=USAGE))
+    assert outcome(client)[0] == "ok"
+    time.sleep(0.3)
+    gw.write_rules(good.replace("total: 0.000001", "total: -5"))
+    text = gw.wait_for_output("quotas.budgets[0].usd.total must be a non-negative number")
+    assert "rules.yaml:" in text
+    assert outcome(client)[0] == "RateLimitError"  # the last good budget still holds
