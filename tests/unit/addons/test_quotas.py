@@ -140,3 +140,82 @@ async def test_a_refusal_reserves_nothing_anywhere(store):
     v = await store.admit(cs, "r", 500, 60, NOW)
     assert v.refused == 1 and v.spent == 10_000
     assert await store.level(cs[0], NOW) == (0, 0)
+
+
+# -- the addon, on flows ------------------------------------------------------------------------------------
+
+def _flow(section: str, path: str = "/v1/messages", session: str | None = "s1", max_tokens: int = 600):
+    import json
+
+    from gwtest import api_flow
+    from llm_gateway.pipeline import exchange
+
+    rule_set = rules.parse(BASE + "quotas:\n" + section, "r.yaml")
+    body = {"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}
+    f = api_flow(json.dumps(body).encode(), mode="reverse", path=path)
+    ex = exchange.Exchange(rule_set, "anthropic", "reverse", "POST", "api.anthropic.com", path, body=body,
+                           client="claude-code", session=session, model_requested="claude-sonnet-4-5")
+    exchange.start(f, ex)
+    return f, ex
+
+
+async def _request(addon, f):
+    pending = addon.request(f)
+    if pending is not None:
+        await pending
+
+
+async def test_a_budget_reached_is_refused_before_upstream_in_claude_codes_words():
+    from llm_gateway.addons.quotas import Quotas
+    from llm_gateway.addons.metrics import Metrics
+
+    addon = Quotas(Metrics())
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 0.01}}\n"
+    first, ex1 = _flow(section)
+    await _request(addon, first)
+    assert first.response is None and ex1.quota_limits == ("cap",)  # admitted: $0.009 reserved
+    second, ex2 = _flow(section)
+    await _request(addon, second)
+    assert second.response is None  # $0.009 held is below $0.01: admitted, overspend at most this estimate
+    third, ex3 = _flow(section)
+    await _request(addon, third)
+    r = third.response
+    assert r.status_code == 429 and ex3.quota_refused == "cap" and ex3.reason == "spend_limit_reached"
+    body = r.json()
+    assert body["error"]["type"] == "billing_error" and body["error"]["details"] == {"error_code": "spend_limit_reached"}
+    assert r.headers["x-should-retry"] == "false" and r.headers["anthropic-ratelimit-unified-status"] == "rejected"
+    assert addon.refusals.labels("cap", "spend_limit_reached")._value.get() == 1
+
+
+async def test_count_tokens_and_sessionless_requests_are_not_counted():
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {total: 0.000001}}\n"
+    for f, ex in (_flow(section, path="/v1/messages/count_tokens"), _flow(section, session=None)):
+        await _request(addon, f)
+        assert f.response is None and ex.quota_limits == ()
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_a_store_that_cannot_be_reached(on_error):
+    import socket
+
+    from llm_gateway.addons.quotas import Quotas
+
+    with socket.socket() as s:  # a port nobody listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addon = Quotas()
+    section = (f"  store: redis://127.0.0.1:{port}/0\n  on_store_error: {on_error}\n"
+               "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n")
+    f, ex = _flow(section)
+    await _request(addon, f)
+    if on_error == "open":
+        assert f.response is None  # admitted, held in this process's memory
+        assert addon.local.budgets and next(iter(addon.local.budgets.values())).held > 0
+    else:
+        assert f.response.status_code == 429 and ex.quota_refused == "store" and ex.reason == "fetch_error"
+        assert f.response.headers["anthropic-ratelimit-unified-overage-disabled-reason"] == "fetch_error"
+        assert "details" not in f.response.json()["error"]
+    addon.done()
