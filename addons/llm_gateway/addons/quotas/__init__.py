@@ -52,6 +52,7 @@ from llm_gateway.policy import quotas as policy
 from llm_gateway.policy.quotas import MICRO, RATELIMIT_PREFIX, UNIFIED, Counter
 from llm_gateway.protocol.hosts import path_of
 from llm_gateway.protocol.tokens import token
+from llm_gateway.util.files import file_stamp
 from llm_gateway.util.logsafe import clean
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ SESSIONS_KEPT = 10_000  # sessions whose last prompt is remembered for the estim
 COUNTER_CACHE = 4096  # (principal, client, session, model, minute) -> its counters, kept until this many
 PRICE_PROBE_TOKENS = 100_000  # tokens priced once per model for its per-token rates (below the 200K tier)
 STORE_TIMEOUT = 1.0  # seconds an admission waits for the shared store before on_store_error decides
+PASSWORD_RECHECK = 1.0  # seconds between two looks at quotas.password_file (a Secret rotated in place)
 LOUD_EVERY = 10.0  # seconds between two log lines about the same store being down
 SPEND_LIMIT_REACHED, RATE_LIMITED, FETCH_ERROR = "spend_limit_reached", "rate_limited", "fetch_error"
 
@@ -93,6 +95,7 @@ class Quotas:
         self._last: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # session -> (bytes, input cost µ$, prompt tokens)
         self._tasks: set[asyncio.Task] = set()
         self._loud: dict[str, float] = {}
+        self._stamped: tuple[float, tuple | None] = (-PASSWORD_RECHECK, None)  # (when, the password file's stamp)
         self._replica = uuid.uuid4().hex[:12]  # reservation ids: this process's prefix and a count
         self._n = 0
         self._rules: Any = None  # the rules the caches below were made for
@@ -116,7 +119,9 @@ class Quotas:
     def store(self, q: policy.Quotas) -> Any:
         if q.store == "memory":
             return self.local
-        source = (q.store, q.password_env, q.password_file)
+        if q.password_file and time.monotonic() - self._stamped[0] >= PASSWORD_RECHECK:
+            self._stamped = (time.monotonic(), file_stamp(q.password_file))  # a rotated Secret: a new client
+        source = (q.store, q.password_env, q.password_file, self._stamped[1] if q.password_file else None)
         if self._shared is None or self._shared[0] != source:
             if self._shared is not None:
                 self._spawn(self._shared[1].close())
