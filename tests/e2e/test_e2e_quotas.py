@@ -36,7 +36,7 @@ COST = (10 * 3 + 600 * 15) / 1e6  # US dollars per answered exchange
 class RedisServer:
     """A real redis-server on 127.0.0.1, a free port, a temp dir, nothing persisted; stopped by its pid."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None, cluster: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run scripts/test-tools --only redis")
@@ -45,6 +45,7 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="llmgw-redis-")
         self.proc: subprocess.Popen | None = None
         self.password = password
+        self.cluster = cluster
 
     @property
     def url(self) -> str:
@@ -53,7 +54,8 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes", *(["--requirepass", self.password] if self.password else [])],
+             "--dir", self.dir, "--protected-mode", "yes", *(["--requirepass", self.password] if self.password else []),
+             *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if self.cluster else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -64,11 +66,23 @@ class RedisServer:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
-                        return self
+                        return self._own_every_slot() if self.cluster else self
             except OSError:
                 time.sleep(0.05)
         self.stop()
         raise TimeoutError("redis-server did not start")
+
+    def _own_every_slot(self) -> "RedisServer":
+        """A one-node Redis Cluster: this node serves all 16384 slots."""
+        cli = [shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", "-p", str(self.port)]
+        subprocess.run([*cli, "cluster", "addslotsrange", "0", "16383"], check=True, capture_output=True, timeout=10)
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in subprocess.run([*cli, "cluster", "info"], capture_output=True,
+                                                         timeout=10).stdout:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the one-node cluster did not come up")
+            time.sleep(0.1)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -423,3 +437,29 @@ def test_a_bad_quotas_section_on_reload_keeps_the_last_good_rules(fake, gateway_
     text = gw.wait_for_output("quotas.budgets[0].usd.total must be a non-negative number")
     assert "rules.yaml:" in text
     assert outcome(client)[0] == "RateLimitError"  # the last good budget still holds
+
+
+def test_a_redis_cluster_store_runs_the_scripts_on_one_slot(fake, gateway_factory):
+    """`cluster: true`: redis-py's cluster client against a (one-node) Redis Cluster; the keys' one hash tag keeps
+    every script on one slot, which the cluster requires."""
+    server = RedisServer(cluster=True).start()
+    try:
+        gw = gateway_factory(quota_rules(fake.url, f"""\
+  store: {server.url}
+  cluster: true
+  on_store_error: closed
+  budgets:
+    - {{name: clustered, per: session, usd: {{total: 0.01}}}}
+    - {{name: clustered-pool, usd: {{daily: 100}}}}
+"""))
+        client = sdk(gw, "in-a-cluster", retries=0, scenario=Scenario(usage=USAGE))
+        assert outcome(client)[0] == "ok"
+        time.sleep(0.5)
+        assert outcome(client)[0] == "ok"  # $0.00903 spent of $0.01
+        time.sleep(0.5)
+        kind, e = outcome(client)
+        assert kind == "RateLimitError" and e.body["error"]["details"] == {"error_code": "spend_limit_reached"}
+        assert "quota store" not in gw.output()  # no store failure: the cluster ran every script
+        assert gw.wait_record(lambda r: r.get("quota_refused"))["quota_refused"] == "clustered"
+    finally:
+        server.close()

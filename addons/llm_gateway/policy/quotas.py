@@ -9,6 +9,7 @@ Money is held as integer micro-dollars (1 US dollar = 1_000_000): sums in a shar
 
     quotas:
       store: redis://127.0.0.1:6379/0      # or memory (the default); rediss:// for TLS
+      cluster: false                       # true: a Redis Cluster (the URL names any node)
       password_env: QUOTA_REDIS_PASSWORD   # or password_file: a path; never the password itself
       on_store_error: open                 # open (serve, count locally, log) | closed (refuse: 429 fetch_error)
       reservation_ttl: 900                 # seconds an admitted exchange's reservation lives if never settled
@@ -81,6 +82,7 @@ class Rate:
 @dataclass(frozen=True)
 class Quotas:
     store: str = "memory"  # "memory" or a redis:// / rediss:// URL without a password
+    cluster: bool = False  # the store is a Redis Cluster (any node's URL)
     password_env: str | None = None
     password_file: str | None = None
     on_store_error: str = "open"
@@ -99,8 +101,8 @@ class Quotas:
 
 def read(reader: Any, node: Any) -> Quotas:
     """The `quotas` section, read with policy/rules.py's `_Reader` (its refusals name file and line)."""
-    keys = ("store", "password_env", "password_file", "on_store_error", "reservation_ttl", "key_prefix", "budgets",
-            "rates")
+    keys = ("store", "cluster", "password_env", "password_file", "on_store_error", "reservation_ttl", "key_prefix",
+            "budgets", "rates")
     m = reader.mapping(node, "quotas", dict.fromkeys(keys, False))
     store = "memory"
     if "store" in m:
@@ -126,8 +128,12 @@ def read(reader: Any, node: Any) -> Quotas:
     both = {b.name for b in budgets} & {r.name for r in rates}
     if both:
         raise reader.fail(m["rates"], f"quotas: {sorted(both)[0]!r} names a budget and a rate (one name, one limit)")
+    cluster = reader.boolean(m["cluster"], "quotas.cluster") if "cluster" in m else False
+    if cluster and store == "memory":
+        raise reader.fail(m["cluster"], "quotas.cluster needs a redis:// store")
     return Quotas(
         store=store,
+        cluster=cluster,
         password_env=reader.string(m["password_env"], "quotas.password_env") if "password_env" in m else None,
         password_file=password_file,
         on_store_error=reader.choice(m["on_store_error"], "quotas.on_store_error", ON_STORE_ERROR)

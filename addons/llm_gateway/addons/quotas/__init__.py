@@ -121,11 +121,11 @@ class Quotas:
             return self.local
         if q.password_file and time.monotonic() - self._stamped[0] >= PASSWORD_RECHECK:
             self._stamped = (time.monotonic(), file_stamp(q.password_file))  # a rotated Secret: a new client
-        source = (q.store, q.password_env, q.password_file, self._stamped[1] if q.password_file else None)
+        source = (q.store, q.cluster, q.password_env, q.password_file, self._stamped[1] if q.password_file else None)
         if self._shared is None or self._shared[0] != source:
             if self._shared is not None:
                 self._spawn(self._shared[1].close())
-            self._shared = (source, RedisStore(q.store, _password(q), STORE_TIMEOUT))
+            self._shared = (source, RedisStore(q.store, _password(q), STORE_TIMEOUT, cluster=q.cluster))
         return self._shared[1]
 
     def done(self) -> None:

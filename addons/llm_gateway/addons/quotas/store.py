@@ -230,21 +230,26 @@ return 1
 
 class RedisStore:
     """Counters every replica shares, in Redis or Valkey (`quotas.store: redis://host:port/db`, `rediss://` for
-    TLS). Each step is one Lua script (EVALSHA, loaded again after a server restart), so a check and its
+    TLS; a Redis Cluster with `quotas.cluster: true`, the URL naming any node). Each step is one Lua script (EVALSHA, loaded again after a server restart), so a check and its
     reservation are one atomic step whatever the number of replicas. Errors become `StoreError`."""
 
     name = "redis"
 
-    def __init__(self, url: str, password: str | None = None, timeout: float = 1.0, client=None) -> None:
+    def __init__(self, url: str, password: str | None = None, timeout: float = 1.0, client=None,
+                 cluster: bool = False) -> None:
         if client is None:
-            from redis.asyncio import Redis
+            from redis.asyncio import Redis, RedisCluster
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
             # No retries inside the client: an admission waits at most `timeout` on a store that is down, then
             # the rules' on_store_error decides; the next admission tries again.
-            client = Redis.from_url(url, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    retry=Retry(NoBackoff(), 0), health_check_interval=30)
+            options = dict(password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
+                           retry=Retry(NoBackoff(), 0))
+            if cluster:  # every key of a script carries the one hash tag: one slot, one node per script
+                client = RedisCluster.from_url(url, **options)
+            else:
+                client = Redis.from_url(url, health_check_interval=30, **options)
         self.client = client
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
