@@ -61,6 +61,7 @@ def test_the_section_reads_into_micro_dollars_and_counters():
     ("  rates:\n    - {name: a, per_minute: {requests: 2.5}}\n", "7: quotas.rates[0].per_minute.requests must be a whole"),
     ("  budgets:\n    - {name: a, usd: {daily: 1}}\n    - {name: a, usd: {daily: 2}}\n", "7: quotas.budgets names 'a' twice"),
     ("  password_env: A\n  password_file: b\n", "6: quotas: give password_env or password_file, not both"),
+    ("  cluster: true\n", "6: quotas.cluster needs a redis:// store"),
 ])
 def test_a_bad_section_is_refused_with_file_line_and_reason(section, reason):
     with pytest.raises(rules.RulesError) as e:
