@@ -38,6 +38,7 @@ from llm_gateway.addons.answer import AnswerPipeline
 from llm_gateway.addons.backlog import ListenBacklog
 from llm_gateway.addons.bodies import BodyLimit
 from llm_gateway.addons.ca import GatewayCA
+from llm_gateway.addons.quotas import Quotas
 from llm_gateway.addons.clients import ClientDetector
 from llm_gateway.addons.credentials import KeyCustody
 from llm_gateway.addons.drain import Drain
@@ -158,6 +159,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
+        Quotas(metrics),  # request: spend and rate limits admitted (after credentials: the principal); response/error: settled
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
         Usage(records),  # response/error: one usage record per exchange
         metrics,  # response/error: Prometheus counters from the finished exchange, after Usage

@@ -61,7 +61,9 @@ async def _loop(dispatcher, new_flow, answered, n: int) -> float:
     for _ in range(n):
         flow = new_flow()
         dispatcher.requestheaders(flow)
-        dispatcher.request(flow)
+        pending = dispatcher.request(flow)
+        if pending is not None:  # an async concern (quotas) makes the chain async, as mitmproxy awaits it
+            await pending
         answered(flow)
         dispatcher.responseheaders(flow)
         dispatcher.response(flow)

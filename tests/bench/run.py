@@ -717,6 +717,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hooks", type=int, metavar="N",
                     help="instead of the table: the gateway's hooks alone, in-process, for N exchanges (bench/hooks.py)")
     ap.add_argument("--per-hook", action="store_true", help="with --hooks: each concern's hooks timed too")
+    ap.add_argument("--quotas", type=int, metavar="N",
+                    help="the quota check's cost: the gateway's hooks for N exchanges without quotas, with the memory "
+                    "store and with a local redis-server, and Redis's round trips (tests/bench/quotas.py)")
     ap.add_argument("--notes", action="store_true", help="with --hooks: gateway_flow_notes on, as in mitmweb")
     ap.add_argument("--profile-raw", metavar="FILE",
                     help="with --profile: also keep py-spy's raw stacks here (one `frame;frame;… count` per line)")
@@ -735,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import hooks
 
         return hooks.main(gateway_rules(hooks.UPSTREAM), request_body(False), args.hooks, args.notes, args.per_hook)
+    if args.quotas:
+        from bench import hooks, quotas
+
+        return quotas.main(gateway_rules(hooks.UPSTREAM), request_body(False), args.quotas)
     if args.profile:
         from bench import profile
 

@@ -112,6 +112,7 @@ FIELD_OWNERS = {
     "model_requested": {"addons/routing.py"},
     **dict.fromkeys(("client", "session", "user_agent", "stream_preference"), {"addons/clients.py"}),
     "principal": {"addons/credentials.py"},
+    **dict.fromkeys(("quota_limits", "quota_refused"), {"addons/quotas/__init__.py"}),
     **dict.fromkeys(("stream_requested", "stream_upstream"), {"addons/streams.py"}),
     "response_started": {"addons/answer.py"},
     **dict.fromkeys(("status", "request_id", "error_type", "unwrapped", "unwrapped_from", "converted", "complete",
@@ -217,6 +218,13 @@ BOUNDARIES = {
     "addons/drain.py": {"Drain._drain": "a background task: the process must still exit"},
     "addons/rulefile.py": {"RuleFile._watch": "the rule file watcher must outlive anything a file can do to it"},
     "addons/credentials.py": {"KeyCustody._watch": "the key file watcher, likewise"},
+    "addons/quotas/store.py": {
+        "RedisStore.admit": "redis-py raises connection, timeout, response and script errors alike: one StoreError, "
+                            "and on_store_error decides",
+        "RedisStore.settle": "the same, for a settlement",
+        "RedisStore.level": "the same, for a read",
+        "RedisStore.close": "closing a client whose server is gone must not stop a reload or the exit",
+    },
     "addons/backlog.py": {"ListenBacklog.apply": "mitmproxy internals moved: its own listen queue stays"},
     "addons/startup.py": {"StartupReport.running": "a banner must never stop the gateway"},
     "addons/warmup.py": {"Warmup.running": "prices then load on first use; never a reason not to start"},

@@ -201,10 +201,12 @@ def failure_reason(message: str, had_headers: bool) -> str:
     return "upstream failed"
 
 
-def native_answer(error_type: str, message: str, headers: dict[str, str] | None = None) -> http.Response:
-    """A native Anthropic error response (JSON body, status from the error type)."""
+def native_answer(error_type: str, message: str, headers: dict[str, str] | None = None, *,
+                  status: int | None = None, details: dict | None = None) -> http.Response:
+    """A native Anthropic error response (JSON body, status from the error type unless `status` is given: a
+    spend limit's `billing_error` goes out as 429, as Claude Code's gateway protocol has it)."""
     return http.Response.make(
-        errors.status_for_error_type(error_type), errors.error_json(error_type, message),
+        status or errors.status_for_error_type(error_type), errors.error_json(error_type, message, details=details),
         {"content-type": "application/json", **(headers or {})},
     )
 

@@ -67,6 +67,8 @@ class Exchange:
     stream_requested: bool | None = None
     stream_upstream: bool | None = None
     principal: str | None = None  # the gateway token's (or pass-through rule's) name (addons/credentials.py)
+    quota_limits: tuple[str, ...] = ()  # the budgets and rates it counted against (addons/quotas)
+    quota_refused: str | None = None  # the limit that refused it ("store" when the quota store could not answer)
     # filled while the response passes
     response_started: float | None = None
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
@@ -160,6 +162,8 @@ class Exchange:
             "client": self.client,
             "principal": self.principal,
             "session": self.session,
+            "quota_limits": list(self.quota_limits),
+            "quota_refused": self.quota_refused,
             "user_agent": self.user_agent,
             "model": self.model,
             "upstream": self.upstream,

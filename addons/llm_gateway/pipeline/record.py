@@ -53,6 +53,8 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "request_id": ex.request_id,
         "error_type": ex.error_type,
         "reason": ex.reason,
+        "quota_limits": list(ex.quota_limits) or None,
+        "quota_refused": ex.quota_refused,
         "unwrapped": ex.unwrapped,
         "unwrapped_from": ex.unwrapped_from,
         "converted": ex.converted,

@@ -17,6 +17,7 @@ import yaml
 from mitmproxy.utils import human
 
 from llm_gateway.policy import otel
+from llm_gateway.policy import quotas
 from llm_gateway.policy.clients import ClientSignature
 from llm_gateway.policy.spec import (
     MODES,
@@ -189,7 +190,7 @@ class _Reader:
             root,
             "the rule file",
             {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
-            | {"timeouts": False, "limits": False, "otel": False},
+            | {"timeouts": False, "limits": False, "otel": False, "quotas": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -206,6 +207,7 @@ class _Reader:
             timeouts=section("timeouts", self.timeouts, Timeouts()),
             limits=section("limits", self.limits, Limits()),
             otel=section("otel", lambda n: otel.read(self, n), otel.Otel()),
+            quotas=section("quotas", lambda n: quotas.read(self, n), quotas.Quotas()),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_gateway.policy.otel import Otel
+from llm_gateway.policy.quotas import Quotas
 from llm_gateway.protocol.tokens import CACHE_TTL
 from llm_gateway.util.globs import Glob
 
@@ -258,6 +259,7 @@ class Rules:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     otel: Otel = field(default_factory=Otel)  # OpenTelemetry export switches (policy/otel.py)
+    quotas: Quotas = field(default_factory=Quotas)  # spend and rate limits (policy/quotas.py, addons/quotas/)
 
 
 def token_hash(token: str) -> str:

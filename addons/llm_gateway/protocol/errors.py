@@ -43,17 +43,22 @@ def error_type_for_status(status: int) -> str:
     return "api_error"
 
 
-def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:
-    """A native error body: `{"type":"error","error":{"type":…,"message":…},"request_id":…}`."""
+def error_body(error_type: str, message: str, request_id: str | None = None,
+               details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A native error body: `{"type":"error","error":{"type":…,"message":…},"request_id":…}`; `details` goes
+    inside `error` (a spend limit's `{"error_code": "spend_limit_reached"}`, Claude Code's gateway protocol)."""
     body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
+    if details:
+        body["error"]["details"] = details
     if request_id:
         body["request_id"] = request_id
     return body
 
 
-def error_json(error_type: str, message: str, request_id: str | None = None) -> bytes:
+def error_json(error_type: str, message: str, request_id: str | None = None,
+               details: dict[str, Any] | None = None) -> bytes:
     """`error_body` serialised as the API does (compact JSON, UTF-8)."""
-    return dumps(error_body(error_type, message, request_id))
+    return dumps(error_body(error_type, message, request_id, details))
 
 
 def request_id_of(body: Any) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
+from llm_gateway.policy import quotas as quota_rules
 from llm_gateway.protocol.tokens import TOKEN_FIELDS
 from llm_gateway.records import breaks as cache_breaks
 from llm_gateway.records.reader import ReportError, Skipped, iso_time, read_records
@@ -126,6 +127,7 @@ class Report:
     clients: dict[str, Totals] = field(default_factory=dict)
     total: Totals = field(default_factory=Totals)
     breaks: cache_breaks.BreakTable = field(default_factory=cache_breaks.BreakTable)  # by client and reason
+    caps: CapTable | None = None  # spend against each `quotas` budget (--rules)
 
     def add(self, record: dict[str, Any]) -> None:
         client = str(record.get("client") or "unknown")
@@ -151,14 +153,58 @@ class Report:
         return out
 
 
-def build(names: Iterable[str], filters: Filters, by: str, recompute_breaks: bool = False) -> Report:
+@dataclass
+class CapTable:
+    """Spend in the records against each budget of a rule file's `quotas` section, in the period in force at `now`
+    (UTC calendar periods, policy/quotas.window), per counter: (budget, period, who) -> micro-dollars. The
+    records of every replica, merged, give what the shared store holds (less the exchanges still in flight)."""
+
+    q: quota_rules.Quotas
+    now: float
+    spent: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def add(self, record: dict[str, Any], when: datetime) -> None:
+        cost = record.get("cost_usd")
+        if not isinstance(cost, (int, float)) or isinstance(cost, bool) or cost <= 0:
+            return
+        ts = when.timestamp()
+        for budget in self.q.budgets:
+            if not budget.match.matches(record.get("principal"), record.get("client"), record.get("model")):
+                continue
+            who = quota_rules.subject(budget.per, record.get("principal"), record.get("client"), record.get("session"))
+            if who is None:
+                continue
+            for period, _ in budget.limits:
+                if quota_rules.window(period, ts)[0] == quota_rules.window(period, self.now)[0]:
+                    key = (budget.name, period, who)
+                    self.spent[key] = self.spent.get(key, 0) + round(cost * quota_rules.MICRO)
+
+    def rows(self) -> list[dict[str, Any]]:
+        limits = {(b.name, period): (b.per, cap) for b in self.q.budgets for period, cap in b.limits}
+        out = []
+        for (name, period, who), micro in sorted(self.spent.items()):
+            per, cap = limits[(name, period)]
+            reset = quota_rules.window(period, self.now)[1]
+            out.append({
+                "budget": name, "per": per or "pool", "who": who, "period": period,
+                "spent_usd": micro / quota_rules.MICRO, "cap_usd": cap / quota_rules.MICRO,
+                "used": round(micro / cap, 4),
+                "resets": datetime.fromtimestamp(reset, timezone.utc).isoformat() if reset else None,
+            })
+        return out
+
+
+def build(names: Iterable[str], filters: Filters, by: str, recompute_breaks: bool = False,
+          caps: CapTable | None = None) -> Report:
     """`recompute_breaks`: find cache breaks again in the merged records (of every replica) rather than count the
-    ones each replica recorded (cache_breaks.recompute)."""
-    report = Report(by=by, filters=filters, skipped=Skipped())
+    ones each replica recorded (cache_breaks.recompute). `caps`: also sum spend against each budget."""
+    report = Report(by=by, filters=filters, skipped=Skipped(), caps=caps)
     kept = []
     for record, when in read_records(names, report.skipped):
         if filters.keep(record, when):
             report.add(record)
+            if caps is not None:
+                caps.add(record, when)
             if recompute_breaks:
                 kept.append((record, when))
     if recompute_breaks:
@@ -180,6 +226,8 @@ def render_json(report: Report) -> str:
         doc[f"{name}s"] = rows
     doc["total"] = report.total.row()
     doc["cache_breaks_by_reason"] = report.breaks.result()
+    if report.caps is not None:
+        doc["budgets"] = report.caps.rows()
     doc["skipped"] = {"other_records": report.skipped.other, "corrupt_lines": report.skipped.corrupt}
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
@@ -250,6 +298,15 @@ def render_table(report: Report) -> str:
                       table_cell("cost_usd", round(math.fsum(lost), 8) if lost else None),
                       table_cell("unpriced", sum(row["unpriced"] for row in breaks))])
         blocks.append("Cache breaks by client and reason:\n" + aligned(columns, keys, lines))
+    if report.caps is not None:
+        columns = ["budget", "per", "who", "period", "spent_usd", "cap_usd", "used", "resets"]
+        heads = ["BUDGET", "PER", "WHO", "PERIOD", "SPENT $", "CAP $", "USED", "RESETS"]
+        rows = report.caps.rows()
+        lines = [heads] + [[f"{r[c]:,.4f}" if c.endswith("_usd") else f"{r[c]:.0%}" if c == "used"
+                            else str(r[c] or "never") for c in columns] for r in rows]
+        lines.append(["", "", "", "", "", "", "", ""])
+        text = aligned(columns, ["budget", "per", "who", "period", "resets"], lines).rstrip().rsplit("\n", 1)[0]
+        blocks.append("Spend against each budget (quotas, this period):\n" + (text if rows else "no spend yet"))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -279,6 +336,8 @@ def parser() -> argparse.ArgumentParser:
                    help="only sessions whose id starts with ID; repeat for several")
     p.add_argument("--by", choices=("session", "client", "both"), default="both", help="grouping (default both)")
     p.add_argument("--format", choices=tuple(RENDER), default="table", help="output format (default table)")
+    p.add_argument("--rules", metavar="RULES",
+                   help="a rule file: also show the spend in the records against each quotas budget, this period")
     p.add_argument("--recompute-breaks", action="store_true",
                    help="find cache breaks again in the merged records of every replica (table and JSON: breaks by "
                    "client and reason), instead of counting those each replica recorded")
@@ -299,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
             clients=tuple(args.client),
             sessions=tuple(args.session),
         )
-        report = build(files, filters, args.by, args.recompute_breaks)
+        caps = None
+        if args.rules:
+            from llm_gateway.policy import rules as rule_file  # PyYAML: only with --rules (the report runs anywhere)
+
+            try:
+                caps = CapTable(rule_file.load(args.rules).quotas, now.timestamp())
+            except rule_file.RulesError as e:
+                raise ReportError(str(e)) from None
+        report = build(files, filters, args.by, args.recompute_breaks, caps)
     except ReportError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,222 @@
+"""Quotas: the rule section (policy/quotas.py), the admission arithmetic and both stores (addons/quotas/store.py):
+the memory store, and the Redis store's Lua scripts run by fakeredis (a real redis-server runs them in
+tests/e2e/test_e2e_quotas.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import fakeredis
+import pytest
+
+from llm_gateway.addons.quotas.store import MemoryStore, RedisStore
+from llm_gateway.policy import quotas, rules
+
+BASE = """\
+apis:
+  - name: anthropic
+    hosts: [api.anthropic.com]
+    paths: ["/v1/messages"]
+"""
+NOW = datetime(2026, 12, 9, 15, 30, 10, tzinfo=timezone.utc).timestamp()  # a Wednesday
+
+
+def parse(section: str) -> quotas.Quotas:
+    return rules.parse(BASE + "quotas:\n" + section, "r.yaml").quotas
+
+
+def test_the_section_reads_into_micro_dollars_and_counters():
+    q = parse("""\
+  store: redis://127.0.0.1:6379/2
+  password_env: QPW
+  on_store_error: closed
+  reservation_ttl: 30
+  budgets:
+    - {name: per-session, per: session, usd: {daily: 0.05, total: 10}}
+    - {name: team, match: {principal: "team-*"}, usd: {monthly: 300}}
+  rates:
+    - {name: burst, per: principal, per_minute: {requests: 3, output_tokens: 1000}}
+""")
+    assert q.store == "redis://127.0.0.1:6379/2" and q.on_store_error == "closed" and q.reservation_ttl == 30
+    assert q.budgets[0].limits == (("daily", 50_000), ("total", 10_000_000))
+    found = quotas.counters(q, "team-a", "claude-code", "s1", "claude-x", NOW)
+    assert [(c.name, c.period, c.kind, c.limit) for c in found] == [
+        ("per-session", "daily", "usd", 50_000), ("per-session", "total", "usd", 10_000_000),
+        ("team", "monthly", "usd", 300_000_000),
+        ("burst", "minute", "requests", 3), ("burst", "minute", "output_tokens", 1000),
+    ]
+    assert all(c.key.startswith("{llm-gateway}:") for c in found)  # one hash tag: one Cluster slot
+    # no session: a per-session budget does not apply; another principal: the team pool does not either
+    assert [c.name for c in quotas.counters(q, "other", "x", None, "m", NOW)] == ["burst", "burst"]
+
+
+@pytest.mark.parametrize("section, reason", [
+    ("  store: redis://:secret@h:6379/0\n", "6: quotas.store holds credentials"),
+    ("  store: http://h:1\n", "6: quotas.store must be memory or redis://"),
+    ("  on_store_error: maybe\n", "6: quotas.on_store_error must be one of open, closed"),
+    ("  budgets:\n    - {name: a, usd: {}}\n", "7: quotas.budgets[0].usd needs at least one of"),
+    ("  budgets:\n    - {name: a, usd: {yearly: 1}}\n", "7: unknown key 'yearly' in quotas.budgets[0].usd"),
+    ("  budgets:\n    - {name: a, per: team, usd: {daily: 1}}\n", "7: quotas.budgets[0].per must be one of"),
+    ("  budgets:\n    - {name: a, usd: {daily: 0}}\n", "7: quotas.budgets[0].usd.daily must be above 0"),
+    ("  rates:\n    - {name: a, per_minute: {requests: 2.5}}\n", "7: quotas.rates[0].per_minute.requests must be a whole"),
+    ("  budgets:\n    - {name: a, usd: {daily: 1}}\n    - {name: a, usd: {daily: 2}}\n", "7: quotas.budgets names 'a' twice"),
+    ("  password_env: A\n  password_file: b\n", "6: quotas: give password_env or password_file, not both"),
+    ("  cluster: true\n", "6: quotas.cluster needs a redis:// store"),
+])
+def test_a_bad_section_is_refused_with_file_line_and_reason(section, reason):
+    with pytest.raises(rules.RulesError) as e:
+        parse(section)
+    assert str(e.value).startswith(f"r.yaml:{reason}"), str(e.value)
+
+
+def test_windows_are_utc_calendar_periods():
+    assert datetime.fromtimestamp(quotas.window("daily", NOW)[1], timezone.utc) == datetime(2026, 12, 10, tzinfo=timezone.utc)
+    assert datetime.fromtimestamp(quotas.window("weekly", NOW)[1], timezone.utc) == datetime(2026, 12, 14, tzinfo=timezone.utc)
+    assert datetime.fromtimestamp(quotas.window("monthly", NOW)[1], timezone.utc) == datetime(2027, 1, 1, tzinfo=timezone.utc)
+    assert quotas.window("minute", NOW)[1] == NOW - 10 + 60
+    assert quotas.window("total", NOW) == ("total", None)
+
+
+def test_headers_follow_claude_codes_gateway_protocol():
+    [c] = quotas.counters(parse("  budgets:\n    - {name: b, per: principal, usd: {daily: 1}}\n"), "p", "c", "s", "m", NOW)
+    low = quotas.standing_headers(c, 500_000, NOW)
+    assert low["anthropic-ratelimit-unified-status"] == "allowed"
+    assert "anthropic-ratelimit-unified-overage-surpassed-threshold" not in low
+    high = quotas.standing_headers(c, 960_000, NOW)
+    assert high["anthropic-ratelimit-unified-status"] == "allowed_warning"
+    assert high["anthropic-ratelimit-unified-overage-utilization"] == "0.96"
+    assert high["anthropic-ratelimit-unified-overage-surpassed-threshold"] == "0.95"
+    assert high["anthropic-ratelimit-unified-reset"] == str(int(quotas.window("daily", NOW)[1]))
+    refused = quotas.refusal_headers(c, NOW)
+    assert refused["x-should-retry"] == "false" and refused["anthropic-ratelimit-unified-status"] == "rejected"
+    assert int(refused["retry-after"]) == int(quotas.window("daily", NOW)[1] - NOW)
+    assert refused["anthropic-ratelimit-unified-overage-period"] == "daily"
+    assert "anthropic-ratelimit-unified-representative-claim" not in refused  # else the client drops the message
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    return RedisStore("redis://fake", client=fakeredis.FakeAsyncRedis())
+
+
+async def test_in_flight_reservations_count_so_parallel_requests_cannot_all_slip_under(store):
+    [c] = quotas.counters(parse("  budgets:\n    - {name: b, per: session, usd: {daily: 0.05}}\n"), None, "c", "s", "m", NOW)
+    admitted = [await store.admit([c], f"r{i}", 20_000, 60, NOW) for i in range(5)]
+    assert [v.refused for v in admitted] == [None, None, None, 0, 0]  # 0, 20k and 40k held are below 50k
+    assert admitted[3].spent == 0 and admitted[3].held == 60_000
+    await store.settle([c], "r0", 1_000, 10, 10, NOW)  # costs less than reserved: the rest is freed
+    assert await store.level(c, NOW) == (1_000, 40_000)
+    assert (await store.admit([c], "r5", 20_000, 60, NOW)).refused is None
+    assert await store.level(c, NOW) == (1_000, 60_000)
+
+
+async def test_a_reservation_never_settled_expires(store):
+    [c] = quotas.counters(parse("  budgets:\n    - {name: b, usd: {total: 0.01}}\n"), None, "c", "s", "m", NOW)
+    assert (await store.admit([c], "dead", 50_000, 5, NOW)).refused is None  # a replica dies holding it
+    assert (await store.admit([c], "x", 1, 5, NOW + 1)).refused == 0
+    assert (await store.admit([c], "y", 1, 5, NOW + 6)).refused is None
+    await store.settle([c], "dead", 0, 0, 0, NOW + 7)  # settled late: nothing held twice
+    assert await store.level(c, NOW + 7) == (0, 1)
+
+
+async def test_rates_count_requests_at_admission_and_tokens_at_settlement(store):
+    q = parse("  rates:\n    - {name: r, per_minute: {requests: 2, output_tokens: 100}}\n")
+    cs = quotas.counters(q, None, "c", "s", "m", NOW)
+    assert (await store.admit(cs, "a", 0, 60, NOW)).refused is None
+    await store.settle(cs, "a", 0, 5, 150, NOW)
+    v = await store.admit(cs, "b", 0, 60, NOW)
+    assert v.refused == 1 and v.spent == 150  # output tokens over the minute's limit
+    cs2 = quotas.counters(parse("  rates:\n    - {name: r2, per_minute: {requests: 2}}\n"), None, "c", "s", "m", NOW)
+    assert [(await store.admit(cs2, str(i), 0, 60, NOW)).refused for i in range(3)] == [None, None, 0]
+    later = quotas.counters(parse("  rates:\n    - {name: r2, per_minute: {requests: 2}}\n"), None, "c", "s", "m", NOW + 60)
+    assert (await store.admit(later, "n", 0, 60, NOW + 60)).refused is None  # the next minute
+
+
+async def test_a_refusal_reserves_nothing_anywhere(store):
+    q = parse("  budgets:\n    - {name: a, usd: {total: 1}}\n    - {name: b, usd: {total: 0.01}}\n")
+    cs = quotas.counters(q, None, "c", "s", "m", NOW)
+    await store.settle(cs[1:], "old", 10_000, 0, 0, NOW)
+    v = await store.admit(cs, "r", 500, 60, NOW)
+    assert v.refused == 1 and v.spent == 10_000
+    assert await store.level(cs[0], NOW) == (0, 0)
+
+
+# -- the addon, on flows ------------------------------------------------------------------------------------
+
+def _flow(section: str, path: str = "/v1/messages", session: str | None = "s1", max_tokens: int = 600):
+    import json
+
+    from gwtest import api_flow
+    from llm_gateway.pipeline import exchange
+
+    rule_set = rules.parse(BASE + "quotas:\n" + section, "r.yaml")
+    body = {"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}
+    f = api_flow(json.dumps(body).encode(), mode="reverse", path=path)
+    ex = exchange.Exchange(rule_set, "anthropic", "reverse", "POST", "api.anthropic.com", path, body=body,
+                           client="claude-code", session=session, model_requested="claude-sonnet-4-5")
+    exchange.start(f, ex)
+    return f, ex
+
+
+async def _request(addon, f):
+    pending = addon.request(f)
+    if pending is not None:
+        await pending
+
+
+async def test_a_budget_reached_is_refused_before_upstream_in_claude_codes_words():
+    from llm_gateway.addons.quotas import Quotas
+    from llm_gateway.addons.metrics import Metrics
+
+    addon = Quotas(Metrics())
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 0.01}}\n"
+    first, ex1 = _flow(section)
+    await _request(addon, first)
+    assert first.response is None and ex1.quota_limits == ("cap",)  # admitted: $0.009 reserved
+    second, ex2 = _flow(section)
+    await _request(addon, second)
+    assert second.response is None  # $0.009 held is below $0.01: admitted, overspend at most this estimate
+    third, ex3 = _flow(section)
+    await _request(addon, third)
+    r = third.response
+    assert r.status_code == 429 and ex3.quota_refused == "cap" and ex3.reason == "spend_limit_reached"
+    body = r.json()
+    assert body["error"]["type"] == "billing_error" and body["error"]["details"] == {"error_code": "spend_limit_reached"}
+    assert r.headers["x-should-retry"] == "false" and r.headers["anthropic-ratelimit-unified-status"] == "rejected"
+    assert addon.refusals.labels("cap", "spend_limit_reached")._value.get() == 1
+
+
+async def test_count_tokens_and_sessionless_requests_are_not_counted():
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {total: 0.000001}}\n"
+    for f, ex in (_flow(section, path="/v1/messages/count_tokens"), _flow(section, session=None)):
+        await _request(addon, f)
+        assert f.response is None and ex.quota_limits == ()
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_a_store_that_cannot_be_reached(on_error):
+    import socket
+
+    from llm_gateway.addons.quotas import Quotas
+
+    with socket.socket() as s:  # a port nobody listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addon = Quotas()
+    section = (f"  store: redis://127.0.0.1:{port}/0\n  on_store_error: {on_error}\n"
+               "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n")
+    f, ex = _flow(section)
+    await _request(addon, f)
+    if on_error == "open":
+        assert f.response is None  # admitted, held in this process's memory
+        assert addon.local.budgets and next(iter(addon.local.budgets.values())).held > 0
+    else:
+        assert f.response.status_code == 429 and ex.quota_refused == "store" and ex.reason == "fetch_error"
+        assert f.response.headers["anthropic-ratelimit-unified-overage-disabled-reason"] == "fetch_error"
+        assert "details" not in f.response.json()["error"]
+    addon.done()
