@@ -34,7 +34,7 @@ egress:
   default: deny
   allow:
     - "*.github.com"
-    - registry.npmjs.org:443
+    - packages.example.com:443
     - 10.1.2.3
     - api.anthropic.com
   inspect:
@@ -153,8 +153,8 @@ def egress_rules(text: str = RULES):
         ("api.github.com", 443, True, False, "egress.allow[0]: *.github.com"),
         ("a.b.github.com", 22, True, False, "egress.allow[0]: *.github.com"),
         ("github.com", 443, False, False, "egress.default: deny"),  # *.github.com is not github.com
-        ("registry.npmjs.org", 443, True, False, "egress.allow[1]: registry.npmjs.org:443"),
-        ("registry.npmjs.org", 80, False, False, "egress.default: deny"),
+        ("packages.example.com", 443, True, False, "egress.allow[1]: packages.example.com:443"),
+        ("packages.example.com", 80, False, False, "egress.default: deny"),
         ("evil.example", 443, False, False, "egress.default: deny"),
         ("10.1.2.3", 443, True, False, "egress.allow[2]: 10.1.2.3"),
         ("10.1.515", 443, True, False, "egress.allow[2]: 10.1.2.3"),  # another spelling of the same address
