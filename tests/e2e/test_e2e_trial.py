@@ -125,6 +125,13 @@ def test_readme_trial_gives_both_modes_records_and_a_report(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(trial.pid, signal.SIGKILL)
                 trial.wait(5)
+    # the trial's rules summarise allowed tunnels (egress.record_allowed: summary): no record per CONNECT while it
+    # ran, one count per host and rule written when the gateway stopped
+    records = [json.loads(line) for line in (folder / "usage.jsonl").read_text().splitlines()]
+    allowed = [r for r in records if r["kind"] == "egress" and r["decision"] in ("allowed", "tunnelled")]
+    assert allowed and all(r.get("summary") is True for r in allowed), allowed
+    [connects] = [r for r in allowed if (r["method"], r["host"]) == ("CONNECT", "api.anthropic.com")]
+    assert connects["count"] >= 2 and connects["since"] <= connects["ts"]  # curl's tunnel and Claude Code's
     # both are gone: the ports are free again
     for port in ports.values():
         with socket.socket() as s:
