@@ -1,7 +1,13 @@
-"""Fixtures shared by the end-to-end tests: a fake Anthropic upstream and real gateway processes."""
+"""Fixtures shared by the end-to-end tests: a fake Anthropic upstream and real gateway processes.
+
+Also the suite's hygiene check: a run that leaves a new file in the checkout (a record log appended to
+`usage.jsonl` at the project root, which `scripts/usage_report` reads by default) fails, naming the files.
+Tests write into their temporary folders only; `test-artifacts/` (screenshots for people) is the one exception.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,37 @@ from fakes.upstream import FakeUpstream
 from harness import Gateway
 
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RULES = ROOT / "rules.yaml"
+# Folders a run may write in the checkout: tool state and caches, and the screenshots kept for people.
+_MAY_WRITE = {".git", ".hypothesis", ".pytest_cache", "__pycache__", "test-artifacts", "node_modules"}
+
+
+def _checkout_files() -> set[str]:
+    """Every file in the checkout outside the folders a run may write and the virtual environments."""
+    found = set()
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in _MAY_WRITE and not d.startswith(".venv") and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, n), ROOT) for n in names)
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_BEFORE] = _checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    left = sorted(_checkout_files() - before)
+    if left:
+        session.config.get_terminal_writer().line(
+            "tests left files in the checkout (write into tmp_path instead): " + ", ".join(left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set]()
 
 
 def routed_rules(fake_url: str, extra: str = "", clients: list[dict] | None = None) -> str:

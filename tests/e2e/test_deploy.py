@@ -7,6 +7,7 @@ entrypoint are run for real in test_e2e_cluster.py.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -222,9 +223,17 @@ def test_containerfile_install_steps_give_a_working_gateway(tmp_path):
     text = (DEPLOY / "Containerfile").read_text()
     runs = [line[len("RUN "):].split(" && ")[0] for line in text.splitlines() if line.startswith("RUN pip install")]
     assert len(runs) == 2
+    # /app as the image has it: a copy of what the Containerfile copies (pip builds in the source folder, and the
+    # checkout must stay clean)
+    app = tmp_path / "app"
+    for name in ("pyproject.toml", "rules.yaml", "addons/gateway.py"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, app / name)
+    shutil.copytree(ROOT / "addons" / "llm_gateway", app / "addons" / "llm_gateway",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     for run in runs:
         args = run.split()[2:]  # after "pip install"
-        args = [str(ROOT) if a == "/app" else a for a in args]
+        args = [str(app) if a == "/app" else a for a in args]
         result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *args],
                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

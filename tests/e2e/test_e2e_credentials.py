@@ -310,3 +310,27 @@ def test_claude_code_with_a_subscription_oauth_token_passes_through(gateway_fact
     assert all("oauth-" in q.headers.get("anthropic-beta", "") and "x-api-key" not in q.headers for q in seen)
     assert {r["principal"] for r in gw.records(count=len(seen))} == {"subscription"}
     assert OAUTH not in gw.output()
+
+
+@pytest.mark.parametrize("mode", ["base-url", "egress"])
+def test_claude_code_with_a_wrong_token_stops_at_the_first_401(gateway_factory, fake, tmp_path, mode):
+    """Claude Code retries a 401 up to its default 10 times with backoff (3 minutes) unless the answer says
+    `x-should-retry: false`; with it, one request and a clear error. Counted in requests, not seconds: the
+    gateway must have been asked exactly once."""
+    key_file = write_secret(tmp_path / "secret", "api-key", UPSTREAM_KEY + "\n")
+    gw = gateway_factory(credentials_rules(fake.url, key_file))
+    retries = {"CLAUDE_CODE_MAX_RETRIES": "10"}  # Claude Code's own default (run_claude sets 0)
+    if mode == "base-url":
+        done = realclients.run_claude("hello", base_url=gw.base_url, env_extra={"ANTHROPIC_API_KEY": OTHER_TOKEN,
+                                                                                 **retries}, timeout=90)
+    else:
+        agent = agent_env(gw, OTHER_TOKEN)
+        keep = ("HTTPS_PROXY", "NO_PROXY", "NODE_EXTRA_CA_CERTS", "ANTHROPIC_API_KEY")
+        done = realclients.run_claude("hello", env_extra={**{k: agent[k] for k in keep}, **retries}, timeout=90)
+    assert done.returncode != 0
+    assert "401" in done.stdout + done.stderr or "api key" in (done.stdout + done.stderr).lower(), done.stdout
+    assert messages(fake.requests) == []  # nothing was forwarded
+    gw.records(count=1, timeout=10)
+    time.sleep(1.5)  # a retry would be sent within about a second (Claude Code's first backoff is 0.5-1 s)
+    records = [r for r in gw.records(count=1, timeout=5) if r["path"] == "/v1/messages"]
+    assert [(r["status"], r["error_type"]) for r in records] == [(401, "authentication_error")], records

@@ -105,7 +105,7 @@ def test_streamed_answer_reads_as_the_assembled_message(web):
     test_id, result = call(gw, "stream", Scenario.reply(THINKING, TEXT, TOOL), **{"x-test-agent": "1", "x-session-id": session})
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    assert flow["comment"] == f"hit 32% · test-agent · session {session[:8]}… · in 21 out 9 cache r13 w7"
+    assert flow["comment"] == f"$? test-agent {session[:8]} · hit 32% · asked api.anthropic.com/v1/messages · in 21 out 9 cache r13 w7"
     assert flow["marked"] == ""
     # the body was kept for viewing: exactly the events the client assembled its message from
     assert flow["response"]["contentLength"] > 0
@@ -134,14 +134,14 @@ def test_json_answer_and_converted_stream(web):
     test_id, result = call(gw, "create", Scenario.reply(TEXT), **{"x-test-agent": "1"})
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    assert flow["comment"] == "hit 32% · test-agent · in 21 out 9 cache r13 w7"
+    assert flow["comment"] == "$? test-agent · hit 32% · asked api.anthropic.com/v1/messages · in 21 out 9 cache r13 w7"
     view = api.view(flow["id"], "auto")
     assert view["view_name"] == "llm-message" and "── [0] text\nLet me look up the forecast for Paris." in view["text"]
 
     test_id, result = call(gw, "stream", Scenario.reply(TEXT), **{"x-json-only": "1"})
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    assert flow["comment"] == "hit 32% · json-only · stream forced off, converted json->sse · in 21 out 9 cache r13 w7"
+    assert flow["comment"] == "$? json-only · hit 32% · asked api.anthropic.com/v1/messages · stream forced off, converted json->sse · in 21 out 9 cache r13 w7"
     assert "Let me look up the forecast for Paris." in api.view(flow["id"], "auto")["text"]
 
 
@@ -150,13 +150,13 @@ def test_errors_are_marked_and_say_what_was_unwrapped(web):
     test_id, result = call(gw, "create", Scenario.error(529), **{"x-test-agent": "1"})
     assert result["status"] == 529
     [flow] = api.flows(test_id)
-    assert flow["marked"] == "❌" and flow["comment"] == "error overloaded_error · test-agent"
+    assert flow["marked"] == "❌" and flow["comment"] == "test-agent · error overloaded_error · asked api.anthropic.com/v1/messages"
 
     test_id, result = call(gw, "create", litellm_wrapped_error(429))
     assert result["status"] == 429 and result["type"] == "rate_limit_error"
     [flow] = api.flows(test_id)
     assert flow["marked"] == "❌"
-    assert flow["comment"] == "error rate_limit_error unwrapped from litellm-passthrough 429 · unknown"
+    assert flow["comment"] == "unknown · error rate_limit_error unwrapped from litellm-passthrough 429 · asked api.anthropic.com/v1/messages"
 
 
 def test_cache_break_is_marked(web):
@@ -171,7 +171,7 @@ def test_cache_break_is_marked(web):
     assert one["marked"] == ""
     assert two["marked"] == "⚠"
     assert two["comment"] == (  # the fake's fixed usage: a 28-token prompt, which no model caches
-        f"hit 0% CACHE BREAK below_minimum · unknown · session {session} · in 21 out 9 cache r0 w7 · lost 20 cached tokens: "
+        f"$? unknown {session[:8]} · hit 0% CACHE BREAK below_minimum · asked api.anthropic.com/v1/messages · in 21 out 9 cache r0 w7 · lost 20 cached tokens: "
         "below_minimum (prompt of 28 tokens; claude-test-1 caches from 1024)")
 
 
@@ -277,7 +277,7 @@ def test_scripts_gateway_web_prints_its_url_and_serves_the_api(module_fake, tmp_
                                 headers={"x-test-agent": "1", "x-test-id": "via-script"})
         assert result["ok"], result
         [flow] = api.flows("via-script")
-        assert flow["comment"].startswith("hit 32% · test-agent · in 21 out 9")
+        assert flow["comment"].startswith("$? test-agent · hit 32%")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -383,24 +383,77 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def test_mitmweb_ui_shows_the_assembled_message_in_chromium(web):
+def visible_comment_prefix(browser: "Chromium", comment: str) -> str:
+    """The part of `comment` that the flow list's Comment cell shows on screen (the rest is cut off)."""
+    script = """
+    (() => {
+      const want = %s;
+      const cell = [...document.querySelectorAll("td.col-comment")].find(td => td.textContent === want);
+      if (!cell || !cell.firstChild) return null;
+      const style = getComputedStyle(cell);
+      let limit = cell.getBoundingClientRect().right - parseFloat(style.paddingRight);
+      if (cell.scrollWidth > cell.clientWidth) {  // cut off: the ellipsis covers the end of what fits
+        const probe = document.createElement("span");
+        probe.style.font = style.font; probe.textContent = "\u2026";
+        document.body.appendChild(probe);
+        limit -= probe.getBoundingClientRect().width;
+        probe.remove();
+      }
+      const node = cell.firstChild, range = document.createRange();
+      let shown = 0;
+      for (let i = 1; i <= node.length; i++) {
+        range.setStart(node, 0); range.setEnd(node, i);
+        if (range.getBoundingClientRect().right > limit) break;
+        shown = i;
+      }
+      return want.slice(0, shown);
+    })()""" % json.dumps(comment)
+    deadline = time.monotonic() + 30
+    while True:
+        value = browser.send("Runtime.evaluate", expression=script)["result"].get("value")
+        if value is not None or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def test_mitmweb_flow_list_shows_cost_and_client_and_the_request_reads_as_messages_in_chromium(web):
+    """What a person sees: in the flow list, the Comment column's visible part names cost and client; the
+    flow's request tab shows the conversation, the response tab the assembled message (screenshots kept)."""
     gw, api = web
-    test_id, result = call(gw, "stream", Scenario.reply(THINKING, TEXT, TOOL), **{"x-test-agent": "1"})
+    test_id = uuid.uuid4().hex[:12]
+    session = str(uuid.uuid4())
+    headers = {"x-test-id": test_id, "x-test-agent": "1", "x-session-id": session,
+               "x-fake-scenario": Scenario.reply(THINKING, TEXT, TOOL).to_header()}
+    result = sdk_client.run("stream", base_url=gw.base_url, headers=headers, model="claude-sonnet-4-6")
     assert result["ok"], result
     [flow] = api.flows(test_id)
-    browser = Chromium(f"{gw.web_url}?token={gw.web_token}#/flows/{flow['id']}/response")
+    comment = flow["comment"]
+    cost = comment.split(" ", 1)[0]
+    assert cost.endswith("¢") and cost not in ("0¢", "<0.01¢"), comment  # priced: genai-prices knows the model
+    assert comment.startswith(f"{cost} test-agent {session[:8]} · hit 32%"), comment
+    browser = Chromium(f"{gw.web_url}?token={gw.web_token}#/flows")
     try:
         browser.connect()
-        text = browser.wait_for_text(
-            "Let me look up the forecast for Paris.", "get_weather (toolu_01Web)", flow["comment"]
-        )
+        shown = visible_comment_prefix(browser, comment)
+        list_png = browser.screenshot(ARTIFACTS / "mitmweb-flow-list.png")
+        # mitmweb reads the flow to show from the URL when it loads
+        browser.send("Runtime.evaluate", expression=f"location.hash = '#/flows/{flow['id']}/request'; location.reload()")
+        request_text = browser.wait_for_text("══ message 0 · user", "request · model claude-sonnet-4-6")
+        browser.screenshot(ARTIFACTS / "mitmweb-llm-request.png")
+        browser.send("Runtime.evaluate", expression=f"location.hash = '#/flows/{flow['id']}/response'; location.reload()")
+        text = browser.wait_for_text("Let me look up the forecast for Paris.", "get_weather (toolu_01Web)")
         png = browser.screenshot(ARTIFACTS / "mitmweb-llm-message.png")
     finally:
         browser.close()
+    assert shown is not None, "the flow's Comment cell is not in the flow list"
+    assert shown.startswith(f"{cost} test-agent"), f"the flow list shows only {shown!r} of {comment!r}"
+    assert list_png.startswith(b"\x89PNG\r\n\x1a\n") and len(list_png) > 10_000
+    # the request: readable messages, chosen by mitmweb itself; the raw JSON is the other view
+    assert "request · model claude-sonnet-4-6" in request_text and "══ message 0 · user\nhello" in request_text
+    assert "llm-message" in request_text
+    # the response: the assembled message
     assert "Let me look up the forecast for Paris." in text, text[:3000]
     assert "── [2] tool_use get_weather (toolu_01Web)" in text
-    assert "llm-message" in text  # the view mitmweb chose, named above the body
     assert "cache: read 13 · write 7 (5m 7, 1h 0) · hit 32%" in text
-    assert flow["comment"] == "hit 32% · test-agent · in 21 out 9 cache r13 w7" and flow["comment"] in text  # column
     assert "event: content_block_delta" not in text
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

@@ -248,9 +248,9 @@ def test_script_with_upstream_records_exchanges(module_fake, web):
         assert record["input_tokens"] == 21 and record["cache_read_input_tokens"] == 13
         out = gw.output()
         assert f"API requests go to {module_fake.url} (no route)" in out  # the banner names the destination
-        if web:  # 12: the comment leads with what a person scans for
+        if web:  # 12: the comment leads with what a person scans for (the Comment column shows ~17 characters)
             [flow] = WebApi(gw.web_url, gw.web_token).flows("upstream")
-            assert flow["comment"].startswith("hit 32% · anthropic-python · ")
+            assert flow["comment"].startswith("$? anthropic-python · hit 32%")  # cost, client: what the list shows
     finally:
         gw.stop()
 

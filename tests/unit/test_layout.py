@@ -209,7 +209,8 @@ BOUNDARIES = {
     },
     "addons/metrics.py": {"Metrics._exchange": "metrics must never cost an exchange"},
     "addons/webview.py": {"WebView._finish": "viewing aids must never disturb the traffic"},
-    "addons/recordlog.py": {"RecordLog.write": "one record observer's failure must not lose the record"},
+    "addons/recordlog.py": {"RecordLog.write": "one record observer's failure must not lose the record",
+                            "RecordLog.done": "one held-back flush failing must not lose the records already queued"},
     "records/writer.py": {"RecordWriter.flush": "work deferred to a flush (a log line) must not lose records"},
     "addons/timeouts.py": {
         "Timeouts._first_byte_expired": "a timer callback: nothing above it would log the failure",

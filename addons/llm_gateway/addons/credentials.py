@@ -258,7 +258,9 @@ class KeyCustody:
         flow.request.headers[name] = placeholder
 
     def _answer(self, flow: http.HTTPFlow, error_type: str, message: str) -> None:
-        flow.response = native_answer(error_type, message)
+        # A wrong token stays wrong: without `x-should-retry: false` Claude Code retries a 401 ten times with
+        # backoff (three minutes) before it says "Invalid API key"; the Anthropic SDKs honour the header.
+        flow.response = native_answer(error_type, message, {"x-should-retry": "false"})
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         custody = self._sent(flow)

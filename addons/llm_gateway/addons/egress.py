@@ -17,16 +17,22 @@ A refusal says what was refused and by which rule (never where the rule file liv
 learn the gateway's file layout), in its body and in the `x-gateway-egress` response header, which
 `curl -v` shows also for a refused CONNECT.
 
-Every decision is one `{"kind": "egress"}` record: one per CONNECT (allowed, tunnelled, denied), one per
-plain-HTTP request, one per ClientHello with a fronting SNI, and one per refused request inside a tunnel
-(denied, blocked, fronting). Allowed requests inside a decrypted tunnel get none: the CONNECT record
-covers the tunnel and API exchanges get their usage record.
+Every refusal is one `{"kind": "egress"}` record and one warning line: per refused CONNECT, plain-HTTP
+request, ClientHello with a fronting SNI, and refused request inside a tunnel (denied, blocked, fronting).
+Allowed decisions (CONNECTs allowed or tunnelled, allowed plain-HTTP requests) are many (Claude Code opens
+about 20 tunnels a turn) and mostly uninteresting: with `egress.record_allowed: summary` (the default
+rules.yaml's) they are counted per host, port, rule and decision and written as one summary record
+(`"summary": true, "count": N, "since": <first>`) at most every SUMMARY_EVERY seconds and at shutdown, their log
+lines at debug level; `each` (the parser's default, so older rule files keep their records) writes one record
+and info line per decision. Allowed requests inside a decrypted tunnel get
+none: the CONNECT covers the tunnel and API exchanges get their usage record.
 
 The hooks fail closed: an unexpected error refuses the CONNECT or request instead of letting it through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -63,6 +69,8 @@ logger = logging.getLogger("llm_gateway.egress")
 REFUSAL_HEADER = "x-gateway-egress"  # why a request or CONNECT was refused, on the 403
 
 MAX_FIELD = 255  # client-supplied names in records and messages are cut to this length
+SUMMARY_EVERY = 60.0  # seconds between summary records of allowed decisions (egress.record_allowed: summary)
+ALLOWED = ("allowed", "tunnelled")
 
 
 # --- judging hosts and paths ----------------------------------------------------------------------
@@ -92,6 +100,10 @@ class EgressPolicy:
         self.records = records
         self.tunnels: weakref.WeakKeyDictionary[connection.Server, Tunnel] = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
+        # allowed decisions held for the next summary: (decision, method, host, port, rule) -> [count, first ts, rules]
+        self.pending: dict[tuple[str, str, str, int, str], list[Any]] = {}
+        self._timer: Any = None
+        records.before_stop.append(self.flush_summary)
 
     # -- CONNECT -------------------------------------------------------------------------------
 
@@ -307,12 +319,48 @@ class EgressPolicy:
             "client_ip": client_ip,
             **{k: v for k, v in extra.items() if v is not None},
         }
-        self.records.write(record, rules)
+        summarised = decision in ALLOWED and rules.egress.record_allowed == "summary"
+        if summarised:
+            self._hold(record, rules)
+        else:
+            self.records.write(record, rules)
         where = clean(f"{host}:{port}" + (record["path"] or ""))
         line = f"egress {decision}: {clean(method)} {where} ({clean(rule)}) from {client_ip or '?'}"
         if "host_header" in extra or "sni" in extra:
             line += f" naming {clean(extra.get('host_header') or extra.get('sni'))}"
-        (logger.info if decision in ("allowed", "tunnelled") else logger.warning)(line)
+        if decision not in ALLOWED:
+            logger.warning(line)
+        else:
+            (logger.debug if summarised else logger.info)(line)
+
+    def _hold(self, record: dict[str, Any], rules: Rules) -> None:
+        key = (record["decision"], record["method"], record["host"], record["port"], record["rule"])
+        held = self.pending.get(key)
+        if held is None:
+            self.pending[key] = [1, record["ts"], rules]
+        else:
+            held[0] += 1
+            held[2] = rules
+        if self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(SUMMARY_EVERY, self.flush_summary)
+            except RuntimeError:  # no event loop (a test driving the hooks): written at the next flush or at stop
+                pass
+
+    def flush_summary(self) -> None:
+        """Write one summary record, and one info line, per held (decision, method, host, port, rule)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self.pending = self.pending, {}
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        for (decision, method, host, port, rule), (count, since, rules) in pending.items():
+            self.records.write({
+                "kind": "egress", "ts": now, "decision": decision, "method": method, "host": host, "port": port,
+                "path": None, "rule": rule, "summary": True, "count": count, "since": since,
+            }, rules)
+            logger.info(f"egress {decision}: {clean(method)} {clean(f'{host}:{port}')} ({clean(rule)}) "
+                        f"x{count} since {since}")
 
     def _warn_uninspected_api(self, rules: Rules, host: str) -> None:
         if host in self._warned or len(self._warned) > 1000:

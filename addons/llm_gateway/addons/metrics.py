@@ -216,4 +216,6 @@ class Metrics:
         """A `RecordLog` observer: counts egress decision records."""
         decision = record.get("decision")
         if record.get("kind") == "egress" and isinstance(decision, str):
-            self.egress.labels(decision if _DECISION.fullmatch(decision) else OTHER).inc()
+            count = record.get("count", 1)  # a summary record stands for `count` allowed decisions
+            count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
+            self.egress.labels(decision if _DECISION.fullmatch(decision) else OTHER).inc(count)

@@ -23,6 +23,7 @@ class RecordLog(RecordWriter):
         super().__init__()
         # Called with every record, written or not (metrics count egress decisions this way).
         self.observers: list[Callable[[dict[str, Any]], None]] = []
+        self.before_stop: list[Callable[[], None]] = []  # called in done(), before the last records are written
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -34,6 +35,11 @@ class RecordLog(RecordWriter):
         )
 
     def done(self) -> None:
+        for flush in self.before_stop:  # records other addons hold back (egress summaries) get written too
+            try:
+                flush()
+            except Exception:
+                logger.exception("record flush before stop")
         self.stop()
 
     def path_for(self, rules: Rules) -> str | None:

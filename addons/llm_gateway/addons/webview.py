@@ -4,7 +4,9 @@ When an agent misbehaves, people open mitmweb to see what it sent and what came 
 make that readable:
 
 - `MessageView`, a contentview for `text/event-stream` and Messages JSON bodies: the Message the
-  client assembled (text, tool calls with their input, thinking, stop reason) and its usage.
+  client assembled (text, tool calls with their input, thinking, stop reason) and its usage; and for a
+  Messages request, its settings, tools, system prompt and conversation, message by message (a Claude Code
+  request is tens of kB of JSON). mitmweb picks it by itself; the raw JSON stays one click away.
 - A bounded copy of each streamed body (`StreamCopyTap` on the relay), put in the flow when the
   stream ends, so mitmweb shows it instead of "content missing". Forwarding stays unbuffered.
 - A short `flow.comment` per API flow, led by what a person scans the list for (the error type, or the
@@ -29,7 +31,7 @@ from llm_gateway.mitm import registry
 from llm_gateway.pipeline import exchange, relay
 from llm_gateway.pipeline.flows import EGRESS_METADATA
 from llm_gateway.protocol import jsoncodec, messages
-from llm_gateway.protocol.render import count_text, render_message
+from llm_gateway.protocol.render import count_text, render_message, render_request
 from llm_gateway.protocol.sse import SSE_TYPE
 from llm_gateway.protocol.tokens import cache_share
 from llm_gateway.util.logsafe import clean
@@ -62,6 +64,11 @@ class MessageView(Contentview):
     syntax_highlight = "none"
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
+        if isinstance(metadata.http_message, http.Request):
+            request = _request_json(data)
+            if request is None:
+                raise ValueError("not a Messages API request")
+            return render_request(request)
         message = _message_json(data)
         if message is not None:
             return render_message(message)
@@ -78,7 +85,11 @@ class MessageView(Contentview):
         )
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
-        if not data or isinstance(metadata.http_message, http.Request):
+        if not data:
+            return -1
+        if isinstance(metadata.http_message, http.Request):
+            if metadata.content_type in (None, "application/json") and b'"messages"' in data[:_SNIFF_BYTES]:
+                return 2 if _request_json(data) is not None else -1
             return -1
         if metadata.content_type == SSE_TYPE:
             head = data[:_SNIFF_BYTES]
@@ -92,6 +103,12 @@ def _message_json(data: bytes) -> dict[str, Any] | None:
     """The body as a Message, or None when it is not `{"type": "message", …}` JSON."""
     body = jsoncodec.parse_json_body(data)
     return body if isinstance(body, dict) and body.get("type") == "message" else None
+
+
+def _request_json(data: bytes) -> dict[str, Any] | None:
+    """The body as a Messages request (`{"model": …, "messages": [...]}`), or None."""
+    body = jsoncodec.parse_json_body(data)
+    return body if isinstance(body, dict) and isinstance(body.get("messages"), list) else None
 
 
 def _copy_note(metadata: Metadata) -> str | None:
@@ -154,15 +171,51 @@ def _copy_tap(ex: exchange.Exchange) -> StreamCopyTap | None:
 
 
 def short_session(session: str | None) -> str | None:
+    """The first 8 characters of a session id: enough to tell sessions apart in a list (a prefix also works for
+    the usage report's --session)."""
     if not session:
         return None
-    return session if len(session) <= 10 else session[:8] + "…"
+    return session[:8]
+
+
+def cost_text(ex: exchange.Exchange) -> str | None:
+    """The exchange's cost, short enough to leave room for the client in the flow list: US cents below a dollar
+    (`0.02¢`, `1.2¢`, `12¢`, `<0.01¢`), dollars from one (`$1.25`); `$?` when it used tokens no price is known
+    for; None when it used none."""
+    if not ex.usage:
+        return None
+    cost = ex.cost().cost_usd
+    return "$?" if cost is None else short_money(cost)
+
+
+def short_money(usd: float) -> str:
+    cents = usd * 100
+    if cents >= 100:
+        return f"${usd:.2f}"
+    if cents >= 10:
+        return f"{cents:.0f}¢"
+    if cents >= 1:
+        return f"{cents:.1f}¢"
+    if cents >= 0.01 or cents == 0:
+        return f"{cents:.2f}¢".replace("0.00¢", "0¢")
+    return "<0.01¢"
+
+
+def asked_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str | None:
+    """Where the agent was going, when a route sent the request elsewhere (the flow list shows where it went)."""
+    if flow.request.host.lower() == ex.host.lower():
+        return None
+    return clean(f"{ex.host}{ex.path}", 200)
 
 
 def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
-    """What a person scans the flow list for first (mitmweb shows only the first ~20 characters), then who:
-    `hit 32% $0.0123 · claude-code · session 1a2b3c4d… · in 21 out 9 cache r13 w7`, or
-    `error rate_limit_error · litellm · …`. Values from the traffic are escaped."""
+    """Cost, client and session first: mitmweb's Comment column is 150 pixels wide (about 20 characters), so
+    `1.2¢ claude-code 1a2b3c4d` is what the flow list shows of it; then the cache hit share or the error, and
+    the rest for the flow's own page: `1.2¢ claude-code 1a2b3c4d · hit 32% · in 21 out 9 cache r13 w7`, or
+    `litellm · error rate_limit_error · …`. Values from the traffic are escaped."""
+    session = short_session(ex.session)
+    head = [cost_text(ex), clean(ex.client, 64), clean(session) if session else None]
+    parts = [" ".join(p for p in head if p)]
     lead = []
     if ex.error_type:
         error = f"error {clean(ex.error_type, 60)}"
@@ -173,17 +226,16 @@ def comment_for(flow: http.HTTPFlow, ex: exchange.Exchange) -> str:
         lead.append(f"failed: {clean(flow.error.msg, 120)}")
     elif ex.usage:
         share = cache_share(ex.usage)
-        cost = ex.cost().cost_usd
-        lead.append(f"hit {'-' if share is None else f'{share:.0%}'}" + ("" if cost is None else f" ${cost:.4f}"))
+        lead.append(f"hit {'-' if share is None else f'{share:.0%}'}")
     if ex.cache_break:
         lead.append("CACHE BREAK" + (f" {clean(ex.cache_break_reason, 40)}" if ex.cache_break_reason else ""))
-    parts = [" ".join(lead)] if lead else []
-    parts.append(clean(ex.client, 64))
+    if lead:
+        parts.append(" ".join(lead))
     if ex.principal:  # key custody: the gateway token's name (addons/credentials.py)
         parts.append(f"principal {clean(ex.principal, 64)}")
-    session = short_session(ex.session)
-    if session:
-        parts.append(f"session {clean(session)}")
+    asked = asked_for(flow, ex)
+    if asked:
+        parts.append(f"asked {asked}")
     stream = []
     if ex.stream_requested is not None and ex.stream_upstream is not None and ex.stream_requested != ex.stream_upstream:
         stream.append(f"stream forced {'on' if ex.stream_upstream else 'off'}")

@@ -302,8 +302,10 @@ class _Reader:
         return int(text)
 
     def egress(self, node: yaml.Node) -> Egress:
-        m = self.mapping(node, "egress", dict.fromkeys(("default", "allow", "inspect", "block"), False))
+        m = self.mapping(node, "egress", dict.fromkeys(("default", "allow", "inspect", "block", "record_allowed"), False))
         return Egress(
+            record_allowed=(self.choice(m["record_allowed"], "egress.record_allowed", ("summary", "each"))
+                            if "record_allowed" in m else "each"),
             default=self.choice(m["default"], "egress.default", ("deny", "allow")) if "default" in m else "deny",
             allow=self.list_of(m["allow"], "egress.allow", self.host_pattern) if "allow" in m else (),
             inspect=self.list_of(m["inspect"], "egress.inspect", self.host_pattern) if "inspect" in m else (),

@@ -204,6 +204,7 @@ class Egress:
     allow: tuple[HostPattern, ...] = ()
     inspect: tuple[HostPattern, ...] = ()
     block: tuple[PathBlock, ...] = ()
+    record_allowed: str = "each"  # "each" | "summary": allowed CONNECTs and requests one record each, or as counts
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A Message as plain text for people (mitmweb's message view): blocks, citations, tool input, usage."""
+"""Messages as plain text for people (mitmweb's message view): an answer's blocks, citations, tool input and
+usage; a request's settings, tools, system prompt and conversation, message by message."""
 
 from __future__ import annotations
 
@@ -55,6 +56,43 @@ def render_message(
     return "\n".join(lines)
 
 
+def render_request(body: dict[str, Any]) -> str:
+    """A Messages request (`POST /v1/messages` JSON) as text: model and settings, the tools by name, the system
+    prompt, then each message with its blocks. Images and documents are described, not dumped (base64)."""
+    lines = [f"request · model {body.get('model', '?')}"]
+    settings = [f"{k} {_compact(body[k])}" for k in _REQUEST_SETTINGS if k in body]
+    if settings:
+        lines.append(" · ".join(settings))
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        names = [str(t.get("name") or t.get("type") or "?") if isinstance(t, dict) else "?" for t in tools]
+        lines.append(f"tools ({len(names)}): " + ", ".join(names))
+    system = body.get("system")
+    if system:
+        lines += ["", "══ system"]
+        if isinstance(system, list):
+            for index, block in enumerate(system):
+                lines.extend(render_block(index, block))
+        else:
+            lines.append(_text(system))
+    messages = body.get("messages")
+    for number, message in enumerate(messages if isinstance(messages, list) else []):
+        lines.append("")
+        if not isinstance(message, dict):
+            lines += [f"══ message {number} · ?", _pretty(message)]
+            continue
+        lines.append(f"══ message {number} · {message.get('role', '?')}")
+        content = message.get("content")
+        if isinstance(content, list):
+            for index, block in enumerate(content):
+                lines.extend(render_block(index, block))
+        else:
+            lines.append(_text(content))
+    return "\n".join(lines)
+
+
+_REQUEST_SETTINGS = ("max_tokens", "stream", "temperature", "top_p", "top_k", "thinking", "tool_choice",
+                     "stop_sequences", "metadata", "service_tier")
 _SHOWN_FIELDS = frozenset({"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "stop_details", "usage"})
 
 
@@ -112,12 +150,29 @@ def render_block(index: int, block: Any) -> list[str]:
         lines.append(_pretty(block["input"]))
         shown.add("input")
     elif "content" in block:  # tool results (web_search_tool_result, mcp_tool_result, …), compaction
-        lines.append(_text(block["content"]) if isinstance(block["content"], str) else _pretty(block["content"]))
+        content = block["content"]
+        if kind == "tool_result" and isinstance(content, list) and all(isinstance(b, dict) for b in content):
+            for index, inner in enumerate(content):
+                lines.extend("  " + line for part in render_block(index, inner) for line in part.split("\n"))
+        else:
+            lines.append(_text(content) if isinstance(content, str) else _pretty(content))
         shown.add("content")
+    elif isinstance(block.get("source"), dict):  # image, document: say what it is, not its base64
+        lines.append(_source(block["source"]))
+        shown.add("source")
     rest = {k: v for k, v in block.items() if k not in shown}
     if rest:
         lines.append(f"  {_compact(rest)}")
     return lines
+
+
+def _source(source: dict[str, Any]) -> str:
+    data = source.get("data")
+    if isinstance(data, str):
+        return f"({source.get('media_type', '?')}, {len(data)} characters of {source.get('type', 'data')})"
+    if source.get("url"):
+        return f"(url {source['url']})"
+    return _compact(source)
 
 
 def _text(value: Any) -> str:

@@ -52,6 +52,10 @@ def is_error(record: dict[str, Any]) -> bool:
     return record_outcome(record).error
 
 
+# The record's `mode` (mitmproxy's listener mode) as the docs name the two ways in.
+LISTENER_NAMES = {"regular": "egress", "reverse": "base-url"}
+
+
 def human_line(record: dict[str, Any]) -> str:
     """One line for people: never Python's None; an error shows its type, request id and reason."""
     shown = clean_or_dash  # escaped: model names and request ids come from requests and answers
@@ -65,6 +69,8 @@ def human_line(record: dict[str, Any]) -> str:
         f" cache_write={shown(record['cache_creation_input_tokens'])}"
         f" hit={'-' if share is None else f'{share:.0%}'} {cost}"
     )
+    if record.get("mode") or record.get("path"):  # which way in, and which endpoint (the path has no query)
+        line += f" mode={LISTENER_NAMES.get(record.get('mode'), shown(record.get('mode')))} path={shown(record.get('path'))}"
     if record.get("error_type") or record.get("reason"):
         line += f" error={shown(record.get('error_type'))} request_id={shown(record.get('request_id'))}"
         line += f' reason="{shown(record["reason"])}"' if record.get("reason") else ""

@@ -1,4 +1,4 @@
-"""Usage report: totals per session and per client from the gateway's JSONL record log.
+"""Usage report: totals per session, client, principal, model, agent or day from the gateway's JSONL record log.
 
 Run as `scripts/usage_report [FILE ...]` (or `python -m llm_gateway.tools.report`; `llm_gateway.report` still
 works). The standard library and the gateway's records/ and protocol/ layers only (no mitmproxy, no other package: a
@@ -7,7 +7,10 @@ merged records of every replica.
 
 Only `"kind": "usage"` records count; other records sharing the file (egress decisions, …) are skipped,
 and so are lines that are not JSON objects (a line cut short while the gateway was writing it): both are
-counted and reported on standard error. An unknown cost stays unknown: a group whose records have no
+counted and reported on standard error. `--by principal|model|agent|day` (repeatable, or comma-separated) give the
+charge-back views: `principal` is the gateway token's name (key custody), `agent` Claude Code's agent id (the
+record's `agent_id`, from `x-claude-code-agent-id`), `day` the record's UTC date; a record without the value
+is grouped under null ("-" in the table). Every grouping's rows add up to the same total row. An unknown cost stays unknown: a group whose records have no
 price shows "-" (table), an empty cell (CSV) or null (JSON), never $0; where only some records had a
 price, the known part is shown and `unpriced` counts the requests left out.
 """
@@ -47,9 +50,24 @@ METRICS = (
     "cache_breaks",
     "unpriced",
 )
+# Groupings: the key columns of each (`--by NAME`), and the order key columns take in CSV.
+GROUPS = {
+    "session": ("session", "client"),
+    "client": ("client",),
+    "principal": ("principal",),
+    "model": ("model",),
+    "agent": ("agent",),
+    "day": ("day",),
+}
+KEY_ORDER = ("client", "session", "principal", "model", "agent", "day")
+DEFAULT_BY = ("session", "client")
 TABLE_HEADERS = {
     "session": "SESSION",
     "client": "CLIENT",
+    "principal": "PRINCIPAL",
+    "model": "MODEL",
+    "agent": "AGENT",
+    "day": "DAY",
     "requests": "REQUESTS",
     "errors": "ERRORS",
     "input_tokens": "INPUT",
@@ -90,16 +108,21 @@ class Filters:
     until: datetime | None = None  # exclusive
     clients: tuple[str, ...] = ()  # globs, case-insensitive
     sessions: tuple[str, ...] = ()  # session id prefixes
+    principals: tuple[str, ...] = ()  # globs, case-insensitive, on the record's principal
+    models: tuple[str, ...] = ()  # globs on the answering model
+    agents: tuple[str, ...] = ()  # globs on agent_id
 
     def keep(self, record: dict[str, Any], when: datetime) -> bool:
         if self.since is not None and when < self.since:
             return False
         if self.until is not None and when >= self.until:
             return False
-        if self.clients:
-            client = str(record.get("client") or "").lower()
-            if not any(fnmatch.fnmatchcase(client, c.lower()) for c in self.clients):
-                return False
+        for globs, key in ((self.clients, "client"), (self.principals, "principal"), (self.models, "model"),
+                           (self.agents, "agent_id")):
+            if globs:
+                value = str(record.get(key) or "").lower()
+                if not any(fnmatch.fnmatchcase(value, g.lower()) for g in globs):
+                    return False
         if self.sessions:
             session = record.get("session")
             if not isinstance(session, str) or not any(session.startswith(s) for s in self.sessions):
@@ -112,45 +135,80 @@ class Filters:
             "until": self.until.isoformat() if self.until else None,
             "clients": list(self.clients),
             "sessions": list(self.sessions),
+            "principals": list(self.principals),
+            "models": list(self.models),
+            "agents": list(self.agents),
         }
 
 
 # ------------------------------------------------------------------------------------------ totals
 
 
+def groupings(by: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The groupings asked for, in order, each once: `--by` values may repeat or hold a comma-separated list;
+    `both` is session and client (the default)."""
+    if by is None:
+        return DEFAULT_BY
+    out: list[str] = []
+    for value in [by] if isinstance(by, str) else by:
+        for name in value.split(","):
+            name = name.strip().lower()
+            names = DEFAULT_BY if name == "both" else (name,)
+            for n in names:
+                if n not in GROUPS:
+                    raise ReportError(f"--by: unknown grouping {name!r} (choose from {', '.join([*GROUPS, 'both'])})")
+                if n not in out:
+                    out.append(n)
+    return tuple(out) or DEFAULT_BY
+
+
+def text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def group_keys(record: dict[str, Any], when: datetime) -> dict[str, str | None]:
+    """The value of every key column for one record (client "unknown" when missing, others None)."""
+    return {
+        "client": str(record.get("client") or "unknown"),
+        "session": text_or_none(record.get("session")),
+        "principal": text_or_none(record.get("principal")),
+        "model": text_or_none(record.get("model")),
+        "agent": text_or_none(record.get("agent_id")),
+        "day": when.astimezone(timezone.utc).date().isoformat(),
+    }
+
+
+def _sort_key(key: tuple[str | None, ...]) -> tuple:
+    return tuple((v is None, v or "") for v in key)
+
+
 @dataclass
 class Report:
-    by: str  # "session" | "client" | "both"
+    by: tuple[str, ...]  # names from GROUPS
     filters: Filters
     skipped: Skipped
-    sessions: dict[tuple[str, str | None], Totals] = field(default_factory=dict)  # (client, session), first seen first
-    clients: dict[str, Totals] = field(default_factory=dict)
+    groups: dict[str, dict[tuple[str | None, ...], Totals]] = field(default_factory=dict)  # name -> key -> totals
     total: Totals = field(default_factory=Totals)
     breaks: cache_breaks.BreakTable = field(default_factory=cache_breaks.BreakTable)  # by client and reason
     caps: CapTable | None = None  # spend against each `quotas` budget (--rules)
 
-    def add(self, record: dict[str, Any]) -> None:
-        client = str(record.get("client") or "unknown")
-        session = record.get("session") if isinstance(record.get("session"), str) else None
-        self.sessions.setdefault((client, session), Totals()).add(record)
-        self.clients.setdefault(client, Totals()).add(record)
+    def add(self, record: dict[str, Any], when: datetime) -> None:
+        keys = group_keys(record, when)
+        for name in self.by:
+            key = tuple(keys[k] for k in GROUPS[name])
+            self.groups.setdefault(name, {}).setdefault(key, Totals()).add(record)
         self.total.add(record)
         self.breaks.add_recorded(record)
 
-    def session_rows(self) -> list[dict[str, Any]]:
-        return [{"session": s, "client": c, **t.row()} for (c, s), t in self.sessions.items()]
-
-    def client_rows(self) -> list[dict[str, Any]]:
-        return [{"client": c, **self.clients[c].row()} for c in sorted(self.clients)]
+    def rows(self, name: str) -> list[dict[str, Any]]:
+        """Sessions in the order first seen; every other grouping sorted by its key (None last)."""
+        table = self.groups.get(name, {})
+        keys = list(table) if name == "session" else sorted(table, key=_sort_key)
+        return [{**dict(zip(GROUPS[name], k)), **table[k].row()} for k in keys]
 
     def sections(self) -> list[tuple[str, list[str], list[dict[str, Any]]]]:
         """(name, key columns, rows) for each grouping asked for."""
-        out = []
-        if self.by in ("session", "both"):
-            out.append(("session", ["session", "client"], self.session_rows()))
-        if self.by in ("client", "both"):
-            out.append(("client", ["client"], self.client_rows()))
-        return out
+        return [(name, list(GROUPS[name]), self.rows(name)) for name in self.by]
 
 
 @dataclass
@@ -194,15 +252,16 @@ class CapTable:
         return out
 
 
-def build(names: Iterable[str], filters: Filters, by: str, recompute_breaks: bool = False,
-          caps: CapTable | None = None) -> Report:
-    """`recompute_breaks`: find cache breaks again in the merged records (of every replica) rather than count the
-    ones each replica recorded (cache_breaks.recompute). `caps`: also sum spend against each budget."""
-    report = Report(by=by, filters=filters, skipped=Skipped(), caps=caps)
+def build(names: Iterable[str], filters: Filters, by: str | Iterable[str] | None = None,
+          recompute_breaks: bool = False, caps: CapTable | None = None) -> Report:
+    """`by`: groupings (see `groupings`). `recompute_breaks`: find cache breaks again in the merged records (of
+    every replica) rather than count the ones each replica recorded (cache_breaks.recompute). `caps`: also sum
+    spend against each budget."""
+    report = Report(by=groupings(by), filters=filters, skipped=Skipped(), caps=caps)
     kept = []
     for record, when in read_records(names, report.skipped):
         if filters.keep(record, when):
-            report.add(record)
+            report.add(record, when)
             if caps is not None:
                 caps.add(record, when)
             if recompute_breaks:
@@ -233,10 +292,12 @@ def render_json(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
-    """One CSV: a `group` column says session, client or total; unknown values are empty cells."""
+    """One CSV: a `group` column says which grouping a row belongs to (session, client, principal, model, agent,
+    day) or total; then the key columns of the groupings asked for; unknown values are empty cells."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["group", "client", "session", *METRICS])
+    keys = [k for k in KEY_ORDER if any(k in GROUPS[name] for name in report.by)]
+    writer.writerow(["group", *keys, *METRICS])
 
     def cell(key: str, value: Any) -> str:
         if value is None:
@@ -247,9 +308,9 @@ def render_csv(report: Report) -> str:
 
     for name, _, rows in report.sections():
         for row in rows:
-            writer.writerow([name, row["client"], row.get("session") or "", *(cell(k, row[k]) for k in METRICS)])
+            writer.writerow([name, *(row.get(k) or "" for k in keys), *(cell(k, row[k]) for k in METRICS)])
     total = report.total.row()
-    writer.writerow(["total", "", "", *(cell(k, total[k]) for k in METRICS)])
+    writer.writerow(["total", *([""] * len(keys)), *(cell(k, total[k]) for k in METRICS)])
     return out.getvalue()
 
 
@@ -319,8 +380,8 @@ RENDER = {"table": render_table, "csv": render_csv, "json": render_json}
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Requests, tokens, prompt-cache hit share, cost, savings and cache breaks per session and "
-        "per client, from the gateway's JSONL usage log.",
+        description="Requests, tokens, prompt-cache hit share, cost, savings and cache breaks per session, client, "
+        "principal, model, agent or day, from the gateway's JSONL usage log.",
         epilog=f"With no FILE, reads ${DEFAULT_LOG_ENV} (scripts/usage_report sets it to usage.jsonl at the "
         "project root). Times are ISO 8601 (UTC when no offset is given: 2025-06-01, 2025-06-01T12:00:00+02:00) "
         "or a span back from now: 45s, 30m, 2h, 7d, 1w. Errors are requests with an error type or status, no "
@@ -334,7 +395,15 @@ def parser() -> argparse.ArgumentParser:
                    help="only this client (glob, case-insensitive); repeat for several")
     p.add_argument("--session", action="append", default=[], metavar="ID",
                    help="only sessions whose id starts with ID; repeat for several")
-    p.add_argument("--by", choices=("session", "client", "both"), default="both", help="grouping (default both)")
+    p.add_argument("--principal", action="append", default=[], metavar="NAME",
+                   help="only this principal (the gateway token's name; glob); repeat for several")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="only this answering model (glob); repeat for several")
+    p.add_argument("--agent", action="append", default=[], metavar="ID",
+                   help="only this agent id (Claude Code's x-claude-code-agent-id; glob); repeat for several")
+    p.add_argument("--by", action="append", metavar="GROUPING",
+                   help=f"group by {', '.join(GROUPS)}, or both (= session,client, the default); repeat or "
+                   "comma-separate for several tables, each ending in the same total")
     p.add_argument("--format", choices=tuple(RENDER), default="table", help="output format (default table)")
     p.add_argument("--rules", metavar="RULES",
                    help="a rule file: also show the spend in the records against each quotas budget, this period")
@@ -357,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             until=parse_time(args.until, now) if args.until else None,
             clients=tuple(args.client),
             sessions=tuple(args.session),
+            principals=tuple(args.principal),
+            models=tuple(args.model),
+            agents=tuple(args.agent),
         )
         caps = None
         if args.rules:

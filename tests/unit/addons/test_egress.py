@@ -34,13 +34,14 @@ egress:
   default: deny
   allow:
     - "*.github.com"
-    - registry.npmjs.org:443
+    - packages.example.com:443
     - 10.1.2.3
     - api.anthropic.com
   inspect:
     - api.anthropic.com
   block:
     - {host: api.anthropic.com, path: "/api/*"}
+  record_allowed: each                   # one record per decision (the parser's default), said explicitly
 usage:
   log: "-"
 """
@@ -153,8 +154,8 @@ def egress_rules(text: str = RULES):
         ("api.github.com", 443, True, False, "egress.allow[0]: *.github.com"),
         ("a.b.github.com", 22, True, False, "egress.allow[0]: *.github.com"),
         ("github.com", 443, False, False, "egress.default: deny"),  # *.github.com is not github.com
-        ("registry.npmjs.org", 443, True, False, "egress.allow[1]: registry.npmjs.org:443"),
-        ("registry.npmjs.org", 80, False, False, "egress.default: deny"),
+        ("packages.example.com", 443, True, False, "egress.allow[1]: packages.example.com:443"),
+        ("packages.example.com", 80, False, False, "egress.default: deny"),
         ("evil.example", 443, False, False, "egress.default: deny"),
         ("10.1.2.3", 443, True, False, "egress.allow[2]: 10.1.2.3"),
         ("10.1.515", 443, True, False, "egress.allow[2]: 10.1.2.3"),  # another spelling of the same address
@@ -629,3 +630,38 @@ def test_hooks_are_safe_on_flows_that_already_have_a_response(policy):
     policy.requestheaders(r)
     assert f.response.status_code == 200 and r.response.status_code == 200
     assert records_of(policy) == []
+
+
+def test_allowed_decisions_are_summarised_and_refusals_recorded_each(tmp_path, caplog):
+    """egress.record_allowed: summary (the default rules.yaml's): a Claude Code turn's ~20 allowed tunnels are one record per
+    host and rule, with their count, written at stop (or every SUMMARY_EVERY seconds); every refusal is a record
+    and a warning of its own, at once."""
+    from llm_gateway.addons.metrics import Metrics
+
+    log = tmp_path / "records.jsonl"
+    records = RecordLog()
+    metrics = Metrics(records)
+    pol = EgressPolicy(rule_file(RULES.replace("record_allowed: each", "record_allowed: summary")), records)
+    caplog.set_level(logging.DEBUG, logger="llm_gateway.egress")
+    with taddons.context(records, pol) as tctx:
+        tctx.configure(records, gateway_log=str(log))
+        for _ in range(3):
+            pol.http_connect(connect_flow("api.github.com"))
+        for _ in range(2):
+            pol.http_connect(connect_flow("api.anthropic.com"))
+        pol.http_connect(connect_flow("evil.example"))
+        written = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        assert [(r["decision"], r["host"]) for r in written] == [("denied", "evil.example")]  # the refusal, at once
+        records.done()  # the gateway stops: the held counts are written before the log closes
+    got = [json.loads(line) for line in log.read_text().splitlines()]
+    summaries = sorted((r["decision"], r["host"], r["count"], r["summary"]) for r in got if r.get("summary"))
+    assert summaries == [("allowed", "api.anthropic.com", 2, True), ("tunnelled", "api.github.com", 3, True)]
+    assert all(r["since"] <= r["ts"] and r["method"] == "CONNECT" for r in got if r.get("summary"))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "llm_gateway.egress"]
+    assert [m for level, m in lines if level == "WARNING"] == [
+        "egress denied: CONNECT evil.example:443 (egress.default: deny) from 127.0.0.1"]
+    assert sum(level == "DEBUG" for level, _ in lines) == 5  # each allowed decision, for whoever asks for debug
+    assert sorted(m for level, m in lines if level == "INFO") == [
+        m for m in sorted(m for _, m in lines) if " x2 since " in m or " x3 since " in m]
+    counted = {s.labels["decision"]: s.value for s in metrics.egress.collect()[0].samples if s.name.endswith("_total")}
+    assert counted == {"allowed": 2.0, "tunnelled": 3.0, "denied": 1.0}

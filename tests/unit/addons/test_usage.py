@@ -372,17 +372,17 @@ def test_human_line_per_exchange(gw, caplog):
     gw.json_exchange(message(usage_of(inp=1000, out=200, read=4000, write=2000)))
     [line] = [r.getMessage() for r in caplog.records if r.name == "llm_gateway.usage"]
     assert line == (f"tester session=sess-1 {SONNET} 200 in=1000 out=200 cache_read=4000 cache_write=2000 hit=57%"
-                    f" ${gw.written()[0]['cost_usd']:.4f}")
+                    f" ${gw.written()[0]['cost_usd']:.4f} mode=egress path=/v1/messages")
     gw.json_exchange({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, status=429)
     assert caplog.records[-1].getMessage() == (
         f"tester session=sess-1 {SONNET} 429 in=- out=- cache_read=- cache_write=- hit=- unpriced"
-        ' error=rate_limit_error request_id=req_002')
+        ' mode=egress path=/v1/messages error=rate_limit_error request_id=req_002')
     f, _ = gw.request(model="gpt-x")
     f.error = tflow.terr()
     gw.hook("error", f)
     assert caplog.records[-1].getMessage() == (
         "tester session=sess-1 gpt-x - in=- out=- cache_read=- cache_write=- hit=- unpriced"
-        ' error=- request_id=- reason="client disconnected" INCOMPLETE')
+        ' mode=egress path=/v1/messages error=- request_id=- reason="client disconnected" INCOMPLETE')
 
 
 def test_gateway_stats_command(gw):

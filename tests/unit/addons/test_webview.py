@@ -190,9 +190,44 @@ def test_priority_beats_json_and_raw_for_messages_only():
     )
     request = tutils.treq(content=body)
     assert view.render_priority(body, Metadata(content_type="application/json", http_message=request)) < 0
+    ask = jsoncodec.dumps(REQUEST)
+    meta = Metadata(content_type="application/json", http_message=tutils.treq(content=ask))
+    assert view.render_priority(ask, meta) > contentviews.json_view.render_priority(ask, meta)
+    assert view.render_priority(b'{"messages": 3}', meta) < 0  # not a Messages request: the JSON view's
     assert view.render_priority(b"", response_meta(SSE)) < 0
     other_stream = b'event: update\ndata: {"type":"message","x":1}\n\n'
     assert view.render_priority(other_stream, response_meta(SSE)) < 0
+
+
+REQUEST = {
+    "model": "claude-opus-4-5", "max_tokens": 32000, "stream": True, "thinking": {"type": "enabled", "budget_tokens": 1024},
+    "tools": [{"name": "Bash", "input_schema": {"type": "object"}}, {"type": "web_search_20250305", "name": "web_search"}],
+    "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+    "messages": [
+        {"role": "user", "content": "List the files."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "a.py\nb.py"}]},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo" * 1000}},
+        ]},
+    ],
+}
+
+
+def test_a_messages_request_reads_as_its_conversation():
+    meta = Metadata(content_type="application/json", http_message=tutils.treq(content=jsoncodec.dumps(REQUEST)))
+    text = MessageView().prettify(jsoncodec.dumps(REQUEST), meta)
+    assert text.splitlines()[:3] == [
+        "request · model claude-opus-4-5",
+        'max_tokens 32000 · stream true · thinking {"type":"enabled","budget_tokens":1024}',
+        "tools (2): Bash, web_search",
+    ]
+    assert "══ system\n── [0] text\nYou are Claude Code.\n  {\"cache_control\":{\"type\":\"ephemeral\"}}" in text
+    assert "══ message 0 · user\nList the files." in text
+    assert '══ message 1 · assistant\n── [0] tool_use Bash (toolu_1)\n{\n  "command": "ls"\n}' in text
+    assert "── [0] tool_result for toolu_1\n  ── [0] text\n  a.py\n  b.py" in text
+    assert "── [1] image\n(image/png, 11000 characters of base64)" in text
+    assert "iVBORw0KGgo" not in text
 
 
 def test_truncated_copy_is_noted_from_flow_metadata():
@@ -392,8 +427,15 @@ def test_comment_names_client_session_stream_and_tokens():
         stream_upstream=False, converted="sse->json", usage=dict(USAGE), complete=True,
     )
     webview.annotate(f)
-    assert f.comment == "hit 32% · claude-code · session 0f9e8d7c… · stream forced off, converted sse->json · in 21 out 9 cache r13 w7"
+    assert f.comment == "$? claude-code 0f9e8d7c · hit 32% · stream forced off, converted sse->json · in 21 out 9 cache r13 w7"
     assert f.marked == ""
+
+
+def test_comment_says_where_the_agent_was_going_when_a_route_sent_it_elsewhere():
+    f, ex = api_exchange(client="claude-code", usage=dict(USAGE), complete=True)
+    f.request.host, f.request.port = "127.0.0.1", 4000  # what the route did: the list shows this
+    webview.annotate(f)
+    assert f.comment == "$? claude-code · hit 32% · asked api.anthropic.com/v1/messages · in 21 out 9 cache r13 w7"
 
 
 def test_comment_leads_with_cost_when_the_model_has_a_price():
@@ -405,20 +447,28 @@ def test_comment_leads_with_cost_when_the_model_has_a_price():
         " cache_read: 0.3}\n", "p.yaml")
     webview.annotate(f)
     # 21*3 + 9*15 + 7*3.75 + 13*0.3 = 228.15 dollars per million tokens
-    assert f.comment == "hit 32% $0.0002 · claude-code · in 21 out 9 cache r13 w7"
+    assert f.comment == "0.02¢ claude-code · hit 32% · in 21 out 9 cache r13 w7"
+
+
+@pytest.mark.parametrize("usd, text", [
+    (0.0, "0¢"), (0.00004, "<0.01¢"), (0.0002, "0.02¢"), (0.0024, "0.24¢"), (0.0123, "1.2¢"), (0.456, "46¢"),
+    (1.0, "$1.00"), (12.345, "$12.35"),
+])
+def test_short_money_leaves_room_for_the_client(usd, text):
+    assert webview.short_money(usd) == text
 
 
 def test_comment_escapes_values_from_the_traffic():
     f, ex = api_exchange(client="evil\nclient", session="s\u2028x", error_type="x\r\n[00:00:00] forged", complete=True)
     webview.annotate(f)
     assert "\n" not in f.comment and "\r" not in f.comment and "\u2028" not in f.comment
-    assert f.comment == "error x\\r\\n[00:00:00] forged · evil\\nclient · session s\\u2028x"
+    assert f.comment == "evil\\nclient s\\u2028x · error x\\r\\n[00:00:00] forged"
 
 
 def test_short_session_is_kept_whole():
     f, ex = api_exchange(client="goose", session="s-42", complete=True)
     webview.annotate(f)
-    assert f.comment == "goose · session s-42"
+    assert f.comment == "goose s-42"
 
 
 def test_unwrapped_error_is_marked():
@@ -426,7 +476,7 @@ def test_unwrapped_error_is_marked():
                          unwrapped_from="litellm-passthrough 429")
     f.response.status_code = 429
     webview.annotate(f)
-    assert f.comment == "error rate_limit_error unwrapped from litellm-passthrough 429 · litellm"
+    assert f.comment == "litellm · error rate_limit_error unwrapped from litellm-passthrough 429"
     assert f.marked == ":x:"
 
 
@@ -439,19 +489,19 @@ def test_error_status_without_type_and_failed_flow_are_marked():
     f.response = None
     f.error = mflow.Error("connection refused")
     webview.annotate(f)
-    assert f.marked == ":x:" and f.comment == "failed: connection refused · unknown"
+    assert f.marked == ":x:" and f.comment == "unknown · failed: connection refused"
 
 
 def test_cache_break_is_marked_with_a_warning():
     usage = dict(USAGE, cache_read_input_tokens=0)
     f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True)
     webview.annotate(f)
-    assert f.marked == ":warning:" and f.comment == "hit 0% CACHE BREAK · claude-code · session abc · in 21 out 9 cache r0 w7"
+    assert f.marked == ":warning:" and f.comment == "$? claude-code abc · hit 0% CACHE BREAK · in 21 out 9 cache r0 w7"
     f, ex = api_exchange(client="claude-code", session="abc", usage=usage, cache_break=True, complete=True,
                          cache_break_reason="tools_changed", cache_break_detail="tool 'x' removed",
                          cache_break_tokens_lost=900, cache_break_cost_usd=0.00243, principal="team-a")
     webview.annotate(f)
-    assert f.comment == ("hit 0% CACHE BREAK tools_changed · claude-code · principal team-a · session abc"
+    assert f.comment == ("$? claude-code abc · hit 0% CACHE BREAK tools_changed · principal team-a"
                          " · in 21 out 9 cache r0 w7 · lost 900 cached tokens ($0.0024): tools_changed (tool 'x' removed)")
 
 

@@ -241,10 +241,11 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gw():
+def gw(tmp_path_factory):
     gateway = Gateway()
     with taddons.context(*gateway.addons) as tctx:
-        tctx.configure(gateway.addons[1], gateway_log="")
+        # the records go to a temporary file: the rules' own usage.log would be usage.jsonl in the working folder
+        tctx.configure(gateway.addons[1], gateway_log=str(tmp_path_factory.mktemp("answer") / "usage.jsonl"))
         yield gateway
 
 

@@ -292,6 +292,7 @@ def test_refused_requests_get_a_native_401_and_go_nowhere(chain, headers):
     chain.run("requestheaders", f)
     chain.run("request", f)
     assert f.response.status_code == 401
+    assert f.response.headers["x-should-retry"] == "false"  # a wrong token stays wrong: no client retries it
     assert f.response.json() == {"type": "error", "error": {
         "type": "authentication_error", "message": credentials.UNAUTHENTICATED_MESSAGE}}
     assert exchange.of(f).principal is None and serializers.held() == held

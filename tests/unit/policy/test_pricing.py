@@ -107,7 +107,7 @@ def test_an_unknown_model_is_unpriced_in_the_record_and_the_line(gw, caplog):
     caplog.set_level("INFO", logger="llm_gateway.usage")
     _, _, record = gw.exchange(answer_json("claude-test-1", usage(inp=5, out=5)), "json", "regular")
     assert record["cost_usd"] is None and record["price_source"] is None
-    assert caplog.records[-1].getMessage().endswith(" unpriced")
+    assert caplog.records[-1].getMessage().endswith(" unpriced mode=egress path=/v1/messages")
 
 
 # ------------------------------------------------------------------- the rate card against the library itself

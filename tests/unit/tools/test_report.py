@@ -22,6 +22,7 @@ SCRIPT = ROOT / "scripts" / "usage_report"
 CC_A = "8be2e96a-a3ed-42d9-b652-ae345397006b"  # a Claude Code session
 CC_B = "c7f0d1a2-9b3e-4c5d-8e6f-1a2b3c4d5e6f"
 LITELLM_SESSION = "litellm-sess-1"
+AGENT_MAIN, AGENT_SUB = "agent-main-1", "agent-sub-7"  # Claude Code's x-claude-code-agent-id
 
 NOW = datetime.now(timezone.utc)
 REQUEST_IDS = itertools.count(1)
@@ -30,13 +31,13 @@ REQUEST_IDS = itertools.count(1)
 def record(age: timedelta, client: str, session: str | None, model: str, *, status: int = 200,
            stream: bool = False, tokens: tuple[int, int, int, int] | None = None, cost: float | None = None,
            saved: float | None = None, error_type: str | None = None, complete: bool = True,
-           cache_break: bool = False) -> dict:
+           cache_break: bool = False, principal: str | None = None, agent: str | None = None) -> dict:
     """A usage record as the gateway writes it; tokens are (input, output, cache read, cache write)."""
     inp, out, read, write = tokens if tokens else (None, None, None, None)
     prompt = (inp or 0) + (read or 0) + (write or 0)
     return {
         "kind": "usage", "ts": (NOW - age).isoformat(timespec="milliseconds"), "mode": "reverse",
-        "client": client, "session": session, "api": "anthropic", "method": "POST", "host": "api.anthropic.com",
+        "client": client, "principal": principal, "agent_id": agent, "session": session, "api": "anthropic", "method": "POST", "host": "api.anthropic.com",
         "path": "/v1/messages", "upstream": "https://api.anthropic.com:443", "model": model, "status": status,
         "stream_requested": stream, "stream_upstream": stream, "input_tokens": inp, "output_tokens": out,
         "cache_creation_input_tokens": write, "cache_read_input_tokens": read,
@@ -53,19 +54,23 @@ SONNET, OPUS, HAIKU = "claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805", 
 # Costs are what the default pricing gives: Sonnet 3/15 (write 3.75, read 0.3), Opus 4.1 15/75, Haiku 4.5 1/5.
 RECORDS = [
     # 0-3: a Claude Code session on Sonnet: writes its cache, reads it, breaks it, then the client abandons a stream
-    record(3 * D, "claude-code", CC_A, SONNET, stream=True, tokens=(2000, 300, 0, 10000), cost=0.048, saved=0.0),
+    # (principals: team-a holds sessions A and the SDK's, team-b session B; agents: A's main agent and a subagent)
+    record(3 * D, "claude-code", CC_A, SONNET, stream=True, tokens=(2000, 300, 0, 10000), cost=0.048, saved=0.0,
+           principal="team-a", agent=AGENT_MAIN),
     record(3 * D - M, "claude-code", CC_A, SONNET, stream=True, tokens=(50, 200, 10000, 500), cost=0.008025,
-           saved=0.027),
+           saved=0.027, principal="team-a", agent=AGENT_MAIN),
     record(3 * H, "claude-code", CC_A, SONNET, stream=True, tokens=(12000, 400, 0, 0), cost=0.042, saved=0.0,
-           cache_break=True),
+           cache_break=True, principal="team-a", agent=AGENT_MAIN),
     record(30 * M, "claude-code", CC_A, SONNET, stream=True, tokens=(100, 20, 12000, 0), cost=0.0042, saved=0.0324,
-           complete=False),
+           complete=False, principal="team-a", agent=AGENT_SUB),
     # 4-5: another Claude Code session on Opus, not streaming, then an overload
-    record(90 * M, "claude-code", CC_B, OPUS, tokens=(10, 10, 0, 0), cost=0.0009, saved=0.0),
-    record(60 * M, "claude-code", CC_B, OPUS, status=529, error_type="overloaded_error"),
+    record(90 * M, "claude-code", CC_B, OPUS, tokens=(10, 10, 0, 0), cost=0.0009, saved=0.0, principal="team-b"),
+    record(60 * M, "claude-code", CC_B, OPUS, status=529, error_type="overloaded_error", principal="team-b"),
     # 6-7: the Python SDK without a session
-    record(2 * D, "anthropic-python", None, HAIKU, tokens=(100, 50, 0, 0), cost=0.00035, saved=0.0),
-    record(10 * M, "anthropic-python", None, HAIKU, stream=True, tokens=(5, 5, 0, 0), cost=0.00003, saved=0.0),
+    record(2 * D, "anthropic-python", None, HAIKU, tokens=(100, 50, 0, 0), cost=0.00035, saved=0.0,
+           principal="team-a"),
+    record(10 * M, "anthropic-python", None, HAIKU, stream=True, tokens=(5, 5, 0, 0), cost=0.00003, saved=0.0,
+           principal="team-a"),
     # 8-9: LiteLLM with a model alias the pricing table does not know, then a bad key
     record(5 * H, "litellm", LITELLM_SESSION, "my-sonnet", tokens=(1000, 100, 500, 0)),
     record(20 * M, "litellm", LITELLM_SESSION, "my-sonnet", status=401, error_type="authentication_error"),
@@ -282,6 +287,77 @@ def test_by_one_grouping(capsys, log, by, present, absent):
     assert {r["group"] for r in csv.DictReader(io.StringIO(out))} == {by, "total"}
 
 
+BY_KEYS = {  # grouping -> the key of each record (by index), as group_keys gives it
+    "principal": lambda i, r: (r["principal"],),
+    "model": lambda i, r: (r["model"],),
+    "agent": lambda i, r: (r["agent_id"],),
+    "day": lambda i, r: (r["ts"][:10],),
+    "client": lambda i, r: (r["client"],),
+}
+
+
+@pytest.mark.parametrize("by", sorted(BY_KEYS))
+def test_by_charge_back_groupings_sum_to_the_total(capsys, log, by):
+    """Each grouping's rows are the sums of exactly its records, add up to the total, and a missing value is
+    a group of its own (null), never dropped."""
+    doc = as_json(capsys, log, "--by", by)
+    assert list(doc) == ["filters", f"{by}s", "total", "cache_breaks_by_reason", "skipped"]
+    expected: dict[tuple, set[int]] = {}
+    for i, r in enumerate(RECORDS):
+        expected.setdefault(BY_KEYS[by](i, r), set()).add(i)
+    got = {tuple(row[k] for k in report.GROUPS[by]): {k: row[k] for k in sums(set())} for row in doc[f"{by}s"]}
+    assert got == {k: sums(v) for k, v in expected.items()}
+    assert sum(row["requests"] for row in doc[f"{by}s"]) == TOTAL["requests"] and doc["total"] == TOTAL
+    keys = [tuple(row[k] for k in report.GROUPS[by]) for row in doc[f"{by}s"]]
+    assert keys == sorted(keys, key=lambda k: (k[0] is None, k[0] or ""))  # sorted, the unknown last
+
+
+def test_by_principal_values_by_hand(capsys, log):
+    doc = as_json(capsys, log, "--by", "principal")
+    rows = {r["principal"]: (r["requests"], r["errors"], r["cost_usd"], r["unpriced"]) for r in doc["principals"]}
+    assert rows == {"team-a": (6, 1, 0.102605, 0), "team-b": (2, 1, 0.0009, 0), None: (3, 1, None, 2)}
+    assert [r["principal"] for r in doc["principals"]] == ["team-a", "team-b", None]
+
+
+def test_by_several_groupings_csv_with_totals(capsys, log):
+    """A team charges back from the CSV: one row per (grouping, key), the key columns of the groupings asked for,
+    and one total row; repeated and comma-separated --by values are the same."""
+    _, out, _ = run(capsys, "--format", "csv", "--by", "principal,model", "--by", "day", *files(log))
+    _, again, _ = run(capsys, "--format", "csv", "--by", "principal", "--by", "model,day", *files(log))
+    assert out == again
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["group", "principal", "model", "day", *TOTAL]
+    assert [r["group"] for r in rows][-1] == "total" and {r["group"] for r in rows} == {"principal", "model", "day",
+                                                                                          "total"}
+    for group in ("principal", "model", "day"):
+        part = [r for r in rows if r["group"] == group]
+        assert sum(int(r["requests"]) for r in part) == TOTAL["requests"]
+        assert sum(Decimal(r["cost_usd"] or "0") for r in part) == Decimal("0.103505")
+    team_a = [r for r in rows if r["group"] == "principal" and r["principal"] == "team-a"][0]
+    assert (team_a["model"], team_a["day"], team_a["cost_usd"]) == ("", "", "0.102605")
+    _, table, _ = run(capsys, "--by", "agent", *files(log))
+    parsed = parse_table(table)["By agent"]
+    assert [r["AGENT"] for r in parsed] == [AGENT_MAIN, AGENT_SUB, "-", "TOTAL"]
+
+
+@pytest.mark.parametrize("args, indices", [
+    (["--principal", "team-a"], {0, 1, 2, 3, 6, 7}),
+    (["--principal", "TEAM-*", "--model", "claude-opus-*"], {4, 5}),
+    (["--agent", AGENT_SUB], {3}),
+    (["--agent", "agent-*", "--since", "1h"], {3}),
+    (["--model", "my-sonnet", "--model", "gpt-x"], {8, 9, 10}),
+    (["--principal", "nobody"], set()),
+])
+def test_charge_back_filters(capsys, log, args, indices):
+    doc = as_json(capsys, log, *args)
+    assert kept(doc) == sums(indices)
+
+
+def test_unknown_grouping_is_refused(capsys, log):
+    code, out, err = run(capsys, "--by", "team", *files(log))
+    assert code == 2 and out == "" and "unknown grouping 'team'" in err
+
+
 # ------------------------------------------------------------------------------------------------ filters
 
 
@@ -402,11 +478,12 @@ def test_command_reads_files_and_reports_in_every_format(log):
 
 
 def test_command_filters_and_stdin(log):
+    # absolute times: the subprocess reads the real clock, which has moved on since NOW (a slow suite, a moved clock)
     text = "".join(Path(f).read_text() for f in files(log))
-    done = command("--format", "json", "--client", "claude-code", "--since", "2h", "-", stdin=text)
+    done = command("--format", "json", "--client", "claude-code", "--since", iso(NOW - 2 * H), "-", stdin=text)
     assert done.returncode == 0, done.stderr
     assert kept(json.loads(done.stdout)) == sums({3, 4, 5})
-    done = command("--format", "json", "--session", CC_A, "--until", "1d", "-", stdin=text)
+    done = command("--format", "json", "--session", CC_A, "--until", iso(NOW - D), "-", stdin=text)
     assert kept(json.loads(done.stdout)) == sums({0, 1})
 
 

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("script", ["test", "test-latest", "lock", "test-tools", "gateway"])
+@pytest.mark.parametrize("script", ["test", "test-latest", "lock", "test-tools", "gateway", "trial"])
 def test_help_installs_nothing(script, tmp_path):
     cache, venv = tmp_path / "cache", tmp_path / "venv"
     cache.mkdir()
