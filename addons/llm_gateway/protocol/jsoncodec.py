@@ -39,7 +39,17 @@ def loads(text: str | bytes) -> Any:
 
 def canonical(value: Any) -> bytes:
     """The one canonical text of a value, for hashing and comparing: keys sorted, compact, UTF-8 with lone
-    surrogates kept (a client's half emoji hashes as itself), unknown types as their str()."""
+    surrogates kept (a client's half emoji hashes as itself), unknown types as their str().
+
+    orjson writes it where it can (about ten times faster: the cache watch hashes every block of every agent
+    request, 60–300 kB each); what it refuses (lone surrogates, integers past 64 bits, keys that are not
+    strings, unknown types) json writes. Each value always takes the same path, so equal values give equal
+    texts; the one blur: orjson writes NaN and ±Infinity as null (only a body json had to read holds them)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+            pass
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return text.encode("utf-8", "surrogatepass")
 

@@ -88,3 +88,16 @@ def test_unknown_types_are_written_as_their_text():
             return "odd"
 
     assert json.loads(jsoncodec.encode_line({"x": Odd()})) == {"x": "odd"}
+
+
+def test_canonical_is_one_text_per_value_whichever_encoder_writes_it():
+    """orjson writes what it can (sorted, compact); what it refuses, json writes: the same value, the same text."""
+    a = {"b": [1, 2.5, "é"], "a": {"y": None, "x": True}}
+    b = {"a": {"x": True, "y": None}, "b": [1, 2.5, "é"]}
+    assert jsoncodec.canonical(a) == jsoncodec.canonical(b) == '{"a":{"x":true,"y":null},"b":[1,2.5,"é"]}'.encode()
+    assert jsoncodec.canonical(a) != jsoncodec.canonical({**a, "b": [1, 2.5, "e"]})
+    for odd in ({"t": "\ud83d"}, {"n": 2**70}, {1: "x"}, {"when": object}):  # what orjson refuses
+        text = jsoncodec.canonical(odd)
+        assert text == jsoncodec.canonical(dict(odd)) and json.loads(text.decode("utf-8", "surrogatepass"))
+    assert jsoncodec.canonical({"n": 2**70}) != jsoncodec.canonical({"n": 2**70 + 1})
+    assert jsoncodec.canonical({"t": "\ud83d"}) != jsoncodec.canonical({"t": "\ud83e"})
