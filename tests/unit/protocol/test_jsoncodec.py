@@ -101,3 +101,12 @@ def test_canonical_is_one_text_per_value_whichever_encoder_writes_it():
         assert text == jsoncodec.canonical(dict(odd)) and json.loads(text.decode("utf-8", "surrogatepass"))
     assert jsoncodec.canonical({"n": 2**70}) != jsoncodec.canonical({"n": 2**70 + 1})
     assert jsoncodec.canonical({"t": "\ud83d"}) != jsoncodec.canonical({"t": "\ud83e"})
+
+
+def test_a_body_only_looked_at_skips_the_digit_search():
+    """exact=False: orjson reads it whatever digits it holds (an integer past 64 bits then reads as a float);
+    what orjson refuses still goes to json."""
+    assert parse_json_body(b'{"w":18446744073709551616}', exact=False) == {"w": 1.8446744073709552e19}
+    assert parse_json_body(b'{"w":18446744073709551615}', exact=False) == {"w": 18446744073709551615}
+    assert math.isnan(parse_json_body(b'{"w":NaN}', exact=False)["w"])
+    assert parse_json_body(b'{"w":', exact=False) is None
