@@ -231,3 +231,27 @@ async def drive(target: Target, cfg: AgentConfig, seconds: float, timeout: float
         await asyncio.gather(*(_session(target, reqs, [], timeout) for reqs in sessions))
         sent += sum(map(len, sessions))
     return sent
+
+
+async def in_process(cfg: AgentConfig) -> dict[str, float]:
+    """The cache watch alone on the same sessions, in this process: {"fp_ms": ms to parse and fingerprint one
+    request, on average; "watch_kb": KB the watch keeps per session after its last turn (policy/cachewatch.py's
+    own `footprint`, which its MAX_BYTES cap counts)}."""
+    from llm_gateway.policy.cachewatch import CacheWatch, fingerprint
+    from llm_gateway.protocol.jsoncodec import parse_json_body
+
+    sessions = _sessions(cfg.sessions, cfg.turns)
+    bodies = [b for s in sessions for b in s]
+    started = time.process_time()
+    for body in bodies:
+        fingerprint(parse_json_body(body, exact=False))
+    spent = time.process_time() - started
+    watch = CacheWatch()
+    for n, s in enumerate(sessions):
+        prev = 0
+        for body in s:
+            usage = {"input_tokens": 3, "cache_read_input_tokens": prev,
+                     "cache_creation_input_tokens": len(body) // 4 - prev, "output_tokens": 60}
+            watch.observe(f"session-{n}", usage, parse_json_body(body, exact=False), time.time())
+            prev = len(body) // 4
+    return {"fp_ms": spent / len(bodies) * 1000, "watch_kb": watch.size / len(sessions) / 1024}

@@ -57,7 +57,7 @@ SETUPS = {
     "gateway-off": "gateway, stream forced off",
     "gateway-view": "gateway, mitmweb's aids on too (flow notes, 4 MB body copy)",
     "litellm": f"LiteLLM {LITELLM_VERSION} pass-through",
-    "in-process": "in-process wire.*",
+    "in-process": "in-process (no proxy)",
 }
 # Bare mitmdump buffers every body (its default), while the gateway streams SSE answers itself. So the
 # streaming workloads compare with a second bare mitmdump that streams too: with stream_large_bodies=1
@@ -250,6 +250,10 @@ async def agent_sessions(setup: Setup, cfg: Config) -> dict[str, float]:
     return await agents.run(setup.target, setup.cpu, cfg.agent_config(), cfg.timeout, bool(setup.pids()))
 
 
+async def in_process_agents(setup: Setup, cfg: Config) -> dict[str, float]:
+    return await agents.in_process(cfg.agent_config())
+
+
 def sized(stream: bool, size: Callable[[Config], int]) -> Callable[[Setup, Config], Awaitable[dict[str, float]]]:
     """One answer of `size` bytes (SSE when `stream`), with the proxy's RSS watched."""
 
@@ -334,14 +338,18 @@ def workloads(cfg: Config) -> list[Workload]:
     return [
         Workload("agents", f"Agent sessions: {cfg.agent_sessions} at once, {cfg.agent_turns} growing Claude Code-like "
                  f"requests each ({small / 1000:.0f}–{large / 1000:.0f} kB), streamed answers",
-                 ("source", "mitmdump", "gateway", "litellm"),
+                 ("source", "mitmdump", "gateway", "litellm", "in-process"),
                  (Metric("rps", "req/s", 0), Metric("p50", "p50 ms", 2), Metric("p99", "p99 ms", 2),
-                  Metric("cpu", "proxy CPU ms/req", 2), Metric("late99", "other stream p99 late ms", 2)),
+                  Metric("cpu", "proxy CPU ms/req", 2), Metric("late99", "other stream p99 late ms", 2),
+                  Metric("fp_ms", "parse + fingerprint ms/req", 3), Metric("watch_kb", "cache watch KB/session", 1)),
                  agent_sessions, (("cpu", "ratio"), ("p50", "diff"), ("p99", "diff"), ("late99", "diff")),
                  "Added latency: p50 and p99 less bare mitmdump's in the same round. \"other stream p99 late\": a "
                  f"stream paced at one event every {agents.AgentConfig.interval * 1000:.0f} ms runs beside the sessions "
                  "(phase 2); the p99 of how late its events came, against its own schedule: what the sessions' "
-                 "requests cost the other streams of the same proxy.", streams=True),
+                 "requests cost the other streams of the same proxy. in-process: the cache watch alone on the same "
+                 "sessions (policy/cachewatch.py): parse and fingerprint per request, and what it keeps per session "
+                 "after the last turn (it keeps at most 256 MB in all, least recent sessions forgotten first).",
+                 in_process_agents, streams=True),
         Workload("messages-1", "Non-streaming Messages, 1 connection", (*plain, "gateway-view", "gateway-on", "litellm"),
                  msg_metrics, messages(1), (("rps", "ratio"), ("p50", "ratio"), ("cpu", "ratio")),
                  "gateway-on: the client asks for JSON, the upstream is asked for a stream, the gateway converts it."),
@@ -672,6 +680,10 @@ def targets(bench: Bench) -> list[str]:
           "the same with mitmweb's aids on too, 16 connections")
     check("stream-delayed", "gateway", "ttfe", "diff", lambda x: x <= 2.0, "first streamed event within 2 ms of mitmdump (ms)")
     check("burst", "gateway", "eps", "ratio", lambda x: x >= 0.90, "≥ 0.90 of mitmdump's streamed events/s, usage tap on")
+    check("burst", "gateway", "eps", "ratio", lambda x: x >= 3.0,
+          "burst: ≥ 3× mitmdump's streamed events/s (chunks handed on in batches, gateway_batch_chunks)")
+    check("burst", "gateway", "eps", "abs", lambda x: bench.cfg.burst_events / x < 0.6,
+          f"burst: {bench.cfg.burst_events:,} events in under 0.6 s (events/s)")
     check("burst", "gateway-view", "eps", "ratio", lambda x: x >= 0.90,
           "the same with mitmweb's aids on too (the body copy takes every event)")
     check("stream-big", "gateway", "rss", "abs", lambda x: x < 30, f"RSS growth under 30 MB while a {bench.cfg.big_bytes // MB} MB stream passes (MB)")
