@@ -728,6 +728,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     + ", ".join([w.name for w in workloads(Config())] + list(SCALE_WORKLOADS)))
     ap.add_argument("--setups", help="comma-separated set-ups (default: all): " + ", ".join(SETUPS))
     ap.add_argument("--no-litellm", action="store_true", help="leave out the LiteLLM set-up")
+    ap.add_argument("--agent-sessions", type=int, help="agents workload: sessions at once (default 4; quick 3)")
+    ap.add_argument("--agent-turns", type=int, help="agents workload: requests per session (default 30; quick 12)")
     ap.add_argument("--budget", type=float, help="seconds for all rounds (default 270; quick 180)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--update-docs", action="store_true", help=f"write the table into {DOCS.relative_to(ROOT)}")
@@ -765,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return profile.main(args.profile, args.profile_target, args.seconds or 10.0, gateway_rules, request_for,
                             raw_out=args.profile_raw)
-    for name in ("rounds", "seconds", "budget"):
+    for name in ("rounds", "seconds", "budget", "agent_sessions", "agent_turns"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     known = {w.name for w in workloads(cfg)} | set(SCALE_WORKLOADS)
