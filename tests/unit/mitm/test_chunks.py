@@ -90,6 +90,7 @@ def test_the_data_before_a_protocol_error_goes_on_first():
 def test_install_wraps_mitmproxys_chunked_readers_only_and_uninstall_puts_them_back():
     from mitmproxy.proxy.layers.http import _http1
 
+    chunks.uninstall()  # a test that loaded the gateway script may have left it on (the patch is process-wide)
     original = _http1.make_body_reader
     try:
         assert chunks.install() and chunks.installed()
