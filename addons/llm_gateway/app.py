@@ -36,6 +36,7 @@ from mitmproxy import eventsequence, exceptions, hooks  # noqa: F401 - eventsequ
 
 from llm_gateway.addons.answer import AnswerPipeline
 from llm_gateway.addons.backlog import ListenBacklog
+from llm_gateway.addons.batching import ChunkBatching
 from llm_gateway.addons.bodies import BodyLimit
 from llm_gateway.addons.ca import GatewayCA
 from llm_gateway.addons.quotas import Quotas
@@ -167,6 +168,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         WebView(),  # mitmweb's message view, stream body copy, flow comments and markers
         GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
         StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups
+        ChunkBatching(),  # gateway_batch_chunks: every chunk of a chunked body already received, handed on at once
         ListenBacklog(),  # gateway_listen_backlog: a deeper listen queue than mitmproxy's 100, for bursts
         Warmup(),  # running: the price list loaded, then start-up objects frozen out of the garbage collector's walks
     ]

@@ -34,7 +34,7 @@ from . import source
 
 UPSTREAM = "http://127.0.0.1:9"  # never dialled: the hooks only route to it
 HOOKS = ("requestheaders", "request", "responseheaders", "response")
-PROCESS_WIDE = ("OpenFileLimit", "ListenBacklog", "GatewayLog", "Warmup")
+PROCESS_WIDE = ("OpenFileLimit", "ListenBacklog", "ChunkBatching", "GatewayLog", "Warmup")
 
 
 def _exchanges(body: bytes) -> tuple[Callable[[], http.HTTPFlow], Callable[[http.HTTPFlow], None]]:

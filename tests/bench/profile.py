@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import procs
+from bench import agents, procs
 from bench.load import Target, closed_loop, one
 
 PY_SPY = shutil.which("py-spy", path=str(procs.BIN)) or shutil.which("py-spy")
@@ -66,7 +66,9 @@ def table(raw: str, top: int = 30) -> str:
 
 
 async def drive(workload: str, target: Target, request: bytes, seconds: float) -> None:
-    if workload.startswith("messages-"):
+    if workload == "agents":  # Claude Code-like sessions (bench/agents.py); `request` is not used
+        await agents.drive(target, agents.AgentConfig(), seconds)
+    elif workload.startswith("messages-"):
         await closed_loop(target, request, connections=int(workload.split("-")[1]), seconds=seconds, warmup=3,
                           stream=False, timeout=90)
     else:  # burst: one stream after another
@@ -86,7 +88,7 @@ def main(workload: str, target_name: str, seconds: float, rules: str, request_fo
         stack.callback(source.stop)
         url = f"http://127.0.0.1:{source.port}"
         if target_name == "mitmdump":
-            options = ("--set", "stream_large_bodies=1") if workload == "burst" else ()
+            options = ("--set", "stream_large_bodies=1") if workload in ("burst", "agents") else ()
             proxy = procs.BareMitmdump(url, options).start()
         else:
             proxy = procs.Gateway(rules(url), reverse_to=url).start()

@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable
 
 import yaml
 
-from bench import procs, scale
+from bench import agents, procs, scale
 from bench.load import BenchError, Connection, Target, closed_loop, one
 from bench.source import Answers
 from fakes.upstream import Scenario
@@ -57,7 +57,7 @@ SETUPS = {
     "gateway-off": "gateway, stream forced off",
     "gateway-view": "gateway, mitmweb's aids on too (flow notes, 4 MB body copy)",
     "litellm": f"LiteLLM {LITELLM_VERSION} pass-through",
-    "in-process": "in-process wire.*",
+    "in-process": "in-process (no proxy)",
     "gateway-otel": "gateway, OpenTelemetry export on to a local OTLP/HTTP receiver (--otel)",
     "gateway-otel-down": "gateway, OpenTelemetry export on, receiver down (--otel)",
 }
@@ -85,11 +85,17 @@ class Config:
     timeout: float = 90.0  # for one request or one closed-loop window
     budget: float = 270.0  # seconds for all rounds; a round that would end later is not started
     quick_sizes: bool = False  # the scale ladder and the soak too (bench/scale.py)
+    agent_sessions: int = 4  # the agents workload (bench/agents.py): sessions at once …
+    agent_turns: int = 30  # … of this many growing requests each
 
     @classmethod
     def quick(cls) -> "Config":
         return cls(rounds=1, seconds=1.0, delayed_requests=4, burst_requests=1, big_bytes=20 * MB,
-                   convert_bytes=2 * MB, budget=180.0, quick_sizes=True)
+                   convert_bytes=2 * MB, budget=180.0, quick_sizes=True,
+                   agent_sessions=3, agent_turns=12)
+
+    def agent_config(self) -> agents.AgentConfig:
+        return agents.AgentConfig(sessions=self.agent_sessions, turns=self.agent_turns)
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -243,6 +249,16 @@ async def burst(setup: Setup, cfg: Config) -> dict[str, float]:
     return out
 
 
+async def agent_sessions(setup: Setup, cfg: Config) -> dict[str, float]:
+    """Claude Code-like sessions of growing requests, several at once, then again beside a paced stream
+    (bench/agents.py)."""
+    return await agents.run(setup.target, setup.cpu, cfg.agent_config(), cfg.timeout, bool(setup.pids()))
+
+
+async def in_process_agents(setup: Setup, cfg: Config) -> dict[str, float]:
+    return await agents.in_process(cfg.agent_config())
+
+
 def sized(stream: bool, size: Callable[[Config], int]) -> Callable[[Setup, Config], Awaitable[dict[str, float]]]:
     """One answer of `size` bytes (SSE when `stream`), with the proxy's RSS watched."""
 
@@ -323,7 +339,22 @@ def workloads(cfg: Config) -> list[Workload]:
                     Metric("rss_base", "RSS before MB", 0), Metric("rss_peak", "peak RSS MB", 0))
     big = cfg.big_bytes // MB
     conv = cfg.convert_bytes // MB
+    small, large = agents.sizes(cfg.agent_config())
     return [
+        Workload("agents", f"Agent sessions: {cfg.agent_sessions} at once, {cfg.agent_turns} growing Claude Code-like "
+                 f"requests each ({small / 1000:.0f}–{large / 1000:.0f} kB), streamed answers",
+                 ("source", "mitmdump", "gateway", "litellm", "in-process"),
+                 (Metric("rps", "req/s", 0), Metric("p50", "p50 ms", 2), Metric("p99", "p99 ms", 2),
+                  Metric("cpu", "proxy CPU ms/req", 2), Metric("late99", "other stream p99 late ms", 2),
+                  Metric("fp_ms", "parse + fingerprint ms/req", 3), Metric("watch_kb", "cache watch KB/session", 1)),
+                 agent_sessions, (("cpu", "ratio"), ("p50", "diff"), ("p99", "diff"), ("late99", "diff")),
+                 "Added latency: p50 and p99 less bare mitmdump's in the same round. \"other stream p99 late\": a "
+                 f"stream paced at one event every {agents.AgentConfig.interval * 1000:.0f} ms runs beside the sessions "
+                 "(phase 2); the p99 of how late its events came, against its own schedule: what the sessions' "
+                 "requests cost the other streams of the same proxy. in-process: the cache watch alone on the same "
+                 "sessions (policy/cachewatch.py): parse and fingerprint per request, and what it keeps per session "
+                 "after the last turn (it keeps at most 256 MB in all, least recent sessions forgotten first).",
+                 in_process_agents, streams=True),
         Workload("messages-1", "Non-streaming Messages, 1 connection", (*plain, "gateway-view", "gateway-on", "litellm", *OTEL_SETUPS),
                  msg_metrics, messages(1), (("rps", "ratio"), ("p50", "ratio"), ("cpu", "ratio")),
                  "gateway-on: the client asks for JSON, the upstream is asked for a stream, the gateway converts it."),
@@ -653,6 +684,10 @@ def targets(bench: Bench) -> list[str]:
         med = statistics.median(got)
         lines.append(f"{text}: {'met' if ok(med) else 'MISSED'} ({spread(got, 3 if how == 'ratio' else 2)})")
 
+    check("agents", "gateway", "cpu", "ratio", lambda x: x <= 1.15, "agent sessions: CPU per request ≤ 1.15× mitmdump's")
+    check("agents", "gateway", "p50", "diff", lambda x: x <= 2.0, "agent sessions: median added latency ≤ 2 ms (ms)")
+    check("agents", "gateway", "late99", "diff", lambda x: x <= 2.0,
+          "agent sessions: another stream's p99 lateness within 2 ms of mitmdump's (ms)")
     check("messages-1", "gateway", "rps", "ratio", lambda x: x >= 0.90, "≥ 0.90 (aim 0.95) of mitmdump's requests/s, 1 connection")
     check("messages-16", "gateway", "rps", "ratio", lambda x: x >= 0.90, "≥ 0.90 (aim 0.95) of mitmdump's requests/s, 16 connections")
     check("messages-1", "gateway-view", "rps", "ratio", lambda x: x >= 0.90,
@@ -661,6 +696,10 @@ def targets(bench: Bench) -> list[str]:
           "the same with mitmweb's aids on too, 16 connections")
     check("stream-delayed", "gateway", "ttfe", "diff", lambda x: x <= 2.0, "first streamed event within 2 ms of mitmdump (ms)")
     check("burst", "gateway", "eps", "ratio", lambda x: x >= 0.90, "≥ 0.90 of mitmdump's streamed events/s, usage tap on")
+    check("burst", "gateway", "eps", "ratio", lambda x: x >= 3.0,
+          "burst: ≥ 3× mitmdump's streamed events/s (chunks handed on in batches, gateway_batch_chunks)")
+    check("burst", "gateway", "eps", "abs", lambda x: bench.cfg.burst_events / x < 0.6,
+          f"burst: {bench.cfg.burst_events:,} events in under 0.6 s (events/s)")
     check("burst", "gateway-view", "eps", "ratio", lambda x: x >= 0.90,
           "the same with mitmweb's aids on too (the body copy takes every event)")
     check("stream-big", "gateway", "rss", "abs", lambda x: x < 30, f"RSS growth under 30 MB while a {bench.cfg.big_bytes // MB} MB stream passes (MB)")
@@ -707,10 +746,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-litellm", action="store_true", help="leave out the LiteLLM set-up")
     ap.add_argument("--otel", action="store_true",
                     help="add the OpenTelemetry set-ups (export on; receiver down): " + ", ".join(OTEL_SETUPS))
+    ap.add_argument("--agent-sessions", type=int, help="agents workload: sessions at once (default 4; quick 3)")
+    ap.add_argument("--agent-turns", type=int, help="agents workload: requests per session (default 30; quick 12)")
     ap.add_argument("--budget", type=float, help="seconds for all rounds (default 270; quick 180)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--update-docs", action="store_true", help=f"write the table into {DOCS.relative_to(ROOT)}")
-    ap.add_argument("--profile", metavar="WORKLOAD", choices=("messages-1", "messages-16", "burst"),
+    ap.add_argument("--profile", metavar="WORKLOAD", choices=("agents", "messages-1", "messages-16", "burst"),
                     help="instead of the table: profile the proxy with py-spy under this workload")
     ap.add_argument("--profile-target", choices=("gateway", "mitmdump"), default="gateway",
                     help="the proxy --profile samples (default: the gateway)")
@@ -751,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return profile.main(args.profile, args.profile_target, args.seconds or 10.0, gateway_rules, request_for,
                             raw_out=args.profile_raw)
-    for name in ("rounds", "seconds", "budget"):
+    for name in ("rounds", "seconds", "budget", "agent_sessions", "agent_turns"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     known = {w.name for w in workloads(cfg)} | set(SCALE_WORKLOADS)

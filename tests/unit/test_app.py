@@ -108,7 +108,12 @@ def test_hooks_no_concern_takes_are_not_there_for_mitmproxy_to_call():
     assert d.response.__self__.__class__ is OnlyResponse  # one taker: its own method, nothing in between
 
 
-def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_and_commands():
+def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_and_commands(monkeypatch):
+    from mitmproxy.proxy.layers.http import _http1
+
+    # gateway_batch_chunks patches mitmproxy's HTTP/1 reader for the whole process (mitm/chunks.py): undone after
+    monkeypatch.setattr(_http1, "make_body_reader", _http1.make_body_reader)
+    monkeypatch.setattr("llm_gateway.mitm.chunks._original", None)
     with taddons.context() as tctx:
         ns = tctx.script(str(GATEWAY_SCRIPT))
         [dispatcher] = ns.addons
@@ -116,7 +121,7 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
         names = [type(c).__name__ for c in dispatcher.concerns]
         assert names[:2] == ["RuleFile", "RecordLog"] and names.index("Usage") < names.index("Metrics") < names.index("WebView")
         for option in ("gateway_rules", "gateway_log", "gateway_keep_stream_body", "gateway_metrics_port",
-                       "gateway_ca", "gateway_listen_backlog"):
+                       "gateway_ca", "gateway_listen_backlog", "gateway_batch_chunks"):
             assert option in tctx.options, option
         for name in ("gateway.reload", "gateway.stats"):
             assert name in tctx.master.commands.commands, name

@@ -58,7 +58,8 @@ class ApiRouter:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False))
+        # read to be looked at: addons/streams.py reads it again exactly where it writes it
+        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False), exact=False)
         if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
             ex.model_requested = ex.body["model"][:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)

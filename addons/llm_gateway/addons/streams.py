@@ -39,9 +39,11 @@ class StreamPreference:
         if wanted != requested:
             if isinstance(ex.body, leanjson.LeanBody):  # a large body: only the flag changes, in place
                 flow.request.content = ex.body.with_stream(flow.request.get_content(strict=False), wanted)
-            else:
-                ex.body["stream"] = wanted
-                flow.request.content = jsoncodec.dumps(ex.body)
+            else:  # read again exactly (ex.body was read fast: an integer past 64 bits may be a float there)
+                body = jsoncodec.parse_json_body(flow.request.get_content(strict=False))
+                body = body if isinstance(body, dict) else ex.body
+                body["stream"] = ex.body["stream"] = wanted
+                flow.request.content = jsoncodec.dumps(body)
             ex.stream_upstream = wanted
             ex.note(f"stream forced {pref} upstream")
         exchange.publish(flow, ex)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import sys
 from array import array
 from collections import OrderedDict
@@ -36,7 +37,7 @@ REASONS = (
     "ttl_expired", "model_changed", "tools_changed", "system_changed", "messages_changed", "breakpoint_changed",
     "below_minimum", "unknown",
 )
-DIGEST = 8  # bytes of hash per block: collisions within one session are negligible at 2**-64
+DIGEST = 8  # bytes of hash per block (see _hash): collisions within one session are negligible at 2**-64
 LOOKBACK = 20  # blocks a cache read looks back from a breakpoint (Anthropic: "about 20 blocks")
 # conversations kept per session: the main loop, each subagent, each model switched to (all client-chosen)
 MAX_CONVERSATIONS = 16
@@ -162,20 +163,19 @@ def footprint(fp: Fingerprint | None) -> int:
     return OVERHEAD + len(fp.digests) + len(fp.counts) + len(fp.roles) + 8 * len(fp.tools) + 64 * len(fp.breakpoints)
 
 
+_DIGEST_OF = struct.Struct("<q").pack  # a Python hash (a signed 64-bit int) as DIGEST bytes
+
+
 def _hash(block: Any) -> bytes:
-    """DIGEST bytes that change with anything in the block but its `cache_control`. Blocks of strings only (text,
-    thinking, tool results as text: most of a long conversation) skip JSON, which halves the cost of a request:
-    each string is hashed with its length, after a first byte no JSON text starts with."""
+    """DIGEST bytes that change with anything in the block but its `cache_control`: Python's own hash of the
+    block's canonical JSON (orjson, in C). That hash is SipHash-1-3 with a key drawn at start
+    (PYTHONHASHSEED), so a client cannot aim a collision, and it is four times faster than SHA-1 and eight
+    times BLAKE2b on these blocks; the digests never leave the process (fingerprints live only in its memory).
+    Per 280 kB Claude Code request about 0.3 ms, from 1.9 ms with json's encoder and BLAKE2b
+    (docs/benchmarks.md)."""
     if isinstance(block, dict) and "cache_control" in block:  # a breakpoint is not part of the cached text
         block = {k: v for k, v in block.items() if k != "cache_control"}
-    if type(block) is dict and all(type(v) is str for v in block.values()):
-        h = hashlib.blake2b(b"\x02", digest_size=DIGEST)
-        for key in sorted(block):
-            for part in (key.encode("utf-8", "surrogatepass"), block[key].encode("utf-8", "surrogatepass")):
-                h.update(len(part).to_bytes(8, "little"))
-                h.update(part)
-        return h.digest()
-    return hashlib.blake2b(jsoncodec.canonical(block), digest_size=DIGEST).digest()
+    return _DIGEST_OF(hash(jsoncodec.canonical(block)))
 
 
 def _blocks(value: Any) -> list[Any]:

@@ -110,8 +110,9 @@ def parse(data: bytes) -> LeanBody | None:
         return None
 
 
-def parse_request_body(content: bytes | None) -> Any:
-    """A request body as JSON (`jsoncodec.parse_json_body`), lean (`LeanBody`) when over LEAN_ABOVE bytes."""
+def parse_request_body(content: bytes | None, exact: bool = True) -> Any:
+    """A request body as JSON (`jsoncodec.parse_json_body`, `exact` as there), lean (`LeanBody`) when over
+    LEAN_ABOVE bytes."""
     if content and len(content) > LEAN_ABOVE:
         return parse(content)
-    return parse_json_body(content)
+    return parse_json_body(content, exact)

@@ -389,3 +389,16 @@ def test_subagents_of_one_kind_started_side_by_side_are_separate_conversations()
             assert s.send(agent, at)[1] is None, (step, i)
             agents[i], at = next_turn(agent, f"step {step}"), at + 1
     assert s.watch.breaks == 0
+
+
+def test_block_digests_follow_content_not_key_order():
+    """The digest of a block is its canonical JSON hashed: key order does not matter, any change in it does."""
+    tool = {"name": "read", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}
+    reordered = {"input_schema": {"properties": {"path": {"type": "string"}}, "type": "object"}, "name": "read"}
+    assert cachewatch._hash(tool) == cachewatch._hash(reordered)
+    assert cachewatch._hash(tool) == cachewatch._hash({**tool, "cache_control": {"type": "ephemeral"}})
+    changed = copy.deepcopy(tool)
+    changed["input_schema"]["properties"]["path"]["type"] = "number"
+    assert cachewatch._hash(tool) != cachewatch._hash(changed)
+    assert len(cachewatch._hash(tool)) == cachewatch.DIGEST
+    assert cachewatch._hash({"type": "text", "text": "\ud83d"}) != cachewatch._hash({"type": "text", "text": "\ud83e"})

@@ -88,3 +88,25 @@ def test_unknown_types_are_written_as_their_text():
             return "odd"
 
     assert json.loads(jsoncodec.encode_line({"x": Odd()})) == {"x": "odd"}
+
+
+def test_canonical_is_one_text_per_value_whichever_encoder_writes_it():
+    """orjson writes what it can (sorted, compact); what it refuses, json writes: the same value, the same text."""
+    a = {"b": [1, 2.5, "é"], "a": {"y": None, "x": True}}
+    b = {"a": {"x": True, "y": None}, "b": [1, 2.5, "é"]}
+    assert jsoncodec.canonical(a) == jsoncodec.canonical(b) == '{"a":{"x":true,"y":null},"b":[1,2.5,"é"]}'.encode()
+    assert jsoncodec.canonical(a) != jsoncodec.canonical({**a, "b": [1, 2.5, "e"]})
+    for odd in ({"t": "\ud83d"}, {"n": 2**70}, {1: "x"}, {"when": object}):  # what orjson refuses
+        text = jsoncodec.canonical(odd)
+        assert text == jsoncodec.canonical(dict(odd)) and json.loads(text.decode("utf-8", "surrogatepass"))
+    assert jsoncodec.canonical({"n": 2**70}) != jsoncodec.canonical({"n": 2**70 + 1})
+    assert jsoncodec.canonical({"t": "\ud83d"}) != jsoncodec.canonical({"t": "\ud83e"})
+
+
+def test_a_body_only_looked_at_skips_the_digit_search():
+    """exact=False: orjson reads it whatever digits it holds (an integer past 64 bits then reads as a float);
+    what orjson refuses still goes to json."""
+    assert parse_json_body(b'{"w":18446744073709551616}', exact=False) == {"w": 1.8446744073709552e19}
+    assert parse_json_body(b'{"w":18446744073709551615}', exact=False) == {"w": 18446744073709551615}
+    assert math.isnan(parse_json_body(b'{"w":NaN}', exact=False)["w"])
+    assert parse_json_body(b'{"w":', exact=False) is None
