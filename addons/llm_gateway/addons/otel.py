@@ -233,14 +233,14 @@ class _Sdk:
 
     def start(self, name: str, headers: Any, attributes: dict[str, Any], start_ns: int) -> Any:
         parent = self.propagate.extract(headers)  # an incoming traceparent (and baggage) continued
-        return self.tracer.start_span(name, context=parent, kind=self.kind, attributes=attributes,
+        return self.tracer.start_span(name, context=parent, kind=self.kind, attributes=genai.exportable(attributes),
                                       start_time=start_ns)
 
     def end(self, span: Any, attributes: dict[str, Any], cache_break: dict[str, Any] | None,
             error_type: str | None) -> None:
-        span.set_attributes(attributes)
+        span.set_attributes(genai.exportable(attributes))
         if cache_break is not None:
-            span.add_event(genai.BREAK_EVENT, cache_break)
+            span.add_event(genai.BREAK_EVENT, genai.exportable(cache_break))
         if error_type:
             span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, error_type))
         if not span.is_recording():  # not sampled: nothing goes to the processor
@@ -256,7 +256,7 @@ class _Sdk:
             self.dropped.inc()  # the span is never ended: nothing of it reaches the queue
 
     def measure(self, ex: exchange.Exchange, server: str | None, port: int | None) -> None:
-        attributes = genai.metric_attributes(ex, server, port)
+        attributes = genai.exportable(genai.metric_attributes(ex, server, port))
         self.duration.record(max(0.0, time.time() - ex.started), attributes)
         ttfc = genai.time_to_first_chunk(ex)
         if ttfc is not None:

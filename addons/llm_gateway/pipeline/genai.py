@@ -36,6 +36,36 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
 SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
+INT64 = (-(2**63), 2**63 - 1)  # OTLP's int_value is a signed 64-bit integer
+
+
+def exportable_text(text: str) -> str:
+    """`text` as OTLP can carry it: protobuf strings are UTF-8, and a client's lone surrogate (JSON `"\\ud83d"`
+    in a model name, an undecodable header byte) would fail the encoding of the whole batch it is in."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="replace").decode()
+    return text
+
+
+def exportable(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The attributes OTLP can encode: strings as `exportable_text`, an integer past 64 bits (a client's
+    `max_tokens: 1e30` written as an integer) left out rather than refused by the encoder."""
+    found: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if isinstance(value, str):
+            value = exportable_text(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            continue
+        elif isinstance(value, tuple):
+            value = tuple(exportable_text(v) if isinstance(v, str) else v for v in value)
+        found[key] = value
+    return found
+
+
 def provider(ex: Exchange) -> str:
     """gen_ai.provider.name: decided here only, from the exchange's `provider` once it has one."""
     name = getattr(ex, "provider", None) or "anthropic"
@@ -44,7 +74,7 @@ def provider(ex: Exchange) -> str:
 
 def span_name(ex: Exchange) -> str:
     """`chat {gen_ai.request.model}`, or `chat` when the request names no model."""
-    return f"{OPERATION} {ex.model_requested}" if ex.model_requested else OPERATION
+    return exportable_text(f"{OPERATION} {ex.model_requested}") if ex.model_requested else OPERATION
 
 
 def _common(ex: Exchange, server: str | None, port: int | None) -> dict[str, Any]:

@@ -3,10 +3,14 @@ proven end to end against a real OTLP/HTTP receiver in tests/e2e/test_e2e_otel.p
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -34,3 +38,46 @@ def test_off_by_default_the_sdk_is_never_imported():
                           env={"PYTHONPATH": f"{ROOT / 'addons'}:{ROOT / 'tests'}", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.fixture
+def sdk(monkeypatch):
+    """The addon's real SDK exporting over OTLP/HTTP to a local receiver (tests/otlp.py), spans only."""
+    from otlp import Receiver
+
+    from llm_gateway.addons.otel import _Sdk
+    with Receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        built = _Sdk(os.environ, None)
+        built.receiver = receiver
+        yield built
+        built.shutdown()
+
+
+def exchange_span(sdk, model, body=None, headers=None):
+    from gwtest import rule_file
+    from llm_gateway.pipeline import genai
+    from llm_gateway.pipeline.exchange import Exchange
+    ex = Exchange(rule_file().rules, "anthropic", "reverse", "POST", "gw", "/v1/messages", started=time.time())
+    ex.model_requested, ex.client, ex.body = model, "sdk", body
+    headers = headers or {}
+    span = sdk.start(genai.span_name(ex), headers, genai.start_attributes(ex, headers, "gw", 443), time.time_ns())
+    ex.status, ex.complete = 200, True
+    sdk.end(span, genai.end_attributes(ex), None, None)
+
+
+def test_a_hostile_request_cannot_cost_the_batch_its_span_is_in(sdk):
+    """A lone surrogate in the model (JSON "\\ud83d"), in a header, and max_tokens past 64 bits: the span goes out
+    with the text replaced and the number left out, and the honest span of the same batch goes out too."""
+    exchange_span(sdk, "claude-honest")
+    exchange_span(sdk, "claude-\ud83d", body={"max_tokens": 10**30, "temperature": 0.5},
+                  headers={"x-claude-code-agent-id": "agent-\udcff"})
+    sdk.tracer_provider.force_flush(5000)
+    honest = sdk.receiver.wait_span(lambda s: s["name"] == "chat claude-honest")
+    hostile = sdk.receiver.wait_span(lambda s: s["name"].startswith("chat claude-") and s is not honest)
+    assert hostile["name"] == "chat claude-?" and hostile["attributes"]["gen_ai.request.model"] == "claude-?"
+    assert hostile["attributes"]["llm_gateway.agent.id"] == "agent-?"
+    assert "gen_ai.request.max_tokens" not in hostile["attributes"]
+    assert hostile["attributes"]["gen_ai.request.temperature"] == 0.5
+    assert sdk.exported._value.get() == 2 and sdk.failed._value.get() == 0
