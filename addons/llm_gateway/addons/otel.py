@@ -44,6 +44,10 @@ DEFAULT_SERVICE_NAME = "llm-gateway"
 DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 ENDED = False  # `Exchange.span` once the span ended (None: none started yet)
 WARN_EVERY = 60.0  # seconds between two "export failing" lines
+# The propagators' loggers: each refused traceparent, tracestate or baggage header is a warning quoting the
+# client's header (up to its whole baggage): one line per request, written by whoever sends the request.
+QUIET = ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.baggage.propagation",
+         "opentelemetry.trace.span")
 
 
 def _ns(seconds: float) -> int:
@@ -174,6 +178,8 @@ class _Sdk:
         self.in_flight = 0
         self.undelivered, self.warned = 0, -WARN_EVERY
         logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)  # see `warn_failed`
+        for name in QUIET:  # a client's garbage traceparent, tracestate or baggage is ignored, not logged
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.lock = threading.Lock()
         sdk = self
         self.span_exporter = OTLPSpanExporter()

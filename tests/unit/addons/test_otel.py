@@ -81,3 +81,17 @@ def test_a_hostile_request_cannot_cost_the_batch_its_span_is_in(sdk):
     assert "gen_ai.request.max_tokens" not in hostile["attributes"]
     assert hostile["attributes"]["gen_ai.request.temperature"] == 0.5
     assert sdk.exported._value.get() == 2 and sdk.failed._value.get() == 0
+
+
+def test_hostile_trace_headers_never_reach_the_log(sdk, caplog):
+    """traceparent, tracestate and baggage are the client's: garbage starts a new trace, silently (a warning per
+    request would let any client write the gateway's log, baggage values and all)."""
+    caplog.set_level("DEBUG")
+    from mitmproxy.http import Headers
+    good = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for fields in ([(b"traceparent", b"x" * 600)], [(b"traceparent", good), (b"tracestate", b"\xff=secret-1,,")],
+                   [(b"traceparent", good), (b"baggage", b"token=secret-2," * 1000)]):
+        span = sdk.start("chat x", Headers(fields), {}, time.time_ns())
+        span.end()
+    assert [r.getMessage()[:200] for r in caplog.records if r.levelno >= 30] == []
+    assert "secret" not in caplog.text
