@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange, genai
-from llm_gateway.policy.otel import capturing, exporting
+from llm_gateway.policy.otel import capturing, exporting, length_limit
 from llm_gateway.protocol import jsoncodec
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class OtelExport:
         request = flow.request
         attributes = genai.start_attributes(ex, request.headers, request.host, request.port)
         if capture:
-            attributes.update(genai.content_attributes(ex.body))
+            attributes.update(genai.content_attributes(ex.body, sdk.content_limit))
         span = ex.span = sdk.start(genai.span_name(ex), request.headers, attributes, _ns(ex.started))
         return span
 
@@ -157,7 +157,7 @@ class _Sdk:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
         from prometheus_client import CollectorRegistry, Counter
 
@@ -210,7 +210,12 @@ class _Sdk:
         readers = [] if environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none" else [
             PeriodicExportingMetricReader(OTLPMetricExporter())]
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-        self.tracer_provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
+        # OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT when set (the SDK reads it), else the gateway's own bound on
+        # text (captured content above all: an agent's prompt is hundreds of kilobytes on every request)
+        self.content_limit, said = length_limit(environ, genai.CONTENT_MAX_CHARS)
+        limits = SpanLimits() if said else SpanLimits(max_span_attribute_length=self.content_limit)
+        # the sampler: OTEL_TRACES_SAMPLER(_ARG)
+        self.tracer_provider = TracerProvider(resource=resource, span_limits=limits)
         self.processor = BatchSpanProcessor(Counting())
         self.tracer_provider.add_span_processor(self.processor)
         self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)

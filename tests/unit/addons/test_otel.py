@@ -95,3 +95,26 @@ def test_hostile_trace_headers_never_reach_the_log(sdk, caplog):
         span.end()
     assert [r.getMessage()[:200] for r in caplog.records if r.levelno >= 30] == []
     assert "secret" not in caplog.text
+
+
+def test_captured_text_is_bounded_on_the_wire(sdk):
+    """Without OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT a span's text is held to the gateway's own bound (an
+    agent's answer or prompt would otherwise be queued and sent whole, on every request)."""
+    from llm_gateway.pipeline import genai
+    span = sdk.start("chat big", {}, genai.content_attributes({"messages": [{"role": "user", "content": "q" * 200_000}]},
+                                                               sdk.content_limit), time.time_ns())
+    answer = {"type": "message", "content": [{"type": "text", "text": "a" * 200_000}], "stop_reason": "end_turn"}
+    sdk.end(span, genai.output_attributes(answer), None, None)
+    sdk.tracer_provider.force_flush(5000)
+    a = sdk.receiver.wait_span(lambda s: s["name"] == "chat big")["attributes"]
+    assert sdk.content_limit == genai.CONTENT_MAX_CHARS
+    assert len(a["gen_ai.output.messages"]) == len(a["gen_ai.input.messages"]) == genai.CONTENT_MAX_CHARS
+
+
+def test_the_standard_length_limit_wins(monkeypatch):
+    from llm_gateway.policy.otel import length_limit
+    assert length_limit({}, 16384) == (16384, False)
+    assert length_limit({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100"}, 16384) == (100, True)
+    assert length_limit({"OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "50", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100"},
+                        16384) == (50, True)
+    assert length_limit({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "lots"}, 16384) == (16384, False)
