@@ -359,3 +359,29 @@ def test_bench_otel_flag_measures_export_on_and_receiver_down(tmp_path):
     assert "| gateway, OpenTelemetry export on, receiver down (--otel) |" in done.stdout
     alive = [pid for pid in results["info"]["pids"] if Path(f"/proc/{pid}").exists()]
     assert not alive, f"left running: {alive}"
+
+
+def test_rule_reload_turns_export_on_and_off(module_fake):
+    """`otel.enabled` and `otel.capture_content` follow a rule reload: for the requests after it."""
+    receiver = Receiver().start()
+    try:
+        with Gateway(routed_rules(module_fake.url, "otel: {enabled: false}\n"), env=otel_env(receiver.url)) as gw:
+            def ask(request_id: str) -> dict:
+                module_fake.script(Scenario(text="answer", request_id=request_id))
+                assert sdk_client.run("create", base_url=gw.base_url, model=MODEL)["ok"]
+                return gw.wait_record(lambda r: r["request_id"] == request_id)
+
+            ask("req_reload_off")
+            for i, section in enumerate(["otel: {enabled: true, capture_content: true}\n", "otel: {enabled: false}\n"]):
+                mark = len(gw.output())
+                gw.write_rules(routed_rules(module_fake.url, section))
+                gw.wait_for_output("rules reloaded", after=mark)
+                ask(f"req_reload_{i}")
+            span = span_of(receiver, {"request_id": "req_reload_0"})
+            assert '"content":"hello"' in span["attributes"]["gen_ai.input.messages"]
+            ask("req_reload_last")  # its span would be in the same batch as any late one
+            time.sleep(1)  # OTEL_BSP_SCHEDULE_DELAY is 100 ms: time for a span that should not exist to arrive
+            ids = {s["attributes"].get("llm_gateway.request_id") for s in receiver.spans}
+            assert ids == {"req_reload_0"}
+    finally:
+        receiver.stop()
