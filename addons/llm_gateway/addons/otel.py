@@ -62,6 +62,7 @@ class OtelExport:
         self._decided: tuple[Rules | None, bool, bool] = (None, False, False)  # (rules, exporting, capturing)
         self.sdk: _Sdk | None = None
         self.refused = False  # the SDK refused the OTEL_* settings: no export until a restart
+        self.building: threading.Thread | None = None  # the SDK being built off the event loop (a rule reload)
 
     # -- switches -----------------------------------------------------------------------------------
 
@@ -72,24 +73,37 @@ class OtelExport:
             decided = self._decided = (rules, exporting(otel, self.environ), capturing(otel, self.environ))
         return decided[1], decided[2]
 
-    def _ready(self) -> _Sdk | None:
-        """The SDK, built on first need; None (and export off until a restart) when the `OTEL_*` settings are
-        refused: a bad telemetry setting must never cost the traffic, so it is a warning, not a stop."""
+    def _ready(self, wait: bool = False) -> _Sdk | None:
+        """The SDK once built; None while it is being built and (export off until a restart) when the `OTEL_*`
+        settings are refused. At start-up it is built before traffic (`wait`); when a rule reload turns export
+        on, in a thread: importing and building the SDK takes about a second, which on the event loop would
+        stall every connection. The exchanges that arrive meanwhile have no span."""
         if self.sdk is None and not self.refused:
-            try:
-                self.sdk = _Sdk(self.environ, self.registry)
-            except ValueError as e:  # the SDK's refusal of a setting (e.g. a batch larger than the queue)
-                self.refused = True
-                logger.warning(f"OpenTelemetry export off: the OTEL_* settings were refused: {e}")
-                return None
-            logger.info(f"OpenTelemetry export on: {self.sdk.where}")
+            if wait:
+                self._build()
+            elif self.building is None:
+                self.building = threading.Thread(target=self._build, name="otel-sdk-build", daemon=True)
+                self.building.start()
         return self.sdk
+
+    def _build(self) -> None:
+        """A bad telemetry setting must never cost the traffic: a warning, not a stop."""
+        try:
+            sdk = _Sdk(self.environ, self.registry)
+        except ValueError as e:  # the SDK's refusal of a setting (e.g. a batch larger than the queue)
+            self.refused = True
+            logger.warning(f"OpenTelemetry export off: the OTEL_* settings were refused: {e}")
+            return
+        logger.info(f"OpenTelemetry export on: {sdk.where}")
+        self.sdk = sdk
 
     def running(self) -> None:
         if self._switches(self.rule_file.rules)[0]:
-            self._ready()
+            self._ready(wait=True)
 
     def done(self) -> None:
+        if self.building is not None:
+            self.building.join()
         if self.sdk is not None:
             self.sdk.shutdown()
 

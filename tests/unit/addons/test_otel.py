@@ -118,3 +118,34 @@ def test_the_standard_length_limit_wins(monkeypatch):
     assert length_limit({"OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "50", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100"},
                         16384) == (50, True)
     assert length_limit({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "lots"}, 16384) == (16384, False)
+
+
+def test_export_turned_on_by_a_reload_builds_the_sdk_off_the_event_loop(monkeypatch):
+    """The SDK takes about a second to import and build: a request arriving after a reload turned export on
+    must not wait for it (nor every other connection of the event loop); its exchange has no span, later ones do."""
+    from mitmproxy.test import taddons
+
+    from gwtest import api_flow, flow_addons, rule_file
+    from llm_gateway.addons.otel import OtelExport
+    from llm_gateway.pipeline import exchange
+    from otlp import Receiver
+    with Receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        rf = rule_file()
+        addons = flow_addons(rf)
+        [otel] = [a for a in addons if isinstance(a, OtelExport)]
+
+        def run(flow):
+            for hook in ("requestheaders", "request"):
+                for a in addons:
+                    if hasattr(a, hook):
+                        getattr(a, hook)(flow)
+            return exchange.of(flow)
+
+        with taddons.context(*addons):
+            first = run(api_flow(mode="reverse"))
+            assert otel.sdk is None and first.span is None and otel.building is not None
+            otel.building.join(timeout=60)
+            assert otel.sdk is not None and run(api_flow(mode="reverse")).span is not None
+            otel.done()
