@@ -43,6 +43,7 @@ INSTRUMENTATION = "llm_gateway"
 DEFAULT_SERVICE_NAME = "llm-gateway"
 DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 ENDED = False  # `Exchange.span` once the span ended (None: none started yet)
+PROTOCOL = "http/protobuf"  # the one OTLP protocol exported (opentelemetry-exporter-otlp-proto-http)
 WARN_EVERY = 60.0  # seconds between two "export failing" lines
 # The propagators' loggers: each refused traceparent, tracestate or baggage header is a warning quoting the
 # client's header (up to its whole baggage): one line per request, written by whoever sends the request.
@@ -178,6 +179,11 @@ class _Sdk:
         self.propagate, self.trace = propagate, trace
         named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
         resource = Resource.create({} if named else {"service.name": DEFAULT_SERVICE_NAME})
+        protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                    or PROTOCOL).strip()
+        if protocol != PROTOCOL:  # grpc (port 4317) or http/json: the POSTs would go nowhere useful, silently
+            logger.warning(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol[:40]!r} is not supported: the gateway exports "
+                           f"OTLP {PROTOCOL} only (a receiver's HTTP port, 4318 by default)")
         self.where = _shown(environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
             "OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318 (the OTLP default)")
 

@@ -149,3 +149,14 @@ def test_export_turned_on_by_a_reload_builds_the_sdk_off_the_event_loop(monkeypa
             otel.building.join(timeout=60)
             assert otel.sdk is not None and run(api_flow(mode="reverse")).span is not None
             otel.done()
+
+
+def test_an_otlp_protocol_other_than_http_protobuf_is_named_in_a_warning(caplog):
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc is the SDK default elsewhere: said, not silently sent as HTTP to 4317."""
+    from llm_gateway.addons.otel import _Sdk
+    sdk = _Sdk({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_METRICS_EXPORTER": "none"}, None)
+    sdk.shutdown()
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='grpc' is not supported" in caplog.text
+    caplog.clear()
+    _Sdk({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRICS_EXPORTER": "none"}, None).shutdown()
+    assert "not supported" not in caplog.text
