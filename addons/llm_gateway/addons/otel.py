@@ -44,6 +44,7 @@ DEFAULT_SERVICE_NAME = "llm-gateway"
 DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 ENDED = False  # `Exchange.span` once the span ended (None: none started yet)
 PROTOCOL = "http/protobuf"  # the one OTLP protocol exported (opentelemetry-exporter-otlp-proto-http)
+STOP_SECONDS = 3.0  # the most a stop waits for the last exports
 WARN_EVERY = 60.0  # seconds between two "export failing" lines
 # The propagators' loggers: each refused traceparent, tracestate or baggage header is a warning quoting the
 # client's header (up to its whole baggage): one line per request, written by whoever sends the request.
@@ -229,13 +230,15 @@ class _Sdk:
         # OTEL_METRICS_EXPORTER=none: spans only (a back end that takes no OTLP metrics, such as Langfuse)
         readers = [] if environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none" else [
             PeriodicExportingMetricReader(OTLPMetricExporter())]
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        # shutdown_on_exit off: `shutdown` below is the one stop, bounded (the SDK's own at exit waits for a
+        # hung receiver's whole timeout again)
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
         # OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT when set (the SDK reads it), else the gateway's own bound on
         # text (captured content above all: an agent's prompt is hundreds of kilobytes on every request)
         self.content_limit, said = length_limit(environ, genai.CONTENT_MAX_CHARS)
         limits = SpanLimits() if said else SpanLimits(max_span_attribute_length=self.content_limit)
         # the sampler: OTEL_TRACES_SAMPLER(_ARG)
-        self.tracer_provider = TracerProvider(resource=resource, span_limits=limits)
+        self.tracer_provider = TracerProvider(resource=resource, span_limits=limits, shutdown_on_exit=False)
         self.processor = BatchSpanProcessor(Counting())
         self.tracer_provider.add_span_processor(self.processor)
         self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
@@ -295,8 +298,18 @@ class _Sdk:
         for kind, count in genai.token_points(ex):
             self.token_usage.record(count, {**attributes, "gen_ai.token.type": kind})
 
-    def shutdown(self) -> None:
-        """Flush what is queued and stop the worker threads; an unreachable receiver is not waited for long."""
+    def shutdown(self, seconds: float = STOP_SECONDS) -> None:
+        """Flush what is queued and stop the worker threads, waiting `seconds` at most: a receiver that accepts
+        and never answers holds an export for all of OTEL_EXPORTER_OTLP_TIMEOUT (10 s, then the metrics' own),
+        which would hold the gateway's stop. The SDK's threads are daemons: past the bound they end with the
+        process, and what they held is lost."""
+        stopping = threading.Thread(target=self._shutdown, name="otel-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(seconds)
+        if stopping.is_alive():
+            logger.warning(f"OpenTelemetry export to {self.where} not answering: stopped without waiting for it")
+
+    def _shutdown(self) -> None:
         self.tracer_provider.force_flush(timeout_millis=2000)
         self.span_exporter.shutdown()  # interrupts a retry's back-off: what is still queued may be lost, not the exit
         self.tracer_provider.shutdown()

@@ -160,3 +160,29 @@ def test_an_otlp_protocol_other_than_http_protobuf_is_named_in_a_warning(caplog)
     caplog.clear()
     _Sdk({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRICS_EXPORTER": "none"}, None).shutdown()
     assert "not supported" not in caplog.text
+
+
+def test_a_hung_receiver_does_not_hold_the_stop(monkeypatch):
+    """A receiver that takes the export request and never answers: the stop returns while that request is still
+    waiting for its answer (OTEL_EXPORTER_OTLP_TIMEOUT, 20 s here), not after it gave up."""
+    import socket
+
+    from llm_gateway.addons.otel import _Sdk
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "20")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        sdk = _Sdk(os.environ, None)
+        span = sdk.start("chat hung", {}, {}, time.time_ns())
+        sdk.end(span, {}, None, None)
+        server.settimeout(10)
+        conn, _ = server.accept()
+        with conn:
+            assert conn.recv(65536).startswith(b"POST /v1/traces")
+            sdk.shutdown()
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):  # b"" would mean the exporter gave up and closed
+                conn.recv(1, socket.MSG_PEEK)
