@@ -32,6 +32,7 @@ from mitmproxy import http
 from llm_gateway.pipeline import exchange, genai
 from llm_gateway.policy.otel import capturing, exporting, length_limit
 from llm_gateway.protocol import jsoncodec
+from llm_gateway.util.labels import Bounded
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -254,6 +255,10 @@ class _Sdk:
             description="Time to receive the first chunk of a streamed answer",
             explicit_bucket_boundaries_advisory=list(genai.SECONDS_BUCKETS))
         self.kind = trace.SpanKind.CLIENT
+        # The model names a request chooses, bounded as the Prometheus labels are (util/labels.py): at most
+        # MAX_VALUES each, then "other" (else any client fills the SDK's 2000 series a metric and pushes the
+        # real models into its overflow series)
+        self.bounded = {key: Bounded() for key in ("gen_ai.request.model", "gen_ai.response.model")}
 
     def warn_failed(self, count: int) -> None:
         """One line a minute at most while export fails (the exporter's own line per retry is silenced: an
@@ -291,6 +296,9 @@ class _Sdk:
 
     def measure(self, ex: exchange.Exchange, server: str | None, port: int | None) -> None:
         attributes = genai.exportable(genai.metric_attributes(ex, server, port))
+        for key, bounded in self.bounded.items():  # client-chosen values: a series each, held until the stop
+            if key in attributes:
+                attributes[key] = bounded(attributes[key])
         self.duration.record(max(0.0, time.time() - ex.started), attributes)
         ttfc = genai.time_to_first_chunk(ex)
         if ttfc is not None:

@@ -186,3 +186,25 @@ def test_a_hung_receiver_does_not_hold_the_stop(monkeypatch):
             conn.setblocking(False)
             with pytest.raises(BlockingIOError):  # b"" would mean the exporter gave up and closed
                 conn.recv(1, socket.MSG_PEEK)
+
+
+def test_metric_series_by_model_are_bounded_as_the_prometheus_labels(monkeypatch):
+    """A client naming a new model on every request must not make a metric series each (held until the stop)."""
+    from gwtest import rule_file
+    from otlp import Receiver
+
+    from llm_gateway.util.labels import MAX_VALUES, OTHER
+    from llm_gateway.addons.otel import _Sdk
+    from llm_gateway.pipeline.exchange import Exchange
+    with Receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        sdk = _Sdk(os.environ, None)
+        for i in range(MAX_VALUES + 20):
+            ex = Exchange(rule_file().rules, "anthropic", "reverse", "POST", "gw", "/v1/messages", started=time.time())
+            ex.model_requested, ex.status, ex.complete = f"model-{i}", 200, True
+            sdk.measure(ex, "gw", 443)
+        sdk.meter_provider.force_flush(5000)
+        points = receiver.wait_points("gen_ai.client.operation.duration")
+        models = {p["attributes"]["gen_ai.request.model"] for p in points}
+        assert len(models) == MAX_VALUES + 1 and OTHER in models and "model-0" in models
+        sdk.shutdown()
