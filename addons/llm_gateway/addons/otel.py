@@ -164,6 +164,17 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+class _HeaderEntryHidden(logging.Filter):
+    """The SDK's line for a malformed `OTEL_EXPORTER_OTLP_HEADERS` entry quotes the entry, credential and all
+    (`x-api-key:sk-…` written with a colon): the line stays, the entry is not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Header format invalid"):
+            record.msg, record.args = ("OTEL_EXPORTER_OTLP_HEADERS: an entry is not name=value (URL-encoded) and "
+                                       "was ignored; not shown, as it may hold a credential"), ()
+        return True
+
+
 class _Sdk:
     """The OpenTelemetry SDK, built once export is on: a tracer and a meter exporting over OTLP/HTTP."""
 
@@ -202,6 +213,9 @@ class _Sdk:
         logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)  # see `warn_failed`
         for name in QUIET:  # a client's garbage traceparent, tracestate or baggage is ignored, not logged
             logging.getLogger(name).setLevel(logging.ERROR)
+        headers_log = logging.getLogger("opentelemetry.util.re")
+        if not any(isinstance(f, _HeaderEntryHidden) for f in headers_log.filters):
+            headers_log.addFilter(_HeaderEntryHidden())
         self.lock = threading.Lock()
         sdk = self
         self.span_exporter = OTLPSpanExporter()

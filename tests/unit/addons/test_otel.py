@@ -208,3 +208,12 @@ def test_metric_series_by_model_are_bounded_as_the_prometheus_labels(monkeypatch
         models = {p["attributes"]["gen_ai.request.model"] for p in points}
         assert len(models) == MAX_VALUES + 1 and OTHER in models and "model-0" in models
         sdk.shutdown()
+
+
+def test_a_malformed_headers_entry_is_reported_without_its_credential(monkeypatch, caplog):
+    from llm_gateway.addons.otel import _Sdk
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key:sk-secret-123")  # a colon for the "="
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    _Sdk(os.environ, None).shutdown()
+    assert "OTEL_EXPORTER_OTLP_HEADERS: an entry is not name=value" in caplog.text
+    assert "sk-secret-123" not in caplog.text
