@@ -190,7 +190,8 @@ class _Sdk:
         from prometheus_client import CollectorRegistry, Counter
 
         self.propagate, self.trace = propagate, trace
-        named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        named = bool(environ.get("OTEL_SERVICE_NAME", "").strip()) or any(  # "k8s.service.name=…" is not it
+            entry.split("=", 1)[0].strip() == "service.name" for entry in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))
         resource = Resource.create({} if named else {"service.name": DEFAULT_SERVICE_NAME})
         protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
                     or PROTOCOL).strip()

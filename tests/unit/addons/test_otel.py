@@ -217,3 +217,20 @@ def test_a_malformed_headers_entry_is_reported_without_its_credential(monkeypatc
     _Sdk(os.environ, None).shutdown()
     assert "OTEL_EXPORTER_OTLP_HEADERS: an entry is not name=value" in caplog.text
     assert "sk-secret-123" not in caplog.text
+
+
+@pytest.mark.parametrize("variables, expected", [
+    ({"OTEL_RESOURCE_ATTRIBUTES": "k8s.service.name=billing"}, "llm-gateway"),
+    ({"OTEL_SERVICE_NAME": ""}, "llm-gateway"),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "team=a, service.name=gw-eu"}, "gw-eu"),
+    ({"OTEL_SERVICE_NAME": "gw-us"}, "gw-us"),
+])
+def test_service_name_defaults_to_the_gateways_unless_one_is_given(monkeypatch, variables, expected):
+    from llm_gateway.addons.otel import _Sdk
+    for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**variables, "OTEL_METRICS_EXPORTER": "none"}.items():
+        monkeypatch.setenv(name, value)
+    sdk = _Sdk(os.environ, None)
+    sdk.shutdown()
+    assert sdk.tracer_provider.resource.attributes["service.name"] == expected
