@@ -186,6 +186,7 @@ class _Sdk:
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
         from prometheus_client import CollectorRegistry, Counter
 
@@ -254,7 +255,10 @@ class _Sdk:
         self.content_limit, said = length_limit(environ, genai.CONTENT_MAX_CHARS)
         limits = SpanLimits() if said else SpanLimits(max_span_attribute_length=self.content_limit)
         # the sampler: OTEL_TRACES_SAMPLER(_ARG)
-        self.tracer_provider = TracerProvider(resource=resource, span_limits=limits, shutdown_on_exit=False)
+        # OTEL_TRACES_EXPORTER=none: metrics only; every span unsampled (nothing recorded, queued or sent)
+        sampler = ALWAYS_OFF if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none" else None
+        self.tracer_provider = TracerProvider(resource=resource, span_limits=limits, shutdown_on_exit=False,
+                                              sampler=sampler)
         self.processor = BatchSpanProcessor(Counting())
         self.tracer_provider.add_span_processor(self.processor)
         self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)

@@ -234,3 +234,25 @@ def test_service_name_defaults_to_the_gateways_unless_one_is_given(monkeypatch, 
     sdk = _Sdk(os.environ, None)
     sdk.shutdown()
     assert sdk.tracer_provider.resource.attributes["service.name"] == expected
+
+
+def test_traces_exporter_none_sends_metrics_only(monkeypatch):
+    from gwtest import rule_file
+    from otlp import Receiver
+
+    from llm_gateway.addons.otel import _Sdk
+    from llm_gateway.pipeline.exchange import Exchange
+    with Receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+        sdk = _Sdk(os.environ, None)
+        span = sdk.start("chat quiet", {}, {}, time.time_ns())
+        sdk.end(span, {}, None, None)
+        ex = Exchange(rule_file().rules, "anthropic", "reverse", "POST", "gw", "/v1/messages", started=time.time())
+        ex.model_requested, ex.status, ex.complete = "claude-x", 200, True
+        sdk.measure(ex, "gw", 443)
+        sdk.tracer_provider.force_flush(5000)
+        sdk.meter_provider.force_flush(5000)
+        assert receiver.wait_points("gen_ai.client.operation.duration")
+        sdk.shutdown()
+        assert receiver.spans == [] and not any(path == "/v1/traces" for path, _ in receiver.requests)
