@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -150,6 +151,25 @@ def test_failed_exchange_has_error_type(gw, module_fake, receiver):
     points = receiver.wait_points("gen_ai.client.operation.duration",
                                   lambda p: p["attributes"].get("error.type") == "rate_limit_error")
     assert points[-1]["count"] >= 1
+
+
+def test_a_hostile_request_keeps_its_span_and_the_batch(gw, module_fake, receiver):
+    """A model with a lone surrogate (JSON "\\ud83d", which json reads) and max_tokens past 64 bits, through the
+    real gateway: its span arrives with the text replaced, and so does the honest span exported with it."""
+    module_fake.clear()
+    body = b'{"model":"claude-test-\\ud83d","max_tokens":100000000000000000000000,"messages":[{"role":"user","content":"x"}]}'
+    request = urllib.request.Request(f"{gw.base_url}/v1/messages", data=body, method="POST", headers={
+        "content-type": "application/json", "x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"})
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError:
+        pass  # the fake upstream may refuse such a body: the span is the point, not the answer
+    module_fake.clear()
+    module_fake.script(Scenario(text="plain", request_id="req_otel_honest"))
+    assert sdk_client.run("create", base_url=gw.base_url, model=MODEL)["ok"]
+    span_of(receiver, gw.wait_record(lambda r: r["request_id"] == "req_otel_honest"))
+    hostile = receiver.wait_span(lambda s: s["name"].startswith("chat claude-test-") and s["name"] != f"chat {MODEL}")
+    assert hostile["name"] == "chat claude-test-?" and "gen_ai.request.max_tokens" not in hostile["attributes"]
 
 
 def test_stream_cut_short_ends_the_span_with_its_error(gw, module_fake, receiver):
@@ -359,3 +379,32 @@ def test_bench_otel_flag_measures_export_on_and_receiver_down(tmp_path):
     assert "| gateway, OpenTelemetry export on, receiver down (--otel) |" in done.stdout
     alive = [pid for pid in results["info"]["pids"] if Path(f"/proc/{pid}").exists()]
     assert not alive, f"left running: {alive}"
+
+
+def test_rule_reload_turns_export_on_and_off(module_fake):
+    """`otel.enabled` and `otel.capture_content` follow a rule reload: for the requests after it."""
+    receiver = Receiver().start()
+    try:
+        with Gateway(routed_rules(module_fake.url, "otel: {enabled: false}\n"), env=otel_env(receiver.url)) as gw:
+            def ask(request_id: str) -> dict:
+                module_fake.script(Scenario(text="answer", request_id=request_id))
+                assert sdk_client.run("create", base_url=gw.base_url, model=MODEL)["ok"]
+                return gw.wait_record(lambda r: r["request_id"] == request_id)
+
+            ask("req_reload_off")
+            for i, section in enumerate(["otel: {enabled: true, capture_content: true}\n", "otel: {enabled: false}\n"]):
+                mark = len(gw.output())
+                gw.write_rules(routed_rules(module_fake.url, section))
+                gw.wait_for_output("rules reloaded", after=mark)
+                if i == 0:  # the SDK is built in the background on the first request after the reload
+                    ask("req_reload_building")
+                    gw.wait_for_output("OpenTelemetry export on", after=mark)
+                ask(f"req_reload_{i}")
+            span = span_of(receiver, {"request_id": "req_reload_0"})
+            assert '"content":"hello"' in span["attributes"]["gen_ai.input.messages"]
+            ask("req_reload_last")  # its span would be in the same batch as any late one
+            time.sleep(1)  # OTEL_BSP_SCHEDULE_DELAY is 100 ms: time for a span that should not exist to arrive
+            ids = {s["attributes"].get("llm_gateway.request_id") for s in receiver.spans}
+            assert ids <= {"req_reload_0", "req_reload_building"} and "req_reload_0" in ids
+    finally:
+        receiver.stop()

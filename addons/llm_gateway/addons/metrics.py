@@ -25,38 +25,19 @@ from llm_gateway.policy import cachewatch
 from llm_gateway.protocol import errors
 from llm_gateway.protocol.tokens import TOKEN_FIELDS, full_price_prompt_tokens, token
 from llm_gateway.records.schema import INCOMPLETE, NO_RESPONSE, outcome
-from llm_gateway.util.logsafe import clean
+from llm_gateway.util.labels import MAX_VALUES, OTHER
+from llm_gateway.util.labels import Bounded as _Bounded
 
 if TYPE_CHECKING:
     from llm_gateway.addons.recordlog import RecordLog
 
 logger = logging.getLogger("llm_gateway.metrics")
 
-MAX_VALUES = 64  # distinct values per label before "other"
-OTHER = "other"
 MAX_LABEL_SETS = 4096  # raw label value sets whose children are kept (`Metrics._labels`)
 # error_type label values: the native types, and the two outcomes without one
 ERROR_KINDS = frozenset(errors.STATUS_BY_ERROR_TYPE) | {INCOMPLETE, NO_RESPONSE}
 TOKEN_KINDS = dict(zip(("input", "output", "cache_read", "cache_write"), TOKEN_FIELDS))  # label -> field
 _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-
-
-class _Bounded:
-    """Label values as they come (escaped: a `\r` in a model name would break the exposition's lines),
-    until there are `limit` of them; then "other"."""
-
-    def __init__(self, limit: int = MAX_VALUES) -> None:
-        self.limit = limit
-        self.seen: set[str] = set()
-
-    def __call__(self, value: str | None, default: str = "unknown") -> str:
-        value = clean(value or default, 200)
-        if value in self.seen:
-            return value
-        if len(self.seen) >= self.limit:
-            return OTHER
-        self.seen.add(value)
-        return value
 
 
 class Metrics:

@@ -30,8 +30,9 @@ from urllib.parse import urlsplit, urlunsplit
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange, genai
-from llm_gateway.policy.otel import capturing, exporting
+from llm_gateway.policy.otel import capturing, exporting, length_limit
 from llm_gateway.protocol import jsoncodec
+from llm_gateway.util.labels import Bounded
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -43,7 +44,13 @@ INSTRUMENTATION = "llm_gateway"
 DEFAULT_SERVICE_NAME = "llm-gateway"
 DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 ENDED = False  # `Exchange.span` once the span ended (None: none started yet)
+PROTOCOL = "http/protobuf"  # the one OTLP protocol exported (opentelemetry-exporter-otlp-proto-http)
+STOP_SECONDS = 3.0  # the most a stop waits for the last exports
 WARN_EVERY = 60.0  # seconds between two "export failing" lines
+# The propagators' loggers: each refused traceparent, tracestate or baggage header is a warning quoting the
+# client's header (up to its whole baggage): one line per request, written by whoever sends the request.
+QUIET = ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.baggage.propagation",
+         "opentelemetry.trace.span")
 
 
 def _ns(seconds: float) -> int:
@@ -58,6 +65,7 @@ class OtelExport:
         self._decided: tuple[Rules | None, bool, bool] = (None, False, False)  # (rules, exporting, capturing)
         self.sdk: _Sdk | None = None
         self.refused = False  # the SDK refused the OTEL_* settings: no export until a restart
+        self.building: threading.Thread | None = None  # the SDK being built off the event loop (a rule reload)
 
     # -- switches -----------------------------------------------------------------------------------
 
@@ -68,24 +76,37 @@ class OtelExport:
             decided = self._decided = (rules, exporting(otel, self.environ), capturing(otel, self.environ))
         return decided[1], decided[2]
 
-    def _ready(self) -> _Sdk | None:
-        """The SDK, built on first need; None (and export off until a restart) when the `OTEL_*` settings are
-        refused: a bad telemetry setting must never cost the traffic, so it is a warning, not a stop."""
+    def _ready(self, wait: bool = False) -> _Sdk | None:
+        """The SDK once built; None while it is being built and (export off until a restart) when the `OTEL_*`
+        settings are refused. At start-up it is built before traffic (`wait`); when a rule reload turns export
+        on, in a thread: importing and building the SDK takes about a second, which on the event loop would
+        stall every connection. The exchanges that arrive meanwhile have no span."""
         if self.sdk is None and not self.refused:
-            try:
-                self.sdk = _Sdk(self.environ, self.registry)
-            except ValueError as e:  # the SDK's refusal of a setting (e.g. a batch larger than the queue)
-                self.refused = True
-                logger.warning(f"OpenTelemetry export off: the OTEL_* settings were refused: {e}")
-                return None
-            logger.info(f"OpenTelemetry export on: {self.sdk.where}")
+            if wait:
+                self._build()
+            elif self.building is None:
+                self.building = threading.Thread(target=self._build, name="otel-sdk-build", daemon=True)
+                self.building.start()
         return self.sdk
+
+    def _build(self) -> None:
+        """A bad telemetry setting must never cost the traffic: a warning, not a stop."""
+        try:
+            sdk = _Sdk(self.environ, self.registry)
+        except ValueError as e:  # the SDK's refusal of a setting (e.g. a batch larger than the queue)
+            self.refused = True
+            logger.warning(f"OpenTelemetry export off: the OTEL_* settings were refused: {e}")
+            return
+        logger.info(f"OpenTelemetry export on: {sdk.where}")
+        self.sdk = sdk
 
     def running(self) -> None:
         if self._switches(self.rule_file.rules)[0]:
-            self._ready()
+            self._ready(wait=True)
 
     def done(self) -> None:
+        if self.building is not None:
+            self.building.join()
         if self.sdk is not None:
             self.sdk.shutdown()
 
@@ -103,7 +124,7 @@ class OtelExport:
         request = flow.request
         attributes = genai.start_attributes(ex, request.headers, request.host, request.port)
         if capture:
-            attributes.update(genai.content_attributes(ex.body))
+            attributes.update(genai.content_attributes(ex.body, sdk.content_limit))
         span = ex.span = sdk.start(genai.span_name(ex), request.headers, attributes, _ns(ex.started))
         return span
 
@@ -143,6 +164,17 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+class _HeaderEntryHidden(logging.Filter):
+    """The SDK's line for a malformed `OTEL_EXPORTER_OTLP_HEADERS` entry quotes the entry, credential and all
+    (`x-api-key:sk-…` written with a colon): the line stays, the entry is not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Header format invalid"):
+            record.msg, record.args = ("OTEL_EXPORTER_OTLP_HEADERS: an entry is not name=value (URL-encoded) and "
+                                       "was ignored; not shown, as it may hold a credential"), ()
+        return True
+
+
 class _Sdk:
     """The OpenTelemetry SDK, built once export is on: a tracer and a meter exporting over OTLP/HTTP."""
 
@@ -153,13 +185,20 @@ class _Sdk:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
         from prometheus_client import CollectorRegistry, Counter
 
         self.propagate, self.trace = propagate, trace
-        named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        named = bool(environ.get("OTEL_SERVICE_NAME", "").strip()) or any(  # "k8s.service.name=…" is not it
+            entry.split("=", 1)[0].strip() == "service.name" for entry in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))
         resource = Resource.create({} if named else {"service.name": DEFAULT_SERVICE_NAME})
+        protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                    or PROTOCOL).strip()
+        if protocol != PROTOCOL:  # grpc (port 4317) or http/json: the POSTs would go nowhere useful, silently
+            logger.warning(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol[:40]!r} is not supported: the gateway exports "
+                           f"OTLP {PROTOCOL} only (a receiver's HTTP port, 4318 by default)")
         self.where = _shown(environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
             "OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318 (the OTLP default)")
 
@@ -174,6 +213,11 @@ class _Sdk:
         self.in_flight = 0
         self.undelivered, self.warned = 0, -WARN_EVERY
         logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)  # see `warn_failed`
+        for name in QUIET:  # a client's garbage traceparent, tracestate or baggage is ignored, not logged
+            logging.getLogger(name).setLevel(logging.ERROR)
+        headers_log = logging.getLogger("opentelemetry.util.re")
+        if not any(isinstance(f, _HeaderEntryHidden) for f in headers_log.filters):
+            headers_log.addFilter(_HeaderEntryHidden())
         self.lock = threading.Lock()
         sdk = self
         self.span_exporter = OTLPSpanExporter()
@@ -203,8 +247,18 @@ class _Sdk:
         # OTEL_METRICS_EXPORTER=none: spans only (a back end that takes no OTLP metrics, such as Langfuse)
         readers = [] if environ.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none" else [
             PeriodicExportingMetricReader(OTLPMetricExporter())]
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-        self.tracer_provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
+        # shutdown_on_exit off: `shutdown` below is the one stop, bounded (the SDK's own at exit waits for a
+        # hung receiver's whole timeout again)
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+        # OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT when set (the SDK reads it), else the gateway's own bound on
+        # text (captured content above all: an agent's prompt is hundreds of kilobytes on every request)
+        self.content_limit, said = length_limit(environ, genai.CONTENT_MAX_CHARS)
+        limits = SpanLimits() if said else SpanLimits(max_span_attribute_length=self.content_limit)
+        # the sampler: OTEL_TRACES_SAMPLER(_ARG)
+        # OTEL_TRACES_EXPORTER=none: metrics only; every span unsampled (nothing recorded, queued or sent)
+        sampler = ALWAYS_OFF if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none" else None
+        self.tracer_provider = TracerProvider(resource=resource, span_limits=limits, shutdown_on_exit=False,
+                                              sampler=sampler)
         self.processor = BatchSpanProcessor(Counting())
         self.tracer_provider.add_span_processor(self.processor)
         self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION)
@@ -220,6 +274,10 @@ class _Sdk:
             description="Time to receive the first chunk of a streamed answer",
             explicit_bucket_boundaries_advisory=list(genai.SECONDS_BUCKETS))
         self.kind = trace.SpanKind.CLIENT
+        # The model names a request chooses, bounded as the Prometheus labels are (util/labels.py): at most
+        # MAX_VALUES each, then "other" (else any client fills the SDK's 2000 series a metric and pushes the
+        # real models into its overflow series)
+        self.bounded = {key: Bounded() for key in ("gen_ai.request.model", "gen_ai.response.model")}
 
     def warn_failed(self, count: int) -> None:
         """One line a minute at most while export fails (the exporter's own line per retry is silenced: an
@@ -233,14 +291,14 @@ class _Sdk:
 
     def start(self, name: str, headers: Any, attributes: dict[str, Any], start_ns: int) -> Any:
         parent = self.propagate.extract(headers)  # an incoming traceparent (and baggage) continued
-        return self.tracer.start_span(name, context=parent, kind=self.kind, attributes=attributes,
+        return self.tracer.start_span(name, context=parent, kind=self.kind, attributes=genai.exportable(attributes),
                                       start_time=start_ns)
 
     def end(self, span: Any, attributes: dict[str, Any], cache_break: dict[str, Any] | None,
             error_type: str | None) -> None:
-        span.set_attributes(attributes)
+        span.set_attributes(genai.exportable(attributes))
         if cache_break is not None:
-            span.add_event(genai.BREAK_EVENT, cache_break)
+            span.add_event(genai.BREAK_EVENT, genai.exportable(cache_break))
         if error_type:
             span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, error_type))
         if not span.is_recording():  # not sampled: nothing goes to the processor
@@ -256,7 +314,10 @@ class _Sdk:
             self.dropped.inc()  # the span is never ended: nothing of it reaches the queue
 
     def measure(self, ex: exchange.Exchange, server: str | None, port: int | None) -> None:
-        attributes = genai.metric_attributes(ex, server, port)
+        attributes = genai.exportable(genai.metric_attributes(ex, server, port))
+        for key, bounded in self.bounded.items():  # client-chosen values: a series each, held until the stop
+            if key in attributes:
+                attributes[key] = bounded(attributes[key])
         self.duration.record(max(0.0, time.time() - ex.started), attributes)
         ttfc = genai.time_to_first_chunk(ex)
         if ttfc is not None:
@@ -264,8 +325,18 @@ class _Sdk:
         for kind, count in genai.token_points(ex):
             self.token_usage.record(count, {**attributes, "gen_ai.token.type": kind})
 
-    def shutdown(self) -> None:
-        """Flush what is queued and stop the worker threads; an unreachable receiver is not waited for long."""
+    def shutdown(self, seconds: float = STOP_SECONDS) -> None:
+        """Flush what is queued and stop the worker threads, waiting `seconds` at most: a receiver that accepts
+        and never answers holds an export for all of OTEL_EXPORTER_OTLP_TIMEOUT (10 s, then the metrics' own),
+        which would hold the gateway's stop. The SDK's threads are daemons: past the bound they end with the
+        process, and what they held is lost."""
+        stopping = threading.Thread(target=self._shutdown, name="otel-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(seconds)
+        if stopping.is_alive():
+            logger.warning(f"OpenTelemetry export to {self.where} not answering: stopped without waiting for it")
+
+    def _shutdown(self) -> None:
         self.tracer_provider.force_flush(timeout_millis=2000)
         self.span_exporter.shutdown()  # interrupts a retry's back-off: what is still queued may be lost, not the exit
         self.tracer_provider.shutdown()

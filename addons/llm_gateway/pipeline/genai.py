@@ -30,10 +30,44 @@ AGENT_HEADERS = {"x-claude-code-agent-id": "llm_gateway.agent.id",
                  "x-claude-code-parent-agent-id": "llm_gateway.agent.parent_id"}
 MAX_ATTRIBUTE_CHARS = 200
 BREAK_EVENT = "llm_gateway.cache_break"
+# Characters per content attribute when OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT is not set (policy/otel.py):
+# with content capture on, a span stays under about 50 kB (system, input and output text), not the megabyte
+# of a long agent conversation, in the export queue's memory and in each OTLP request.
+CONTENT_MAX_CHARS = 16384
 
 # The conventions' explicit bucket boundaries (gen-ai-metrics.md): tokens, and seconds.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+
+
+INT64 = (-(2**63), 2**63 - 1)  # OTLP's int_value is a signed 64-bit integer
+
+
+def exportable_text(text: str) -> str:
+    """`text` as OTLP can carry it: protobuf strings are UTF-8, and a client's lone surrogate (JSON `"\\ud83d"`
+    in a model name, an undecodable header byte) would fail the encoding of the whole batch it is in."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="replace").decode()
+    return text
+
+
+def exportable(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The attributes OTLP can encode: strings as `exportable_text`, an integer past 64 bits (a client's
+    `max_tokens: 1e30` written as an integer) left out rather than refused by the encoder."""
+    found: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if isinstance(value, str):
+            value = exportable_text(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            continue
+        elif isinstance(value, tuple):
+            value = tuple(exportable_text(v) if isinstance(v, str) else v for v in value)
+        found[key] = value
+    return found
 
 
 def provider(ex: Exchange) -> str:
@@ -44,7 +78,7 @@ def provider(ex: Exchange) -> str:
 
 def span_name(ex: Exchange) -> str:
     """`chat {gen_ai.request.model}`, or `chat` when the request names no model."""
-    return f"{OPERATION} {ex.model_requested}" if ex.model_requested else OPERATION
+    return exportable_text(f"{OPERATION} {ex.model_requested}") if ex.model_requested else OPERATION
 
 
 def _common(ex: Exchange, server: str | None, port: int | None) -> dict[str, Any]:
@@ -211,19 +245,38 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     return parts
 
 
-def content_attributes(body: Any) -> dict[str, str]:
-    """`gen_ai.system_instructions` and `gen_ai.input.messages` (JSON strings) from the request body."""
-    found: dict[str, str] = {}
+def content_attributes(body: Any, limit: int = CONTENT_MAX_CHARS) -> dict[str, Any]:
+    """`gen_ai.system_instructions` and `gen_ai.input.messages` (JSON strings) from the request body, each at
+    most `limit` characters: an agent resends its whole conversation on every request (hundreds of kilobytes),
+    so the messages are the newest that fit, still a JSON array, and `llm_gateway.content.messages_omitted`
+    counts the older ones left out (each is on an earlier span of the conversation). Serialised newest first
+    and stopped at the limit: the cost per request is bounded by `limit`, not by the conversation."""
+    found: dict[str, Any] = {}
     if not isinstance(body, dict):
         return found
     if body.get("system"):
-        found["gen_ai.system_instructions"] = jsoncodec.dumps(_parts(body["system"])).decode()
+        found["gen_ai.system_instructions"] = _cut(jsoncodec.dumps(_parts(body["system"])).decode(), limit)
     messages = body.get("messages")
     if isinstance(messages, list):
-        found["gen_ai.input.messages"] = jsoncodec.dumps([
-            {"role": m.get("role"), "parts": _parts(m.get("content"))} for m in messages if isinstance(m, dict)
-        ]).decode()
+        kept: list[str] = []
+        size = 2  # the brackets
+        messages = [m for m in messages if isinstance(m, dict)]
+        for m in reversed(messages):
+            text = jsoncodec.dumps({"role": m.get("role"), "parts": _parts(m.get("content"))}).decode()
+            if size + len(text) + bool(kept) > limit:
+                if not kept:  # the newest message alone is over the limit: cut, as the SDK's own limit cuts
+                    kept.append(text)
+                break
+            kept.append(text)
+            size += len(text) + (len(kept) > 1)
+        found["gen_ai.input.messages"] = _cut("[" + ",".join(reversed(kept)) + "]", limit)
+        if len(kept) < len(messages):
+            found["llm_gateway.content.messages_omitted"] = len(messages) - len(kept)
     return found
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit]
 
 
 def output_attributes(message: Any) -> dict[str, str]:

@@ -52,3 +52,22 @@ def capturing(otel: Otel, environ: Mapping[str, str]) -> bool:
     if otel.capture_content is not None:
         return otel.capture_content
     return environ.get(CONTENT_VARIABLE, "").strip().lower() in _CONTENT_ON
+
+
+# The SDK's attribute length limits (OpenTelemetry "Attribute Limits"), the span's own first.
+LENGTH_VARIABLES = ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+
+
+def length_limit(environ: Mapping[str, str], default: int) -> tuple[int, bool]:
+    """(characters per attribute value, whether the environment set it): the standard limit when it is a
+    positive integer, else `default` (the SDK sets no limit of its own)."""
+    for name in LENGTH_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                n = int(value)
+            except ValueError:
+                continue
+            if n > 0:
+                return n, True
+    return default, False

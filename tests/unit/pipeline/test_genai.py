@@ -90,3 +90,20 @@ def test_content_only_through_its_own_functions():
     assert out == {"gen_ai.output.messages": '[{"role":"assistant","parts":[{"type":"text","content":"yo"}],"finish_reason":"end_turn"}]'}
     assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "gen_ai.system"))
                    for k in {**genai.start_attributes(finished(body=body), {}, None, None), **genai.end_attributes(finished())})
+
+
+def test_content_of_a_long_conversation_is_its_newest_messages_within_the_limit():
+    """An agent resends its whole conversation each request: the span holds the newest messages that fit, as
+    JSON still, with the count of older ones left out; a single message or system prompt over it is cut."""
+    import json
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 1000} for i in range(300)]
+    a = genai.content_attributes({"system": "s" * 100_000, "messages": messages}, limit=16384)
+    kept = json.loads(a["gen_ai.input.messages"])
+    assert len(a["gen_ai.input.messages"]) <= 16384 and 10 <= len(kept) < 300
+    assert kept[-1]["parts"][0]["content"].startswith("turn 299 ") and kept[0]["parts"][0]["content"].startswith(f"turn {300 - len(kept)} ")
+    assert a["llm_gateway.content.messages_omitted"] == 300 - len(kept)
+    assert len(a["gen_ai.system_instructions"]) == 16384
+    one = genai.content_attributes({"messages": [{"role": "user", "content": "y" * 100_000}]}, limit=16384)
+    assert len(one["gen_ai.input.messages"]) == 16384 and "llm_gateway.content.messages_omitted" not in one
+    short = genai.content_attributes({"messages": messages[:3]}, limit=16384)
+    assert len(json.loads(short["gen_ai.input.messages"])) == 3 and "llm_gateway.content.messages_omitted" not in short
