@@ -8,9 +8,11 @@ import time
 
 from mitmproxy import http
 
-from llm_gateway.pipeline import exchange, relay
+from llm_gateway.pipeline import eventstream, exchange, relay
 from llm_gateway.pipeline.answer import (
+    cloud_error,
     error_answer,
+    is_eventstream,
     is_sse,
     json_to_sse,
     settle,
@@ -18,6 +20,7 @@ from llm_gateway.pipeline.answer import (
     sse_to_json,
 )
 from llm_gateway.pipeline.streamreader import StreamReader
+from llm_gateway.protocol.providers import ANTHROPIC
 
 
 class AnswerPipeline:
@@ -34,6 +37,8 @@ class AnswerPipeline:
         # stream is buffered and answered as a native JSON error, like any other error.
         if is_sse(response) and response.status_code < 400 and ex.stream_requested is not False:
             relay.install(flow, ex)
+        elif is_eventstream(response) and response.status_code < 400:  # Bedrock's stream: read, never changed
+            eventstream.install(flow, ex)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
@@ -43,8 +48,10 @@ class AnswerPipeline:
         try:
             if response.stream:
                 pass  # relayed: the reader saw it all
-            elif response.status_code >= 400:
+            elif response.status_code >= 400 and ex.provider == ANTHROPIC:
                 error_answer(response, ex)
+            elif response.status_code >= 400:  # a cloud's own error, for its own client: recorded, not rewritten
+                cloud_error(response, ex)
             elif ex.stream_requested is not None and (sse := is_sse(response)) != ex.stream_requested:
                 if sse:
                     sse_to_json(response, ex)

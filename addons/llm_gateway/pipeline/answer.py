@@ -29,7 +29,7 @@ import logging
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange, relay
-from llm_gateway.protocol import envelopes, errors, jsoncodec, messages, sse
+from llm_gateway.protocol import envelopes, errors, jsoncodec, messages, providers, sse
 from llm_gateway.protocol.sse import SSE_TYPE
 from llm_gateway.util.logsafe import clean
 
@@ -44,6 +44,26 @@ CLIENT_GONE = "Client disconnected"  # how mitmproxy's flow.error starts when th
 
 def is_sse(response: http.Response) -> bool:
     return response.headers.get("content-type", "").lower().startswith(SSE_TYPE)
+
+
+def is_eventstream(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").lower().startswith(providers.EVENTSTREAM_TYPE)
+
+
+def cloud_error(response: http.Response, ex: exchange.Exchange) -> None:
+    """A Bedrock or Vertex error answered to the cloud's own (signing) client: passed on as it came, its native
+    error type recorded: Bedrock names its exception in `x-amzn-ErrorType` (or the body's `__type`), Vertex
+    answers Google's `{"error": {"code", "message", "status"}}`, typed here by its HTTP status."""
+    if ex.provider == providers.BEDROCK:
+        name = response.headers.get("x-amzn-errortype")
+        if not name:
+            body = jsoncodec.parse_json_body(response.get_content(strict=False))
+            name = body.get("__type") if isinstance(body, dict) and isinstance(body.get("__type"), str) else None
+        if name:
+            ex.error_type = providers.bedrock_error_type(name.rsplit("#", 1)[-1])
+    ex.request_id = response.headers.get("x-amzn-requestid") or ex.request_id
+    if ex.error_type is None:
+        ex.error_type = errors.error_type_for_status(response.status_code)
 
 
 def set_body(response: http.Response, content: bytes, content_type: str) -> None:

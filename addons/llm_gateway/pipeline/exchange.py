@@ -58,6 +58,7 @@ class Exchange:
     path: str
     started: float = field(default_factory=time.time)
     upstream: str | None = None
+    provider: str = "anthropic"  # whose wire format: anthropic | aws.bedrock | gcp.vertex_ai (protocol/providers.py)
     body: Any = None  # the request JSON, parsed once; None when empty or not JSON
     client: str = "unknown"
     session: str | None = None
@@ -160,6 +161,7 @@ class Exchange:
             "user_agent": self.user_agent,
             "model": self.model,
             "upstream": self.upstream,
+            "provider": self.provider,
             "stream_requested": self.stream_requested,
             "stream_upstream": self.stream_upstream,
             "converted": self.converted,

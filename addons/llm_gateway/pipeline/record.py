@@ -39,6 +39,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "host": ex.host,
         "path": path_of(ex.path),
         "upstream": ex.upstream,
+        "provider": ex.provider,
         "model": ex.model,
         "status": ex.status,
         "stream_requested": ex.stream_requested,

@@ -38,6 +38,7 @@ from llm_gateway.policy.spec import (
     UpstreamKey,
     Usage,
 )
+from llm_gateway.protocol.providers import ANTHROPIC, PROVIDER_NAMES
 from llm_gateway.util.globs import Glob
 
 MAX_NESTING = 100  # deeper YAML is refused (PyYAML's composer recurses once per level)
@@ -207,11 +208,13 @@ class _Reader:
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:
-        m = self.mapping(node, where, {"name": True, "hosts": True, "paths": True})
+        m = self.mapping(node, where, {"name": True, "hosts": True, "paths": True, "provider": False})
         return Api(
             name=self.string(m["name"], f"{where}.name"),
             hosts=self.globs(m["hosts"], f"{where}.hosts"),
             paths=self.globs(m["paths"], f"{where}.paths"),
+            provider=PROVIDER_NAMES[self.choice(m["provider"], f"{where}.provider", tuple(PROVIDER_NAMES))]
+            if "provider" in m else ANTHROPIC,
         )
 
     def route(self, node: yaml.Node, where: str) -> Route:

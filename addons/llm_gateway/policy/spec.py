@@ -156,11 +156,13 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Api:
-    """Which flows are LLM API flows: any host glob and any path glob (query string ignored)."""
+    """Which flows are LLM API flows: any host glob and any path glob (query string ignored). `provider`: whose
+    wire format they speak (protocol/providers.py: anthropic, aws.bedrock, gcp.vertex_ai)."""
 
     name: str
     hosts: tuple[Glob, ...]
     paths: tuple[Glob, ...]
+    provider: str = "anthropic"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,82 @@
+"""protocol/providers.py: the clouds' paths, Bedrock's chunk payloads, invocation metrics and exception names."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from botocore.eventstream import EventStreamBuffer
+
+from fakes.clouds import chunk_frame, exception_frame, frame
+from llm_gateway.protocol import providers
+
+
+@pytest.mark.parametrize("provider,path,expected", [
+    (providers.BEDROCK, "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke",
+     ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", False)),
+    (providers.BEDROCK, "/model/global.anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke-with-response-stream",
+     ("global.anthropic.claude-haiku-4-5-20251001-v1:0", True)),
+    (providers.BEDROCK, "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.x/invoke",
+     ("arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.x", False)),
+    (providers.BEDROCK, "/model/x/count-tokens", ("x", None)),
+    (providers.VERTEX, "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict",
+     ("claude-sonnet-4-5@20250929", False)),
+    (providers.VERTEX, "/projects/p/locations/global/publishers/anthropic/models/claude-opus-4-1@20250805:streamRawPredict",
+     ("claude-opus-4-1@20250805", True)),
+    (providers.VERTEX, "/v1/projects/p/locations/x/publishers/anthropic/models/count-tokens:rawPredict", ("count-tokens", False)),
+    (providers.BEDROCK, "/v1/messages", (None, None)),
+    (providers.ANTHROPIC, "/model/x/invoke", (None, None)),
+])
+def test_request_facts(provider, path, expected):
+    assert providers.request_facts(provider, path) == expected
+
+
+def test_the_fakes_frames_decode_with_botocore_and_carry_one_anthropic_event():
+    event = {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 5, "outputTokenCount": 2}}
+    buf = EventStreamBuffer()
+    raw = chunk_frame(event) + exception_frame("throttlingException", "slow down")
+    for i in range(0, len(raw), 7):  # odd boundaries, as TCP gives them
+        buf.add_data(raw[i:i + 7])
+    first, second = list(buf)
+    assert first.headers[":event-type"] == "chunk"
+    assert providers.chunk_event(first.payload) == event
+    assert second.headers[":message-type"] == "exception" and second.headers[":exception-type"] == "throttlingException"
+
+
+def test_a_frame_with_a_bad_crc_is_refused_by_the_decoder():
+    from botocore.eventstream import ChecksumMismatch
+
+    raw = bytearray(frame({":message-type": "event"}, b"{}"))
+    raw[-1] ^= 1
+    buf = EventStreamBuffer()
+    buf.add_data(bytes(raw))
+    with pytest.raises(ChecksumMismatch):
+        list(buf)
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b'{"bytes": 3}', b'{"bytes": "!!"}',
+                                     json.dumps({"bytes": base64.b64encode(b"[1]").decode()}).encode()])
+def test_chunk_payloads_not_of_the_shape_give_none(payload):
+    assert providers.chunk_event(payload) is None
+
+
+def test_metrics_usage():
+    assert providers.metrics_usage({"inputTokenCount": 10, "outputTokenCount": 3, "cacheReadInputTokenCount": 100,
+                                    "cacheWriteInputTokenCount": 7, "invocationLatency": 50, "firstByteLatency": True}) == {
+        "input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 7}
+    assert providers.metrics_usage(None) == {} and providers.metrics_usage({"inputTokenCount": True}) == {}
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("ThrottlingException", "rate_limit_error"),
+    ("throttlingException", "rate_limit_error"),
+    ("ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/", "rate_limit_error"),
+    ("serviceUnavailableException", "overloaded_error"),
+    ("ValidationException", "invalid_request_error"),
+    ("modelTimeoutException", "timeout_error"),
+    ("SomethingNew", "api_error"),
+    (None, "api_error"),
+])
+def test_bedrock_error_type(name, expected):
+    assert providers.bedrock_error_type(name) == expected
