@@ -19,10 +19,12 @@ from e2e.test_e2e_egress import RESOLVE, make_ca_and_leaf
 from fakes.clouds import FAKE_HEADER, USAGE, FakeCloud
 from fakes.upstream import DEFAULT_TEXT
 from harness import ROOT, Gateway
+from realclients import run_claude
 
 pytestmark = pytest.mark.e2e
 
 BEDROCK_HOST = "bedrock-runtime.us-east-1.amazonaws.com"
+CONTROL_HOST = "bedrock.us-east-1.amazonaws.com"  # Claude Code's Bedrock mode asks the control plane first
 VERTEX_HOST = "us-east5-aiplatform.googleapis.com"
 AWS_KEY_ID = "AKIAFAKEGATEWAYTEST1"
 AWS_SECRET = "fake-aws-secret-never-logged-0123456789abcd"
@@ -31,7 +33,7 @@ VERTEX_TOKEN = "ya29.fake-google-token-never-logged-0123456789"
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
-    ca, cert, key = make_ca_and_leaf(tmp_path_factory.mktemp("cloud-tls"), [BEDROCK_HOST, VERTEX_HOST])
+    ca, cert, key = make_ca_and_leaf(tmp_path_factory.mktemp("cloud-tls"), [BEDROCK_HOST, VERTEX_HOST, CONTROL_HOST])
     with FakeCloud(cert, key) as fake:
         fake.ca = ca
         yield fake
@@ -39,7 +41,7 @@ def cloud(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gw(cloud):
-    hosts = f"{BEDROCK_HOST}=127.0.0.1:{cloud.port},{VERTEX_HOST}=127.0.0.1:{cloud.port}"
+    hosts = ",".join(f"{host}=127.0.0.1:{cloud.port}" for host in (BEDROCK_HOST, VERTEX_HOST, CONTROL_HOST))
     gateway = Gateway(
         (ROOT / "rules.yaml").read_text(), reverse_to=None,
         extra_args=("-s", str(RESOLVE), "--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"),
@@ -133,3 +135,23 @@ def test_no_cloud_secret_signature_or_token_in_records_or_log(gw, cloud):
     texts = gw.usage_log.read_text() + gw.output()
     for secret in [AWS_SECRET, VERTEX_TOKEN, *signatures]:
         assert secret not in texts
+
+
+def test_claude_code_on_bedrock_in_egress_mode(gw, cloud, tmp_path):
+    """CLAUDE_CODE_USE_BEDROCK=1 behind HTTPS_PROXY: its control-plane call is tunnelled (the client trusts the
+    cloud's own CA there), its InvokeModel calls are read, and its streamed turn is one priced record."""
+    before = len(usage_records(gw))
+    bundle = tmp_path / "cas.pem"
+    bundle.write_text(gw.ca_cert.read_text() + "\n" + cloud.ca.read_text())
+    done = run_claude("say hi", env_extra={
+        "HTTPS_PROXY": gw.proxy_url, "NODE_EXTRA_CA_CERTS": str(bundle), "CLAUDE_CODE_USE_BEDROCK": "1",
+        "AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_REGION": "us-east-1"}, timeout=120)
+    assert done.returncode == 0 and DEFAULT_TEXT in done.stdout, done.stderr[-2000:]
+    gw.wait_records(lambda r: r["client"] == "claude-code" and r["stream_requested"], count=1)
+    records = usage_records(gw)[before:]
+    assert records and {(r["provider"], r["client"]) for r in records} == {("aws.bedrock", "claude-code")}
+    [turn] = [r for r in records if r["stream_requested"]]
+    assert turn["path"].endswith("/invoke-with-response-stream") and turn["complete"] is True and turn["status"] == 200
+    assert turn["session"] and turn["cache_read_input_tokens"] == USAGE["cache_read_input_tokens"]
+    assert turn["cost_usd"] > 0
+    assert AWS_SECRET not in gw.usage_log.read_text() + gw.output()
