@@ -39,6 +39,7 @@ from llm_gateway.addons.backlog import ListenBacklog
 from llm_gateway.addons.bodies import BodyLimit
 from llm_gateway.addons.ca import GatewayCA
 from llm_gateway.addons.clients import ClientDetector
+from llm_gateway.addons.cloudauth import CloudCredentials
 from llm_gateway.addons.credentials import KeyCustody
 from llm_gateway.addons.drain import Drain
 from llm_gateway.addons.egress import EgressPolicy
@@ -156,6 +157,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         ClientDetector(),  # request: which client and session, which stream preference
         KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
+        CloudCredentials(rule_file),  # request: base-URL Bedrock/Vertex requests signed with the gateway's credentials
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
         Usage(records),  # response/error: one usage record per exchange

@@ -1,5 +1,6 @@
 """Claude on Amazon Bedrock and Google Vertex AI through a real mitmdump: the cloud clients' own traffic observed in
-egress mode, with the repository's default rules.yaml.
+egress mode, with the repository's default rules.yaml; and base-URL mode, where the gateway holds the cloud
+credentials (its own AWS keys, a Google service account whose token endpoint is the fake) and agents a gateway token.
 
 The real Anthropic SDK clients (`AnthropicBedrock`, `AnthropicVertex`, tests/cloud_client.py) sign their requests
 (SigV4 from AWS_* keys; a Vertex bearer token) and go through HTTPS_PROXY, trusting the gateway CA. The cloud
@@ -10,9 +11,12 @@ send to the cloud.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cloud_client import BEDROCK_MODEL, VERTEX_MODEL, run
 from e2e.test_e2e_egress import RESOLVE, make_ca_and_leaf
@@ -86,9 +90,9 @@ def test_cloud_sdk_client_in_egress_mode_gives_one_priced_record(gw, cloud, whic
     # the request reached the cloud as the client signed it
     [request] = cloud.requests[sent:]
     if which == "bedrock":
-        assert request["headers"]["Authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={AWS_KEY_ID}/")
+        assert request["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={AWS_KEY_ID}/")
     else:
-        assert request["headers"]["Authorization"] == f"Bearer {VERTEX_TOKEN}"
+        assert request["headers"]["authorization"] == f"Bearer {VERTEX_TOKEN}"
     record = new_record(gw, before)
     assert (record["provider"], record["host"], record["mode"], record["status"]) == (provider, host, "regular", 200)
     assert record["api"] == which and record["complete"] is True and record["error_type"] is None
@@ -129,8 +133,8 @@ def test_vertex_google_error_is_recorded(gw, cloud):
 def test_no_cloud_secret_signature_or_token_in_records_or_log(gw, cloud):
     run("bedrock", "stream", env=egress_env(gw))
     run("vertex", "create", env=egress_env(gw))
-    signatures = [r["headers"]["Authorization"].rsplit("Signature=", 1)[-1] for r in cloud.requests
-                  if r["headers"].get("Authorization", "").startswith("AWS4")]
+    signatures = [r["headers"]["authorization"].rsplit("Signature=", 1)[-1] for r in cloud.requests
+                  if r["headers"].get("authorization", "").startswith("AWS4")]
     assert signatures
     texts = gw.usage_log.read_text() + gw.output()
     for secret in [AWS_SECRET, VERTEX_TOKEN, *signatures]:
@@ -155,3 +159,107 @@ def test_claude_code_on_bedrock_in_egress_mode(gw, cloud, tmp_path):
     assert turn["session"] and turn["cache_read_input_tokens"] == USAGE["cache_read_input_tokens"]
     assert turn["cost_usd"] > 0
     assert AWS_SECRET not in gw.usage_log.read_text() + gw.output()
+
+
+# --- base-URL mode: the gateway holds the cloud credentials ---------------------------------------------------------
+
+GATEWAY_TOKEN = "gw-token-team-a-0123456789abcdef0123456789"
+GW_AWS_KEY_ID = "AKIAGATEWAYHELDKEY01"
+GW_AWS_SECRET = "gateway-held-aws-secret-0123456789abcdefgh"
+GW_AWS_SESSION = "gateway-held-aws-session-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def token_endpoint():
+    with FakeCloud() as fake:  # Google's token endpoint, plain HTTP on 127.0.0.1
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def held(cloud, token_endpoint, tmp_path_factory):
+    """A gateway whose base-URL listener goes to the fake clouds and which holds AWS keys and a Google service account."""
+    folder = tmp_path_factory.mktemp("held")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    account = folder / "service-account.json"
+    account.write_text(json.dumps({
+        "type": "service_account", "project_id": "demo-project", "private_key_id": "k1", "private_key": pem.decode(),
+        "client_email": "gateway@demo-project.iam.gserviceaccount.com", "client_id": "1",
+        "token_uri": f"{token_endpoint.url}/token"}))
+    rules = (ROOT / "rules.yaml").read_text() + f"""
+clouds:
+  bedrock: {{region: us-east-1}}
+  vertex: {{}}
+credentials:
+  upstream:
+    - {{name: main, key_env: GW_TEST_ANTHROPIC_KEY}}
+  tokens:
+    - {{name: team-a, sha256: {hashlib.sha256(GATEWAY_TOKEN.encode()).hexdigest()}}}
+"""
+    env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET, "AWS_SESSION_TOKEN": GW_AWS_SESSION,
+           "GOOGLE_APPLICATION_CREDENTIALS": str(account), "GW_TEST_ANTHROPIC_KEY": "sk-ant-api03-held-key-never-logged"}
+    gateway = Gateway(rules, reverse_to=cloud.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.mark.parametrize("which,call,provider", [c[:3] for c in CASES], ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_cloud_sdk_client_with_a_gateway_token_is_signed_by_the_gateway(held, cloud, which, call, provider):
+    before = len(usage_records(held))
+    sent = len(cloud.requests)
+    env = {"AWS_BEARER_TOKEN_BEDROCK": GATEWAY_TOKEN, "AWS_REGION": "us-east-1", "VERTEX_TEST_TOKEN": GATEWAY_TOKEN}
+    out = run(which, call, env=env, base_url=held.base_url)
+    assert out["ok"], out
+    [request] = cloud.requests[sent:]
+    auth = request["headers"]["authorization"]
+    if which == "bedrock":
+        assert auth.startswith(f"AWS4-HMAC-SHA256 Credential={GW_AWS_KEY_ID}/") and "/us-east-1/bedrock/aws4_request" in auth
+        assert request["headers"]["x-amz-security-token"] == GW_AWS_SESSION
+    else:
+        assert auth.startswith("Bearer ya29.minted-") and request["path"].startswith("/v1/projects/demo-project/")
+    assert GATEWAY_TOKEN not in json.dumps(request["headers"])
+    record = new_record(held, before)
+    assert (record["provider"], record["mode"], record["principal"], record["status"]) == (provider, "reverse", "team-a", 200)
+    assert record["cache_read_input_tokens"] == USAGE["cache_read_input_tokens"] and record["cost_usd"] > 0
+
+
+def test_google_token_is_cached_not_minted_per_request(held, cloud, token_endpoint):
+    env = {"VERTEX_TEST_TOKEN": GATEWAY_TOKEN}
+    for _ in range(2):
+        assert run("vertex", "create", env=env, base_url=held.base_url)["ok"]
+    assert token_endpoint.tokens_minted == 1
+
+
+def test_a_cloud_request_without_a_gateway_token_is_refused(held, cloud):
+    sent = len(cloud.requests)
+    out = run("bedrock", "create", env={"AWS_BEARER_TOKEN_BEDROCK": "not-a-gateway-token", "AWS_REGION": "us-east-1"},
+              base_url=held.base_url)
+    assert not out["ok"] and out["status"] == 401, out
+    assert len(cloud.requests) == sent
+
+
+def test_claude_code_on_bedrock_with_the_gateway_holding_the_credentials(held, cloud):
+    """ANTHROPIC_BEDROCK_BASE_URL + CLAUDE_CODE_SKIP_BEDROCK_AUTH=1: Claude Code signs nothing; its gateway token
+    goes in a custom header; the gateway signs every request with its own AWS credentials."""
+    before = len(usage_records(held))
+    sent = len(cloud.requests)
+    done = run_claude("say hi", env_extra={
+        "CLAUDE_CODE_USE_BEDROCK": "1", "ANTHROPIC_BEDROCK_BASE_URL": held.base_url, "CLAUDE_CODE_SKIP_BEDROCK_AUTH": "1",
+        "AWS_REGION": "us-east-1", "ANTHROPIC_CUSTOM_HEADERS": f"x-api-key: {GATEWAY_TOKEN}"}, timeout=120)
+    assert done.returncode == 0 and DEFAULT_TEXT in done.stdout, (done.stdout[-1000:], done.stderr[-2000:], held.output()[-3000:])
+    assert all(r["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={GW_AWS_KEY_ID}/")
+               for r in cloud.requests[sent:])
+    held.wait_records(lambda r: r["client"] == "claude-code" and r["stream_requested"], count=1)
+    records = usage_records(held)[before:]
+    assert {(r["provider"], r["client"], r["principal"]) for r in records} == {("aws.bedrock", "claude-code", "team-a")}
+
+
+def test_held_secrets_reach_no_record_or_log(held, cloud, token_endpoint):
+    texts = held.usage_log.read_text() + held.output()
+    minted = [f"ya29.minted-{n:04d}-secret" for n in range(1, token_endpoint.tokens_minted + 1)]
+    signatures = [r["headers"]["authorization"].rsplit("Signature=", 1)[-1] for r in cloud.requests
+                  if r["headers"].get("authorization", "").startswith(f"AWS4-HMAC-SHA256 Credential={GW_AWS_KEY_ID}")]
+    assert minted and signatures
+    for secret in [GW_AWS_SECRET, GW_AWS_SESSION, GATEWAY_TOKEN, *minted, *signatures]:
+        assert secret not in texts

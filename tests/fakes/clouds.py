@@ -10,6 +10,8 @@ event-stream frames (prelude, string headers, payload, CRC32s: `frame`), one `ch
 the event base64 in `{"bytes": …}`, the last one also carrying `amazon-bedrock-invocationMetrics`.
 Errors: `x-amzn-ErrorType` + `{"message": …}`, or an `exception` frame once the stream has begun.
 
+Google's token endpoint (`POST /token`, a JWT-bearer grant as a service account makes it) mints `ya29.minted-…`.
+
 Vertex (`…/publishers/anthropic/models/<model>:rawPredict` / `:streamRawPredict`): `Authorization: Bearer <token>`
 required; the Message as JSON or the API's own SSE; errors in Google's shape `{"error": {"code", "message",
 "status"}}`.
@@ -76,9 +78,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
         fake = self.server.fake
-        fake.requests.append({"path": self.path, "headers": dict(self.headers.items()), "body": body})
+        fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
         path = self.path.split("?", 1)[0]
-        if m := BEDROCK_PATH.match(path):
+        if path == "/token":  # Google's OAuth token endpoint, as a service account's `token_uri` names it
+            self._token(body)
+        elif m := BEDROCK_PATH.match(path):
             self._bedrock(m.group(1), m.group(2) == "invoke-with-response-stream", body)
         elif m := VERTEX_PATH.match(path):
             self._vertex(m.group(3), m.group(4) == "streamRawPredict", body)
@@ -149,6 +153,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._chunk(sse_frame(name, data))
         self._chunk(b"")
 
+    def _token(self, body: bytes) -> None:
+        form = dict(part.split("=", 1) for part in body.decode().split("&") if "=" in part)
+        if form.get("grant_type") != "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer" or form.get("assertion", "").count(".") != 2:
+            self._send(400, "application/json", json.dumps({"error": "invalid_grant"}).encode())
+            return
+        fake = self.server.fake
+        fake.tokens_minted += 1
+        self._send(200, "application/json", json.dumps({"access_token": f"ya29.minted-{fake.tokens_minted:04d}-secret",
+                                                        "expires_in": 3600, "token_type": "Bearer"}).encode())
+
     def _google_error(self, code: int, status: str, message: str) -> None:
         self._send(code, "application/json", json.dumps({"error": {"code": code, "message": message, "status": status}}).encode())
 
@@ -207,6 +221,7 @@ class FakeCloud:
             self.tls.load_cert_chain(cert, key)
         self.requests: list[dict] = []
         self.count = 0
+        self.tokens_minted = 0
         self.server = _Server(self)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

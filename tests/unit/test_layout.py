@@ -194,6 +194,10 @@ BOUNDARIES = {
         "SSERelay._forward": "one tap's failure must not stop the stream or the other taps",
         "SSERelay._end": "the same, at the end of the stream",
     },
+    "addons/cloudauth.py": {
+        "CloudCredentials._fetch_and_apply": "no credentials or a failed refresh (botocore, google-auth raise many kinds): "
+                                    "a native error to the client, the reason to the log",
+    },
     "pipeline/eventstream.py": {
         "EventStreamReader.__call__": "mitmproxy calls the reader per chunk: an exception would cut the client's stream",
         "EventStreamReader._tap": "one tap's failure must not stop the stream or the other taps",

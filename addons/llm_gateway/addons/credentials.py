@@ -39,6 +39,7 @@ from llm_gateway.policy.credentials import (
     presented,
 )
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
+from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
 
 if TYPE_CHECKING:
@@ -211,6 +212,10 @@ class KeyCustody:
             return
         if decision.action == "pass":
             self._pass(flow, custody, decision)
+            return
+        if ex.provider != ANTHROPIC:  # a cloud request: the gateway signs it with its cloud credentials (addons/cloudauth.py)
+            for name in CREDENTIAL_HEADERS:
+                flow.request.headers.pop(name, None)
             return
         unsafe = self._unsafe_destination(flow, ex)
         if unsafe:

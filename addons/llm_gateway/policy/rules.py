@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from mitmproxy.utils import human
 
+from llm_gateway.policy import clouds
 from llm_gateway.policy.clients import ClientSignature
 from llm_gateway.policy.spec import (
     MODES,
@@ -189,7 +190,7 @@ class _Reader:
             root,
             "the rule file",
             {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
-            | {"timeouts": False, "limits": False},
+            | {"timeouts": False, "limits": False, "clouds": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -205,6 +206,7 @@ class _Reader:
             credentials=section("credentials", lambda n: self.credentials(n, clients), None),
             timeouts=section("timeouts", self.timeouts, Timeouts()),
             limits=section("limits", self.limits, Limits()),
+            clouds=section("clouds", lambda n: clouds.read(self, n), clouds.Clouds()),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_gateway.policy.clouds import Clouds
 from llm_gateway.protocol.tokens import CACHE_TTL
 from llm_gateway.util.globs import Glob
 
@@ -258,6 +259,7 @@ class Rules:
     credentials: Credentials | None = None  # key custody (addons/credentials.py); None: clients' credentials pass
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    clouds: Clouds = field(default_factory=Clouds)  # the cloud credentials the gateway holds (policy/clouds.py)
 
 
 def token_hash(token: str) -> str:
