@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cloud_client import BEDROCK_MODEL, VERTEX_MODEL, run
 from e2e.test_e2e_egress import RESOLVE, make_ca_and_leaf
 from fakes.clouds import FAKE_HEADER, USAGE, FakeCloud
-from fakes.upstream import DEFAULT_TEXT
+from fakes.upstream import DEFAULT_TEXT, Scenario, message_to_events
 from harness import ROOT, Gateway
 from realclients import run_claude
 
@@ -66,6 +67,12 @@ def usage_records(gw: Gateway) -> list[dict]:
     return [r for r in map(json.loads, gw.usage_log.read_text().splitlines()) if r.get("kind") == "usage"]
 
 
+def mark(gw: Gateway) -> int:
+    """How many usage records there are once the ones still on their way landed (written up to 0.1 s late)."""
+    time.sleep(0.3)
+    return len(usage_records(gw))
+
+
 def new_record(gw: Gateway, before: int) -> dict:
     [record] = gw.wait_records(lambda r: True, count=before + 1)[before:]
     return record
@@ -81,7 +88,7 @@ CASES = [
 
 @pytest.mark.parametrize("which,call,provider,host,model", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_cloud_sdk_client_in_egress_mode_gives_one_priced_record(gw, cloud, which, call, provider, host, model):
-    before = len(usage_records(gw))
+    before = mark(gw)
     sent = len(cloud.requests)
     out = run(which, call, env=egress_env(gw))
     assert out["ok"], out
@@ -105,7 +112,7 @@ def test_cloud_sdk_client_in_egress_mode_gives_one_priced_record(gw, cloud, whic
 
 
 def test_bedrock_throttling_reaches_the_client_and_the_record(gw, cloud):
-    before = len(usage_records(gw))
+    before = mark(gw)
     out = run("bedrock", "create", env=egress_env(gw), headers={FAKE_HEADER: "throttle"})
     assert not out["ok"] and out["status"] == 429 and out["error"] == "RateLimitError", out
     record = new_record(gw, before)
@@ -113,7 +120,7 @@ def test_bedrock_throttling_reaches_the_client_and_the_record(gw, cloud):
 
 
 def test_bedrock_exception_frame_mid_stream_is_recorded(gw, cloud):
-    before = len(usage_records(gw))
+    before = mark(gw)
     out = run("bedrock", "stream", env=egress_env(gw), headers={FAKE_HEADER: "throttle-mid-stream"})
     assert not out["ok"], out  # the SDK raises on the exception frame, which passed unchanged
     record = new_record(gw, before)
@@ -122,7 +129,7 @@ def test_bedrock_exception_frame_mid_stream_is_recorded(gw, cloud):
 
 
 def test_vertex_google_error_is_recorded(gw, cloud):
-    before = len(usage_records(gw))
+    before = mark(gw)
     out = run("vertex", "create", env=egress_env(gw), headers={FAKE_HEADER: "throttle"})
     assert not out["ok"] and out["status"] == 429, out
     assert out["body"]["error"]["status"] == "RESOURCE_EXHAUSTED"  # the cloud's own shape, for its own client
@@ -144,7 +151,7 @@ def test_no_cloud_secret_signature_or_token_in_records_or_log(gw, cloud):
 def test_claude_code_on_bedrock_in_egress_mode(gw, cloud, tmp_path):
     """CLAUDE_CODE_USE_BEDROCK=1 behind HTTPS_PROXY: its control-plane call is tunnelled (the client trusts the
     cloud's own CA there), its InvokeModel calls are read, and its streamed turn is one priced record."""
-    before = len(usage_records(gw))
+    before = mark(gw)
     bundle = tmp_path / "cas.pem"
     bundle.write_text(gw.ca_cert.read_text() + "\n" + cloud.ca.read_text())
     done = run_claude("say hi", env_extra={
@@ -206,7 +213,7 @@ credentials:
 
 @pytest.mark.parametrize("which,call,provider", [c[:3] for c in CASES], ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_cloud_sdk_client_with_a_gateway_token_is_signed_by_the_gateway(held, cloud, which, call, provider):
-    before = len(usage_records(held))
+    before = mark(held)
     sent = len(cloud.requests)
     env = {"AWS_BEARER_TOKEN_BEDROCK": GATEWAY_TOKEN, "AWS_REGION": "us-east-1", "VERTEX_TEST_TOKEN": GATEWAY_TOKEN}
     out = run(which, call, env=env, base_url=held.base_url)
@@ -242,7 +249,7 @@ def test_a_cloud_request_without_a_gateway_token_is_refused(held, cloud):
 def test_claude_code_on_bedrock_with_the_gateway_holding_the_credentials(held, cloud):
     """ANTHROPIC_BEDROCK_BASE_URL + CLAUDE_CODE_SKIP_BEDROCK_AUTH=1: Claude Code signs nothing; its gateway token
     goes in a custom header; the gateway signs every request with its own AWS credentials."""
-    before = len(usage_records(held))
+    before = mark(held)
     sent = len(cloud.requests)
     done = run_claude("say hi", env_extra={
         "CLAUDE_CODE_USE_BEDROCK": "1", "ANTHROPIC_BEDROCK_BASE_URL": held.base_url, "CLAUDE_CODE_SKIP_BEDROCK_AUTH": "1",
@@ -263,3 +270,111 @@ def test_held_secrets_reach_no_record_or_log(held, cloud, token_endpoint):
     assert minted and signatures
     for secret in [GW_AWS_SECRET, GW_AWS_SESSION, GATEWAY_TOKEN, *minted, *signatures]:
         assert secret not in texts
+
+
+# --- translation: an Anthropic request served by Bedrock ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def translating(cloud):
+    """A base-URL listener whose Anthropic requests a `provider: bedrock` route sends to the fake Bedrock."""
+    rules = (ROOT / "rules.yaml").read_text().replace("routes: []", f"""routes:
+  - match: {{api: anthropic}}
+    upstream: {cloud.url}
+    provider: bedrock
+    region: us-east-1""")
+    env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET}
+    gateway = Gateway(rules, reverse_to=cloud.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+def post(gw: Gateway, body: dict, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{gw.base_url}/v1/messages", data=json.dumps(body).encode(), method="POST", headers={
+        "content-type": "application/json", "x-api-key": "sk-ant-api03-client-key", "anthropic-version": "2023-06-01",
+        **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, dict(answer.headers.items()), answer.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def test_translated_stream_gives_the_client_anthropics_own_events(translating, cloud):
+    before = mark(translating)
+    sent = len(cloud.requests)
+    status, headers, raw = post(translating, {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                                              "messages": MESSAGES, "tags": {"team": "a"}},
+                                {"anthropic-beta": "interleaved-thinking-2025-05-14,request-tags-2026-08-21"})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
+    # byte for byte the events the API itself would send for this Message
+    expected = b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data, separators=(",", ":")).encode())
+                        for name, data in message_to_events(cloud.last_message, Scenario()))
+    assert raw == expected
+    [request] = cloud.requests[sent:]
+    assert request["path"] == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke-with-response-stream"
+    assert request["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={GW_AWS_KEY_ID}/")
+    assert "x-api-key" not in request["headers"] and "anthropic-beta" not in request["headers"]
+    body = json.loads(request["body"])
+    assert body["anthropic_version"] == "bedrock-2023-05-31" and body["anthropic_beta"] == ["interleaved-thinking-2025-05-14"]
+    assert not {"model", "stream", "tags"} & set(body)  # the tags field left together with its beta
+    record = new_record(translating, before)
+    assert (record["provider"], record["translated"], record["status"], record["complete"]) == ("aws.bedrock", True, 200, True)
+    assert record["cache_read_input_tokens"] == USAGE["cache_read_input_tokens"] and record["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("call", ["create", "stream"])
+def test_the_anthropic_sdk_gets_the_message_bedrock_built(translating, cloud, call):
+    import anthropic
+
+    from sdk_client import without_nulls
+
+    client = anthropic.Anthropic(base_url=translating.base_url, api_key="sk-ant-api03-client-key", max_retries=0)
+    request = {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": MESSAGES}
+    if call == "create":
+        message = client.messages.create(**request)
+    else:
+        with client.messages.stream(**request) as stream:
+            message = stream.get_final_message()
+    assert without_nulls(message.model_dump(mode="json")) == without_nulls(cloud.last_message)
+    assert cloud.requests[-1]["path"].startswith("/model/us.anthropic.claude-haiku-4-5-20251001-v1:0/")
+
+
+def test_throttling_becomes_a_native_429(translating, cloud):
+    status, headers, raw = post(translating, {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": MESSAGES},
+                                {FAKE_HEADER: "throttle"})
+    assert status == 429 and headers.get("x-should-retry") == "true"
+    assert json.loads(raw) == {"type": "error", "error": {"type": "rate_limit_error",
+                                                          "message": "Too many requests, please wait before trying again."},
+                               "request_id": json.loads(raw).get("request_id")}
+
+
+def test_throttling_mid_stream_becomes_a_native_error_event(translating, cloud):
+    status, _, raw = post(translating, {"model": "claude-sonnet-4-5", "max_tokens": 8, "stream": True, "messages": MESSAGES},
+                          {FAKE_HEADER: "throttle-mid-stream"})
+    assert status == 200
+    assert raw.startswith(b"event: message_start\n")
+    assert raw.endswith(b'event: error\ndata: {"type":"error","error":{"type":"rate_limit_error",'
+                        b'"message":"Too many tokens, please wait before trying again."}}\n\n')
+    record = translating.wait_record(lambda r: r["status"] == 200 and r["error_type"] == "rate_limit_error")
+    assert (record["complete"], record["translated"], record["input_tokens"]) == (False, True, USAGE["input_tokens"])
+
+
+def test_count_tokens_is_not_supported_on_a_bedrock_route(translating, cloud):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{translating.base_url}/v1/messages/count_tokens", method="POST",
+                                     data=b'{"model":"claude-sonnet-4-5","messages":[]}',
+                                     headers={"content-type": "application/json", "x-api-key": "k"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 501 and e.value.headers["x-should-retry"] == "false"
+    assert json.loads(e.value.read())["error"]["type"] == "not_supported"

@@ -97,7 +97,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._aws_error(403, "UnrecognizedClientException", "The security token included in the request is invalid.")
             return
         request = json.loads(body)
-        if not isinstance(request.get("anthropic_version"), str) or "model" in request or "stream" in request:
+        if not isinstance(request.get("anthropic_version"), str) or {"model", "stream", "tags"} & set(request):
             self._aws_error(400, "ValidationException", "Malformed input request: #: required key [anthropic_version] "
                             "not found, extraneous key [model] is not permitted")
             return
@@ -171,7 +171,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         fake.count += 1
         spec = Scenario(model=model, usage=dict(USAGE))
-        return build_message(spec, request, f"msg_fake_{fake.count:04d}")
+        fake.last_message = build_message(spec, request, f"msg_fake_{fake.count:04d}")
+        return fake.last_message
 
     def _send(self, status: int, content_type: str, body: bytes, headers: dict | None = None) -> None:
         self.send_response(status)
@@ -222,6 +223,7 @@ class FakeCloud:
         self.requests: list[dict] = []
         self.count = 0
         self.tokens_minted = 0
+        self.last_message: dict | None = None
         self.server = _Server(self)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

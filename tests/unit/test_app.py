@@ -122,6 +122,7 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
             assert name in tctx.master.commands.commands, name
         # the API hooks run in the fixed order of gateway.py
         assert dispatcher.hooks["request"] == (
-            "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "CloudCredentials", "Timeouts")
+            "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "ProviderTranslation",
+            "CloudCredentials", "Timeouts")
         assert dispatcher.hooks["response"] == (
             "Drain", "KeyCustody", "AnswerPipeline", "Timeouts", "Usage", "Metrics", "WebView")

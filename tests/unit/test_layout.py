@@ -107,6 +107,7 @@ ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py", "pipeline/eventstrea
 FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},
+    **dict.fromkeys(("provider", "translated"), {"addons/routing.py"}),
     "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
     "model_requested": {"addons/routing.py"},
@@ -200,6 +201,7 @@ BOUNDARIES = {
     },
     "pipeline/eventstream.py": {
         "EventStreamReader.__call__": "mitmproxy calls the reader per chunk: an exception would cut the client's stream",
+        "EventStreamReader._translate": "the same, while the frames become Anthropic SSE",
         "EventStreamReader._tap": "one tap's failure must not stop the stream or the other taps",
         "EventStreamReader._end": "the same, at the end of the stream",
     },

@@ -18,6 +18,7 @@ from llm_gateway.pipeline.answer import (
     settle,
     settle_failure,
     sse_to_json,
+    translated_error,
 )
 from llm_gateway.pipeline.streamreader import StreamReader
 from llm_gateway.protocol.providers import ANTHROPIC
@@ -50,6 +51,8 @@ class AnswerPipeline:
                 pass  # relayed: the reader saw it all
             elif response.status_code >= 400 and ex.provider == ANTHROPIC:
                 error_answer(response, ex)
+            elif response.status_code >= 400 and ex.translated:  # an Anthropic client: a native error
+                translated_error(response, ex)
             elif response.status_code >= 400:  # a cloud's own error, for its own client: recorded, not rewritten
                 cloud_error(response, ex)
             elif ex.stream_requested is not None and (sse := is_sse(response)) != ex.stream_requested:

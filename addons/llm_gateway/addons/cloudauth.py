@@ -13,7 +13,8 @@ credentials in hand (almost every request) the hook signs at once: no thread, no
 (mitm/serializers.py), like the upstream Anthropic key: no flow, record, log or mitmweb view holds them.
 
 Claude Code's Vertex paths come with or without `/v1` (ANTHROPIC_VERTEX_BASE_URL): the upstream always gets `/v1`.
-Requests in egress mode are the client's, signed by it: never touched here.
+Requests in egress mode are the client's, signed by it: never touched here. Translated requests (an Anthropic
+request a `provider: bedrock` route sends to Bedrock, addons/translate.py) are always signed, in either mode.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from mitmproxy import http
 from llm_gateway.mitm import serializers
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
-from llm_gateway.policy.clouds import bedrock_region
+from llm_gateway.policy.clouds import BedrockAuth, bedrock_region
+from llm_gateway.policy.routing import match_route
 from llm_gateway.protocol.providers import BEDROCK, VERTEX
 from llm_gateway.util.logsafe import clean
 
@@ -61,9 +63,13 @@ class CloudCredentials:
 
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or flow.response or ex.mode != "reverse" or ex.provider not in (BEDROCK, VERTEX):
+        if ex is None or flow.response or ex.provider not in (BEDROCK, VERTEX) or not (ex.mode == "reverse" or ex.translated):
             return
         rule = ex.rules.clouds.bedrock if ex.provider == BEDROCK else ex.rules.clouds.vertex
+        if ex.translated:  # the client sent an Anthropic request: the gateway always signs; the route may name the region
+            route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
+            region = route.region if route is not None and route.region else (rule.region if rule else None)
+            rule = BedrockAuth(region, rule.profile if rule else None)
         if rule is None:
             return
         ready = self._ready(ex.provider, rule)

@@ -86,4 +86,6 @@ class ApiRouter:
                 request.host_header = up.host_header
             ex.upstream = str(up)
             ex.note(f"routed to {up}")
+            if route.provider != ex.provider:  # served in another provider's format: addons/translate.py
+                ex.provider, ex.translated = route.provider, True
         exchange.publish(flow, ex)

@@ -59,6 +59,7 @@ class Exchange:
     started: float = field(default_factory=time.time)
     upstream: str | None = None
     provider: str = "anthropic"  # whose wire format: anthropic | aws.bedrock | gcp.vertex_ai (protocol/providers.py)
+    translated: bool = False  # an Anthropic request a route sends to another provider (addons/translate.py)
     body: Any = None  # the request JSON, parsed once; None when empty or not JSON
     client: str = "unknown"
     session: str | None = None
@@ -162,6 +163,7 @@ class Exchange:
             "model": self.model,
             "upstream": self.upstream,
             "provider": self.provider,
+            "translated": self.translated,
             "stream_requested": self.stream_requested,
             "stream_upstream": self.stream_upstream,
             "converted": self.converted,

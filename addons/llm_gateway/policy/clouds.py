@@ -64,6 +64,32 @@ def read(reader: Any, node: Any) -> Clouds:
     return Clouds(bedrock, vertex)
 
 
+def read_translation(reader: Any, m: dict, where: str) -> dict[str, Any]:
+    """A route's `provider`, `region` and `models` (Route's fields), read with rules.py's `_Reader`:
+
+        - {match: {api: anthropic}, upstream: "https://bedrock-runtime.us-east-1.amazonaws.com", provider: bedrock,
+           region: us-east-1, models: {"claude-sonnet-4-5*": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"}}
+    """
+    found: dict[str, Any] = {}
+    if "provider" in m:
+        found["provider"] = {"anthropic": "anthropic", "bedrock": "aws.bedrock"}[
+            reader.choice(m["provider"], f"{where}.provider", ("anthropic", "bedrock"))]
+    if "region" in m:
+        region = reader.string(m["region"], f"{where}.region")
+        if not REGION.fullmatch(region):
+            raise reader.fail(m["region"], f"{where}.region {region!r} is not an AWS region name (e.g. us-east-1)")
+        found["region"] = region
+    if "models" in m:
+        pairs = []
+        for key, value in reader.mapping_any(m["models"], f"{where}.models"):
+            pattern = reader.glob(key, f"{where}.models key")
+            pairs.append((pattern, reader.string(value, f"{where}.models[{pattern.pattern!r}]")))
+        found["models"] = tuple(pairs)
+    if found.get("provider", "anthropic") == "anthropic" and ("region" in m or "models" in m):
+        raise reader.fail(m.get("region") or m["models"], f"{where}: region and models need provider: bedrock")
+    return found
+
+
 def bedrock_region(host: str) -> str | None:
     """The region in `bedrock-runtime.<region>.amazonaws.com` (also `-fips`), else None."""
     m = re.fullmatch(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com", host.lower())

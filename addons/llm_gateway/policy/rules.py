@@ -220,9 +220,10 @@ class _Reader:
         )
 
     def route(self, node: yaml.Node, where: str) -> Route:
-        m = self.mapping(node, where, {"match": False, "upstream": True})
+        m = self.mapping(node, where, {"match": False, "upstream": True, "provider": False, "region": False, "models": False})
         match = self.mapping(m["match"], f"{where}.match", dict.fromkeys(("host", "path", "mode", "api"), False)) if "match" in m else {}
         return Route(
+            **clouds.read_translation(self, m, where),
             upstream=self.upstream(m["upstream"], f"{where}.upstream"),
             host=self.glob(match["host"], f"{where}.match.host") if "host" in match else None,
             path=self.glob(match["path"], f"{where}.match.path") if "path" in match else None,

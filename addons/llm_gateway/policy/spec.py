@@ -175,6 +175,10 @@ class Route:
     path: Glob | None = None
     mode: str | None = None
     api: str | None = None
+    # translation (addons/translate.py): the upstream speaks this provider's format; Anthropic's when "anthropic"
+    provider: str = "anthropic"
+    region: str | None = None  # the cloud region (SigV4 scope, inference-profile geography)
+    models: tuple[tuple[Glob, str], ...] = ()  # Anthropic model glob -> the cloud's model id, first match wins
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,87 @@ def bedrock_error_type(exception: str | None) -> str:
     one not known."""
     name = (exception or "").split(":", 1)[0].strip()
     return BEDROCK_ERRORS.get(name[:1].upper() + name[1:], "api_error")  # in-stream names are lowerCamel
+
+
+# --- translation: an Anthropic Messages request served by Bedrock ------------------------------------------------
+
+BEDROCK_VERSION = "bedrock-2023-05-31"  # the body's anthropic_version Bedrock requires (Bedrock's Claude docs)
+# Body fields Bedrock refuses ("Extra inputs are not permitted"), each with the betas that enable it: dropped together,
+# never one without the other (claude-code-gateway-protocol.md: request tags label usage only).
+REFUSED = {"tags": ("request-tags-",)}
+# Undated Anthropic aliases -> the dated id Bedrock knows (Anthropic's models overview, "Model names").
+DATED = {
+    "claude-sonnet-4-5": "claude-sonnet-4-5-20250929", "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+    "claude-opus-4-5": "claude-opus-4-5-20251101", "claude-opus-4-1": "claude-opus-4-1-20250805",
+    "claude-sonnet-4-0": "claude-sonnet-4-20250514", "claude-sonnet-4": "claude-sonnet-4-20250514",
+    "claude-opus-4-0": "claude-opus-4-20250514", "claude-opus-4": "claude-opus-4-20250514",
+    "claude-3-7-sonnet-latest": "claude-3-7-sonnet-20250219", "claude-3-5-haiku-latest": "claude-3-5-haiku-20241022",
+}
+# Region -> the geography prefix of Bedrock's cross-region inference profiles (us., eu., apac.).
+_GEOGRAPHY = (("us-gov-", "us-gov."), ("us-", "us."), ("ca-", "us."), ("eu-", "eu."), ("ap-", "apac."))
+
+
+def bedrock_model_id(model: str, region: str | None) -> str:
+    """Bedrock's id for an Anthropic-style model id: a dated id becomes the inference profile of the region's
+    geography, `us.anthropic.claude-sonnet-4-5-20250929-v1:0`; an id already in Bedrock's form (an `anthropic.`
+    id, a profile, an ARN) is kept. The rule file's `models` map comes first (addons/translate.py)."""
+    if "anthropic." in model or model.startswith("arn:"):
+        return model
+    dated = DATED.get(model, model)
+    geography = next((prefix for start, prefix in _GEOGRAPHY if (region or "").startswith(start)), "")
+    return f"{geography}anthropic.{dated}-v1:0"
+
+
+def bedrock_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any], bool, list[str]]:
+    """(the InvokeModel body, whether it streams, what was dropped) for an Anthropic Messages body and the request's
+    `anthropic-beta` values: `model` and `stream` leave the body (the path says them), `anthropic_version` comes in,
+    the betas move into `anthropic_beta`, and each refused field goes with its betas."""
+    out = {k: v for k, v in body.items() if k not in ("model", "stream")}
+    stream = body.get("stream") is True
+    out["anthropic_version"] = BEDROCK_VERSION
+    dropped = []
+    for field_name, beta_prefixes in REFUSED.items():
+        if field_name in out:
+            del out[field_name]
+            dropped.append(field_name)
+        kept = [b for b in betas if not b.startswith(beta_prefixes)]
+        dropped += [b for b in betas if b not in kept]
+        betas = kept
+    if betas:
+        out["anthropic_beta"] = betas
+    return out, stream, dropped
+
+
+def chunk_sse(payload: bytes) -> bytes | None:
+    """The SSE event a Bedrock `chunk` payload stands for: `event: <type>`, then the event's own JSON bytes as
+    Bedrock carried them (re-encoded only to leave out the invocation metrics of the last one)."""
+    outer = jsoncodec.parse_json_body(payload)
+    data = outer.get("bytes") if isinstance(outer, dict) else None
+    if not isinstance(data, str):
+        return None
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    event = jsoncodec.parse_json_body(raw)
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    if METRICS_KEY in event:
+        del event[METRICS_KEY]
+        raw = jsoncodec.dumps(event)
+    return b"event: " + event["type"].encode() + b"\ndata: " + raw + b"\n\n"
+
+
+# Cloud errors carry account ids, ARNs, project ids: the client gets the message without them (the log keeps it).
+_ARN = re.compile(r"arn:aws[\w-]*:[^\s\"',]+")
+_ACCOUNT = re.compile(r"\b\d{12}\b")
+# Messages Claude Code's recovery matches: passed on exactly (claude-code-gateway-protocol.md, "Errors").
+_VERBATIM = re.compile(r"^(?:Input is too long\.|prompt is too long.*|The request size \(.*\) exceeds .*)$", re.S)
+
+
+def client_message(message: str) -> str:
+    """A cloud's error message as the client may see it: verbatim when Claude Code's recovery keys on it, else with
+    ARNs and 12-digit account ids replaced by `[redacted]`."""
+    if _VERBATIM.match(message):
+        return message
+    return _ACCOUNT.sub("[redacted]", _ARN.sub("[redacted]", message))
