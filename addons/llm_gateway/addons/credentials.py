@@ -149,6 +149,8 @@ class KeyCustody:
             return
         if flow.response or ex.rules.credentials is None:
             return
+        if ex.provider != ANTHROPIC and ex.mode != "reverse":  # a cloud request its client signed: not a gateway token
+            return
         headers = flow.request.headers
         original = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
         _custody[flow] = Custody(original)

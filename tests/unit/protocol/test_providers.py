@@ -80,3 +80,49 @@ def test_metrics_usage():
 ])
 def test_bedrock_error_type(name, expected):
     assert providers.bedrock_error_type(name) == expected
+
+
+@pytest.mark.parametrize("model,region,expected", [
+    ("claude-sonnet-4-5", "us-east-1", "us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+    ("claude-haiku-4-5-20251001", "eu-central-1", "eu.anthropic.claude-haiku-4-5-20251001-v1:0"),
+    ("claude-sonnet-4-5-20250929", "ap-northeast-1", "apac.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+    ("claude-3-5-haiku-20241022", None, "anthropic.claude-3-5-haiku-20241022-v1:0"),
+    ("global.anthropic.claude-sonnet-4-5-20250929-v1:0", "us-east-1", "global.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+    ("arn:aws:bedrock:us-east-1:111122223333:application-inference-profile/x", "us-east-1",
+     "arn:aws:bedrock:us-east-1:111122223333:application-inference-profile/x"),
+])
+def test_bedrock_model_id(model, region, expected):
+    assert providers.bedrock_model_id(model, region) == expected
+
+
+def test_bedrock_body_moves_betas_and_drops_refused_fields_with_their_betas():
+    body = {"model": "m", "stream": True, "max_tokens": 5, "messages": [], "tags": {"a": "b"}}
+    out, stream, dropped = providers.bedrock_body(body, ["interleaved-thinking-2025-05-14", "request-tags-2026-08-21"])
+    assert stream is True and dropped == ["tags", "request-tags-2026-08-21"]
+    assert out == {"max_tokens": 5, "messages": [], "anthropic_version": "bedrock-2023-05-31",
+                   "anthropic_beta": ["interleaved-thinking-2025-05-14"]}
+    assert body["model"] == "m"  # the caller's body is left as it was
+    # a beta alone (no field) goes too; no betas left: no anthropic_beta key
+    out, stream, dropped = providers.bedrock_body({"model": "m", "messages": []}, ["request-tags-2026-08-21"])
+    assert stream is False and dropped == ["request-tags-2026-08-21"] and "anthropic_beta" not in out
+
+
+def test_chunk_sse_keeps_the_event_bytes_and_drops_the_metrics():
+    raw = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"h\\u00e9"}}'
+    payload = json.dumps({"bytes": base64.b64encode(raw).decode(), "p": "abc"}).encode()
+    assert providers.chunk_sse(payload) == b"event: content_block_delta\ndata: " + raw + b"\n\n"
+    last = {"type": "message_stop", providers.METRICS_KEY: {"inputTokenCount": 1}}
+    payload = json.dumps({"bytes": base64.b64encode(json.dumps(last).encode()).decode()}).encode()
+    assert providers.chunk_sse(payload) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert providers.chunk_sse(b'{"bytes": "e30="}') is None  # {} has no type
+
+
+@pytest.mark.parametrize("message,shown", [
+    ("Input is too long.", "Input is too long."),
+    ("prompt is too long: 210000 tokens > 200000 maximum", "prompt is too long: 210000 tokens > 200000 maximum"),
+    ("User: arn:aws:sts::111122223333:assumed-role/x/y is not authorized to perform: bedrock:InvokeModel",
+     "User: [redacted] is not authorized to perform: bedrock:InvokeModel"),
+    ("account 111122223333 has no access", "account [redacted] has no access"),
+])
+def test_client_message(message, shown):
+    assert providers.client_message(message) == shown
