@@ -205,10 +205,24 @@ credentials:
 """
     env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET, "AWS_SESSION_TOKEN": GW_AWS_SESSION,
            "GOOGLE_APPLICATION_CREDENTIALS": str(account), "GW_TEST_ANTHROPIC_KEY": "sk-ant-api03-held-key-never-logged"}
-    gateway = Gateway(rules, reverse_to=cloud.url, regular=False,
-                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    env["LLM_GATEWAY_TEST_HOSTS"] = ",".join(f"{host}=127.0.0.1:{cloud.port}" for host in (BEDROCK_HOST, VERTEX_HOST))
+    gateway = Gateway(rules, reverse_to=cloud.url, extra_args=(
+        "-s", str(RESOLVE), "--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
     yield gateway
     gateway.stop()
+
+
+def test_with_key_custody_on_client_signed_egress_requests_pass_untouched(held, cloud):
+    """The base-URL listener wants gateway tokens; a request its client signed itself, through the egress listener,
+    is not a token to check nor a credential to replace: it reaches the cloud as signed."""
+    before = mark(held)
+    sent = len(cloud.requests)
+    out = run("bedrock", "stream", env=egress_env(held))
+    assert out["ok"], out
+    [request] = cloud.requests[sent:]
+    assert request["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={AWS_KEY_ID}/")
+    record = new_record(held, before)
+    assert (record["mode"], record["provider"], record["principal"], record["status"]) == ("regular", "aws.bedrock", None, 200)
 
 
 @pytest.mark.parametrize("which,call,provider", [c[:3] for c in CASES], ids=[f"{c[0]}-{c[1]}" for c in CASES])
