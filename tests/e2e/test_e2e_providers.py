@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cloud_client import BEDROCK_MODEL, VERTEX_MODEL, run
 from e2e.test_e2e_egress import RESOLVE, make_ca_and_leaf
 from fakes.clouds import FAKE_HEADER, USAGE, FakeCloud
-from fakes.upstream import DEFAULT_TEXT, Scenario, message_to_events
+from fakes.upstream import DEFAULT_TEXT, Scenario, message_to_events, sse_frame
 from harness import ROOT, Gateway
 from realclients import run_claude
 
@@ -182,10 +182,8 @@ def token_endpoint():
         yield fake
 
 
-@pytest.fixture(scope="module")
-def held(cloud, token_endpoint, tmp_path_factory):
-    """A gateway whose base-URL listener goes to the fake clouds and which holds AWS keys and a Google service account."""
-    folder = tmp_path_factory.mktemp("held")
+def service_account(folder, token_endpoint: FakeCloud):
+    """A Google service-account key file whose token endpoint is the fake (the JWT grant is signed for real)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     account = folder / "service-account.json"
@@ -193,6 +191,13 @@ def held(cloud, token_endpoint, tmp_path_factory):
         "type": "service_account", "project_id": "demo-project", "private_key_id": "k1", "private_key": pem.decode(),
         "client_email": "gateway@demo-project.iam.gserviceaccount.com", "client_id": "1",
         "token_uri": f"{token_endpoint.url}/token"}))
+    return account
+
+
+@pytest.fixture(scope="module")
+def held(cloud, token_endpoint, tmp_path_factory):
+    """A gateway whose base-URL listener goes to the fake clouds and which holds AWS keys and a Google service account."""
+    account = service_account(tmp_path_factory.mktemp("held"), token_endpoint)
     rules = (ROOT / "rules.yaml").read_text() + f"""
 clouds:
   bedrock: {{region: us-east-1}}
@@ -392,3 +397,58 @@ def test_count_tokens_is_not_supported_on_a_bedrock_route(translating, cloud):
         urllib.request.urlopen(request, timeout=30)
     assert e.value.code == 501 and e.value.headers["x-should-retry"] == "false"
     assert json.loads(e.value.read())["error"]["type"] == "not_supported"
+
+
+@pytest.fixture(scope="module")
+def translating_vertex(cloud, token_endpoint, tmp_path_factory):
+    """A base-URL listener whose Anthropic requests a `provider: vertex` route sends to the fake Vertex."""
+    rules = (ROOT / "rules.yaml").read_text().replace("routes: []", f"""routes:
+  - match: {{api: anthropic}}
+    upstream: {cloud.url}
+    provider: vertex
+    region: us-east5
+    project: demo-project""")
+    env = {"GOOGLE_APPLICATION_CREDENTIALS": str(service_account(tmp_path_factory.mktemp("vertex"), token_endpoint))}
+    gateway = Gateway(rules, reverse_to=cloud.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_translated_to_vertex_the_client_gets_the_stream_vertex_sent(translating_vertex, cloud):
+    sent = len(cloud.requests)
+    status, headers, raw = post(translating_vertex, {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                                                     "messages": MESSAGES, "tags": {"team": "a"}},
+                                {"anthropic-beta": "interleaved-thinking-2025-05-14,request-tags-2026-08-21"})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
+    assert raw == b"".join(sse_frame(name, data) for name, data in message_to_events(cloud.last_message, Scenario(ping=True)))
+    [request] = cloud.requests[sent:]
+    assert request["path"] == ("/v1/projects/demo-project/locations/us-east5/publishers/anthropic/models/"
+                               "claude-sonnet-4-5@20250929:streamRawPredict")
+    assert request["headers"]["authorization"].startswith("Bearer ya29.minted-")
+    assert request["headers"]["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    body = json.loads(request["body"])
+    assert body["anthropic_version"] == "vertex-2023-10-16" and body["stream"] is True and not {"model", "tags"} & set(body)
+    record = translating_vertex.wait_record(lambda r: r["stream_requested"] and r["status"] == 200)
+    assert (record["provider"], record["translated"], record["complete"]) == ("gcp.vertex_ai", True, True)
+    assert record["cost_usd"] > 0
+
+
+def test_translated_to_vertex_the_sdk_gets_the_message(translating_vertex, cloud):
+    import anthropic
+
+    from sdk_client import without_nulls
+
+    client = anthropic.Anthropic(base_url=translating_vertex.base_url, api_key="sk-ant-api03-client-key", max_retries=0)
+    message = client.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=MESSAGES)
+    assert without_nulls(message.model_dump(mode="json")) == without_nulls(cloud.last_message)
+    assert cloud.requests[-1]["path"].endswith("/models/claude-haiku-4-5@20251001:rawPredict")
+
+
+def test_translated_to_vertex_a_google_error_becomes_native(translating_vertex, cloud):
+    status, headers, raw = post(translating_vertex, {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": MESSAGES},
+                                {FAKE_HEADER: "throttle"})
+    assert status == 429 and headers.get("x-should-retry") == "true"
+    error = json.loads(raw)
+    assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
+    assert error["error"]["message"].startswith("Quota exceeded")

@@ -36,7 +36,7 @@ from mitmproxy import http
 from llm_gateway.mitm import serializers
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
-from llm_gateway.policy.clouds import BedrockAuth, bedrock_region
+from llm_gateway.policy.clouds import BedrockAuth, VertexAuth, bedrock_region
 from llm_gateway.policy.routing import match_route
 from llm_gateway.protocol.providers import BEDROCK, VERTEX
 from llm_gateway.util.logsafe import clean
@@ -66,10 +66,12 @@ class CloudCredentials:
         if ex is None or flow.response or ex.provider not in (BEDROCK, VERTEX) or not (ex.mode == "reverse" or ex.translated):
             return
         rule = ex.rules.clouds.bedrock if ex.provider == BEDROCK else ex.rules.clouds.vertex
-        if ex.translated:  # the client sent an Anthropic request: the gateway always signs; the route may name the region
+        if ex.translated and ex.provider == BEDROCK:  # an Anthropic request: always signed; the route may name the region
             route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
             region = route.region if route is not None and route.region else (rule.region if rule else None)
             rule = BedrockAuth(region, rule.profile if rule else None)
+        elif ex.translated:
+            rule = rule or VertexAuth()
         if rule is None:
             return
         ready = self._ready(ex.provider, rule)

@@ -1,5 +1,9 @@
-"""Translation: an Anthropic Messages request (any client) served by Amazon Bedrock, for a route with
-`provider: bedrock` (policy/clouds.py's `read_translation`).
+"""Translation: an Anthropic Messages request (any client) served by Amazon Bedrock or Google Vertex AI, for a route
+with `provider: bedrock` or `provider: vertex` (policy/clouds.py's `read_translation`).
+
+Vertex: `POST /v1/projects/<project>/locations/<region>/publishers/anthropic/models/<id@date>:rawPredict` (or
+`:streamRawPredict`), the body without `model`, with `anthropic_version: vertex-2023-10-16`; the betas stay in the
+`anthropic-beta` header; the answer is Anthropic's own JSON or SSE already. Bedrock:
 
 The request becomes an InvokeModel call: the path `/model/<Bedrock id>/invoke` (or `/invoke-with-response-stream`
 when the body asks to stream), the body without `model` and `stream`, with `anthropic_version` and the
@@ -29,29 +33,40 @@ ANTHROPIC_ONLY = ("x-api-key", "anthropic-version", "anthropic-beta", "authoriza
 class ProviderTranslation:
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or flow.response or not ex.translated or ex.provider != providers.BEDROCK:
+        if ex is None or flow.response or not ex.translated or ex.provider not in (providers.BEDROCK, providers.VERTEX):
             return
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         request = flow.request
         if not path_of(ex.path).rstrip("/").endswith("/v1/messages") or not isinstance(ex.body, dict):
             # count_tokens and anything else: not translated (Bedrock's CountTokens takes another body)
             flow.response = http.Response.make(
-                501, errors.error_json("not_supported", f"{path_of(ex.path)} is not supported on this route (Amazon Bedrock)"),
+                501, errors.error_json("not_supported", f"{path_of(ex.path)} is not supported on this route ({ex.provider})"),
                 {"content-type": "application/json", "x-should-retry": "false"})
             ex.note("not translated: answered 501 not_supported")
             return
         model = ex.model_requested or ""
         region = route.region if route is not None else None
         target = next((to for pattern, to in (route.models if route else ()) if pattern.match(model)), None)
-        target = target or providers.bedrock_model_id(model, region)
         betas = [b.strip() for value in request.headers.get_all("anthropic-beta") for b in value.split(",") if b.strip()]
-        body, stream, dropped = providers.bedrock_body(dict(ex.body), betas)
-        action = "invoke-with-response-stream" if stream else "invoke"
         prefix = route.upstream.prefix if route is not None else ""
-        request.path = f"{prefix}/model/{target}/{action}"
-        for name in ANTHROPIC_ONLY:
-            request.headers.pop(name, None)
-        request.headers["accept"] = "application/vnd.amazon.eventstream" if stream else "application/json"
+        if ex.provider == providers.BEDROCK:
+            target = target or providers.bedrock_model_id(model, region)
+            body, stream, dropped = providers.bedrock_body(dict(ex.body), betas)
+            request.path = f"{prefix}/model/{target}/{'invoke-with-response-stream' if stream else 'invoke'}"
+            for name in ANTHROPIC_ONLY:
+                request.headers.pop(name, None)
+            request.headers["accept"] = "application/vnd.amazon.eventstream" if stream else "application/json"
+        else:
+            target = target or providers.vertex_model_id(model)
+            body, stream, kept, dropped = providers.vertex_body(dict(ex.body), betas)
+            project = route.project if route is not None else ""
+            request.path = (f"{prefix}/v1/projects/{project}/locations/{region}/publishers/anthropic/models/"
+                            f"{target}:{'streamRawPredict' if stream else 'rawPredict'}")
+            for name in ANTHROPIC_ONLY:
+                request.headers.pop(name, None)
+            if kept:
+                request.headers["anthropic-beta"] = ",".join(kept)
         request.content = jsoncodec.dumps(body)
-        ex.note(f"translated for Bedrock: {clean(model)} -> {clean(target)}" + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+        ex.note(f"translated for {ex.provider}: {clean(model)} -> {clean(target)}"
+                + (f"; dropped {', '.join(dropped)}" if dropped else ""))
         exchange.publish(flow, ex)

@@ -18,6 +18,8 @@ from typing import Any
 
 # AWS region names: us-east-1, eu-central-2, us-gov-west-1, ap-southeast-5, …
 REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
+# Vertex AI locations: us-east5, europe-west1, asia-southeast1, global
+VERTEX_REGION = re.compile(r"global|[a-z]+-[a-z]+\d{1,2}")
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
@@ -65,28 +67,38 @@ def read(reader: Any, node: Any) -> Clouds:
 
 
 def read_translation(reader: Any, m: dict, where: str) -> dict[str, Any]:
-    """A route's `provider`, `region` and `models` (Route's fields), read with rules.py's `_Reader`:
+    """A route's `provider`, `region`, `project` and `models` (Route's fields), read with rules.py's `_Reader`:
 
         - {match: {api: anthropic}, upstream: "https://bedrock-runtime.us-east-1.amazonaws.com", provider: bedrock,
            region: us-east-1, models: {"claude-sonnet-4-5*": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"}}
+        - {match: {api: anthropic}, upstream: "https://us-east5-aiplatform.googleapis.com", provider: vertex,
+           region: us-east5, project: my-project}
     """
     found: dict[str, Any] = {}
-    if "provider" in m:
-        found["provider"] = {"anthropic": "anthropic", "bedrock": "aws.bedrock"}[
-            reader.choice(m["provider"], f"{where}.provider", ("anthropic", "bedrock"))]
+    names = {"anthropic": "anthropic", "bedrock": "aws.bedrock", "vertex": "gcp.vertex_ai"}
+    provider = names[reader.choice(m["provider"], f"{where}.provider", tuple(names))] if "provider" in m else "anthropic"
+    found["provider"] = provider
     if "region" in m:
         region = reader.string(m["region"], f"{where}.region")
-        if not REGION.fullmatch(region):
-            raise reader.fail(m["region"], f"{where}.region {region!r} is not an AWS region name (e.g. us-east-1)")
+        pattern, example = (VERTEX_REGION, "us-east5") if provider == "gcp.vertex_ai" else (REGION, "us-east-1")
+        if not pattern.fullmatch(region):
+            raise reader.fail(m["region"], f"{where}.region {region!r} is not a region name (e.g. {example})")
         found["region"] = region
+    if "project" in m:
+        found["project"] = reader.string(m["project"], f"{where}.project")
     if "models" in m:
         pairs = []
         for key, value in reader.mapping_any(m["models"], f"{where}.models"):
             pattern = reader.glob(key, f"{where}.models key")
             pairs.append((pattern, reader.string(value, f"{where}.models[{pattern.pattern!r}]")))
         found["models"] = tuple(pairs)
-    if found.get("provider", "anthropic") == "anthropic" and ("region" in m or "models" in m):
-        raise reader.fail(m.get("region") or m["models"], f"{where}: region and models need provider: bedrock")
+    extra = [k for k in ("region", "project", "models") if k in m]
+    if provider == "anthropic" and extra:
+        raise reader.fail(m[extra[0]], f"{where}: {extra[0]} needs provider: bedrock or vertex")
+    if provider == "aws.bedrock" and "project" in m:
+        raise reader.fail(m["project"], f"{where}: project is for provider: vertex")
+    if provider == "gcp.vertex_ai" and not ("region" in m and "project" in m):
+        raise reader.fail(m["provider"], f"{where}: provider: vertex needs region and project")
     return found
 
 

@@ -220,7 +220,7 @@ class _Reader:
         )
 
     def route(self, node: yaml.Node, where: str) -> Route:
-        m = self.mapping(node, where, {"match": False, "upstream": True, "provider": False, "region": False, "models": False})
+        m = self.mapping(node, where, {"match": False, "upstream": True, "provider": False, "region": False, "project": False, "models": False})
         match = self.mapping(m["match"], f"{where}.match", dict.fromkeys(("host", "path", "mode", "api"), False)) if "match" in m else {}
         return Route(
             **clouds.read_translation(self, m, where),

@@ -177,7 +177,8 @@ class Route:
     api: str | None = None
     # translation (addons/translate.py): the upstream speaks this provider's format; Anthropic's when "anthropic"
     provider: str = "anthropic"
-    region: str | None = None  # the cloud region (SigV4 scope, inference-profile geography)
+    region: str | None = None  # the cloud region (Bedrock: SigV4 scope, inference-profile geography; Vertex: location)
+    project: str | None = None  # Vertex: the Google Cloud project
     models: tuple[tuple[Glob, str], ...] = ()  # Anthropic model glob -> the cloud's model id, first match wins
 
 

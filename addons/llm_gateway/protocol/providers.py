@@ -171,16 +171,59 @@ def chunk_sse(payload: bytes) -> bytes | None:
     return b"event: " + event["type"].encode() + b"\ndata: " + raw + b"\n\n"
 
 
+# --- translation: an Anthropic Messages request served by Vertex AI -----------------------------------------------
+
+VERTEX_VERSION = "vertex-2023-10-16"  # the body's anthropic_version Vertex requires (Vertex AI's Claude docs)
+_DATE = re.compile(r"^(claude-.+)-(\d{8})$")
+
+
+def vertex_model_id(model: str) -> str:
+    """Vertex's id for an Anthropic-style model id: `claude-sonnet-4-5-20250929` (or its alias) becomes
+    `claude-sonnet-4-5@20250929`; an id with `@` is kept."""
+    if "@" in model:
+        return model
+    m = _DATE.match(DATED.get(model, model))
+    return f"{m.group(1)}@{m.group(2)}" if m else model
+
+
+def vertex_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any], bool, list[str], list[str]]:
+    """(the rawPredict body, whether it streams, the betas kept, what was dropped): `model` leaves the body (the path
+    names it), `anthropic_version` comes in, `stream` stays; the betas stay in the header (Vertex takes them there);
+    refused fields go with their betas."""
+    out = {k: v for k, v in body.items() if k != "model"}
+    out["anthropic_version"] = VERTEX_VERSION
+    dropped = []
+    for field_name, beta_prefixes in REFUSED.items():
+        if field_name in out:
+            del out[field_name]
+            dropped.append(field_name)
+        kept = [b for b in betas if not b.startswith(beta_prefixes)]
+        dropped += [b for b in betas if b not in kept]
+        betas = kept
+    return out, body.get("stream") is True, betas, dropped
+
+
+# Google's canonical error codes (google.rpc.Code, as Vertex's `error.status`) -> Anthropic error types.
+GOOGLE_ERRORS = {
+    "RESOURCE_EXHAUSTED": "rate_limit_error", "UNAVAILABLE": "overloaded_error", "INVALID_ARGUMENT": "invalid_request_error",
+    "FAILED_PRECONDITION": "invalid_request_error", "OUT_OF_RANGE": "invalid_request_error",
+    "PERMISSION_DENIED": "permission_error", "UNAUTHENTICATED": "authentication_error", "NOT_FOUND": "not_found_error",
+    "DEADLINE_EXCEEDED": "timeout_error", "ABORTED": "conflict_error", "ALREADY_EXISTS": "conflict_error",
+    "INTERNAL": "api_error", "UNKNOWN": "api_error",
+}
+
+
 # Cloud errors carry account ids, ARNs, project ids: the client gets the message without them (the log keeps it).
 _ARN = re.compile(r"arn:aws[\w-]*:[^\s\"',]+")
 _ACCOUNT = re.compile(r"\b\d{12}\b")
+_PROJECT = re.compile(r"(projects/)[^/\s\"',]+")
 # Messages Claude Code's recovery matches: passed on exactly (claude-code-gateway-protocol.md, "Errors").
 _VERBATIM = re.compile(r"^(?:Input is too long\.|prompt is too long.*|The request size \(.*\) exceeds .*)$", re.S)
 
 
 def client_message(message: str) -> str:
     """A cloud's error message as the client may see it: verbatim when Claude Code's recovery keys on it, else with
-    ARNs and 12-digit account ids replaced by `[redacted]`."""
+    ARNs, 12-digit account ids and Google project ids replaced by `[redacted]`."""
     if _VERBATIM.match(message):
         return message
-    return _ACCOUNT.sub("[redacted]", _ARN.sub("[redacted]", message))
+    return _PROJECT.sub(r"\1[redacted]", _ACCOUNT.sub("[redacted]", _ARN.sub("[redacted]", message)))

@@ -126,3 +126,19 @@ def test_chunk_sse_keeps_the_event_bytes_and_drops_the_metrics():
 ])
 def test_client_message(message, shown):
     assert providers.client_message(message) == shown
+
+
+def test_vertex_model_id_and_body():
+    assert providers.vertex_model_id("claude-sonnet-4-5") == "claude-sonnet-4-5@20250929"
+    assert providers.vertex_model_id("claude-3-5-haiku-20241022") == "claude-3-5-haiku@20241022"
+    assert providers.vertex_model_id("claude-opus-4-1@20250805") == "claude-opus-4-1@20250805"
+    assert providers.vertex_model_id("my-model") == "my-model"
+    out, stream, kept, dropped = providers.vertex_body(
+        {"model": "m", "stream": True, "messages": [], "tags": {}}, ["a-beta", "request-tags-2026-08-21"])
+    assert out == {"stream": True, "messages": [], "anthropic_version": "vertex-2023-10-16"}
+    assert (stream, kept, dropped) == (True, ["a-beta"], ["tags", "request-tags-2026-08-21"])
+
+
+def test_project_ids_leave_google_messages():
+    assert providers.client_message("Permission denied on projects/acme-prod-123/locations/us-east5") == \
+        "Permission denied on projects/[redacted]/locations/us-east5"
