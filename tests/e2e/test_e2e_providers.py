@@ -386,17 +386,23 @@ def test_throttling_mid_stream_becomes_a_native_error_event(translating, cloud):
     assert (record["complete"], record["translated"], record["input_tokens"]) == (False, True, USAGE["input_tokens"])
 
 
-def test_count_tokens_is_not_supported_on_a_bedrock_route(translating, cloud):
+def count(gw: Gateway, path: str = "/v1/messages/count_tokens") -> tuple[int, dict, bytes]:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"{translating.base_url}/v1/messages/count_tokens", method="POST",
-                                     data=b'{"model":"claude-sonnet-4-5","messages":[]}',
-                                     headers={"content-type": "application/json", "x-api-key": "k"})
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(request, timeout=30)
-    assert e.value.code == 501 and e.value.headers["x-should-retry"] == "false"
-    assert json.loads(e.value.read())["error"]["type"] == "not_supported"
+    request = urllib.request.Request(f"{gw.base_url}{path}", method="POST", headers={"content-type": "application/json"},
+                                     data=b'{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}],"tools":[]}')
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, dict(answer.headers.items()), answer.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+def test_count_tokens_goes_to_bedrocks_count_tokens(translating, cloud):
+    status, _, raw = count(translating)
+    assert (status, json.loads(raw)) == (200, {"input_tokens": USAGE["input_tokens"]}), (raw, cloud.requests[-1])
+    assert cloud.requests[-1]["path"] == "/model/anthropic.claude-sonnet-4-5-20250929-v1:0/count-tokens"
 
 
 @pytest.fixture(scope="module")
@@ -443,6 +449,13 @@ def test_translated_to_vertex_the_sdk_gets_the_message(translating_vertex, cloud
     message = client.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=MESSAGES)
     assert without_nulls(message.model_dump(mode="json")) == without_nulls(cloud.last_message)
     assert cloud.requests[-1]["path"].endswith("/models/claude-haiku-4-5@20251001:rawPredict")
+
+
+def test_translated_to_vertex_count_tokens(translating_vertex, cloud):
+    status, _, raw = count(translating_vertex)
+    assert (status, json.loads(raw)) == (200, {"input_tokens": USAGE["input_tokens"]})
+    assert cloud.requests[-1]["path"].endswith("/publishers/anthropic/models/count-tokens:rawPredict")
+    assert json.loads(cloud.requests[-1]["body"])["model"] == "claude-sonnet-4-5@20250929"
 
 
 def test_translated_to_vertex_a_google_error_becomes_native(translating_vertex, cloud):

@@ -37,7 +37,7 @@ from fakes.upstream import Scenario, build_message, message_to_events, sse_frame
 
 SIGV4 = re.compile(r"^AWS4-HMAC-SHA256 Credential=(\w+)/(\d{8})/([a-z0-9-]+)/bedrock/aws4_request, "
                    r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})$")
-BEDROCK_PATH = re.compile(r"^/model/([^/]+)/(invoke|invoke-with-response-stream)$")
+BEDROCK_PATH = re.compile(r"^/model/([^/]+)/(invoke|invoke-with-response-stream|count-tokens)$")
 VERTEX_PATH = re.compile(r"^(?:/v1)?/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 FAKE_HEADER = "x-fake-cloud"
 # Bedrock's answers name the model without the provider prefix and version suffix (what the SDK sees)
@@ -82,6 +82,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/token":  # Google's OAuth token endpoint, as a service account's `token_uri` names it
             self._token(body)
+        elif (m := BEDROCK_PATH.match(path)) and m.group(2) == "count-tokens":
+            self._bedrock_count(m.group(1), body)
         elif m := BEDROCK_PATH.match(path):
             self._bedrock(m.group(1), m.group(2) == "invoke-with-response-stream", body)
         elif m := VERTEX_PATH.match(path):
@@ -127,6 +129,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 break
         self._chunk(b"")
 
+    def _bedrock_count(self, model: str, body: bytes) -> None:
+        """CountTokens: `{"input": {"invokeModel": {"body": base64}}}` of a valid InvokeModel body, a foundation model."""
+        if not SIGV4.match(self.headers.get("authorization") or "") or not model.startswith("anthropic."):
+            self._aws_error(400, "ValidationException", "The provided model identifier is invalid.")
+            return
+        invoke = json.loads(base64.b64decode(json.loads(body)["input"]["invokeModel"]["body"]))
+        if not isinstance(invoke.get("max_tokens"), int) or "model" in invoke or invoke.get("tools") == []:
+            self._aws_error(400, "ValidationException", "Malformed input request")
+            return
+        self._send(200, "application/json", json.dumps({"inputTokens": USAGE["input_tokens"]}).encode())
+
     def _aws_error(self, status: int, name: str, message: str) -> None:
         self._send(status, "application/json", json.dumps({"message": message}).encode(),
                    {"x-amzn-ErrorType": f"{name}:http://internal.amazon.com/coral/com.amazon.bedrock/"})
@@ -138,6 +151,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._google_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
             return
         request = json.loads(body)
+        if model == "count-tokens":  # the count endpoint takes the model in the body
+            if not isinstance(request.get("anthropic_version"), str) or "@" not in str(request.get("model")):
+                self._google_error(400, "INVALID_ARGUMENT", "model: a Vertex model id is required")
+                return
+            self._send(200, "application/json", json.dumps({"input_tokens": USAGE["input_tokens"]}).encode())
+            return
         if not isinstance(request.get("anthropic_version"), str) or "model" in request:
             self._google_error(400, "INVALID_ARGUMENT", "anthropic_version: Field required; model: Extra inputs are not permitted")
             return

@@ -18,10 +18,12 @@ from llm_gateway.pipeline.answer import (
     settle,
     settle_failure,
     sse_to_json,
+    translated_count,
     translated_error,
 )
 from llm_gateway.pipeline.streamreader import StreamReader
-from llm_gateway.protocol.providers import ANTHROPIC
+from llm_gateway.protocol.hosts import path_of
+from llm_gateway.protocol.providers import ANTHROPIC, BEDROCK
 
 
 class AnswerPipeline:
@@ -53,6 +55,8 @@ class AnswerPipeline:
                 error_answer(response, ex)
             elif response.status_code >= 400 and ex.translated:  # an Anthropic client: a native error
                 translated_error(response, ex)
+            elif ex.translated and ex.provider == BEDROCK and path_of(ex.path).rstrip("/").endswith("/count_tokens"):
+                translated_count(response, ex)
             elif response.status_code >= 400:  # a cloud's own error, for its own client: recorded, not rewritten
                 cloud_error(response, ex)
             elif ex.stream_requested is not None and (sse := is_sse(response)) != ex.stream_requested:

@@ -12,8 +12,8 @@ when the body asks to stream), the body without `model` and `stream`, with `anth
 back to the client as Anthropic's own (pipeline/eventstream.py: the event stream as SSE; pipeline/answer.py:
 Bedrock's errors as native errors). The model id: the route's `models` map first, else `bedrock_model_id`.
 
-`count_tokens` has no translation here yet: the client gets a `501` native error of type `not_supported` with
-`x-should-retry: false` rather than a request Bedrock would refuse.
+`count_tokens` goes to the clouds' own count endpoints (Bedrock's CountTokens, Vertex's `count-tokens:rawPredict`);
+other paths get a `501` native error of type `not_supported` with `x-should-retry: false`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ class ProviderTranslation:
             return
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         request = flow.request
-        if not path_of(ex.path).rstrip("/").endswith("/v1/messages") or not isinstance(ex.body, dict):
-            # count_tokens and anything else: not translated (Bedrock's CountTokens takes another body)
+        path = path_of(ex.path).rstrip("/")
+        counting = path.endswith("/v1/messages/count_tokens")
+        if not (path.endswith("/v1/messages") or counting) or not isinstance(ex.body, dict):
+            # anything else (batches, models, …): not translated
             flow.response = http.Response.make(
                 501, errors.error_json("not_supported", f"{path_of(ex.path)} is not supported on this route ({ex.provider})"),
                 {"content-type": "application/json", "x-should-retry": "false"})
@@ -49,6 +51,9 @@ class ProviderTranslation:
         target = next((to for pattern, to in (route.models if route else ()) if pattern.match(model)), None)
         betas = [b.strip() for value in request.headers.get_all("anthropic-beta") for b in value.split(",") if b.strip()]
         prefix = route.upstream.prefix if route is not None else ""
+        if counting:
+            self._count(flow, ex, target, region, betas, prefix, route)
+            return
         if ex.provider == providers.BEDROCK:
             target = target or providers.bedrock_model_id(model, region)
             body, stream, dropped = providers.bedrock_body(dict(ex.body), betas)
@@ -69,4 +74,30 @@ class ProviderTranslation:
         request.content = jsoncodec.dumps(body)
         ex.note(f"translated for {ex.provider}: {clean(model)} -> {clean(target)}"
                 + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+        exchange.publish(flow, ex)
+
+    @staticmethod
+    def _count(flow: http.HTTPFlow, ex: exchange.Exchange, target: str | None, region: str | None, betas: list[str],
+               prefix: str, route) -> None:
+        """count_tokens: Bedrock's CountTokens (its `{"inputTokens": N}` becomes `{"input_tokens": N}` in
+        pipeline/answer.py), or Vertex's `count-tokens:rawPredict`, which takes the model in the body and answers
+        Anthropic's shape."""
+        request, model = flow.request, ex.model_requested or ""
+        for name in ANTHROPIC_ONLY:
+            request.headers.pop(name, None)
+        if ex.provider == providers.BEDROCK:
+            target = providers.foundation_model_id(target or providers.bedrock_model_id(model, region))
+            request.path = f"{prefix}/model/{target}/count-tokens"
+            body = providers.bedrock_count_request(dict(ex.body), betas)
+        else:
+            target = target or providers.vertex_model_id(model)
+            body, _, kept, _ = providers.vertex_body(dict(ex.body), betas)
+            body["model"] = target
+            request.path = (f"{prefix}/v1/projects/{route.project if route else ''}/locations/{region}/publishers/"
+                            "anthropic/models/count-tokens:rawPredict")
+            if kept:
+                request.headers["anthropic-beta"] = ",".join(kept)
+        request.headers["accept"] = "application/json"
+        request.content = jsoncodec.dumps(body)
+        ex.note(f"count_tokens translated for {ex.provider}: {clean(model)} -> {clean(target)}")
         exchange.publish(flow, ex)

@@ -97,6 +97,13 @@ def translated_error(response: http.Response, ex: exchange.Exchange) -> None:
     ex.note(f"{ex.provider} error became a native {error_type} (HTTP {response.status_code} -> {status})")
 
 
+def translated_count(response: http.Response, ex: exchange.Exchange) -> None:
+    """Bedrock CountTokens' `{"inputTokens": N}` as Anthropic's `{"input_tokens": N}` (Vertex answers that already)."""
+    body = jsoncodec.parse_json_body(response.get_content(strict=False))
+    if isinstance(body, dict) and isinstance(body.get("inputTokens"), int) and "input_tokens" not in body:
+        set_body(response, jsoncodec.dumps({"input_tokens": body["inputTokens"]}), "application/json")
+
+
 def set_body(response: http.Response, content: bytes, content_type: str) -> None:
     """Replace a buffered body with identity-encoded content of another type."""
     response.headers.pop("content-encoding", None)

@@ -151,6 +151,25 @@ def bedrock_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any]
     return out, stream, dropped
 
 
+def bedrock_count_request(body: dict[str, Any], betas: list[str]) -> dict[str, Any]:
+    """Bedrock CountTokens' body for a count_tokens body: the InvokeModel body it would be, base64 in
+    `input.invokeModel.body`; with the `max_tokens` InvokeModel requires (above any thinking budget) and without an
+    empty `tools` list (claude-code-gateway-protocol.md, "count_tokens")."""
+    invoke, _, _ = bedrock_body(body, betas)
+    thinking = invoke.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    invoke["max_tokens"] = budget + 1 if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0 else 1
+    if invoke.get("tools") == []:
+        del invoke["tools"]
+    return {"input": {"invokeModel": {"body": base64.b64encode(jsoncodec.dumps(invoke)).decode()}}}
+
+
+def foundation_model_id(model: str) -> str:
+    """The foundation model id of a Bedrock inference profile (`us.anthropic.x-v1:0` -> `anthropic.x-v1:0`): what
+    CountTokens takes."""
+    return re.sub(r"^(?:[a-z]{2,4}|global|us-gov)\.(?=anthropic\.)", "", model)
+
+
 def chunk_sse(payload: bytes) -> bytes | None:
     """The SSE event a Bedrock `chunk` payload stands for: `event: <type>`, then the event's own JSON bytes as
     Bedrock carried them (re-encoded only to leave out the invocation metrics of the last one)."""

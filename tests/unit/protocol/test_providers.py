@@ -142,3 +142,22 @@ def test_vertex_model_id_and_body():
 def test_project_ids_leave_google_messages():
     assert providers.client_message("Permission denied on projects/acme-prod-123/locations/us-east5") == \
         "Permission denied on projects/[redacted]/locations/us-east5"
+
+
+def test_bedrock_count_request():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [],
+            "thinking": {"type": "enabled", "budget_tokens": 2048}}
+    out = providers.bedrock_count_request(body, ["request-tags-2026-08-21", "b"])
+    invoke = json.loads(base64.b64decode(out["input"]["invokeModel"]["body"]))
+    assert invoke == {"messages": body["messages"], "thinking": body["thinking"], "max_tokens": 2049,
+                      "anthropic_version": "bedrock-2023-05-31", "anthropic_beta": ["b"]}
+    plain = json.loads(base64.b64decode(providers.bedrock_count_request({"messages": []}, [])["input"]["invokeModel"]["body"]))
+    assert plain["max_tokens"] == 1
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", "anthropic.claude-sonnet-4-5-20250929-v1:0"),
+    ("global.anthropic.x-v1:0", "anthropic.x-v1:0"), ("anthropic.x-v1:0", "anthropic.x-v1:0"),
+])
+def test_foundation_model_id(model, expected):
+    assert providers.foundation_model_id(model) == expected
