@@ -66,6 +66,7 @@ class EventStreamReader:
 
     def _translate(self, chunk: bytes) -> bytes | list[bytes]:
         """The SSE bytes for this chunk's complete frames (the relay sees them as one chunk)."""
+        self.relay.last_chunk = self.last_chunk  # stream_idle counts upstream bytes, whole frames or not
         if self.reading:
             try:
                 if chunk:

@@ -70,3 +70,34 @@ def test_a_corrupt_frame_stops_the_reading_not_the_stream():
     rest = b"".join(frames()[1:])
     assert forward(stream, [good, bytes(bad), rest]) == good + bytes(bad) + rest
     assert not stream.reading and ex.usage["input_tokens"] == 11
+
+
+def test_translated_stream_becomes_the_apis_sse_and_the_relay_is_found_for_timeouts():
+    from llm_gateway.pipeline import relay
+    from llm_gateway.pipeline.eventstream import install
+
+    _, ex = reader()
+    ex.translated = True
+    f = api_flow(host=ex.host, path=PATH, resp=True)
+    f.response.headers["content-type"] = "application/vnd.amazon.eventstream"
+    install(f, ex)
+    assert f.response.headers["content-type"].startswith("text/event-stream")
+    found = relay.of(f)
+    assert found is not None and found is f.response.stream.__self__.relay
+    raw = b"".join(frames())
+    out = forward(f.response.stream, [raw[i:i + 10] for i in range(0, len(raw), 10)])
+    assert out.startswith(b"event: message_start\ndata: {") and out.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert ex.complete and ex.usage["cache_read_input_tokens"] == 500
+
+
+def test_translated_stream_cut_short_ends_with_a_native_error_event():
+    from llm_gateway.pipeline.eventstream import install
+
+    _, ex = reader()
+    ex.translated = True
+    f = api_flow(host=ex.host, path=PATH, resp=True)
+    f.response.headers["content-type"] = "application/vnd.amazon.eventstream"
+    install(f, ex)
+    out = forward(f.response.stream, [b"".join(frames()[:2])])
+    assert out.endswith(b'"type":"api_error","message":"the upstream stream ended before message_stop; the answer is incomplete"}}\n\n')
+    assert not ex.complete and ex.error_type == "api_error"
