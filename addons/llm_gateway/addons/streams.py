@@ -33,9 +33,10 @@ class StreamPreference:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        if ex.translated:  # the path will say it (addons/translate.py): no preference forced there
-            ex.stream_requested = ex.stream_upstream = isinstance(ex.body, dict) and ex.body.get("stream") is True
-            exchange.publish(flow, ex)
+        if ex.translated:  # the cloud's path will say it (addons/translate.py): no preference forced there
+            if takes_stream_flag(flow, ex):
+                ex.stream_requested = ex.stream_upstream = ex.body.get("stream") is True
+                exchange.publish(flow, ex)
             return
         if ex.provider != ANTHROPIC:
             # Bedrock and Vertex name the answer's form in the path, and the client signed the request (SigV4,
