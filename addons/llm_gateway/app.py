@@ -41,6 +41,7 @@ from llm_gateway.addons.bodies import BodyLimit
 from llm_gateway.addons.ca import GatewayCA
 from llm_gateway.addons.quotas import Quotas
 from llm_gateway.addons.clients import ClientDetector
+from llm_gateway.addons.cloudauth import CloudCredentials
 from llm_gateway.addons.credentials import KeyCustody
 from llm_gateway.addons.drain import Drain
 from llm_gateway.addons.egress import EgressPolicy
@@ -55,6 +56,7 @@ from llm_gateway.addons.rulefile import RuleFile, refuse_repeated_options
 from llm_gateway.addons.startup import StartupReport
 from llm_gateway.addons.streams import StreamPreference
 from llm_gateway.addons.timeouts import Timeouts
+from llm_gateway.addons.translate import ProviderTranslation
 from llm_gateway.addons.usage import Usage
 from llm_gateway.addons.warmup import Warmup
 from llm_gateway.addons.webview import WebView
@@ -159,6 +161,8 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         ClientDetector(),  # request: which client and session, which stream preference
         KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
+        ProviderTranslation(),  # request: an Anthropic request for a provider: bedrock route becomes an InvokeModel call
+        CloudCredentials(rule_file),  # request: base-URL Bedrock/Vertex requests signed with the gateway's credentials
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
         Quotas(metrics),  # request: spend and rate limits admitted (after credentials: the principal); response/error: settled
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry

@@ -101,12 +101,13 @@ def test_the_scan_sees_a_private_name(tmp_path):
 
 
 # Each Exchange field and the only modules (under addons/llm_gateway) that may assign it; fields given to the
-# constructor (rules, api, mode, method, host, path, started, user_agent) are built by addons/routing.py.
+# constructor (rules, api, mode, method, host, path, started, user_agent, provider) are built by addons/routing.py.
 # Lists are appended to and taps added only through Exchange's own methods (note, add_tap).
-ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py"}
+ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py", "pipeline/eventstream.py"}
 FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},
+    **dict.fromkeys(("provider", "translated"), {"addons/routing.py"}),
     "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
     "model_requested": {"addons/routing.py"},
@@ -195,6 +196,16 @@ BOUNDARIES = {
         "SSERelay._relay": "a chunk the decoder cannot read is forwarded as received",
         "SSERelay._forward": "one tap's failure must not stop the stream or the other taps",
         "SSERelay._end": "the same, at the end of the stream",
+    },
+    "addons/cloudauth.py": {
+        "CloudCredentials._fetch_and_apply": "no credentials or a failed refresh (botocore, google-auth raise many kinds): "
+                                    "a native error to the client, the reason to the log",
+    },
+    "pipeline/eventstream.py": {
+        "EventStreamReader.__call__": "mitmproxy calls the reader per chunk: an exception would cut the client's stream",
+        "EventStreamReader._translate": "the same, while the frames become Anthropic SSE",
+        "EventStreamReader._tap": "one tap's failure must not stop the stream or the other taps",
+        "EventStreamReader._end": "the same, at the end of the stream",
     },
     "mitm/layers.py": {"end_early": "mitmproxy internals changed under us: close the upstream instead"},
     "mitm/server.py": {"close_listeners": "one listener that will not close must not keep the others open"},

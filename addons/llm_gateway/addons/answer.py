@@ -8,16 +8,22 @@ import time
 
 from mitmproxy import http
 
-from llm_gateway.pipeline import exchange, relay
+from llm_gateway.pipeline import eventstream, exchange, relay
 from llm_gateway.pipeline.answer import (
+    cloud_error,
     error_answer,
+    is_eventstream,
     is_sse,
     json_to_sse,
     settle,
     settle_failure,
     sse_to_json,
+    translated_count,
+    translated_error,
 )
 from llm_gateway.pipeline.streamreader import StreamReader
+from llm_gateway.protocol.hosts import path_of
+from llm_gateway.protocol.providers import ANTHROPIC, BEDROCK
 
 
 class AnswerPipeline:
@@ -34,6 +40,8 @@ class AnswerPipeline:
         # stream is buffered and answered as a native JSON error, like any other error.
         if is_sse(response) and response.status_code < 400 and ex.stream_requested is not False:
             relay.install(flow, ex)
+        elif is_eventstream(response) and response.status_code < 400:  # Bedrock's stream: read, never changed
+            eventstream.install(flow, ex)
 
     def response(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
@@ -43,8 +51,14 @@ class AnswerPipeline:
         try:
             if response.stream:
                 pass  # relayed: the reader saw it all
-            elif response.status_code >= 400:
+            elif response.status_code >= 400 and ex.provider == ANTHROPIC:
                 error_answer(response, ex)
+            elif response.status_code >= 400 and ex.translated:  # an Anthropic client: a native error
+                translated_error(response, ex)
+            elif ex.translated and ex.provider == BEDROCK and path_of(ex.path).rstrip("/").endswith("/count_tokens"):
+                translated_count(response, ex)
+            elif response.status_code >= 400:  # a cloud's own error, for its own client: recorded, not rewritten
+                cloud_error(response, ex)
             elif ex.stream_requested is not None and (sse := is_sse(response)) != ex.stream_requested:
                 if sse:
                     sse_to_json(response, ex)

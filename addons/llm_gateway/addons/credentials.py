@@ -39,6 +39,7 @@ from llm_gateway.policy.credentials import (
     presented,
 )
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
+from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
 
 if TYPE_CHECKING:
@@ -148,6 +149,8 @@ class KeyCustody:
             return
         if flow.response or ex.rules.credentials is None:
             return
+        if ex.provider != ANTHROPIC and ex.mode != "reverse":  # a cloud request its client signed: not a gateway token
+            return
         headers = flow.request.headers
         original = {name: headers[name] for name in CREDENTIAL_HEADERS if name in headers}
         _custody[flow] = Custody(original)
@@ -211,6 +214,10 @@ class KeyCustody:
             return
         if decision.action == "pass":
             self._pass(flow, custody, decision)
+            return
+        if ex.provider != ANTHROPIC:  # a cloud request: the gateway signs it with its cloud credentials (addons/cloudauth.py)
+            for name in CREDENTIAL_HEADERS:
+                flow.request.headers.pop(name, None)
             return
         unsafe = self._unsafe_destination(flow, ex)
         if unsafe:

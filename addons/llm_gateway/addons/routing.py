@@ -17,7 +17,8 @@ from mitmproxy import http
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.policy.routing import match_api, match_route
-from llm_gateway.protocol import leanjson
+from llm_gateway.protocol import leanjson, providers
+from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.hosts import normalize_host
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class ApiRouter:
                 host=host,
                 path=flow.request.path,
                 user_agent=flow.request.headers.get("user-agent"),
+                provider=api.provider,
             ),
         )
 
@@ -62,6 +64,10 @@ class ApiRouter:
         ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False), exact=False)
         if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
             ex.model_requested = ex.body["model"][:200]
+        if ex.provider != ANTHROPIC:  # the clouds name the model in the path (the body has none)
+            model, _ = providers.request_facts(ex.provider, ex.path)
+            if model:
+                ex.model_requested = model[:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         if route is None:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
@@ -81,4 +87,6 @@ class ApiRouter:
                 request.host_header = up.host_header
             ex.upstream = str(up)
             ex.note(f"routed to {up}")
+            if route.provider != ex.provider:  # served in another provider's format: addons/translate.py
+                ex.provider, ex.translated = route.provider, True
         exchange.publish(flow, ex)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange
-from llm_gateway.protocol import jsoncodec, leanjson
+from llm_gateway.protocol import jsoncodec, leanjson, providers
+from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.hosts import path_of
 
 
@@ -30,7 +31,23 @@ def takes_stream_flag(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
 class StreamPreference:
     def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
-        if ex is None or flow.response or not takes_stream_flag(flow, ex):
+        if ex is None or flow.response:
+            return
+        if ex.translated:  # the cloud's path will say it (addons/translate.py): no preference forced there
+            if takes_stream_flag(flow, ex):
+                ex.stream_requested = ex.stream_upstream = ex.body.get("stream") is True
+                exchange.publish(flow, ex)
+            return
+        if ex.provider != ANTHROPIC:
+            # Bedrock and Vertex name the answer's form in the path, and the client signed the request (SigV4,
+            # OAuth bearer): the gateway changes nothing in it, so no stream preference applies.
+            _, stream = providers.request_facts(ex.provider, ex.path)
+            ex.stream_requested = ex.stream_upstream = stream
+            if ex.stream_preference in ("on", "off"):
+                ex.note(f"stream preference {ex.stream_preference} not applied: {ex.provider} requests are signed")
+            exchange.publish(flow, ex)
+            return
+        if not takes_stream_flag(flow, ex):
             return
         requested = ex.body.get("stream") is True
         ex.stream_requested = ex.stream_upstream = requested

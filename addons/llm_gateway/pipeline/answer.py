@@ -29,7 +29,7 @@ import logging
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange, relay
-from llm_gateway.protocol import envelopes, errors, jsoncodec, messages, sse
+from llm_gateway.protocol import envelopes, errors, jsoncodec, messages, providers, sse
 from llm_gateway.protocol.sse import SSE_TYPE
 from llm_gateway.util.logsafe import clean
 
@@ -44,6 +44,64 @@ CLIENT_GONE = "Client disconnected"  # how mitmproxy's flow.error starts when th
 
 def is_sse(response: http.Response) -> bool:
     return response.headers.get("content-type", "").lower().startswith(SSE_TYPE)
+
+
+def is_eventstream(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").lower().startswith(providers.EVENTSTREAM_TYPE)
+
+
+def cloud_error(response: http.Response, ex: exchange.Exchange) -> None:
+    """A Bedrock or Vertex error answered to the cloud's own (signing) client: passed on as it came, its native
+    error type recorded: Bedrock names its exception in `x-amzn-ErrorType` (or the body's `__type`), Vertex
+    answers Google's `{"error": {"code", "message", "status"}}`, typed here by its HTTP status."""
+    if ex.provider == providers.BEDROCK:
+        name = response.headers.get("x-amzn-errortype")
+        if not name:
+            body = jsoncodec.parse_json_body(response.get_content(strict=False))
+            name = body.get("__type") if isinstance(body, dict) and isinstance(body.get("__type"), str) else None
+        if name:
+            ex.error_type = providers.bedrock_error_type(name.rsplit("#", 1)[-1])
+    ex.request_id = response.headers.get("x-amzn-requestid") or ex.request_id
+    if ex.error_type is None:
+        ex.error_type = errors.error_type_for_status(response.status_code)
+
+
+def translated_error(response: http.Response, ex: exchange.Exchange) -> None:
+    """A cloud's error, for a client that sent an Anthropic request: the native error with the status of its type
+    (Google's `error.status`; Bedrock's `x-amzn-ErrorType`, else the body's `__type`; else the HTTP status), its message without account ids and ARNs
+    (the original goes to the log) except the ones Claude Code's recovery matches, and `x-should-retry`."""
+    body = jsoncodec.parse_json_body(response.get_content(strict=False))
+    if errors.is_native_error(body):  # the gateway's own answer (refused, not supported): already native
+        ex.error_type = body["error"]["type"]
+        return
+    google = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
+    name = response.headers.get("x-amzn-errortype") or (body.get("__type") if isinstance(body, dict) else None)
+    if google is not None and isinstance(google.get("status"), str):  # Vertex: {"error": {"code", "message", "status"}}
+        error_type = providers.GOOGLE_ERRORS.get(google["status"]) or errors.error_type_for_status(response.status_code)
+        text = google.get("message")
+    elif isinstance(name, str) and name:
+        error_type = providers.bedrock_error_type(name.rsplit("#", 1)[-1])
+        text = body.get("message") or body.get("Message") if isinstance(body, dict) else None
+    else:
+        error_type = errors.error_type_for_status(response.status_code)
+        text = body.get("message") or body.get("Message") if isinstance(body, dict) else None
+    text = text if isinstance(text, str) and text else f"{ex.provider} answered HTTP {response.status_code}"
+    shown = providers.client_message(text)
+    if shown != text:
+        logger.info(f"{ex.provider} error for {clean(ex.host + ex.path)}: {clean(text)}")
+    status = errors.status_for_error_type(error_type)
+    request_id = response.headers.get("x-amzn-requestid")
+    send_error(response, ex, envelopes.Unwrapped(status, errors.error_json(error_type, shown, request_id), error_type,
+                                                 request_id, ex.provider, response.status_code))
+    response.headers["x-should-retry"] = "true" if status in (408, 409, 429) or status >= 500 else "false"
+    ex.note(f"{ex.provider} error became a native {error_type} (HTTP {response.status_code} -> {status})")
+
+
+def translated_count(response: http.Response, ex: exchange.Exchange) -> None:
+    """Bedrock CountTokens' `{"inputTokens": N}` as Anthropic's `{"input_tokens": N}` (Vertex answers that already)."""
+    body = jsoncodec.parse_json_body(response.get_content(strict=False))
+    if isinstance(body, dict) and isinstance(body.get("inputTokens"), int) and "input_tokens" not in body:
+        set_body(response, jsoncodec.dumps({"input_tokens": body["inputTokens"]}), "application/json")
 
 
 def set_body(response: http.Response, content: bytes, content_type: str) -> None:

@@ -58,6 +58,8 @@ class Exchange:
     path: str
     started: float = field(default_factory=time.time)
     upstream: str | None = None
+    provider: str = "anthropic"  # whose wire format: anthropic | aws.bedrock | gcp.vertex_ai (protocol/providers.py)
+    translated: bool = False  # an Anthropic request a route sends to another provider (addons/translate.py)
     body: Any = None  # the request JSON, parsed once; None when empty or not JSON
     client: str = "unknown"
     session: str | None = None
@@ -167,6 +169,8 @@ class Exchange:
             "user_agent": self.user_agent,
             "model": self.model,
             "upstream": self.upstream,
+            "provider": self.provider,
+            "translated": self.translated,
             "stream_requested": self.stream_requested,
             "stream_upstream": self.stream_upstream,
             "converted": self.converted,

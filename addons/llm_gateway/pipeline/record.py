@@ -39,6 +39,8 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "host": ex.host,
         "path": path_of(ex.path),
         "upstream": ex.upstream,
+        "provider": ex.provider,
+        "translated": ex.translated,
         "model": ex.model,
         "status": ex.status,
         "stream_requested": ex.stream_requested,

@@ -224,10 +224,14 @@ def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
 
 def of(flow: http.HTTPFlow) -> SSERelay | None:
     """The relay this flow's response streams through (`install` puts its bound method there; a relay put
-    there itself counts too), or None (buffered, or streamed untouched)."""
+    there itself counts too; so does the SSE relay a translated event stream feeds), or None (buffered, or
+    streamed untouched)."""
     stream = flow.response.stream if flow.response is not None else None
     owner = getattr(stream, "__self__", stream)
-    return owner if isinstance(owner, SSERelay) else None
+    if isinstance(owner, SSERelay):
+        return owner
+    inner = getattr(owner, "relay", None)  # a translated Bedrock stream's SSE relay (pipeline/eventstream.py)
+    return inner if isinstance(inner, SSERelay) else None
 
 
 def interrupt(flow: http.HTTPFlow, frame: bytes) -> bool:

@@ -29,9 +29,9 @@ from llm_gateway.util.perobject import PerObject
 MILLION = 1_000_000
 LIBRARY = f"genai-prices {genai_prices.__version__}"
 RULES = "rules"
-# Provider spellings of an Anthropic model id: Bedrock's `us.anthropic.claude-…-v1:0`, a `provider/` prefix,
-# Vertex's `claude-…@20250929`.
-_BEDROCK = re.compile(r"^(?:[a-z]{2,4}\.)?anthropic\.|-v\d+(?::\d+)?$")
+# Provider spellings of an Anthropic model id: Bedrock's `us.anthropic.claude-…-v1:0` (regional and `global.`
+# inference profiles), an ARN or `provider/` prefix, Vertex's `claude-…@20250929`.
+_BEDROCK = re.compile(r"^(?:[a-z]{2,4}\.|global\.)?anthropic\.|-v\d+(?::\d+)?$")
 _PATH_PREFIX = re.compile(r"^.*/")
 
 

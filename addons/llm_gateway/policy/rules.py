@@ -18,6 +18,7 @@ from mitmproxy.utils import human
 
 from llm_gateway.policy import otel
 from llm_gateway.policy import quotas
+from llm_gateway.policy import clouds
 from llm_gateway.policy.clients import ClientSignature
 from llm_gateway.policy.spec import (
     MODES,
@@ -40,6 +41,7 @@ from llm_gateway.policy.spec import (
     UpstreamKey,
     Usage,
 )
+from llm_gateway.protocol.providers import ANTHROPIC, PROVIDER_NAMES
 from llm_gateway.util.globs import Glob
 
 MAX_NESTING = 100  # deeper YAML is refused (PyYAML's composer recurses once per level)
@@ -190,7 +192,7 @@ class _Reader:
             root,
             "the rule file",
             {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
-            | {"timeouts": False, "limits": False, "otel": False, "quotas": False},
+            | {"timeouts": False, "limits": False, "otel": False, "quotas": False, "clouds": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -208,20 +210,24 @@ class _Reader:
             limits=section("limits", self.limits, Limits()),
             otel=section("otel", lambda n: otel.read(self, n), otel.Otel()),
             quotas=section("quotas", lambda n: quotas.read(self, n), quotas.Quotas()),
+            clouds=section("clouds", lambda n: clouds.read(self, n), clouds.Clouds()),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:
-        m = self.mapping(node, where, {"name": True, "hosts": True, "paths": True})
+        m = self.mapping(node, where, {"name": True, "hosts": True, "paths": True, "provider": False})
         return Api(
             name=self.string(m["name"], f"{where}.name"),
             hosts=self.globs(m["hosts"], f"{where}.hosts"),
             paths=self.globs(m["paths"], f"{where}.paths"),
+            provider=PROVIDER_NAMES[self.choice(m["provider"], f"{where}.provider", tuple(PROVIDER_NAMES))]
+            if "provider" in m else ANTHROPIC,
         )
 
     def route(self, node: yaml.Node, where: str) -> Route:
-        m = self.mapping(node, where, {"match": False, "upstream": True})
+        m = self.mapping(node, where, {"match": False, "upstream": True, "provider": False, "region": False, "project": False, "models": False})
         match = self.mapping(m["match"], f"{where}.match", dict.fromkeys(("host", "path", "mode", "api"), False)) if "match" in m else {}
         return Route(
+            **clouds.read_translation(self, m, where),
             upstream=self.upstream(m["upstream"], f"{where}.upstream"),
             host=self.glob(match["host"], f"{where}.match.host") if "host" in match else None,
             path=self.glob(match["path"], f"{where}.match.path") if "path" in match else None,

@@ -15,6 +15,7 @@ from typing import Any
 
 from llm_gateway.policy.otel import Otel
 from llm_gateway.policy.quotas import Quotas
+from llm_gateway.policy.clouds import Clouds
 from llm_gateway.protocol.tokens import CACHE_TTL
 from llm_gateway.util.globs import Glob
 
@@ -158,11 +159,13 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Api:
-    """Which flows are LLM API flows: any host glob and any path glob (query string ignored)."""
+    """Which flows are LLM API flows: any host glob and any path glob (query string ignored). `provider`: whose
+    wire format they speak (protocol/providers.py: anthropic, aws.bedrock, gcp.vertex_ai)."""
 
     name: str
     hosts: tuple[Glob, ...]
     paths: tuple[Glob, ...]
+    provider: str = "anthropic"
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,11 @@ class Route:
     path: Glob | None = None
     mode: str | None = None
     api: str | None = None
+    # translation (addons/translate.py): the upstream speaks this provider's format; Anthropic's when "anthropic"
+    provider: str = "anthropic"
+    region: str | None = None  # the cloud region (Bedrock: SigV4 scope, inference-profile geography; Vertex: location)
+    project: str | None = None  # Vertex: the Google Cloud project
+    models: tuple[tuple[Glob, str], ...] = ()  # Anthropic model glob -> the cloud's model id, first match wins
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,7 @@ class Rules:
     limits: Limits = field(default_factory=Limits)
     otel: Otel = field(default_factory=Otel)  # OpenTelemetry export switches (policy/otel.py)
     quotas: Quotas = field(default_factory=Quotas)  # spend and rate limits (policy/quotas.py, addons/quotas/)
+    clouds: Clouds = field(default_factory=Clouds)  # the cloud credentials the gateway holds (policy/clouds.py)
 
 
 def token_hash(token: str) -> str:

@@ -60,6 +60,9 @@ def test_sonnet_as_the_price_list_says(tokens, price):
         "claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-1", "claude-haiku-4-5-20251001",
         "claude-3-opus-20240229", "claude-3-haiku-20240307",
         "us.anthropic.claude-sonnet-4-5-20250929-v1:0", "anthropic/claude-opus-4-6", "claude-sonnet-4-5@20250929",
+        "global.anthropic.claude-sonnet-4-5-20250929-v1:0", "anthropic.claude-haiku-4-5-20251001-v1:0",
+        "arn:aws:bedrock:us-east-1:123456789012:inference-profile/eu.anthropic.claude-sonnet-4-5-20250929-v1:0",
+        "claude-haiku-4-5@20251001",
     ],
 )
 def test_models_claude_code_and_providers_name_are_priced(model):

@@ -99,6 +99,10 @@ def test_stream_accepts_what_yaml_makes_of_on_and_off(value, mode):
         ("apis:\n  - name: a\n    hosts: 3\n    paths: [/v1]\n", 3, "must be a non-empty string"),
         ("apis:\n  - name: a\n    hosts: [\"api[.com\"]\n    paths: [/v1]\n", 3, "bad glob"),
         ("apis:\n  - name: a\n    paths: [/v1]\n", 2, "needs 'hosts'"),
+        ("apis:\n  - name: a\n    hosts: [x]\n    paths: [/v1]\n    provider: azure\n", 5,
+         "provider must be one of anthropic, bedrock"),
+        ("clouds:\n  bedrock: {region: narnia}\n", 2, "clouds.bedrock.region 'narnia' is not an AWS region name"),
+        ("clouds:\n  azure: {}\n", 2, "unknown key 'azure'"),
         ("routes:\n  - upstream: ftp://x\n", 2, "http(s)://host[:port][/prefix]"),
         ("routes:\n  - upstream: http://\n", 2, "http(s)://host[:port][/prefix]"),
         ("routes:\n  - upstream: http://x:99999\n", 2, "http(s)://host[:port][/prefix]"),
@@ -124,6 +128,22 @@ def test_refusals_name_file_line_and_reason(text, line, reason):
         rules.parse(text, "conf/rules.yaml")
     assert str(e.value).startswith(f"conf/rules.yaml:{line}: "), str(e.value)
     assert reason in str(e.value)
+
+
+def test_api_provider_names_the_wire_format():
+    found = rules.parse("apis:\n  - {name: a, hosts: [x], paths: [/v1]}\n  - {name: b, hosts: [y], paths: [/m], provider: bedrock}\n"
+                        "  - {name: c, hosts: [z], paths: [/p], provider: gcp.vertex_ai}\n").apis
+    assert [api.provider for api in found] == ["anthropic", "aws.bedrock", "gcp.vertex_ai"]
+
+
+def test_clouds_section():
+    from llm_gateway.policy.clouds import CLOUD_PLATFORM_SCOPE, bedrock_region
+
+    found = rules.parse("apis: []\nclouds:\n  bedrock: {region: eu-central-1, profile: gw}\n  vertex: {}\n").clouds
+    assert (found.bedrock.region, found.bedrock.profile, found.vertex.scopes) == ("eu-central-1", "gw", (CLOUD_PLATFORM_SCOPE,))
+    assert rules.parse("apis: []\n").clouds.bedrock is None
+    assert bedrock_region("bedrock-runtime.us-west-2.amazonaws.com") == "us-west-2"
+    assert bedrock_region("bedrock-runtime-fips.us-east-1.amazonaws.com") == "us-east-1" and bedrock_region("127.0.0.1") is None
 
 
 def test_cache_watch_keys():

@@ -1,0 +1,164 @@
+"""Bedrock's streamed answers read as they pass: the AWS event-stream (`application/vnd.amazon.eventstream`).
+
+InvokeModelWithResponseStream answers in binary frames (prelude, headers, payload, two CRC32s; decoded by
+botocore's `EventStreamBuffer`, which checks both CRCs). A `chunk` event carries one Anthropic stream event,
+base64 inside JSON (protocol/providers.py); an `exception` frame carries an AWS error (ThrottlingException, …).
+Each Anthropic event goes through the exchange's taps as the SSE event it stands for, so the one
+`StreamReader` reads usage, the model and the end of the message exactly as on Anthropic's own streams.
+
+The bytes go on to the client as they came (the request was signed by the client, the answer is its cloud's):
+nothing is held back, nothing rewritten. Only the decoder keeps the bytes of a frame not yet complete.
+Nothing here may raise into mitmproxy (see pipeline/relay.py): a frame that does not decode stops the reading,
+never the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from botocore.eventstream import EventStreamBuffer, ParserError
+from mitmproxy import http
+
+from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline.relay import SSERelay
+from llm_gateway.protocol import jsoncodec, providers, sse, tokens
+from llm_gateway.protocol.errors import error_body
+from llm_gateway.protocol.sse import SSE_TYPE
+from llm_gateway.util.logsafe import clean
+
+logger = logging.getLogger("llm_gateway.eventstream")
+
+
+class EventStreamReader:
+    """The stream callable of one Bedrock answer: bytes forwarded unchanged, events handed to the taps; or, with
+    `relay` (a translated exchange), each event turned into the Anthropic SSE event it carries and sent on through
+    that SSE relay, which hands it to the taps and appends what they add at the end."""
+
+    def __init__(self, ex: exchange.Exchange, relay: SSERelay | None = None) -> None:
+        self.ex = ex
+        self.relay = relay
+        self.sse: list[bytes] = []  # translated: the SSE bytes of this chunk's frames
+        self.buffer = EventStreamBuffer()
+        self.reading = True
+        self.metrics: dict[str, int] = {}  # the last chunk's amazon-bedrock-invocationMetrics, as usage fields
+        self.last_chunk = time.monotonic()
+
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        self.last_chunk = time.monotonic()
+        if self.relay is not None:
+            return self._translate(chunk)
+        if self.reading:
+            try:
+                if chunk:
+                    self.buffer.add_data(chunk)
+                    for message in self.buffer:
+                        self._message(message.headers, message.payload)
+                else:
+                    self._end()
+            except ParserError as e:
+                logger.warning(f"{clean(self.ex.host)}: an event-stream frame does not decode ({clean(e)}); not read further")
+                self.reading = False
+            except Exception:  # never reached in normal operation: see the module docstring
+                logger.exception(f"event-stream reader failed; forwarding the rest unread ({clean(self.ex.host)})")
+                self.reading = False
+        return chunk or []  # nothing to send must be [], not b"" (see pipeline/relay.py)
+
+    def _translate(self, chunk: bytes) -> bytes | list[bytes]:
+        """The SSE bytes for this chunk's complete frames (the relay sees them as one chunk)."""
+        self.relay.last_chunk = self.last_chunk  # stream_idle counts upstream bytes, whole frames or not
+        if self.reading:
+            try:
+                if chunk:
+                    self.buffer.add_data(chunk)
+                    for message in self.buffer:
+                        self._frame_sse(message.headers, message.payload)
+            except ParserError as e:
+                logger.warning(f"{clean(self.ex.host)}: an event-stream frame does not decode ({clean(e)}); the stream ends here")
+                self.sse.append(sse.encode("error", error_body("api_error", "the upstream event stream could not be decoded")))
+                self.reading = False
+            except Exception:  # never reached in normal operation: see the module docstring
+                logger.exception(f"event-stream translation failed ({clean(self.ex.host)})")
+                self.reading = False
+        out, self.sse = b"".join(self.sse), []
+        if chunk:
+            return self.relay(out) if out else []
+        self._end(taps=False)
+        return (_join(self.relay(out)) if out else b"") + _join(self.relay(b"")) or []
+
+    def _frame_sse(self, headers: dict, payload: bytes) -> None:
+        kind = headers.get(":message-type")
+        if kind == "event" and headers.get(":event-type") == "chunk":
+            event = providers.chunk_event(payload)
+            if event is not None and providers.METRICS_KEY in event:
+                self.metrics = providers.metrics_usage(event[providers.METRICS_KEY])
+            raw = providers.chunk_sse(payload)
+            if raw is not None:
+                self.sse.append(raw)
+        elif kind in ("exception", "error"):
+            name = headers.get(":exception-type") or headers.get(":error-code")
+            body = jsoncodec.parse_json_body(payload)
+            text = body.get("message") if isinstance(body, dict) and isinstance(body.get("message"), str) else str(name)
+            shown = providers.client_message(text)
+            if shown != text:
+                logger.info(f"Bedrock {clean(str(name))} in the stream: {clean(text)}")
+            self.sse.append(sse.encode("error", error_body(providers.bedrock_error_type(str(name)), shown)))
+
+    def _message(self, headers: dict, payload: bytes) -> None:
+        kind = headers.get(":message-type")
+        if kind == "event" and headers.get(":event-type") == "chunk":
+            event = providers.chunk_event(payload)
+            if event is None:
+                return
+            metrics = event.pop(providers.METRICS_KEY, None)
+            if metrics is not None:
+                self.metrics = providers.metrics_usage(metrics)
+            name = event.get("type")
+            self._tap(sse.Event(sse.encode(name if isinstance(name, str) else "", event)))
+        elif kind in ("exception", "error"):
+            name = headers.get(":exception-type") or headers.get(":error-code")
+            body = jsoncodec.parse_json_body(payload)
+            text = body.get("message") if isinstance(body, dict) else None
+            error_type = providers.bedrock_error_type(name if isinstance(name, str) else None)
+            self._tap(sse.Event(sse.encode("error", error_body(error_type, text if isinstance(text, str) else str(name)))))
+            self.ex.note(f"Bedrock {clean(str(name))} in the stream")
+
+    def _tap(self, event: sse.Event) -> None:
+        for tap in list(self.ex.sse_taps):
+            try:
+                tap.on_event(event)
+            except Exception:
+                logger.exception(f"{type(tap).__name__} failed on a Bedrock event")
+
+    def _end(self, taps: bool = True) -> None:
+        ex = self.ex
+        if self.metrics and not ex.usage:  # no message_start read: the metrics Bedrock counted
+            ex.usage = dict(self.metrics)
+        elif self.metrics and ex.usage is not None:  # Bedrock's own counts for what the events left out
+            for key, value in self.metrics.items():
+                if tokens.token(ex.usage, key) is None:
+                    ex.usage[key] = value
+        if not taps:  # translated: the SSE relay ends the taps
+            return
+        for tap in list(ex.sse_taps):  # what they would append cannot go into these frames: effects only
+            try:
+                tap.on_end()
+            except Exception:
+                logger.exception(f"{type(tap).__name__} failed at the end of a Bedrock stream")
+
+
+def _join(out: bytes | list[bytes]) -> bytes:
+    return b"".join(out) if isinstance(out, list) else out
+
+
+def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
+    """Stream this event-stream answer through a reader: bytes unchanged, or (a translated exchange) as the
+    Anthropic event stream the client asked for."""
+    response = flow.response
+    if not ex.translated:
+        response.stream = EventStreamReader(ex).__call__
+        return
+    response.headers["content-type"] = f"{SSE_TYPE}; charset=utf-8"
+    if response.headers.pop("content-length", None) is not None and not (response.is_http2 or response.is_http3):
+        response.headers["transfer-encoding"] = "chunked"
+    response.stream = EventStreamReader(ex, SSERelay(ex, None)).__call__
