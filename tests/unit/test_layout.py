@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -286,3 +287,15 @@ def test_broad_excepts_only_at_named_boundaries():
 def test_the_boundary_scan_sees_a_broad_except():
     tree = ast.parse("class A:\n    def f(self):\n        try:\n            pass\n        except Exception:\n            pass\n")
     assert list(broad_handlers(tree)) == [("A.f", 5)]
+
+
+def test_every_module_is_in_the_layout_page():
+    """docs/development.md "Layout" names every module of the package, so the folder listing and its page agree."""
+    page = (ROOT / "docs" / "development.md").read_text()
+    layout = page.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        str(p.relative_to(PACKAGE))
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.name != "__init__.py" and not re.search(rf"^\s+{re.escape(p.name)}\s", layout, re.M)
+    ]
+    assert not missing, f"docs/development.md Layout does not list: {', '.join(missing)}"
