@@ -220,3 +220,48 @@ async def test_a_store_that_cannot_be_reached(on_error):
         assert f.response.headers["anthropic-ratelimit-unified-overage-disabled-reason"] == "fetch_error"
         assert "details" not in f.response.json()["error"]
     addon.done()
+
+
+async def test_the_standing_goes_only_on_a_success_and_an_upstream_error_keeps_its_own_words():
+    """reference/claude-code-gateway-protocol.md: the caller's standing on each *successful* answer. An upstream
+    429 or 529 that carried `…-unified-status: allowed` would tell Claude Code the block was not a limit at all."""
+    from mitmproxy import http
+
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n"
+    ok, _ = _flow(section)
+    await _request(addon, ok)
+    ok.response = http.Response.make(200, b"{}", {"anthropic-ratelimit-requests-limit": "50"})
+    addon.responseheaders(ok)
+    assert ok.response.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert "anthropic-ratelimit-requests-limit" not in ok.response.headers  # the org's own: never the caller's
+    failed, _ = _flow(section)
+    await _request(addon, failed)
+    failed.response = http.Response.make(529, b'{"type":"error"}', {"anthropic-ratelimit-requests-limit": "50"})
+    addon.responseheaders(failed)
+    assert not any(n.lower().startswith("anthropic-ratelimit-unified-") for n in failed.response.headers)
+    assert "anthropic-ratelimit-requests-limit" not in failed.response.headers
+
+
+async def test_prices_remembered_per_model_are_bounded():
+    """The model comes from the request: a client naming a new model on every request must not grow memory."""
+    from llm_gateway.addons.quotas import Quotas, RATES_KEPT
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n"
+    f, ex = _flow(section)
+    for n in range(RATES_KEPT + 50):
+        addon.rates(ex, f"made-up-model-{n}")
+    assert len(addon._rates) <= RATES_KEPT
+
+
+def test_counter_keys_of_different_subjects_never_collide():
+    """`who` comes from a request (a session id): two different ones must not share a counter, whether they
+    differ only in characters the key cannot hold or only past its first 128 characters."""
+    keys = {quotas.counter_key("p", "cap", "daily", who, "d20261209")
+            for who in ("a/b", "a_b", "a b", "x" * 128, "x" * 128 + "1", "x" * 128 + "2")}
+    assert len(keys) == 6
+    assert quotas.counter_key("p", "cap", "daily", "team-a@corp:1", "d1") == "{p}:q:cap:daily:d1:team-a@corp:1"
+    assert all(k.startswith("{p}:") and k.count("{") == 1 and k.count("}") == 1 for k in keys)

@@ -64,6 +64,7 @@ BYTES_PER_TOKEN = 4  # a rough mean for English text and code (Anthropic's docs:
 DEFAULT_MAX_TOKENS = 4096  # output reserved when a request names no max_tokens (the API requires one)
 SESSIONS_KEPT = 10_000  # sessions whose last prompt is remembered for the estimate, least recent out
 COUNTER_CACHE = 4096  # (principal, client, session, model, minute) -> its counters, kept until this many
+RATES_KEPT = 256  # models whose per-token prices are remembered (the model comes from the request: bounded)
 PRICE_PROBE_TOKENS = 100_000  # tokens priced once per model for its per-token rates (below the 200K tier)
 STORE_TIMEOUT = 1.0  # seconds an admission waits for the shared store before on_store_error decides
 PASSWORD_RECHECK = 1.0  # seconds between two looks at quotas.password_file (a Secret rotated in place)
@@ -202,6 +203,8 @@ class Quotas:
         self._fresh(ex)
         found = self._rates.get(model)
         if found is None:
+            if len(self._rates) >= RATES_KEPT:
+                self._rates.clear()
             per = PRICE_PROBE_TOKENS
             inp = pricing.cost(ex.rules.pricing, model, {"input_tokens": per}).cost_usd
             out = pricing.cost(ex.rules.pricing, model, {"output_tokens": per}).cost_usd
@@ -257,12 +260,17 @@ class Quotas:
     # -- the caller's standing ---------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The upstream's own `anthropic-ratelimit-*` headers never reach a capped caller (an org-wide quota is not
+        theirs); the caller's standing goes on a success only (the protocol's "each successful POST"): on an
+        upstream 429 or 529 an `allowed` status would contradict the error Claude Code is reading."""
         hold = self._holds.get(flow)
         if hold is None or hold.standing is None or flow.response is None:
             return
         headers = flow.response.headers
         for name in [n for n in headers if n.lower().startswith(RATELIMIT_PREFIX)]:
             del headers[name]
+        if not 200 <= flow.response.status_code < 300:
+            return
         counter, level = hold.standing
         headers.update(policy.standing_headers(counter, level, time.time()))
 
