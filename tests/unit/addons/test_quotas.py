@@ -265,3 +265,34 @@ def test_counter_keys_of_different_subjects_never_collide():
     assert len(keys) == 6
     assert quotas.counter_key("p", "cap", "daily", "team-a@corp:1", "d1") == "{p}:q:cap:daily:d1:team-a@corp:1"
     assert all(k.startswith("{p}:") and k.count("{") == 1 and k.count("}") == 1 for k in keys)
+
+
+def test_the_memory_store_forgets_windows_that_are_over_without_reading_the_live_ones(monkeypatch):
+    """Many sessions: every counter of a window that is over goes, a step per admission, and no admission reads
+    the counters still live (a scan of all of them once a minute stalled the event loop)."""
+    from llm_gateway.addons.quotas import store as store_module
+
+    q = parse("  budgets:\n    - {name: s, per: session, usd: {daily: 5, total: 50}}\n"
+              "  rates:\n    - {name: r, per: session, per_minute: {requests: 60}}\n")
+    store = MemoryStore()
+    for i in range(600):
+        cs = quotas.counters(q, None, "cc", f"session-{i}", "m", NOW)
+        store.admit_now(cs, f"r{i}", 1000, 900, NOW)
+        store.settle_now(cs, f"r{i}", 900, 10, 10, NOW)
+    assert len(store.budgets) == 1200 and len(store.counts) == 600
+
+    def read_all(*args):
+        raise AssertionError("a sweep read every counter")
+
+    monkeypatch.setattr(store_module, "_expiry", read_all, raising=False)
+    live = quotas.counters(q, None, "cc", "later", "m", NOW + 3600)
+    store.admit_now(live, "x", 1, 900, NOW + 3600)  # an hour on: only the minute's rate counters are over
+    store.admit_now(live, "y", 1, 900, NOW + 3600)
+    store.admit_now(live, "z", 1, 900, NOW + 3600)
+    assert len(store.counts) == 1 and len(store.budgets) == 1202
+    later = NOW + 3 * 86400  # the day and a day more are over: the daily counters go, the totals stay
+    for n in range(10):
+        store.admit_now(quotas.counters(q, None, "cc", "later", "m", later), f"w{n}", 1, 900, later)
+    today = quotas.window("daily", later)[0]
+    assert [k for k in store.budgets if ":daily:" in k] == [f"{{llm-gateway}}:q:s:daily:{today}:later"]
+    assert len(store.budgets) == 602  # the 601 totals (never reset) and today's one daily
