@@ -296,3 +296,20 @@ def test_the_memory_store_forgets_windows_that_are_over_without_reading_the_live
     today = quotas.window("daily", later)[0]
     assert [k for k in store.budgets if ":daily:" in k] == [f"{{llm-gateway}}:q:s:daily:{today}:later"]
     assert len(store.budgets) == 602  # the 601 totals (never reset) and today's one daily
+
+
+@pytest.mark.parametrize("path, metered", [
+    ("/v1/messages", True), ("/v1/messages?beta=true", True), ("/v1/messages/", True), ("/v1//messages", True),
+    ("/v1/%6Dessages", True), ("/v1/messages/count_tokens", False), ("/v1/messages/count_tokens/", False),
+    ("/v1/models", False),
+])
+async def test_every_spelling_of_the_messages_path_is_counted(path, metered):
+    """The path as a server reads it (protocol/hosts.path_forms, as the egress policy judges it): a trailing slash,
+    a doubled slash or a percent-encoded letter must not carry a request past its budget."""
+    from llm_gateway.addons.quotas import Quotas, is_metered
+
+    addon = Quotas()
+    f, ex = _flow("  budgets:\n    - {name: cap, per: session, usd: {total: 0.000001}}\n", path=path)
+    assert is_metered(ex) is metered
+    await _request(addon, f)
+    assert (ex.quota_limits == ("cap",)) is metered

@@ -50,7 +50,7 @@ from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.policy import pricing
 from llm_gateway.policy import quotas as policy
 from llm_gateway.policy.quotas import MICRO, RATELIMIT_PREFIX, UNIFIED, Counter
-from llm_gateway.protocol.hosts import path_of
+from llm_gateway.protocol.hosts import path_forms
 from llm_gateway.protocol.tokens import token
 from llm_gateway.util.files import file_stamp
 from llm_gateway.util.logsafe import clean
@@ -84,8 +84,10 @@ class Hold:
 
 
 def is_metered(ex: exchange.Exchange) -> bool:
-    """Messages requests count; `count_tokens` (and anything else under the API paths) never does."""
-    return ex.method == "POST" and path_of(ex.path).endswith("/messages")
+    """Messages requests count; `count_tokens` (and anything else under the API paths) never does. Judged on every
+    form a server may read the path in (protocol/hosts.path_forms: `/v1/messages/`, `/v1/%6Dessages`), so no
+    spelling carries a request past its budget."""
+    return ex.method == "POST" and any(form.rstrip("/").endswith("/messages") for form in path_forms(ex.path))
 
 
 class Quotas:
