@@ -313,3 +313,25 @@ async def test_every_spelling_of_the_messages_path_is_counted(path, metered):
     assert is_metered(ex) is metered
     await _request(addon, f)
     assert (ex.quota_limits == ("cap",)) is metered
+
+
+async def test_a_model_nobody_prices_still_counts_against_the_budget():
+    """A model released after the price list (neither the rules' pricing nor genai-prices knows it) reserved
+    nothing and settled nothing: twenty parallel requests all passed and the cap never filled."""
+    from mitmproxy import http
+
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n"
+    f, ex = _flow(section, max_tokens=1000)
+    ex.model_requested = "claude-opus-9-unreleased"
+    await _request(addon, f)
+    assert f.response is None
+    hold = addon._holds[f]
+    assert hold.amount >= 75_000  # 1000 output tokens at the dearest Claude price ($75 per million) at least
+    ex.usage = {"input_tokens": 1000, "output_tokens": 1000}
+    f.response = http.Response.make(200, b"{}")
+    addon.response(f)
+    spent, held = await addon.local.level(hold.counters[0])
+    assert held == 0 and spent == 90_000  # $15 + $75 per million tokens

@@ -65,6 +65,10 @@ DEFAULT_MAX_TOKENS = 4096  # output reserved when a request names no max_tokens 
 SESSIONS_KEPT = 10_000  # sessions whose last prompt is remembered for the estimate, least recent out
 COUNTER_CACHE = 4096  # (principal, client, session, model, minute) -> its counters, kept until this many
 RATES_KEPT = 256  # models whose per-token prices are remembered (the model comes from the request: bounded)
+# A model neither the rules' `pricing` nor genai-prices knows (one released after the price list) is counted at
+# the dearest Claude price list entry (claude-opus-4-1: $15 in, $75 out per million tokens, genai-prices): else it
+# reserved and settled nothing, and no cap ever held for it.
+UNPRICED_AS = "claude-opus-4-1"
 PRICE_PROBE_TOKENS = 100_000  # tokens priced once per model for its per-token rates (below the 200K tier)
 STORE_TIMEOUT = 1.0  # seconds an admission waits for the shared store before on_store_error decides
 PASSWORD_RECHECK = 1.0  # seconds between two looks at quotas.password_file (a Secret rotated in place)
@@ -201,7 +205,7 @@ class Quotas:
 
     def rates(self, ex: exchange.Exchange, model: str | None) -> tuple[float, float]:
         """Micro-dollars per input token and per output token of `model` (the rules' pricing, else genai-prices;
-        0 for an unknown model), priced once per model at 100K tokens: the base tier of a long-context price."""
+        `UNPRICED_AS`'s for an unknown model), priced once per model at 100K tokens: the base tier of a long-context price."""
         self._fresh(ex)
         found = self._rates.get(model)
         if found is None:
@@ -210,12 +214,15 @@ class Quotas:
             per = PRICE_PROBE_TOKENS
             inp = pricing.cost(ex.rules.pricing, model, {"input_tokens": per}).cost_usd
             out = pricing.cost(ex.rules.pricing, model, {"output_tokens": per}).cost_usd
+            if inp is None or out is None:
+                inp = pricing.cost(ex.rules.pricing, UNPRICED_AS, {"input_tokens": per}).cost_usd
+                out = pricing.cost(ex.rules.pricing, UNPRICED_AS, {"output_tokens": per}).cost_usd
             found = self._rates[model] = ((inp or 0.0) * MICRO / per, (out or 0.0) * MICRO / per)
         return found
 
     def estimate(self, ex: exchange.Exchange, size: int) -> int:
         """Micro-dollars to reserve: the input as the session's last prompt plus what is new (else the whole body,
-        `BYTES_PER_TOKEN`), and `max_tokens` of output, at the requested model's price; 0 for an unknown model."""
+        `BYTES_PER_TOKEN`), and `max_tokens` of output, at the requested model's price (`rates`)."""
         body = ex.body if isinstance(ex.body, dict) else {}
         out = body.get("max_tokens")
         out = out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else DEFAULT_MAX_TOKENS
@@ -290,7 +297,10 @@ class Quotas:
         if hold is None or ex is None:
             return
         usage = ex.usage or {}
-        dollars = ex.cost().cost_usd or 0.0
+        dollars = ex.cost().cost_usd
+        if dollars is None and usage:  # a model nobody prices: counted as UNPRICED_AS
+            dollars = pricing.cost(ex.rules.pricing, UNPRICED_AS, usage).cost_usd
+        dollars = dollars or 0.0
         cost = round(dollars * MICRO)
         inp = (token(usage, "input_tokens") or 0) + (token(usage, "cache_creation_input_tokens") or 0)
         out = token(usage, "output_tokens") or 0
