@@ -335,3 +335,33 @@ async def test_a_model_nobody_prices_still_counts_against_the_budget():
     addon.response(f)
     spent, held = await addon.local.level(hold.counters[0])
     assert held == 0 and spent == 90_000  # $15 + $75 per million tokens
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_an_admission_whose_answer_was_lost_gives_its_reservation_back(on_error):
+    """A slow store: the script ran (the reservation is held in the shared store) but its answer came after the
+    timeout. The exchange was then counted locally (open) or refused (closed); the shared hold must not stay for
+    reservation_ttl (15 minutes by default), filling the budget for every replica."""
+    import asyncio
+    import time
+
+    from llm_gateway.addons.quotas import Quotas
+    from llm_gateway.addons.quotas.store import StoreError
+
+    class AnswerLost(RedisStore):
+        async def admit(self, *args, **kwargs):
+            await super().admit(*args, **kwargs)
+            raise StoreError("TimeoutError: Timeout reading from 127.0.0.1:6379")
+
+    addon = Quotas()
+    section = (f"  store: redis://127.0.0.1:6379/0\n  on_store_error: {on_error}\n"
+               "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n")
+    f, ex = _flow(section)
+    q = ex.rules.quotas
+    shared = AnswerLost(q.store, client=fakeredis.FakeAsyncRedis())
+    addon._shared = ((q.store, q.cluster, q.password_env, q.password_file, None), shared)
+    await _request(addon, f)
+    assert (f.response is None) is (on_error == "open")
+    await asyncio.gather(*addon._tasks)
+    counter = addon._counters_of(ex, time.time())[0]
+    assert await shared.level(counter) == (0, 0)

@@ -170,6 +170,8 @@ class Quotas:
             self._loudly(q.store, f"quota store {q.store} failed ({clean(str(e) or 'timed out', 300)}); "
                                   + ("refusing requests (on_store_error: closed)" if q.on_store_error == "closed"
                                      else "admitting and counting in this process only (on_store_error: open)"))
+            if store is not self.local:  # the script may have run, its answer lost: give its reservation back
+                self._spawn(self._release(store, counters, rid))
             if q.on_store_error == "closed":
                 self._refuse_unavailable(flow, ex)
                 return
@@ -320,6 +322,16 @@ class Quotas:
             self.local.settle_now(hold.counters, hold.rid, cost, inp, out)
         else:
             self._spawn(self._settle_in(hold, ex.rules.quotas, cost, inp, out))
+
+    async def _release(self, store: Any, counters: tuple[Counter, ...], rid: str) -> None:
+        """A failed admission's reservation given back (a settlement of nothing), in case the store ran the script
+        and only its answer was lost (a slow store): else the shared budget stays held, for every replica, for
+        reservation_ttl. Best effort, after the lost call had time to land; if it fails, the reservation expires."""
+        await asyncio.sleep(STORE_TIMEOUT)
+        try:
+            await asyncio.wait_for(store.settle(counters, rid, 0, 0, 0), STORE_TIMEOUT * 2)
+        except (StoreError, asyncio.TimeoutError):
+            pass
 
     async def _settle_in(self, hold: Hold, q: policy.Quotas, cost: int, inp: int, out: int) -> None:
         try:
