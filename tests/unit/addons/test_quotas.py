@@ -365,3 +365,26 @@ async def test_an_admission_whose_answer_was_lost_gives_its_reservation_back(on_
     await asyncio.gather(*addon._tasks)
     counter = addon._counters_of(ex, time.time())[0]
     assert await shared.level(counter) == (0, 0)
+
+
+async def test_a_refusal_names_the_limit_that_lifts_last():
+    """Daily and monthly both reached: the answer must say the month's end, not midnight (the client would wait
+    until midnight and be refused again); a rate reached beside a budget is not what lifts first either."""
+    import time
+
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = ("  budgets:\n    - {name: cap, per: session, usd: {daily: 0.01, monthly: 0.02}}\n"
+               "  rates:\n    - {name: burst, per: session, per_minute: {requests: 1}}\n")
+    f, ex = _flow(section)
+    await _request(addon, f)  # admitted; the minute's one request is used
+    addon.local.settle_now(addon._holds[f].counters, addon._holds[f].rid, 30_000, 0, 0)  # $0.03 spent
+    g, _ = _flow(section)
+    await _request(addon, g)
+    r = g.response
+    assert r.status_code == 429 and r.json()["error"]["type"] == "billing_error"
+    assert r.headers["anthropic-ratelimit-unified-overage-period"] == "monthly"
+    month_end = quotas.window("monthly", time.time())[1]
+    assert r.headers["anthropic-ratelimit-unified-reset"] == str(int(month_end))
+    assert abs(int(r.headers["retry-after"]) - (month_end - time.time())) < 60

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import time
 import uuid
@@ -154,7 +155,8 @@ class Quotas:
         counters = self._counters_of(ex, now)
         if not counters:
             return
-        ex.quota_limits = tuple(dict.fromkeys(c.name for c in counters))
+        names = {c.name for c in counters}
+        ex.quota_limits = tuple(item.name for item in (*q.budgets, *q.rates) if item.name in names)  # rule order
         self._n += 1
         rid = f"{self._replica}-{self._n}"  # unique across replicas without a uuid per request
         amount = self.estimate(ex, len(flow.request.raw_content or b""))
@@ -193,7 +195,9 @@ class Quotas:
 
     def _counters_of(self, ex: exchange.Exchange, now: float) -> tuple[Counter, ...]:
         """policy.counters, worked out once per minute for each (principal, client, session, model): the windows
-        and keys change at minute boundaries at most."""
+        and keys change at minute boundaries at most. Ordered by when each lifts, latest first (`total` first, rates
+        last): the store refuses by the first counter reached, so the answer names the limit the caller must wait
+        for (daily and monthly both reached: the month's end, not midnight)."""
         self._fresh(ex)
         minute = int(now // 60)
         key = (ex.principal, ex.client, ex.session, ex.model_requested, minute)
@@ -201,8 +205,9 @@ class Quotas:
         if found is None:
             if len(self._counter_cache) >= COUNTER_CACHE:
                 self._counter_cache.clear()
-            found = self._counter_cache[key] = tuple(
-                policy.counters(ex.rules.quotas, ex.principal, ex.client, ex.session, ex.model_requested, minute * 60.0))
+            found = self._counter_cache[key] = tuple(sorted(
+                policy.counters(ex.rules.quotas, ex.principal, ex.client, ex.session, ex.model_requested, minute * 60.0),
+                key=lambda c: -math.inf if c.reset is None else -c.reset))
         return found
 
     def rates(self, ex: exchange.Exchange, model: str | None) -> tuple[float, float]:
