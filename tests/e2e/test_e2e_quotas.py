@@ -463,3 +463,25 @@ def test_a_redis_cluster_store_runs_the_scripts_on_one_slot(fake, gateway_factor
         assert gw.wait_record(lambda r: r.get("quota_refused"))["quota_refused"] == "clustered"
     finally:
         server.close()
+
+
+def test_another_spelling_of_the_messages_path_is_refused_too(fake, gateway_factory):
+    """`/v1/messages/` is routed upstream like `/v1/messages`: it must not pass a budget that is spent (it went
+    upstream uncounted: 200)."""
+    gw = gateway_factory(quota_rules(fake.url, """\
+  budgets:
+    - {name: none-left, usd: {total: 0.000001}}
+"""))
+    assert outcome(sdk(gw, "p", retries=0, scenario=Scenario(usage=USAGE)))[0] == "ok"  # spends the pool
+    time.sleep(0.3)
+    request = urllib.request.Request(
+        gw.base_url + "/v1/messages/", method="POST",
+        data=json.dumps({"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"content-type": "application/json", "x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01",
+                 "x-claude-code-session-id": "p", "x-fake-scenario": Scenario(usage=USAGE).to_header()})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as e:
+        status, body = e.code, json.loads(e.read())
+    assert status == 429 and body["error"]["type"] == "billing_error"

@@ -23,6 +23,7 @@ Money is held as integer micro-dollars (1 US dollar = 1_000_000): sums in a shar
 from __future__ import annotations
 
 import calendar
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -247,9 +248,13 @@ def subject(per: str | None, principal: str | None, client: str | None, session:
 
 def counter_key(prefix: str, limit: str, period: str, who: str, label: str) -> str:
     """One counter's key. `{prefix}` is the hash tag: every key in one Redis Cluster slot, so one script checks
-    and reserves all of an exchange's counters atomically. `who` may come from a request: kept to a safe form."""
-    safe = re.sub(r"[^A-Za-z0-9._@:-]", "_", who)[:128]
-    return f"{{{prefix}}}:q:{limit}:{period}:{label}:{safe}"
+    and reserves all of an exchange's counters atomically. `who` may come from a request (a session id): kept as it
+    is when it is short and plain, else a readable prefix and a digest of the whole, so two subjects never share a
+    counter (and no brace can break the hash tag)."""
+    if len(who) > 128 or not re.fullmatch(r"[A-Za-z0-9._@:-]*", who):
+        digest = hashlib.sha256(who.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        who = re.sub(r"[^A-Za-z0-9._@:-]", "_", who[:64]) + "~" + digest
+    return f"{{{prefix}}}:q:{limit}:{period}:{label}:{who}"
 
 
 @dataclass(frozen=True, slots=True)

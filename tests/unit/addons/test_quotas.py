@@ -220,3 +220,171 @@ async def test_a_store_that_cannot_be_reached(on_error):
         assert f.response.headers["anthropic-ratelimit-unified-overage-disabled-reason"] == "fetch_error"
         assert "details" not in f.response.json()["error"]
     addon.done()
+
+
+async def test_the_standing_goes_only_on_a_success_and_an_upstream_error_keeps_its_own_words():
+    """reference/claude-code-gateway-protocol.md: the caller's standing on each *successful* answer. An upstream
+    429 or 529 that carried `…-unified-status: allowed` would tell Claude Code the block was not a limit at all."""
+    from mitmproxy import http
+
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n"
+    ok, _ = _flow(section)
+    await _request(addon, ok)
+    ok.response = http.Response.make(200, b"{}", {"anthropic-ratelimit-requests-limit": "50"})
+    addon.responseheaders(ok)
+    assert ok.response.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert "anthropic-ratelimit-requests-limit" not in ok.response.headers  # the org's own: never the caller's
+    failed, _ = _flow(section)
+    await _request(addon, failed)
+    failed.response = http.Response.make(529, b'{"type":"error"}', {"anthropic-ratelimit-requests-limit": "50"})
+    addon.responseheaders(failed)
+    assert not any(n.lower().startswith("anthropic-ratelimit-unified-") for n in failed.response.headers)
+    assert "anthropic-ratelimit-requests-limit" not in failed.response.headers
+
+
+async def test_prices_remembered_per_model_are_bounded():
+    """The model comes from the request: a client naming a new model on every request must not grow memory."""
+    from llm_gateway.addons.quotas import Quotas, RATES_KEPT
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n"
+    f, ex = _flow(section)
+    for n in range(RATES_KEPT + 50):
+        addon.rates(ex, f"made-up-model-{n}")
+    assert len(addon._rates) <= RATES_KEPT
+
+
+def test_counter_keys_of_different_subjects_never_collide():
+    """`who` comes from a request (a session id): two different ones must not share a counter, whether they
+    differ only in characters the key cannot hold or only past its first 128 characters."""
+    keys = {quotas.counter_key("p", "cap", "daily", who, "d20261209")
+            for who in ("a/b", "a_b", "a b", "x" * 128, "x" * 128 + "1", "x" * 128 + "2")}
+    assert len(keys) == 6
+    assert quotas.counter_key("p", "cap", "daily", "team-a@corp:1", "d1") == "{p}:q:cap:daily:d1:team-a@corp:1"
+    assert all(k.startswith("{p}:") and k.count("{") == 1 and k.count("}") == 1 for k in keys)
+
+
+def test_the_memory_store_forgets_windows_that_are_over_without_reading_the_live_ones(monkeypatch):
+    """Many sessions: every counter of a window that is over goes, a step per admission, and no admission reads
+    the counters still live (a scan of all of them once a minute stalled the event loop)."""
+    from llm_gateway.addons.quotas import store as store_module
+
+    q = parse("  budgets:\n    - {name: s, per: session, usd: {daily: 5, total: 50}}\n"
+              "  rates:\n    - {name: r, per: session, per_minute: {requests: 60}}\n")
+    store = MemoryStore()
+    for i in range(600):
+        cs = quotas.counters(q, None, "cc", f"session-{i}", "m", NOW)
+        store.admit_now(cs, f"r{i}", 1000, 900, NOW)
+        store.settle_now(cs, f"r{i}", 900, 10, 10, NOW)
+    assert len(store.budgets) == 1200 and len(store.counts) == 600
+
+    def read_all(*args):
+        raise AssertionError("a sweep read every counter")
+
+    monkeypatch.setattr(store_module, "_expiry", read_all, raising=False)
+    live = quotas.counters(q, None, "cc", "later", "m", NOW + 3600)
+    store.admit_now(live, "x", 1, 900, NOW + 3600)  # an hour on: only the minute's rate counters are over
+    store.admit_now(live, "y", 1, 900, NOW + 3600)
+    store.admit_now(live, "z", 1, 900, NOW + 3600)
+    assert len(store.counts) == 1 and len(store.budgets) == 1202
+    later = NOW + 3 * 86400  # the day and a day more are over: the daily counters go, the totals stay
+    for n in range(10):
+        store.admit_now(quotas.counters(q, None, "cc", "later", "m", later), f"w{n}", 1, 900, later)
+    today = quotas.window("daily", later)[0]
+    assert [k for k in store.budgets if ":daily:" in k] == [f"{{llm-gateway}}:q:s:daily:{today}:later"]
+    assert len(store.budgets) == 602  # the 601 totals (never reset) and today's one daily
+
+
+@pytest.mark.parametrize("path, metered", [
+    ("/v1/messages", True), ("/v1/messages?beta=true", True), ("/v1/messages/", True), ("/v1//messages", True),
+    ("/v1/%6Dessages", True), ("/v1/messages/count_tokens", False), ("/v1/messages/count_tokens/", False),
+    ("/v1/models", False),
+])
+async def test_every_spelling_of_the_messages_path_is_counted(path, metered):
+    """The path as a server reads it (protocol/hosts.path_forms, as the egress policy judges it): a trailing slash,
+    a doubled slash or a percent-encoded letter must not carry a request past its budget."""
+    from llm_gateway.addons.quotas import Quotas, is_metered
+
+    addon = Quotas()
+    f, ex = _flow("  budgets:\n    - {name: cap, per: session, usd: {total: 0.000001}}\n", path=path)
+    assert is_metered(ex) is metered
+    await _request(addon, f)
+    assert (ex.quota_limits == ("cap",)) is metered
+
+
+async def test_a_model_nobody_prices_still_counts_against_the_budget():
+    """A model released after the price list (neither the rules' pricing nor genai-prices knows it) reserved
+    nothing and settled nothing: twenty parallel requests all passed and the cap never filled."""
+    from mitmproxy import http
+
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n"
+    f, ex = _flow(section, max_tokens=1000)
+    ex.model_requested = "claude-opus-9-unreleased"
+    await _request(addon, f)
+    assert f.response is None
+    hold = addon._holds[f]
+    assert hold.amount >= 75_000  # 1000 output tokens at the dearest Claude price ($75 per million) at least
+    ex.usage = {"input_tokens": 1000, "output_tokens": 1000}
+    f.response = http.Response.make(200, b"{}")
+    addon.response(f)
+    spent, held = await addon.local.level(hold.counters[0])
+    assert held == 0 and spent == 90_000  # $15 + $75 per million tokens
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_an_admission_whose_answer_was_lost_gives_its_reservation_back(on_error):
+    """A slow store: the script ran (the reservation is held in the shared store) but its answer came after the
+    timeout. The exchange was then counted locally (open) or refused (closed); the shared hold must not stay for
+    reservation_ttl (15 minutes by default), filling the budget for every replica."""
+    import asyncio
+    import time
+
+    from llm_gateway.addons.quotas import Quotas
+    from llm_gateway.addons.quotas.store import StoreError
+
+    class AnswerLost(RedisStore):
+        async def admit(self, *args, **kwargs):
+            await super().admit(*args, **kwargs)
+            raise StoreError("TimeoutError: Timeout reading from 127.0.0.1:6379")
+
+    addon = Quotas()
+    section = (f"  store: redis://127.0.0.1:6379/0\n  on_store_error: {on_error}\n"
+               "  budgets:\n    - {name: cap, per: session, usd: {daily: 1}}\n")
+    f, ex = _flow(section)
+    q = ex.rules.quotas
+    shared = AnswerLost(q.store, client=fakeredis.FakeAsyncRedis())
+    addon._shared = ((q.store, q.cluster, q.password_env, q.password_file, None), shared)
+    await _request(addon, f)
+    assert (f.response is None) is (on_error == "open")
+    await asyncio.gather(*addon._tasks)
+    counter = addon._counters_of(ex, time.time())[0]
+    assert await shared.level(counter) == (0, 0)
+
+
+async def test_a_refusal_names_the_limit_that_lifts_last():
+    """Daily and monthly both reached: the answer must say the month's end, not midnight (the client would wait
+    until midnight and be refused again); a rate reached beside a budget is not what lifts first either."""
+    import time
+
+    from llm_gateway.addons.quotas import Quotas
+
+    addon = Quotas()
+    section = ("  budgets:\n    - {name: cap, per: session, usd: {daily: 0.01, monthly: 0.02}}\n"
+               "  rates:\n    - {name: burst, per: session, per_minute: {requests: 1}}\n")
+    f, ex = _flow(section)
+    await _request(addon, f)  # admitted; the minute's one request is used
+    addon.local.settle_now(addon._holds[f].counters, addon._holds[f].rid, 30_000, 0, 0)  # $0.03 spent
+    g, _ = _flow(section)
+    await _request(addon, g)
+    r = g.response
+    assert r.status_code == 429 and r.json()["error"]["type"] == "billing_error"
+    assert r.headers["anthropic-ratelimit-unified-overage-period"] == "monthly"
+    month_end = quotas.window("monthly", time.time())[1]
+    assert r.headers["anthropic-ratelimit-unified-reset"] == str(int(month_end))
+    assert abs(int(r.headers["retry-after"]) - (month_end - time.time())) < 60

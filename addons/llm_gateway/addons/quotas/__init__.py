@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import time
 import uuid
@@ -50,7 +51,7 @@ from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.policy import pricing
 from llm_gateway.policy import quotas as policy
 from llm_gateway.policy.quotas import MICRO, RATELIMIT_PREFIX, UNIFIED, Counter
-from llm_gateway.protocol.hosts import path_of
+from llm_gateway.protocol.hosts import path_forms
 from llm_gateway.protocol.tokens import token
 from llm_gateway.util.files import file_stamp
 from llm_gateway.util.logsafe import clean
@@ -64,6 +65,11 @@ BYTES_PER_TOKEN = 4  # a rough mean for English text and code (Anthropic's docs:
 DEFAULT_MAX_TOKENS = 4096  # output reserved when a request names no max_tokens (the API requires one)
 SESSIONS_KEPT = 10_000  # sessions whose last prompt is remembered for the estimate, least recent out
 COUNTER_CACHE = 4096  # (principal, client, session, model, minute) -> its counters, kept until this many
+RATES_KEPT = 256  # models whose per-token prices are remembered (the model comes from the request: bounded)
+# A model neither the rules' `pricing` nor genai-prices knows (one released after the price list) is counted at
+# the dearest Claude price list entry (claude-opus-4-1: $15 in, $75 out per million tokens, genai-prices): else it
+# reserved and settled nothing, and no cap ever held for it.
+UNPRICED_AS = "claude-opus-4-1"
 PRICE_PROBE_TOKENS = 100_000  # tokens priced once per model for its per-token rates (below the 200K tier)
 STORE_TIMEOUT = 1.0  # seconds an admission waits for the shared store before on_store_error decides
 PASSWORD_RECHECK = 1.0  # seconds between two looks at quotas.password_file (a Secret rotated in place)
@@ -83,8 +89,10 @@ class Hold:
 
 
 def is_metered(ex: exchange.Exchange) -> bool:
-    """Messages requests count; `count_tokens` (and anything else under the API paths) never does."""
-    return ex.method == "POST" and path_of(ex.path).endswith("/messages")
+    """Messages requests count; `count_tokens` (and anything else under the API paths) never does. Judged on every
+    form a server may read the path in (protocol/hosts.path_forms: `/v1/messages/`, `/v1/%6Dessages`), so no
+    spelling carries a request past its budget."""
+    return ex.method == "POST" and any(form.rstrip("/").endswith("/messages") for form in path_forms(ex.path))
 
 
 class Quotas:
@@ -147,7 +155,8 @@ class Quotas:
         counters = self._counters_of(ex, now)
         if not counters:
             return
-        ex.quota_limits = tuple(dict.fromkeys(c.name for c in counters))
+        names = {c.name for c in counters}
+        ex.quota_limits = tuple(item.name for item in (*q.budgets, *q.rates) if item.name in names)  # rule order
         self._n += 1
         rid = f"{self._replica}-{self._n}"  # unique across replicas without a uuid per request
         amount = self.estimate(ex, len(flow.request.raw_content or b""))
@@ -163,6 +172,8 @@ class Quotas:
             self._loudly(q.store, f"quota store {q.store} failed ({clean(str(e) or 'timed out', 300)}); "
                                   + ("refusing requests (on_store_error: closed)" if q.on_store_error == "closed"
                                      else "admitting and counting in this process only (on_store_error: open)"))
+            if store is not self.local:  # the script may have run, its answer lost: give its reservation back
+                self._spawn(self._release(store, counters, rid))
             if q.on_store_error == "closed":
                 self._refuse_unavailable(flow, ex)
                 return
@@ -184,7 +195,9 @@ class Quotas:
 
     def _counters_of(self, ex: exchange.Exchange, now: float) -> tuple[Counter, ...]:
         """policy.counters, worked out once per minute for each (principal, client, session, model): the windows
-        and keys change at minute boundaries at most."""
+        and keys change at minute boundaries at most. Ordered by when each lifts, latest first (`total` first, rates
+        last): the store refuses by the first counter reached, so the answer names the limit the caller must wait
+        for (daily and monthly both reached: the month's end, not midnight)."""
         self._fresh(ex)
         minute = int(now // 60)
         key = (ex.principal, ex.client, ex.session, ex.model_requested, minute)
@@ -192,25 +205,31 @@ class Quotas:
         if found is None:
             if len(self._counter_cache) >= COUNTER_CACHE:
                 self._counter_cache.clear()
-            found = self._counter_cache[key] = tuple(
-                policy.counters(ex.rules.quotas, ex.principal, ex.client, ex.session, ex.model_requested, minute * 60.0))
+            found = self._counter_cache[key] = tuple(sorted(
+                policy.counters(ex.rules.quotas, ex.principal, ex.client, ex.session, ex.model_requested, minute * 60.0),
+                key=lambda c: -math.inf if c.reset is None else -c.reset))
         return found
 
     def rates(self, ex: exchange.Exchange, model: str | None) -> tuple[float, float]:
         """Micro-dollars per input token and per output token of `model` (the rules' pricing, else genai-prices;
-        0 for an unknown model), priced once per model at 100K tokens: the base tier of a long-context price."""
+        `UNPRICED_AS`'s for an unknown model), priced once per model at 100K tokens: the base tier of a long-context price."""
         self._fresh(ex)
         found = self._rates.get(model)
         if found is None:
+            if len(self._rates) >= RATES_KEPT:
+                self._rates.clear()
             per = PRICE_PROBE_TOKENS
             inp = pricing.cost(ex.rules.pricing, model, {"input_tokens": per}).cost_usd
             out = pricing.cost(ex.rules.pricing, model, {"output_tokens": per}).cost_usd
+            if inp is None or out is None:
+                inp = pricing.cost(ex.rules.pricing, UNPRICED_AS, {"input_tokens": per}).cost_usd
+                out = pricing.cost(ex.rules.pricing, UNPRICED_AS, {"output_tokens": per}).cost_usd
             found = self._rates[model] = ((inp or 0.0) * MICRO / per, (out or 0.0) * MICRO / per)
         return found
 
     def estimate(self, ex: exchange.Exchange, size: int) -> int:
         """Micro-dollars to reserve: the input as the session's last prompt plus what is new (else the whole body,
-        `BYTES_PER_TOKEN`), and `max_tokens` of output, at the requested model's price; 0 for an unknown model."""
+        `BYTES_PER_TOKEN`), and `max_tokens` of output, at the requested model's price (`rates`)."""
         body = ex.body if isinstance(ex.body, dict) else {}
         out = body.get("max_tokens")
         out = out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else DEFAULT_MAX_TOKENS
@@ -257,12 +276,17 @@ class Quotas:
     # -- the caller's standing ---------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The upstream's own `anthropic-ratelimit-*` headers never reach a capped caller (an org-wide quota is not
+        theirs); the caller's standing goes on a success only (the protocol's "each successful POST"): on an
+        upstream 429 or 529 an `allowed` status would contradict the error Claude Code is reading."""
         hold = self._holds.get(flow)
         if hold is None or hold.standing is None or flow.response is None:
             return
         headers = flow.response.headers
         for name in [n for n in headers if n.lower().startswith(RATELIMIT_PREFIX)]:
             del headers[name]
+        if not 200 <= flow.response.status_code < 300:
+            return
         counter, level = hold.standing
         headers.update(policy.standing_headers(counter, level, time.time()))
 
@@ -280,7 +304,10 @@ class Quotas:
         if hold is None or ex is None:
             return
         usage = ex.usage or {}
-        dollars = ex.cost().cost_usd or 0.0
+        dollars = ex.cost().cost_usd
+        if dollars is None and usage:  # a model nobody prices: counted as UNPRICED_AS
+            dollars = pricing.cost(ex.rules.pricing, UNPRICED_AS, usage).cost_usd
+        dollars = dollars or 0.0
         cost = round(dollars * MICRO)
         inp = (token(usage, "input_tokens") or 0) + (token(usage, "cache_creation_input_tokens") or 0)
         out = token(usage, "output_tokens") or 0
@@ -300,6 +327,16 @@ class Quotas:
             self.local.settle_now(hold.counters, hold.rid, cost, inp, out)
         else:
             self._spawn(self._settle_in(hold, ex.rules.quotas, cost, inp, out))
+
+    async def _release(self, store: Any, counters: tuple[Counter, ...], rid: str) -> None:
+        """A failed admission's reservation given back (a settlement of nothing), in case the store ran the script
+        and only its answer was lost (a slow store): else the shared budget stays held, for every replica, for
+        reservation_ttl. Best effort, after the lost call had time to land; if it fails, the reservation expires."""
+        await asyncio.sleep(STORE_TIMEOUT)
+        try:
+            await asyncio.wait_for(store.settle(counters, rid, 0, 0, 0), STORE_TIMEOUT * 2)
+        except (StoreError, asyncio.TimeoutError):
+            pass
 
     async def _settle_in(self, hold: Hold, q: policy.Quotas, cost: int, inp: int, out: int) -> None:
         try:

@@ -21,6 +21,8 @@ from typing import NamedTuple, Sequence
 
 from llm_gateway.policy.quotas import Counter
 
+SWEEP_STEP = 256  # expired counters forgotten per admission at most: a burst of expiries is spread out
+
 
 class Verdict(NamedTuple):
     """What `admit` found: `refused` is the index of the first counter at its limit (None: admitted and
@@ -54,21 +56,29 @@ class MemoryStore:
     def __init__(self) -> None:
         self.budgets: dict[str, _Budget] = {}
         self.counts: dict[str, list] = {}  # key -> [count, expiry]
-        self._swept = 0.0
+        self._expiring: list[tuple[float, str, str]] = []  # a heap of (expiry, "b" | "c", key): what to forget when
 
     def _sweep(self, now: float) -> None:
-        """Forget counters whose window is over, at most once a minute."""
-        if now - self._swept < 60:
-            return
-        self._swept = now
-        for table in (self.budgets, self.counts):
-            for key in [k for k, v in table.items() if _expiry(v) is not None and _expiry(v) < now]:
-                del table[key]
+        """Forget counters whose window is over (a day past it, policy/quotas.key_ttl), from a heap of their
+        expiries: only the expired are looked at, at most SWEEP_STEP per admission. (A scan of every counter once
+        a minute stalled the event loop for about 0.4 s with 100 000 sessions, and every daily counter of a day
+        expires at the same instant.) `total` counters have no expiry: they stay for the process's life."""
+        expiring = self._expiring
+        for _ in range(SWEEP_STEP):
+            if not expiring or expiring[0][0] >= now:
+                return
+            expiry, table, key = heapq.heappop(expiring)
+            entries = self.budgets if table == "b" else self.counts
+            entry = entries.get(key)
+            if entry is not None and (entry.expires if table == "b" else entry[1]) == expiry:  # not made again since
+                del entries[key]
 
     def _budget(self, c: Counter, now: float) -> _Budget:
         b = self.budgets.get(c.key)
         if b is None:
             b = self.budgets[c.key] = _Budget(expires=now + c.ttl if c.ttl else None)
+            if b.expires is not None:
+                heapq.heappush(self._expiring, (b.expires, "b", c.key))
         expiries = b.expiries
         while expiries and expiries[0][0] <= now:  # reservations in expiry order: only the expired are looked at
             _, rid = heapq.heappop(expiries)
@@ -110,7 +120,11 @@ class MemoryStore:
         return Verdict(None, tuple(levels))
 
     def _count(self, c: Counter, n: int, now: float) -> None:
-        entry = self.counts.setdefault(c.key, [0, now + c.ttl if c.ttl else None])
+        entry = self.counts.get(c.key)
+        if entry is None:
+            entry = self.counts[c.key] = [0, now + c.ttl if c.ttl else None]
+            if entry[1] is not None:
+                heapq.heappush(self._expiring, (entry[1], "c", c.key))
         entry[0] += n
 
     async def settle(self, counters: Sequence[Counter], rid: str, cost: int, input_tokens: int, output_tokens: int,
@@ -142,10 +156,6 @@ class MemoryStore:
 
     async def close(self) -> None:
         pass
-
-
-def _expiry(value) -> float | None:
-    return value.expires if isinstance(value, _Budget) else value[1]
 
 
 # KEYS: the counters. ARGV: now (ms), reservation id, reservation expiry (ms), amount (micro-dollars), then per
