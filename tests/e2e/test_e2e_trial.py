@@ -105,8 +105,14 @@ def test_readme_trial_gives_both_modes_records_and_a_report(tmp_path):
         done = shell(egress)
         assert done.stdout.count(HELLO) == 2, done.stdout
 
-        records = [json.loads(line) for line in (folder / "usage.jsonl").read_text().splitlines()]
-        usage = [r for r in records if r["kind"] == "usage" and r["path"] == "/v1/messages"]
+        # a record is written off the answer's path (records/writer.py): the client may finish a moment before it
+        deadline = time.monotonic() + 15
+        while True:
+            records = [json.loads(line) for line in (folder / "usage.jsonl").read_text().splitlines()]
+            usage = [r for r in records if r["kind"] == "usage" and r["path"] == "/v1/messages"]
+            if len(usage) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert {(r["mode"], r["client"]) for r in usage} == {
             ("reverse", "unknown"), ("reverse", "claude-code"), ("regular", "unknown"), ("regular", "claude-code")}
         assert all(r["status"] == 200 and r["cost_usd"] is not None for r in usage), usage
