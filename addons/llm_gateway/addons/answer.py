@@ -11,6 +11,7 @@ from mitmproxy import http
 from llm_gateway.pipeline import exchange, relay
 from llm_gateway.pipeline.answer import (
     error_answer,
+    error_in_success,
     is_sse,
     json_to_sse,
     settle,
@@ -43,13 +44,12 @@ class AnswerPipeline:
         try:
             if response.stream:
                 pass  # relayed: the reader saw it all
-            elif response.status_code >= 400:
+            elif response.status_code >= 400 or (not is_sse(response) and error_in_success(response)):
                 error_answer(response, ex)
             elif ex.stream_requested is not None and (sse := is_sse(response)) != ex.stream_requested:
-                if sse:
-                    sse_to_json(response, ex)
-                elif ex.stream_upstream is False:
-                    json_to_sse(response, ex)
+                # The client gets the form it asked for, whoever chose the other (a rule, or a relay that
+                # answers a stream with JSON: Claude Code would resend the turn without streaming).
+                (sse_to_json if sse else json_to_sse)(response, ex)
         finally:  # a bug above is mitmproxy's to log (the answer goes on as it is); the record still says what went
             settle(response, ex)
             exchange.publish(flow, ex)

@@ -81,6 +81,20 @@ def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
     send_error(response, ex, found)
 
 
+def error_in_success(response: http.Response) -> bool:
+    """A success status whose JSON body is an error: given the status the error stands for
+    (`envelopes.status_of_error_body`), so it is answered and recorded as the error it is, not as an empty
+    Message. True when it was."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "json" not in content_type and content_type:
+        return False
+    status = envelopes.status_of_error_body(jsoncodec.parse_json_body(response.get_content(strict=False)))
+    if status is None:
+        return False
+    response.status_code, response.reason = status, envelopes.reason_phrase(status)
+    return True
+
+
 def stream_error_payload(body: bytes) -> bytes:
     """The data of the first frame of an error sent as SSE (named or not; `[DONE]` skipped), else the body."""
     parser = sse.SSEParser()
@@ -105,9 +119,11 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
         error_type = inner.get("type") if isinstance(inner.get("type"), str) else "api_error"
         message = inner.get("message") if isinstance(inner.get("message"), str) else "upstream stream failed"
         request_id = errors.request_id_of(error) or response.headers.get("request-id")
-        status = errors.status_for_error_type(error_type)
+        status = errors.status_of(error_type)  # a type not Anthropic's is not a retryable 500
         body = errors.error_json(error_type, message, request_id)
         send_error(response, ex, envelopes.Unwrapped(status, body, error_type, request_id, "stream", response.status_code))
+        if "x-should-retry" not in response.headers:  # the gateway made this answer: it says whether to retry
+            response.headers["x-should-retry"] = "true" if errors.should_retry(status) else "false"
         ex.note("stream error became an HTTP error")
     else:
         ex.message = acc.message
@@ -136,8 +152,8 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
             if isinstance(body, dict) and body.get("type") == "message":
                 ex.message = body
         if ex.message is not None:
-            if isinstance(ex.message.get("usage"), dict):
-                ex.usage = ex.message["usage"]
+            if isinstance(ex.message.get("usage"), dict) and ex.converted != "sse->json":
+                ex.usage = ex.message["usage"]  # a converted stream's usage is the reader's (billed) count
             if isinstance(ex.message.get("model"), str) and ex.message["model"]:
                 ex.model_answered = ex.message["model"]
         if ex.converted != "sse->json":  # a converted stream is complete only if it had message_stop
@@ -164,8 +180,16 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
       record says what the client got: 502 and `api_error`, the type a native 502 would carry."""
     message = flow.error.msg if flow.error else ""
     response = flow.response
-    ex.complete = False
-    if response is not None and response.stream:
+    streamed = response is not None and bool(response.stream)
+    # A relayed stream whose message_stop came (the reader set `complete`) is a whole answer: only its
+    # transfer ended untidily (no last chunk, a reset after the end), which costs the client nothing.
+    ex.complete = streamed and ex.complete is True
+    if streamed and ex.complete:
+        ex.status = response.status_code
+        ex.request_id = response.headers.get("request-id") or ex.request_id
+        ex.note("transfer ended untidily after message_stop")
+        return
+    if streamed:
         ex.status = response.status_code
         ex.request_id = response.headers.get("request-id") or ex.request_id
         reason = "client disconnected" if message.startswith(CLIENT_GONE) else "upstream closed the stream"
@@ -198,10 +222,14 @@ def failure_reason(message: str, had_headers: bool) -> str:
 
 
 def native_answer(error_type: str, message: str, headers: dict[str, str] | None = None) -> http.Response:
-    """A native Anthropic error response (JSON body, status from the error type)."""
+    """A native Anthropic error response (JSON body, status from the error type), with `x-should-retry`
+    saying what the status means (`errors.should_retry`) unless `headers` say otherwise: a 401 for a
+    revoked token must say false, or Claude Code retries it for minutes (its gateway protocol, "Errors")."""
+    status = errors.status_for_error_type(error_type)
+    retry = "true" if errors.should_retry(status) else "false"
     return http.Response.make(
-        errors.status_for_error_type(error_type), errors.error_json(error_type, message),
-        {"content-type": "application/json", **(headers or {})},
+        status, errors.error_json(error_type, message),
+        {"content-type": "application/json", "x-should-retry": retry, **(headers or {})},
     )
 
 

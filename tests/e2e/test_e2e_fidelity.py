@@ -1,0 +1,224 @@
+"""End to end, the kinds of issue 29: what real upstreams and relays send that the gateway misread. A real
+mitmdump in both modes, the real Anthropic SDK as the client, the fake upstream (or a raw socket) answering
+with the exact bytes. Each case failed on the code before the fix: the SDK raised the wrong class (or none),
+or the record said something else than what was billed and received.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import pytest
+import yaml
+
+from conftest import DEFAULT_RULES, routed_rules
+from e2e.test_e2e_answer import sdk
+from e2e.test_e2e_faults import BadUpstream
+from fakes.upstream import Scenario
+from harness import Gateway
+from unit.pipeline.test_answer import SSE, frame, message_start
+
+pytestmark = pytest.mark.e2e
+
+MODES = ("base-url", "egress")
+USAGE = {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 12000,
+         "cache_creation_input_tokens": 0}
+
+
+def message_events(text: str = "hello there", named: bool = True, delta_usage: dict | None = None) -> bytes:
+    """A whole Messages stream; `named` False sends every frame data-only, as relays do."""
+    def f(name: str, data: dict) -> bytes:
+        return frame(name if named else None, data)
+
+    start = message_start(USAGE)
+    if not named:
+        start = start.split(b"\n", 1)[1]
+    return b"".join([
+        start,
+        f("content_block_start", {"type": "content_block_start", "index": 0,
+                                  "content_block": {"type": "text", "text": ""}}),
+        f("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                  "delta": {"type": "text_delta", "text": text}}),
+        f("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        f("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                            "usage": delta_usage or {"output_tokens": 30}}),
+        f("message_stop", {"type": "message_stop"}),
+    ])
+
+
+class UntidyUpstream(BadUpstream):
+    """Answers a whole stream, message_stop included, then closes without the last chunk of its chunked body."""
+
+    def answer(self, conn: socket.socket) -> None:
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                body += conn.recv(65536)
+            events = message_events()
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                         b"request-id: req_untidy\r\n\r\n" + b"%x\r\n" % len(events) + events + b"\r\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def gw(module_fake):
+    untidy = UntidyUpstream()
+    clients = [{"name": "forced-on", "headers": ["x-force-on"], "stream": "on"},
+               *yaml.safe_load(DEFAULT_RULES.read_text())["clients"]]
+    rules = routed_rules(module_fake.url, clients=clients).replace(
+        'paths: ["/v1/messages"', 'paths: ["/untidy/v1/messages", "/v1/messages"'
+    ).replace(
+        "routes:\n",
+        f'routes:\n  - {{match: {{path: "/untidy/*"}}, upstream: "http://127.0.0.1:{untidy.port}"}}\n', 1,
+    )
+    try:
+        with Gateway(rules) as gateway:
+            yield gateway
+    finally:
+        untidy.close()
+
+
+def last_record(gw: Gateway, before: int) -> dict:
+    return gw.records(count=before + 1)[before]
+
+
+def count(gw: Gateway) -> int:
+    return len(gw.records(timeout=0, count=0))
+
+
+# ------------------------------------------------------------------ streams read as the SSE specification says
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", ["stream", "create"])
+def test_data_only_frames_take_their_meaning_from_their_type(gw, mode, call):
+    """Every frame without `event:`: the client gets the Message (a stream, or converted to JSON for `create`),
+    the record its usage."""
+    before = count(gw)
+    result = sdk(gw, mode, call, Scenario(status=200, content_type=SSE, body=message_events(named=False).decode()))
+    assert result["ok"], result
+    assert result["message"]["content"][0]["text"] == "hello there"
+    assert result["message"]["usage"]["output_tokens"] == 30
+    record = last_record(gw, before)
+    assert (record["input_tokens"], record["output_tokens"], record["cache_read_input_tokens"]) == (10, 30, 12000)
+    assert (record["complete"], record["error_type"]) == (True, None), record
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", ["stream", "create"])
+def test_a_data_only_error_frame_keeps_its_type(gw, mode, call):
+    """A native rate_limit_error without an `event: error` line: mid-stream the SDK raises it as sent; converted,
+    it is a 429 RateLimitError (was: api_error for a truncated stream, or a retryable 500)."""
+    error = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}, "request_id": "req_dl"}
+    body = message_start(USAGE) + frame(None, error)
+    before = count(gw)
+    result = sdk(gw, mode, call, Scenario(status=200, content_type=SSE, body=body.decode()))
+    expected = ("APIStatusError", 200) if call == "stream" else ("RateLimitError", 429)
+    assert (result["error"], result["status"], result["type"]) == (*expected, "rate_limit_error"), result
+    record = last_record(gw, before)
+    assert (record["error_type"], record["input_tokens"]) == ("rate_limit_error", 10), record
+
+
+# ------------------------------------------------------------------------- the client gets the form it asked for
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_json_answer_to_a_streaming_request_reaches_the_client_as_a_stream(gw, mode):
+    before = count(gw)
+    result = sdk(gw, mode, "stream", Scenario(stream=False, text="as json", usage={"input_tokens": 21}))
+    assert result["ok"], result
+    assert result["message"]["content"][0]["text"] == "as json"
+    record = last_record(gw, before)
+    assert (record["converted"], record["input_tokens"], record["complete"]) == ("json->sse", 21, True), record
+
+
+# ------------------------------------------------------------------------------ an error is an error at any status
+
+
+OPENROUTER_200 = {"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-day",
+                            "metadata": {"headers": {"X-RateLimit-Limit": "50"}}}}
+NATIVE_200 = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}, "request_id": "req_n2"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("body,expected", [
+    (OPENROUTER_200, ("RateLimitError", 429, "rate_limit_error")),
+    (NATIVE_200, ("OverloadedError", 529, "overloaded_error")),
+], ids=["openrouter-shape", "native"])
+def test_an_error_object_in_a_200_body_is_an_error(gw, mode, body, expected):
+    before = count(gw)
+    result = sdk(gw, mode, "create", Scenario(status=200, body=body))
+    assert (result["error"], result["status"], result["type"]) == expected, result
+    record = last_record(gw, before)
+    assert (record["status"], record["error_type"]) == expected[1:], record
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_error_type_not_anthropics_is_not_a_retryable_500(gw, mode):
+    """A proxy's own error type in a stream converted to JSON: a 400 the SDK does not retry."""
+    refusal = {"type": "error", "error": {"type": "policy_violation", "message": "blocked by policy"}}
+    body = message_start(USAGE) + frame("error", refusal)
+    before = count(gw)
+    result = sdk(gw, mode, "create", Scenario(status=200, content_type=SSE, body=body.decode()), **{"x-force-on": "1"})
+    assert (result["error"], result["status"], result["type"]) == ("BadRequestError", 400, "policy_violation"), result
+    record = last_record(gw, before)
+    assert (record["status"], record["error_type"], record["converted"]) == (400, "policy_violation", "sse->json")
+
+
+def test_a_converted_foreign_error_says_not_to_retry(gw):
+    refusal = {"type": "error", "error": {"type": "policy_violation", "message": "blocked by policy"}}
+    scenario = Scenario(status=200, content_type=SSE, body=(message_start(USAGE) + frame("error", refusal)).decode())
+    before = count(gw)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.reverse_port, timeout=10)
+    conn.request("POST", "/v1/messages", json.dumps({"model": "m", "max_tokens": 5, "messages": []}),
+                 {"content-type": "application/json", "x-fake-scenario": scenario.to_header(), "x-force-on": "1"})
+    response = conn.getresponse()
+    assert json.loads(response.read())["error"]["type"] == "policy_violation"
+    assert (response.status, response.getheader("x-should-retry")) == (400, "false")
+    last_record(gw, before)
+
+
+# ---------------------------------------------------------------------------------------------- usage and ends
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_later_zero_in_a_streams_usage_keeps_the_earlier_counts(gw, mode):
+    zeros = {"output_tokens": 30, "input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    before = count(gw)
+    result = sdk(gw, mode, "stream", Scenario(status=200, content_type=SSE,
+                                              body=message_events(delta_usage=zeros).decode()))
+    assert result["ok"], result
+    record = last_record(gw, before)
+    assert (record["input_tokens"], record["cache_read_input_tokens"], record["output_tokens"]) == (10, 12000, 30)
+
+
+def test_a_stream_whose_message_stop_came_is_complete_however_its_transfer_ended(gw):
+    """The upstream leaves out its chunked body's last chunk after message_stop. mitmproxy passes the untidy end
+    on (the SDK's HTTP client then raises on the transport, so a plain client reads it here); the client has the
+    whole Message, and the record says so."""
+    before = count(gw)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.reverse_port, timeout=10)
+    conn.request("POST", "/untidy/v1/messages",
+                 json.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": []}),
+                 {"content-type": "application/json"})
+    response = conn.getresponse()
+    received = b""
+    try:
+        while chunk := response.read1(65536):
+            received += chunk
+    except http.client.IncompleteRead as e:
+        received += e.partial
+    assert response.status == 200 and b"event: message_stop" in received, received
+    record = last_record(gw, before)
+    assert (record["status"], record["complete"], record["reason"], record["error_type"]) == (200, True, None, None)
+    assert record["output_tokens"] == 30
