@@ -339,7 +339,7 @@ class _Reader:
         )
 
     def timeouts(self, node: yaml.Node) -> Timeouts:
-        m = self.mapping(node, "timeouts", {"first_byte": False, "stream_idle": False})
+        m = self.mapping(node, "timeouts", {"first_byte": False, "non_streaming": False, "stream_idle": False})
         seconds = {}
         for key in m:
             seconds[key] = self.number(m[key], f"timeouts.{key}")

@@ -223,6 +223,9 @@ class Timeouts:
     """Seconds; see addons/timeouts.py."""
 
     first_byte: float = 300.0  # from the request sent upstream to the upstream's response headers
+    # The same wait for a request sent upstream without streaming: its headers come only once the whole
+    # answer is written, and the Anthropic SDKs wait 600 s for it (their DEFAULT_TIMEOUT) before giving up.
+    non_streaming: float = 600.0
     stream_idle: float = 120.0  # longest silence between two chunks of an answer's body
 
 
