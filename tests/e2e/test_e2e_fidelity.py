@@ -222,3 +222,33 @@ def test_a_stream_whose_message_stop_came_is_complete_however_its_transfer_ended
     record = last_record(gw, before)
     assert (record["status"], record["complete"], record["reason"], record["error_type"]) == (200, True, None, None)
     assert record["output_tokens"] == 30
+
+
+# ----------------------------------------------------------------------------------------- the gateway's own 401
+
+
+@pytest.fixture(scope="module")
+def custody_gw(tmp_path_factory, module_fake):
+    from e2e.test_e2e_credentials import UPSTREAM_KEY, credentials_rules
+    from secretvolume import write_secret
+
+    key_file = write_secret(tmp_path_factory.mktemp("custody") / "secret", "api-key", UPSTREAM_KEY + "\n")
+    with Gateway(credentials_rules(module_fake.url, key_file)) as gateway:
+        yield gateway
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unknown_gateway_token_is_a_401_not_to_retry(custody_gw, mode):
+    """Claude Code retries a 401 for minutes unless it says `x-should-retry: false` (its gateway protocol,
+    "Errors"); the SDK raises AuthenticationError."""
+    from e2e.test_e2e_credentials import OTHER_TOKEN
+    from e2e.test_e2e_credentials import sdk as custody_sdk
+
+    result = custody_sdk(custody_gw, mode, token=OTHER_TOKEN)
+    assert (result["error"], result["status"], result["type"]) == ("AuthenticationError", 401, "authentication_error")
+    conn = http.client.HTTPConnection("127.0.0.1", custody_gw.reverse_port, timeout=10)
+    conn.request("POST", "/v1/messages", json.dumps({"model": "m", "max_tokens": 5, "messages": []}),
+                 {"content-type": "application/json", "x-api-key": OTHER_TOKEN})
+    response = conn.getresponse()
+    assert json.loads(response.read())["error"]["type"] == "authentication_error"
+    assert (response.status, response.getheader("x-should-retry")) == (401, "false")
