@@ -252,3 +252,20 @@ def test_an_unknown_gateway_token_is_a_401_not_to_retry(custody_gw, mode):
     response = conn.getresponse()
     assert json.loads(response.read())["error"]["type"] == "authentication_error"
     assert (response.status, response.getheader("x-should-retry")) == (401, "false")
+
+
+# ------------------------------------------------------------------------------------------------ agent ids
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_records_carry_claude_codes_agent_and_parent_agent_ids(gw, mode):
+    """Claude Code's subagents share the session id; their own headers tell them apart (the gateway protocol
+    says to keep them): they reach the upstream unchanged and land in the record."""
+    before = count(gw)
+    headers = {"x-claude-code-session-id": "sess-agents-e2e", "x-claude-code-agent-id": "agent-7f3",
+               "x-claude-code-parent-agent-id": "agent-main"}
+    result = sdk(gw, mode, "create", Scenario(text="sub"), **headers)
+    assert result["ok"], result
+    record = last_record(gw, before)
+    assert (record["session"], record["agent_id"], record["parent_agent_id"]) == (
+        "sess-agents-e2e", "agent-7f3", "agent-main"), record

@@ -110,7 +110,8 @@ FIELD_OWNERS = {
     "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
     "model_requested": {"addons/routing.py"},
-    **dict.fromkeys(("client", "session", "user_agent", "stream_preference"), {"addons/clients.py"}),
+    **dict.fromkeys(("client", "session", "agent_id", "parent_agent_id", "user_agent", "stream_preference"),
+                    {"addons/clients.py"}),
     "principal": {"addons/credentials.py"},
     **dict.fromkeys(("stream_requested", "stream_upstream"), {"addons/streams.py"}),
     "response_started": {"addons/answer.py"},
@@ -223,6 +224,7 @@ BOUNDARIES = {
     "policy/clients.py": {
         "detect": "client detection reads hostile headers and bodies and never raises",
         "session_id": "the same",
+        "agent_ids": "the same",
     },
     "protocol/envelopes.py": {
         "unwrap_response": "hostile error bodies: never raise, fall back to an error built from the status",

@@ -61,6 +61,8 @@ class Exchange:
     body: Any = None  # the request JSON, parsed once; None when empty or not JSON
     client: str = "unknown"
     session: str | None = None
+    agent_id: str | None = None  # Claude Code's x-claude-code-agent-id: which agent (a subagent) of the session
+    parent_agent_id: str | None = None  # x-claude-code-parent-agent-id: the agent that started it
     user_agent: str | None = None
     model_requested: str | None = None  # what the request asks for (addons/routing), cut to 200 characters
     stream_preference: str = "as-sent"  # from the matched client rule

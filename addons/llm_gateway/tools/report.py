@@ -48,6 +48,8 @@ METRICS = (
 )
 TABLE_HEADERS = {
     "session": "SESSION",
+    "agent": "AGENT",
+    "parent_agent": "PARENT AGENT",
     "client": "CLIENT",
     "requests": "REQUESTS",
     "errors": "ERRORS",
@@ -119,10 +121,12 @@ class Filters:
 
 @dataclass
 class Report:
-    by: str  # "session" | "client" | "both"
+    by: str  # "session" | "agent" | "client" | "both" (with agents when any record names one)
     filters: Filters
     skipped: Skipped
     sessions: dict[tuple[str, str | None], Totals] = field(default_factory=dict)  # (client, session), first seen first
+    # (client, session, agent id, parent agent id) of records naming an agent (Claude Code's subagents)
+    agents: dict[tuple[str, str | None, str, str | None], Totals] = field(default_factory=dict)
     clients: dict[str, Totals] = field(default_factory=dict)
     total: Totals = field(default_factory=Totals)
     breaks: cache_breaks.BreakTable = field(default_factory=cache_breaks.BreakTable)  # by client and reason
@@ -131,12 +135,20 @@ class Report:
         client = str(record.get("client") or "unknown")
         session = record.get("session") if isinstance(record.get("session"), str) else None
         self.sessions.setdefault((client, session), Totals()).add(record)
+        agent = record.get("agent_id")
+        if isinstance(agent, str) and agent:
+            parent = record.get("parent_agent_id") if isinstance(record.get("parent_agent_id"), str) else None
+            self.agents.setdefault((client, session, agent, parent), Totals()).add(record)
         self.clients.setdefault(client, Totals()).add(record)
         self.total.add(record)
         self.breaks.add_recorded(record)
 
     def session_rows(self) -> list[dict[str, Any]]:
         return [{"session": s, "client": c, **t.row()} for (c, s), t in self.sessions.items()]
+
+    def agent_rows(self) -> list[dict[str, Any]]:
+        return [{"session": s, "agent": a, "parent_agent": p, "client": c, **t.row()}
+                for (c, s, a, p), t in self.agents.items()]
 
     def client_rows(self) -> list[dict[str, Any]]:
         return [{"client": c, **self.clients[c].row()} for c in sorted(self.clients)]
@@ -146,6 +158,8 @@ class Report:
         out = []
         if self.by in ("session", "both"):
             out.append(("session", ["session", "client"], self.session_rows()))
+        if self.by == "agent" or (self.by == "both" and self.agents):
+            out.append(("agent", ["session", "agent", "parent_agent", "client"], self.agent_rows()))
         if self.by in ("client", "both"):
             out.append(("client", ["client"], self.client_rows()))
         return out
@@ -188,7 +202,8 @@ def render_csv(report: Report) -> str:
     """One CSV: a `group` column says session, client or total; unknown values are empty cells."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["group", "client", "session", *METRICS])
+    agents = any(name == "agent" for name, _, _ in report.sections())
+    writer.writerow(["group", "client", "session", *(["agent", "parent_agent"] if agents else []), *METRICS])
 
     def cell(key: str, value: Any) -> str:
         if value is None:
@@ -199,9 +214,10 @@ def render_csv(report: Report) -> str:
 
     for name, _, rows in report.sections():
         for row in rows:
-            writer.writerow([name, row["client"], row.get("session") or "", *(cell(k, row[k]) for k in METRICS)])
+            ids = [row.get("agent") or "", row.get("parent_agent") or ""] if agents else []
+            writer.writerow([name, row["client"], row.get("session") or "", *ids, *(cell(k, row[k]) for k in METRICS)])
     total = report.total.row()
-    writer.writerow(["total", "", "", *(cell(k, total[k]) for k in METRICS)])
+    writer.writerow(["total", "", "", *([""] * 2 if agents else []), *(cell(k, total[k]) for k in METRICS)])
     return out.getvalue()
 
 
@@ -212,7 +228,7 @@ def table_cell(key: str, value: Any) -> str:
         return f"{value:.1%}"
     if key in ("cost_usd", "saved_usd"):
         return f"{value:,.4f}"
-    if key == "session" and len(value) > SESSION_WIDTH:
+    if key in ("session", "agent", "parent_agent") and len(value) > SESSION_WIDTH:
         return value[: SESSION_WIDTH - 1] + "…"
     if isinstance(value, int):
         return f"{value:,}"
@@ -277,7 +293,8 @@ def parser() -> argparse.ArgumentParser:
                    help="only this client (glob, case-insensitive); repeat for several")
     p.add_argument("--session", action="append", default=[], metavar="ID",
                    help="only sessions whose id starts with ID; repeat for several")
-    p.add_argument("--by", choices=("session", "client", "both"), default="both", help="grouping (default both)")
+    p.add_argument("--by", choices=("session", "agent", "client", "both"), default="both", help="grouping (default both: by session, by client, and by agent where "
+                   "records name Claude Code's agents)")
     p.add_argument("--format", choices=tuple(RENDER), default="table", help="output format (default table)")
     p.add_argument("--recompute-breaks", action="store_true",
                    help="find cache breaks again in the merged records of every replica (table and JSON: breaks by "
