@@ -48,6 +48,20 @@ def message_events(text: str = "hello there", named: bool = True, delta_usage: d
     ])
 
 
+# An operator's correction: a model the price list lacks, with a long-context tier and a fast-mode factor.
+PRICING = """\
+pricing:
+  - model: "claude-test-tiered*"
+    input: 1
+    output: 10
+    cache_write_5m: 1.25
+    cache_write_1h: 2
+    cache_read: 0.1
+    tiers: [{above: 5000, input: 2, output: 15, cache_write_5m: 2.5, cache_write_1h: 4, cache_read: 0.2}]
+    multipliers: {speed: {fast: 2}}
+"""
+
+
 class UntidyUpstream(BadUpstream):
     """Answers a whole stream, message_stop included, then closes without the last chunk of its chunked body."""
 
@@ -75,7 +89,7 @@ def gw(module_fake):
     untidy = UntidyUpstream()
     clients = [{"name": "forced-on", "headers": ["x-force-on"], "stream": "on"},
                *yaml.safe_load(DEFAULT_RULES.read_text())["clients"]]
-    rules = routed_rules(module_fake.url, clients=clients).replace(
+    rules = routed_rules(module_fake.url, clients=clients, extra=PRICING).replace(
         'paths: ["/v1/messages"', 'paths: ["/untidy/v1/messages", "/v1/messages"'
     ).replace(
         "routes:\n",
@@ -269,3 +283,48 @@ def test_records_carry_claude_codes_agent_and_parent_agent_ids(gw, mode):
     record = last_record(gw, before)
     assert (record["session"], record["agent_id"], record["parent_agent_id"]) == (
         "sess-agents-e2e", "agent-7f3", "agent-main"), record
+
+
+# ------------------------------------------------------------------------------ prices follow what was billed
+
+NO_CACHE = {"cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", ["stream", "create"])
+def test_fast_mode_and_us_only_inference_are_priced_as_billed(gw, mode, call):
+    """Opus 4.6 list prices (5 / 25 US dollars per million), times 6 for fast mode, times 1.1 for US-only."""
+    usage = {**NO_CACHE, "input_tokens": 1000, "output_tokens": 100, "speed": "fast", "inference_geo": "us"}
+    before = count(gw)
+    result = sdk(gw, mode, call, Scenario(model="claude-opus-4-6", usage=usage))
+    assert result["ok"], result
+    record = last_record(gw, before)
+    assert record["cost_usd"] == round((1000 * 5 + 100 * 25) / 1e6 * 6 * 1.1, 8), record
+    assert record["price_source"].endswith("; speed fast x6; inference_geo us x1.1"), record
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compaction_iterations_and_long_context_are_priced(gw, mode):
+    """Opus 4.6 past 200K prompt tokens: 2x on the prompt side, 1.5x on output (the list lacks the tier); a
+    compaction step's tokens, outside the top-level counts, are billed too."""
+    usage = {**NO_CACHE, "input_tokens": 250_000, "output_tokens": 1000,
+             "iterations": [{"type": "compaction", "input_tokens": 180_000, "output_tokens": 3000},
+                            {"type": "message", "input_tokens": 250_000, "output_tokens": 1000}]}
+    before = count(gw)
+    result = sdk(gw, mode, "create", Scenario(model="claude-opus-4-6", usage=usage))
+    assert result["ok"], result
+    record = last_record(gw, before)
+    prompt, out = 250_000 + 180_000, 1000 + 3000
+    assert record["cost_usd"] == round((prompt * 5 * 2 + out * 25 * 1.5) / 1e6, 8), record
+    assert "long context above 200000" in record["price_source"] and "+1 compaction iteration" in record["price_source"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pricing_rules_express_tiers_and_multipliers(gw, mode):
+    usage = {**NO_CACHE, "input_tokens": 6000, "output_tokens": 100, "speed": "fast"}
+    before = count(gw)
+    result = sdk(gw, mode, "stream", Scenario(model="claude-test-tiered-1", usage=usage))
+    assert result["ok"], result
+    record = last_record(gw, before)
+    assert record["cost_usd"] == round((6000 * 2 + 100 * 15) / 1e6 * 2, 8), record
+    assert record["price_source"] == "rules; above 5000 prompt tokens; speed fast x2", record

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mitmproxy import http
 
 from llm_gateway.policy.cachewatch import CacheWatch
-from llm_gateway.policy.pricing import Cost, cost, counts, lost_cost
+from llm_gateway.policy.pricing import Cost, cost, lost_cost, priced_key
 
 if TYPE_CHECKING:
     from llm_gateway.policy.spec import Rules
@@ -74,7 +74,7 @@ class Exchange:
     message: dict[str, Any] | None = None  # the answer as a Message, where a part already built it
     usage: dict[str, Any] | None = None
     model_answered: str | None = None  # the model the answer names (pipeline/answer, pipeline/reader)
-    priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, counts), Cost)
+    priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, priced_key), Cost)
     # what the client received, decided once by pipeline/answer.py (settle / settle_failure)
     status: int | None = None
     request_id: str | None = None
@@ -125,7 +125,7 @@ class Exchange:
     def cost(self) -> Cost:
         """The price of this exchange (its rules' `pricing`, `model` and `usage`), worked out once for its
         record, its log line and its mitmweb comment, and again only when the model or the token counts changed."""
-        key = (self.model, counts(self.usage) if self.usage else None)
+        key = (self.model, priced_key(self.usage) if self.usage else None)
         if self.priced is not None and self.priced[0] == key:
             return self.priced[1]
         found = cost(self.rules.pricing, self.model, self.usage)
