@@ -55,7 +55,9 @@ def set_body(response: http.Response, content: bytes, content_type: str) -> None
 
 def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.Unwrapped | None) -> None:
     """Answer with a native error (`found`, when there is one), restoring the headers LiteLLM renamed and
-    the `request-id` of the inner error. The one way every path answers with an error."""
+    the `request-id` of the inner error. The one way every path answers with an error. An error that does not
+    say whether to retry gets `x-should-retry` from its status (`errors.should_retry`): the SDKs would retry
+    a 501 `not_supported` otherwise, and a converted foreign error is not theirs to guess."""
     if found is not None:
         response.status_code = found.status
         response.reason = envelopes.reason_phrase(found.status)
@@ -63,6 +65,8 @@ def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.
         ex.error_type = found.error_type
     for name, value in envelopes.header_fixes(response.headers, found.request_id if found else None).items():
         response.headers[name] = value
+    if "x-should-retry" not in response.headers:
+        response.headers["x-should-retry"] = "true" if errors.should_retry(response.status_code) else "false"
 
 
 def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
@@ -122,8 +126,6 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
         status = errors.status_of(error_type)  # a type not Anthropic's is not a retryable 500
         body = errors.error_json(error_type, message, request_id)
         send_error(response, ex, envelopes.Unwrapped(status, body, error_type, request_id, "stream", response.status_code))
-        if "x-should-retry" not in response.headers:  # the gateway made this answer: it says whether to retry
-            response.headers["x-should-retry"] = "true" if errors.should_retry(status) else "false"
         ex.note("stream error became an HTTP error")
     else:
         ex.message = acc.message

@@ -21,6 +21,8 @@ STATUS_BY_ERROR_TYPE: dict[str, int] = {
     "api_error": 500,
     "timeout_error": 504,
     "overloaded_error": 529,
+    # Claude Code's gateway protocol ("Errors"): what a backend cannot do; not retried.
+    "not_supported": 501,
 }
 
 
