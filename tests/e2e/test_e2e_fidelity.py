@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from conftest import DEFAULT_RULES, routed_rules
-from e2e.test_e2e_answer import sdk
+from e2e.test_e2e_answer import ResettingUpstream, sdk
 from e2e.test_e2e_faults import BadUpstream
 from fakes.upstream import Scenario
-from harness import Gateway
+from harness import Gateway, free_port
 from unit.pipeline.test_answer import SSE, frame, message_start
 
 pytestmark = pytest.mark.e2e
@@ -86,20 +86,24 @@ class UntidyUpstream(BadUpstream):
 
 @pytest.fixture(scope="module")
 def gw(module_fake):
-    untidy = UntidyUpstream()
+    untidy, reset, refused = UntidyUpstream(), ResettingUpstream(), free_port()
     clients = [{"name": "forced-on", "headers": ["x-force-on"], "stream": "on"},
                *yaml.safe_load(DEFAULT_RULES.read_text())["clients"]]
     rules = routed_rules(module_fake.url, clients=clients, extra=PRICING).replace(
-        'paths: ["/v1/messages"', 'paths: ["/untidy/v1/messages", "/v1/messages"'
+        'paths: ["/v1/messages"', 'paths: ["/untidy/v1/messages", "/reset/v1/messages", "/refused/v1/messages", '
+                                  '"/v1/messages"'
     ).replace(
         "routes:\n",
-        f'routes:\n  - {{match: {{path: "/untidy/*"}}, upstream: "http://127.0.0.1:{untidy.port}"}}\n', 1,
+        f'routes:\n  - {{match: {{path: "/untidy/*"}}, upstream: "http://127.0.0.1:{untidy.port}"}}\n'
+        f'  - {{match: {{path: "/reset/*"}}, upstream: "http://127.0.0.1:{reset.port}"}}\n'
+        f'  - {{match: {{path: "/refused/*"}}, upstream: "http://127.0.0.1:{refused}"}}\n', 1,
     )
     try:
         with Gateway(rules) as gateway:
             yield gateway
     finally:
         untidy.close()
+        reset.close()
 
 
 def last_record(gw: Gateway, before: int) -> dict:
@@ -328,3 +332,27 @@ def test_pricing_rules_express_tiers_and_multipliers(gw, mode):
     record = last_record(gw, before)
     assert record["cost_usd"] == round((6000 * 2 + 100 * 15) / 1e6 * 2, 8), record
     assert record["price_source"] == "rules; above 5000 prompt tokens; speed fast x2", record
+
+
+# ------------------------------------------------------------------------------- an upstream that never answered
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", ["refused", "reset"])
+def test_an_upstream_that_fails_before_answering_gets_a_native_error(gw, mode, fault):
+    """Connection refused or reset before any answer: a native 502 `api_error` with `x-should-retry: true` in
+    place of mitmproxy's text/html page; the SDK raises InternalServerError with the native type."""
+    before = count(gw)
+    result = sdk(gw, mode, "create", prefix=f"/{fault}")
+    assert (result["error"], result["status"], result["type"]) == ("InternalServerError", 502, "api_error"), result
+    record = last_record(gw, before)
+    assert (record["status"], record["error_type"], record["complete"]) == (502, "api_error", False), record
+    if mode == "base-url":
+        conn = http.client.HTTPConnection("127.0.0.1", gw.reverse_port, timeout=10)
+        conn.request("POST", f"/{fault}/v1/messages", json.dumps({"model": "m", "max_tokens": 5, "messages": []}),
+                     {"content-type": "application/json"})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        assert (response.status, response.getheader("content-type"), response.getheader("x-should-retry")) == (
+            502, "application/json", "true")
+        assert body["type"] == "error" and body["error"]["type"] == "api_error"

@@ -195,7 +195,10 @@ BOUNDARIES = {
         "SSERelay._forward": "one tap's failure must not stop the stream or the other taps",
         "SSERelay._end": "the same, at the end of the stream",
     },
-    "mitm/layers.py": {"end_early": "mitmproxy internals changed under us: close the upstream instead"},
+    "mitm/layers.py": {
+        "end_early": "mitmproxy internals changed under us: close the upstream instead",
+        "answer_instead_of_error_page": "mitmproxy internals changed under us: its own error page goes out",
+    },
     "mitm/server.py": {"close_listeners": "one listener that will not close must not keep the others open"},
     "addons/egress.py": {
         "EgressPolicy.http_connect": "fail closed: a bug refuses the tunnel, never lets it through",

@@ -8,8 +8,10 @@ import time
 
 from mitmproxy import http
 
+from llm_gateway.mitm import layers
 from llm_gateway.pipeline import exchange, relay
 from llm_gateway.pipeline.answer import (
+    MITMPROXY_ERROR_STATUS,
     error_answer,
     error_in_success,
     is_sse,
@@ -19,6 +21,16 @@ from llm_gateway.pipeline.answer import (
     sse_to_json,
 )
 from llm_gateway.pipeline.streamreader import StreamReader
+from llm_gateway.protocol import errors
+
+
+def upstream_failed_answer(reason: str) -> http.Response:
+    """A native 502 `api_error` for an upstream that failed before answering (`settle_failure`'s reason as
+    message), retryable: the SDKs retry a 502 anyway, and a refused or reset connection is worth a retry."""
+    return http.Response.make(
+        MITMPROXY_ERROR_STATUS, errors.error_json("api_error", f"The gateway's upstream failed: {reason}."),
+        {"content-type": "application/json", "x-should-retry": "true", "connection": "close"},
+    )
 
 
 class AnswerPipeline:
@@ -59,4 +71,9 @@ class AnswerPipeline:
         if ex is None or ex.recorded:
             return
         settle_failure(flow, ex)
+        if ex.status == MITMPROXY_ERROR_STATUS and flow.response is None:
+            # mitmproxy is about to answer with its text/html 502: the client gets the native error instead
+            answered = layers.answer_instead_of_error_page(flow, upstream_failed_answer(ex.reason or "upstream failed"))
+            if answered:
+                ex.note("native 502 in place of mitmproxy's error page")
         exchange.publish(flow, ex)
