@@ -46,11 +46,13 @@ def end_with_error(flow: http.HTTPFlow, ex: exchange.Exchange, reason: str, erro
     return done
 
 
-def first_byte_limit(ex: exchange.Exchange) -> float:
-    """Seconds to wait for the upstream's response headers: `non_streaming` for a request sent upstream
-    without streaming (an API request known not to stream), else `first_byte`."""
+def first_byte_limit(ex: exchange.Exchange) -> tuple[str, float]:
+    """(rule key, seconds) to wait for the upstream's response headers: `non_streaming` for a request sent
+    upstream without streaming (an API request known not to stream), else `first_byte`."""
     timeouts = ex.rules.timeouts
-    return timeouts.non_streaming if ex.stream_upstream is False else timeouts.first_byte
+    if ex.stream_upstream is False:
+        return "non_streaming", timeouts.non_streaming
+    return "first_byte", timeouts.first_byte
 
 
 def _poll_interval(idle: float) -> float:
@@ -73,7 +75,7 @@ class Timeouts:
         if ex is None or flow.response or flow in self._timers:
             return
         self._timers[flow] = asyncio.get_running_loop().call_later(
-            first_byte_limit(ex), self._first_byte_expired, flow, ex
+            first_byte_limit(ex)[1], self._first_byte_expired, flow, ex
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -105,8 +107,7 @@ class Timeouts:
 
     def _first_byte_expired(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
         self._timers.pop(flow, None)
-        limit = first_byte_limit(ex)
-        key = "first_byte" if limit == ex.rules.timeouts.first_byte else "non_streaming"
+        key, limit = first_byte_limit(ex)
         try:
             if flow.response is None and flow.live:
                 end_with_error(

@@ -18,8 +18,8 @@ decides error-or-success once and records usage in one place) and the Anthropic 
 
 Where mitmproxy itself answers (no upstream response: refused, reset, closed before the end of a buffered
 body) it writes its own text/html page after the `error` hook, and mitmproxy 12 lets no addon replace it
-(see `settle_failure`); the record then says what the client got: that status, its native error type and
-a short `reason`.
+through its API (see `settle_failure`): addons/answer.py has mitm/layers write a native 502 in its place for
+HTTP/1 clients. The record says what the client got: that status, its native error type and a short `reason`.
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
       sends a `ResponseProtocolError` to the client right after the `error` hook, whatever the hook set on
       `flow.response`, and `Http1Server` (proxy/layers/http/_http1.py) writes it as `make_error_response`:
       a text/html 502 (`_base.format_error`). mitmproxy 12 offers no supported way to replace it (open
-      upstream proposal: mitmproxy pull request 7999, "allow error hook to override 502 responses"), so the
-      record says what the client got: 502 and `api_error`, the type a native 502 would carry."""
+      upstream proposal: mitmproxy pull request 7999, "allow error hook to override 502 responses"); the
+      addon has mitm/layers.answer_instead_of_error_page write a native 502 instead. The record says 502
+      and `api_error`, the type that native 502 carries."""
     message = flow.error.msg if flow.error else ""
     response = flow.response
     streamed = response is not None and bool(response.stream)
