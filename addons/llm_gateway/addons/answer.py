@@ -24,11 +24,18 @@ from llm_gateway.pipeline.streamreader import StreamReader
 from llm_gateway.protocol import errors
 
 
-def upstream_failed_answer(reason: str) -> http.Response:
-    """A native 502 `api_error` for an upstream that failed before answering (`settle_failure`'s reason as
-    message), retryable: the SDKs retry a 502 anyway, and a refused or reset connection is worth a retry."""
+DETAIL_CHARS = 300
+
+
+def upstream_failed_answer(reason: str, detail: str = "") -> http.Response:
+    """A native 502 `api_error` for an upstream that failed before answering: `settle_failure`'s reason, then
+    mitmproxy's own words up to their first ":" (what its page said, without the upstream bytes a parse error
+    quotes after it, which could hold anything; at most DETAIL_CHARS characters); retryable: the SDKs retry a
+    502 anyway, and a refused or reset connection is worth a retry."""
+    detail = detail.split(":", 1)[0].strip()[:DETAIL_CHARS]
+    message = f"The gateway's upstream failed: {reason}" + (f" ({detail})." if detail else ".")
     return http.Response.make(
-        MITMPROXY_ERROR_STATUS, errors.error_json("api_error", f"The gateway's upstream failed: {reason}."),
+        MITMPROXY_ERROR_STATUS, errors.error_json("api_error", message),
         {"content-type": "application/json", "x-should-retry": "true", "connection": "close"},
     )
 
@@ -73,7 +80,9 @@ class AnswerPipeline:
         settle_failure(flow, ex)
         if ex.status == MITMPROXY_ERROR_STATUS and flow.response is None:
             # mitmproxy is about to answer with its text/html 502: the client gets the native error instead
-            answered = layers.answer_instead_of_error_page(flow, upstream_failed_answer(ex.reason or "upstream failed"))
+            detail = flow.error.msg if flow.error else ""
+            answer = upstream_failed_answer(ex.reason or "upstream failed", detail)
+            answered = layers.answer_instead_of_error_page(flow, answer)
             if answered:
                 ex.note("native 502 in place of mitmproxy's error page")
         exchange.publish(flow, ex)
