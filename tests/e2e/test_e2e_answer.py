@@ -146,7 +146,7 @@ def test_retry_after_is_restored_on_an_error_sent_as_a_stream(gw):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fault", ["closed-before-content-length", "reset", "refused"])
 def test_upstream_failures_are_recorded_as_the_client_got_them(gw, mode, fault):
-    """mitmproxy answers these itself, with its text/html 502 (mitmproxy 12 lets no addon replace it; see
+    """mitmproxy answers these itself (a native 502 in place of its text/html page before any response; see
     answer.settle_failure); the SDK raises InternalServerError, and the record says 502, api_error, why."""
     before = len(gw.records(timeout=0, count=0))
     if fault == "closed-before-content-length":

@@ -22,7 +22,7 @@ from fakes.upstream import Scenario
 pytestmark = pytest.mark.e2e
 
 FIRST_BYTE, STREAM_IDLE = 1.5, 1.0
-TIMEOUTS = f"timeouts: {{first_byte: {FIRST_BYTE}, stream_idle: {STREAM_IDLE}}}\n"
+TIMEOUTS = f"timeouts: {{first_byte: {FIRST_BYTE}, non_streaming: {FIRST_BYTE}, stream_idle: {STREAM_IDLE}}}\n"
 
 
 def raw_post(port: int, scenario: Scenario, *, stream: bool, session: str) -> tuple[int, dict, bytes, float]:
@@ -78,7 +78,7 @@ def test_upstream_that_never_answers_gets_a_native_504(fake, gateway_factory):
     result = sdk_client.run("create", base_url=gw.base_url, headers={
         "x-fake-scenario": hang.to_header(), "x-session-id": "hang-sdk"})
     assert result == {**result, "ok": False, "status": 504, "type": "timeout_error"}, result
-    assert "timeouts.first_byte" in result["message"]
+    assert "timeouts.non_streaming" in result["message"]  # the SDK's create sends no `stream: true`
 
     for session in ("hang-raw", "hang-sdk"):
         record = gw.wait_record(lambda r: r["session"] == session)
@@ -103,10 +103,22 @@ def test_upstream_that_never_answers_gets_a_native_504(fake, gateway_factory):
 
 def test_timeouts_are_hot_reloaded(fake, gateway_factory):
     gw = gateway_factory(routed_rules(fake.url, "timeouts: {first_byte: 30}\n"), regular=False)
-    gw.write_rules(routed_rules(fake.url, "timeouts: {first_byte: 0.5}\n"))
+    gw.write_rules(routed_rules(fake.url, "timeouts: {first_byte: 0.5, non_streaming: 0.5}\n"))
     gw.wait_for_output("rules reloaded", timeout=10)
     status, _, _, seconds = raw_post(gw.reverse_port, Scenario(hang=True), stream=False, session="reloaded")
     assert status == 504 and seconds < 1.5
+
+
+def test_first_byte_does_not_cut_a_long_non_streaming_answer(fake, gateway_factory):
+    """A non-streaming answer's headers come when all of it is written: `timeouts.first_byte` bounds streams
+    only, `timeouts.non_streaming` (600 s by default, the SDKs' own wait) the rest."""
+    gw = gateway_factory(routed_rules(fake.url, "timeouts: {first_byte: 1}\n"), regular=False)
+    slow = Scenario(delay=2.5, text="a long answer")
+    result = sdk_client.run("create", base_url=gw.base_url, headers={"x-fake-scenario": slow.to_header()})
+    assert result["ok"] and result["message"]["content"][0]["text"] == "a long answer", result
+    result = sdk_client.run("stream", base_url=gw.base_url, headers={"x-fake-scenario": slow.to_header()})
+    assert (result["ok"], result["status"], result["type"]) == (False, 504, "timeout_error"), result
+    assert "timeouts.first_byte" in result["message"]
 
 
 def test_upstream_stuck_in_its_tls_handshake_is_given_up(fake, gateway_factory):

@@ -112,7 +112,8 @@ FIELD_OWNERS = {
     "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
     "model_requested": {"addons/routing.py"},
-    **dict.fromkeys(("client", "session", "user_agent", "stream_preference"), {"addons/clients.py"}),
+    **dict.fromkeys(("client", "session", "agent_id", "parent_agent_id", "user_agent", "stream_preference"),
+                    {"addons/clients.py"}),
     "principal": {"addons/credentials.py"},
     **dict.fromkeys(("quota_limits", "quota_refused"), {"addons/quotas/__init__.py"}),
     **dict.fromkeys(("stream_requested", "stream_upstream"), {"addons/streams.py"}),
@@ -208,7 +209,10 @@ BOUNDARIES = {
         "EventStreamReader._tap": "one tap's failure must not stop the stream or the other taps",
         "EventStreamReader._end": "the same, at the end of the stream",
     },
-    "mitm/layers.py": {"end_early": "mitmproxy internals changed under us: close the upstream instead"},
+    "mitm/layers.py": {
+        "end_early": "mitmproxy internals changed under us: close the upstream instead",
+        "answer_instead_of_error_page": "mitmproxy internals changed under us: its own error page goes out",
+    },
     "mitm/server.py": {"close_listeners": "one listener that will not close must not keep the others open"},
     "addons/egress.py": {
         "EgressPolicy.http_connect": "fail closed: a bug refuses the tunnel, never lets it through",
@@ -245,6 +249,7 @@ BOUNDARIES = {
     "policy/clients.py": {
         "detect": "client detection reads hostile headers and bodies and never raises",
         "session_id": "the same",
+        "agent_ids": "the same",
     },
     "protocol/envelopes.py": {
         "unwrap_response": "hostile error bodies: never raise, fall back to an error built from the status",

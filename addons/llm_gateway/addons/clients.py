@@ -8,6 +8,7 @@ from llm_gateway.pipeline import exchange
 from llm_gateway.policy.clients import (
     _OVERRIDE_BYTES,
     OVERRIDE_HEADER,
+    agent_ids,
     detect,
     find_signature,
 )
@@ -22,6 +23,7 @@ class ClientDetector:
             return
         found = detect(ex.rules.clients, flow.request.headers, ex.body)
         ex.client, ex.session, ex.user_agent = found.client, found.session, found.user_agent
+        ex.agent_id, ex.parent_agent_id = agent_ids(flow.request.headers)
         signature = find_signature(ex.rules.clients, found.client)
         ex.stream_preference = signature.stream if signature else "as-sent"
         if any(name.lower() == _OVERRIDE_BYTES for name, _ in flow.request.headers.fields):  # a pop scans and raises

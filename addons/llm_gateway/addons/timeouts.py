@@ -7,6 +7,8 @@ started with:
 
 - `timeouts.first_byte` (seconds): until the upstream's response headers. On expiry the client gets a native
   504 `timeout_error` with `x-should-retry: true` (Anthropic's error list: 504 is `timeout_error`).
+  `timeouts.non_streaming` (600 s, the SDKs' own wait) takes its place for a request sent upstream without
+  `stream: true`: such an answer's headers come only when all of it is written, so a long turn is legitimate.
 - `timeouts.stream_idle` (seconds): the longest silence between two chunks of the answer's body. On expiry a
   relayed stream gets a native `event: error` frame (`timeout_error`) appended to the events already relayed,
   then its end; an answer still buffered (nothing sent yet) becomes the 504 above.
@@ -44,6 +46,15 @@ def end_with_error(flow: http.HTTPFlow, ex: exchange.Exchange, reason: str, erro
     return done
 
 
+def first_byte_limit(ex: exchange.Exchange) -> tuple[str, float]:
+    """(rule key, seconds) to wait for the upstream's response headers: `non_streaming` for a request sent
+    upstream without streaming (an API request known not to stream), else `first_byte`."""
+    timeouts = ex.rules.timeouts
+    if ex.stream_upstream is False:
+        return "non_streaming", timeouts.non_streaming
+    return "first_byte", timeouts.first_byte
+
+
 def _poll_interval(idle: float) -> float:
     """Seconds between two looks at a buffered body's growth: a tenth of `idle`, within 0.05–1 s."""
     return min(max(idle / 10, 0.05), 1.0)
@@ -64,7 +75,7 @@ class Timeouts:
         if ex is None or flow.response or flow in self._timers:
             return
         self._timers[flow] = asyncio.get_running_loop().call_later(
-            ex.rules.timeouts.first_byte, self._first_byte_expired, flow, ex
+            first_byte_limit(ex)[1], self._first_byte_expired, flow, ex
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -96,12 +107,12 @@ class Timeouts:
 
     def _first_byte_expired(self, flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
         self._timers.pop(flow, None)
-        limit = ex.rules.timeouts.first_byte
+        key, limit = first_byte_limit(ex)
         try:
             if flow.response is None and flow.live:
                 end_with_error(
                     flow, ex, "first_byte_timeout", "timeout_error",
-                    f"The upstream sent no response within {limit:g} s (gateway timeouts.first_byte).",
+                    f"The upstream sent no response within {limit:g} s (gateway timeouts.{key}).",
                     RETRY,
                 )
         except Exception:  # a watcher must never cost the exchange

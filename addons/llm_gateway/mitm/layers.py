@@ -25,8 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import (
+    Http1Server,
     HttpLayer,
     HTTPMode,
     HttpStream,
@@ -52,23 +55,68 @@ def _connection_handler(flow: http.HTTPFlow) -> Any:
 
 def find_stream(flow: http.HTTPFlow) -> HttpStream | None:
     """The HttpStream layer handling `flow`, searched from its client connection's layer stack; None if gone."""
+    found = _find(flow)
+    return found[1] if found else None
+
+
+def _find(flow: http.HTTPFlow) -> tuple[HttpLayer, HttpStream] | None:
+    """(the HttpLayer, the HttpStream) handling `flow`; None if gone."""
     handler = _connection_handler(flow)
     todo: list[Any] = [handler.layer] if handler is not None else []
     while todo:
         node = todo.pop()
-        if isinstance(node, HttpStream) and getattr(node, "flow", None) is flow:
-            return node
         if isinstance(node, HttpLayer):
+            for stream in node.streams.values():
+                if getattr(stream, "flow", None) is flow:
+                    return node, stream
             todo.extend(node.streams.values())
-        for attr in ("layer", "child_layer"):  # NextLayer.layer, tunnel and passthrough layers' child_layer
-            child = getattr(node, attr, None)
-            if isinstance(child, layer.Layer):
+        # NextLayer.layer, tunnel and passthrough layers' child_layer; a mode layer (HttpProxy, the egress
+        # listener's) hands its events to its child by making the child's `handle_event` its own `_handle_event`
+        delegate = getattr(getattr(node, "_handle_event", None), "__self__", None)
+        for child in (getattr(node, "layer", None), getattr(node, "child_layer", None), delegate):
+            if isinstance(child, layer.Layer) and child is not node:
                 todo.append(child)
     return None
 
 
 def state_of(stream: HttpStream) -> str:
     return getattr(stream.server_state, "__name__", "")
+
+
+def answer_instead_of_error_page(flow: http.HTTPFlow, answer: http.Response) -> bool:
+    """From the `error` hook of a flow the client got no response for: have the client's HTTP/1 connection write
+    `answer` where mitmproxy would write its own text/html error page (its 502 for an upstream refused, reset or
+    closed before answering), then close as mitmproxy would. `HttpStream.handle_protocol_error` sends the client
+    a `ResponseProtocolError` right after the hook, which `Http1Server.send` writes as `make_error_response`;
+    this wraps that `send` of the one connection (an instance attribute, as `_inject` does) for this stream's
+    event only. False where it cannot (an HTTP/2 or HTTP/3 client, the layers gone): mitmproxy's page goes out."""
+    try:
+        found = _find(flow)
+        if found is None or flow.response is not None:
+            return False
+        http_layer, stream = found
+        server = http_layer.connections.get(flow.client_conn)
+        if not isinstance(server, Http1Server) or server.response is not None:
+            return False
+        original, sid = server.send, stream.stream_id
+        raw = http1.assemble_response(answer)
+
+        def send(event: Any) -> layer.CommandGenerator[None]:
+            server.send = original  # type: ignore[method-assign]  # one event, then mitmproxy's own again
+            if (
+                isinstance(event, ResponseProtocolError) and event.stream_id == sid and server.response is None
+                and server.conn.state & ConnectionState.CAN_WRITE
+            ):
+                yield commands.SendData(server.conn, raw)
+                yield commands.CloseConnection(server.conn)
+                return
+            yield from original(event)
+
+        server.send = send  # type: ignore[method-assign]
+        return True
+    except Exception:  # mitmproxy internals changed under us: its own error page goes out
+        logger.exception("cannot answer in place of mitmproxy's error page")
+        return False
 
 
 def close_upstream(flow: http.HTTPFlow) -> None:

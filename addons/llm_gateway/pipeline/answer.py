@@ -18,8 +18,8 @@ decides error-or-success once and records usage in one place) and the Anthropic 
 
 Where mitmproxy itself answers (no upstream response: refused, reset, closed before the end of a buffered
 body) it writes its own text/html page after the `error` hook, and mitmproxy 12 lets no addon replace it
-(see `settle_failure`); the record then says what the client got: that status, its native error type and
-a short `reason`.
+through its API (see `settle_failure`): addons/answer.py has mitm/layers write a native 502 in its place for
+HTTP/1 clients. The record says what the client got: that status, its native error type and a short `reason`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def set_body(response: http.Response, content: bytes, content_type: str) -> None
 
 def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.Unwrapped | None) -> None:
     """Answer with a native error (`found`, when there is one), restoring the headers LiteLLM renamed and
-    the `request-id` of the inner error. The one way every path answers with an error."""
+    the `request-id` of the inner error. The one way every path answers with an error. An error that does not
+    say whether to retry gets `x-should-retry` from its status (`errors.should_retry`): the SDKs would retry
+    a 501 `not_supported` otherwise, and a converted foreign error is not theirs to guess."""
     if found is not None:
         response.status_code = found.status
         response.reason = envelopes.reason_phrase(found.status)
@@ -121,6 +123,8 @@ def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.
         ex.error_type = found.error_type
     for name, value in envelopes.header_fixes(response.headers, found.request_id if found else None).items():
         response.headers[name] = value
+    if "x-should-retry" not in response.headers:
+        response.headers["x-should-retry"] = "true" if errors.should_retry(response.status_code) else "false"
 
 
 def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
@@ -137,6 +141,20 @@ def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
         ex.unwrapped, ex.unwrapped_from = True, f"{found.source} {found.original_status}"
         ex.note(f"error unwrapped from {found.source} (HTTP {found.original_status})")
     send_error(response, ex, found)
+
+
+def error_in_success(response: http.Response) -> bool:
+    """A success status whose JSON body is an error: given the status the error stands for
+    (`envelopes.status_of_error_body`), so it is answered and recorded as the error it is, not as an empty
+    Message. True when it was."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "json" not in content_type and content_type:
+        return False
+    status = envelopes.status_of_error_body(jsoncodec.parse_json_body(response.get_content(strict=False)))
+    if status is None:
+        return False
+    response.status_code, response.reason = status, envelopes.reason_phrase(status)
+    return True
 
 
 def stream_error_payload(body: bytes) -> bytes:
@@ -163,7 +181,7 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
         error_type = inner.get("type") if isinstance(inner.get("type"), str) else "api_error"
         message = inner.get("message") if isinstance(inner.get("message"), str) else "upstream stream failed"
         request_id = errors.request_id_of(error) or response.headers.get("request-id")
-        status = errors.status_for_error_type(error_type)
+        status = errors.status_of(error_type)  # a type not Anthropic's is not a retryable 500
         body = errors.error_json(error_type, message, request_id)
         send_error(response, ex, envelopes.Unwrapped(status, body, error_type, request_id, "stream", response.status_code))
         ex.note("stream error became an HTTP error")
@@ -194,8 +212,8 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
             if isinstance(body, dict) and body.get("type") == "message":
                 ex.message = body
         if ex.message is not None:
-            if isinstance(ex.message.get("usage"), dict):
-                ex.usage = ex.message["usage"]
+            if isinstance(ex.message.get("usage"), dict) and ex.converted != "sse->json":
+                ex.usage = ex.message["usage"]  # a converted stream's usage is the reader's (billed) count
             if isinstance(ex.message.get("model"), str) and ex.message["model"]:
                 ex.model_answered = ex.message["model"]
             if isinstance(ex.message.get("id"), str):
@@ -222,12 +240,21 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
       sends a `ResponseProtocolError` to the client right after the `error` hook, whatever the hook set on
       `flow.response`, and `Http1Server` (proxy/layers/http/_http1.py) writes it as `make_error_response`:
       a text/html 502 (`_base.format_error`). mitmproxy 12 offers no supported way to replace it (open
-      upstream proposal: mitmproxy pull request 7999, "allow error hook to override 502 responses"), so the
-      record says what the client got: 502 and `api_error`, the type a native 502 would carry."""
+      upstream proposal: mitmproxy pull request 7999, "allow error hook to override 502 responses"); the
+      addon has mitm/layers.answer_instead_of_error_page write a native 502 instead. The record says 502
+      and `api_error`, the type that native 502 carries."""
     message = flow.error.msg if flow.error else ""
     response = flow.response
-    ex.complete = False
-    if response is not None and response.stream:
+    streamed = response is not None and bool(response.stream)
+    # A relayed stream whose message_stop came (the reader set `complete`) is a whole answer: only its
+    # transfer ended untidily (no last chunk, a reset after the end), which costs the client nothing.
+    ex.complete = streamed and ex.complete is True
+    if streamed and ex.complete:
+        ex.status = response.status_code
+        ex.request_id = response.headers.get("request-id") or ex.request_id
+        ex.note("transfer ended untidily after message_stop")
+        return
+    if streamed:
         ex.status = response.status_code
         ex.request_id = response.headers.get("request-id") or ex.request_id
         reason = "client disconnected" if message.startswith(CLIENT_GONE) else "upstream closed the stream"
@@ -262,10 +289,14 @@ def failure_reason(message: str, had_headers: bool) -> str:
 def native_answer(error_type: str, message: str, headers: dict[str, str] | None = None, *,
                   status: int | None = None, details: dict | None = None) -> http.Response:
     """A native Anthropic error response (JSON body, status from the error type unless `status` is given: a
-    spend limit's `billing_error` goes out as 429, as Claude Code's gateway protocol has it)."""
+    spend limit's `billing_error` goes out as 429, as Claude Code's gateway protocol has it), with `x-should-retry`
+    saying what the status means (`errors.should_retry`) unless `headers` say otherwise: a 401 for a revoked token
+    must say false, or Claude Code retries it for minutes (its gateway protocol, "Errors")."""
+    status = status or errors.status_for_error_type(error_type)
+    retry = "true" if errors.should_retry(status) else "false"
     return http.Response.make(
-        status or errors.status_for_error_type(error_type), errors.error_json(error_type, message, details=details),
-        {"content-type": "application/json", **(headers or {})},
+        status, errors.error_json(error_type, message, details=details),
+        {"content-type": "application/json", "x-should-retry": retry, **(headers or {})},
     )
 
 

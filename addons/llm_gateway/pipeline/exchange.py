@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mitmproxy import http
 
 from llm_gateway.policy.cachewatch import CacheWatch
-from llm_gateway.policy.pricing import Cost, cost, counts, lost_cost
+from llm_gateway.policy.pricing import Cost, cost, lost_cost, priced_key
 
 if TYPE_CHECKING:
     from llm_gateway.policy.spec import Rules
@@ -63,6 +63,8 @@ class Exchange:
     body: Any = None  # the request JSON, parsed once; None when empty or not JSON
     client: str = "unknown"
     session: str | None = None
+    agent_id: str | None = None  # Claude Code's x-claude-code-agent-id: which agent (a subagent) of the session
+    parent_agent_id: str | None = None  # x-claude-code-parent-agent-id: the agent that started it
     user_agent: str | None = None
     model_requested: str | None = None  # what the request asks for (addons/routing), cut to 200 characters
     stream_preference: str = "as-sent"  # from the matched client rule
@@ -78,7 +80,7 @@ class Exchange:
     model_answered: str | None = None  # the model the answer names (pipeline/answer, pipeline/reader)
     response_id: str | None = None  # the Message's `id` ("msg_…"), cut to 200 characters
     stop_reason: str | None = None  # the Message's `stop_reason` ("end_turn", "tool_use", …), cut to 200 characters
-    priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, counts), Cost)
+    priced: Any = field(default=None, repr=False)  # `cost()`'s memo: ((model, priced_key), Cost)
     # what the client received, decided once by pipeline/answer.py (settle / settle_failure)
     status: int | None = None
     request_id: str | None = None
@@ -130,7 +132,7 @@ class Exchange:
     def cost(self) -> Cost:
         """The price of this exchange (its rules' `pricing`, `model` and `usage`), worked out once for its
         record, its log line and its mitmweb comment, and again only when the model or the token counts changed."""
-        key = (self.model, counts(self.usage) if self.usage else None)
+        key = (self.model, priced_key(self.usage) if self.usage else None)
         if self.priced is not None and self.priced[0] == key:
             return self.priced[1]
         found = cost(self.rules.pricing, self.model, self.usage)

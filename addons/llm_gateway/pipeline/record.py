@@ -34,6 +34,8 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "client": ex.client,
         "principal": ex.principal,
         "session": ex.session,
+        "agent_id": ex.agent_id,
+        "parent_agent_id": ex.parent_agent_id,
         "api": ex.api,
         "method": ex.method,
         "host": ex.host,

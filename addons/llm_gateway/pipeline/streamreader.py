@@ -7,6 +7,14 @@ from llm_gateway.pipeline.answer import TRUNCATED_MESSAGE
 from llm_gateway.protocol import envelopes, errors, sse, tokens
 
 
+# The events of a Messages stream (Anthropic's API reference, "Streaming messages"): a data-only frame whose
+# JSON `type` is one of these is that event.
+ANTHROPIC_EVENTS = frozenset({
+    "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+    "message_stop", "ping", "error",
+})
+
+
 class StreamReader:
     """The one reader of stream events, on every path that carries events (relay, replayed conversion).
 
@@ -24,7 +32,13 @@ class StreamReader:
         self.finished = False  # message_stop or an error seen
 
     def on_event(self, event: sse.Event) -> sse.Event | None:
-        name, ex = event.name, self.ex
+        ex, renamed = self.ex, None
+        name = event.name
+        if name is None and (kind := event.kind) in ANTHROPIC_EVENTS:
+            # A data-only frame (relays send them): its data says what it is. The client gets it named, as
+            # the API sends it, since the SDKs dispatch on the name and would skip it.
+            event = renamed = sse.Event(sse.encode(kind, event.data))
+            name = kind
         if name == "message_start":
             data = event.json()
             message = data.get("message") if isinstance(data, dict) else None
@@ -40,7 +54,7 @@ class StreamReader:
             if isinstance(data, dict) and isinstance(data.get("usage"), dict):
                 if ex.usage is None:
                     ex.usage = {}
-                tokens.merge_delta_usage(ex.usage, data["usage"])
+                tokens.merge_delta_usage(ex.usage, data["usage"], billed=True)
             delta = data.get("delta") if isinstance(data, dict) else None
             if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
                 ex.stop_reason = delta["stop_reason"][:200]
@@ -54,8 +68,8 @@ class StreamReader:
                 if isinstance(to, dict) and isinstance(to.get("model"), str) and to["model"]:
                     ex.model_answered = to["model"]
         elif name == "error" or (name is None and '"error"' in event.data):
-            return self._error(event)
-        return None
+            return self._error(event) or renamed
+        return renamed
 
     def _error(self, event: sse.Event) -> sse.Event | None:
         data, ex = event.json(), self.ex

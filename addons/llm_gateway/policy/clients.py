@@ -77,6 +77,22 @@ def detect(signatures: Sequence[ClientSignature], headers: Mapping[str, str] | A
         return Detection(UNKNOWN, None, None, "none")
 
 
+# Claude Code's agent ids (its gateway protocol, "Messages": a gateway keeps them): the agent that sent the
+# request, and the agent that started it (a subagent's main loop); absent on the main loop's own requests.
+AGENT_ID_HEADER = "x-claude-code-agent-id"
+PARENT_AGENT_ID_HEADER = "x-claude-code-parent-agent-id"
+
+
+def agent_ids(headers: Mapping[str, str] | Any) -> tuple[str | None, str | None]:
+    """(agent id, parent agent id) a request names, each bounded and printable as a session id is; None
+    where absent or junk. Never raises."""
+    try:
+        h = normalize(headers)
+        return _clean_session(h.get(AGENT_ID_HEADER)), _clean_session(h.get(PARENT_AGENT_ID_HEADER))
+    except Exception:  # noqa: BLE001 - detection must never cost the request
+        return None, None
+
+
 def session_id(headers: Mapping[str, str] | Any, body: Any) -> str | None:
     """The request's session id from the first source in `SESSION_SOURCES` that has a sane one. Never raises."""
     try:

@@ -6,6 +6,14 @@ The model priced is the one the answer names (a request for an alias is answered
 neither knows gets no cost (None) rather than a guess. "Saved" is what the cache reads would have cost at
 the input price of the same request, less what they did cost. Each price says where it came from
 (`Cost.source`): "rules" or "genai-prices <version>".
+
+One price rule, on what the answer says was billed (Anthropic's API reference, "usage"; its pricing page):
+- the tokens: the top-level counts plus those of `usage.iterations` entries of type "compaction" (server-side
+  compaction steps are billed but left out of the top-level counts);
+- the rates: the rule line's (its `tiers` past their prompt size), else the price list's, with the long-context
+  tier the list lacks for some current models (`LONG_CONTEXT`);
+- then the multipliers of `usage.speed` and `usage.inference_geo` (fast mode, US-only inference): the rule
+  line's, else `BILLED_MULTIPLIERS`. Each correction is named in `Cost.source` after a "; ".
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from genai_prices import data_snapshot
 from genai_prices.types import TieredPrices
 
 from llm_gateway.policy.rules import Price
-from llm_gateway.protocol.tokens import cache_write_split, token
-from llm_gateway.util.globs import glob_set
+from llm_gateway.policy.spec import BILLED_USAGE_FIELDS
+from llm_gateway.protocol.tokens import TOKEN_FIELDS, cache_write_split, token
+from llm_gateway.util.globs import Glob, glob_set
 from llm_gateway.util.perobject import PerObject
 
 MILLION = 1_000_000
@@ -33,6 +42,24 @@ RULES = "rules"
 # inference profiles), an ARN or `provider/` prefix, Vertex's `claude-…@20250929`.
 _BEDROCK = re.compile(r"^(?:[a-z]{2,4}\.|global\.)?anthropic\.|-v\d+(?::\d+)?$")
 _PATH_PREFIX = re.compile(r"^.*/")
+
+
+# What the answer's usage says multiplies every rate (cache rates included), by model, where the rule file
+# does not say: fast mode (`speed: "fast"`) costs 6x on Opus 4.6 and 4.7; US-only inference (`inference_geo:
+# "us"`) 1.1x on Claude 4.6 and later models (Anthropic's pricing page, "Fast mode" and "Data residency").
+BILLED_MULTIPLIERS: tuple[tuple[Glob, str, str, float], ...] = (
+    (Glob("*claude-opus-4-6*"), "speed", "fast", 6.0),
+    (Glob("*claude-opus-4-7*"), "speed", "fast", 6.0),
+    *((Glob(f"*claude-{name}*"), "inference_geo", "us", 1.1)
+      for name in ("*-4-6", "*-4-7", "*-4-8", "*-4-9", "opus-5", "sonnet-5", "haiku-5")),
+)
+# The long-context tier genai-prices lacks for these models: past 200K prompt tokens the whole request costs
+# 2x on the prompt side (input, cache reads and writes) and 1.5x on output (Anthropic's pricing page, "Long
+# context pricing"; the same tier the list has for Sonnet 4 and 4.5). Used only where the list has no tier.
+LONG_CONTEXT: tuple[tuple[Glob, int, float, float], ...] = (
+    (Glob("*claude-opus-4-6*"), 200_000, 2.0, 1.5),
+    (Glob("*claude-sonnet-4-6*"), 200_000, 2.0, 1.5),
+)
 
 
 class Cost(NamedTuple):
@@ -55,6 +82,11 @@ def _model_glob(price: Price):
     return price.model
 
 
+def priced_key(usage: dict[str, Any]) -> tuple:
+    """What a usage's price depends on besides the model: its billed counts and the fields of its multipliers."""
+    return (counts(billed_usage(usage)[0]), *(usage.get(field) for field in BILLED_USAGE_FIELDS))
+
+
 def counts(usage: dict[str, Any]) -> tuple[int, int, int, int, int]:
     """(input, output, 5-minute cache write, 1-hour cache write, cache read) tokens; anything but a
     non-negative integer counts as none. The write split adds up to the final total (`cache_write_split`)."""
@@ -73,20 +105,70 @@ def cost(pricing: tuple[Price, ...], model: str | None, usage: dict[str, Any] | 
     from genai-prices; `UNPRICED` when neither knows the model or there is no usage."""
     if not usage or not model:
         return UNPRICED
-    tokens = counts(usage)
+    billed, notes = billed_usage(usage)
+    tokens = counts(billed)
     price = price_for(pricing, model)
-    if price is not None:
-        return _from_rules(price, *tokens)
-    return _from_library(model, *tokens)
+    found = _from_rules(price, *tokens) if price is not None and price.rated else _from_library(model, *tokens)
+    if found.cost_usd is None:
+        return found
+    factor = 1.0
+    for field, value, times in multipliers(price, model, usage):
+        factor *= times
+        notes.append(f"{field} {value} x{times:g}")
+    if not notes:
+        return found
+    return Cost(round(found.cost_usd * factor, 8), round((found.saved_usd or 0.0) * factor, 8),
+                "; ".join([found.source or "", *notes]))
+
+
+def billed_usage(usage: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The usage to price: the top-level counts plus those of the compaction steps in `usage.iterations`
+    (billed, but outside the top-level counts: Anthropic's docs, "Compaction"); and a note when there were any."""
+    steps = usage.get("iterations")
+    if not isinstance(steps, list):
+        return usage, []
+    compaction = [s for s in steps if isinstance(s, dict) and s.get("type") == "compaction"]
+    if not compaction:
+        return usage, []
+    billed = dict(usage)
+    for key in TOKEN_FIELDS:
+        extra = sum(token(step, key) or 0 for step in compaction)
+        if extra:
+            billed[key] = (token(usage, key) or 0) + extra
+    if any(token(step, "cache_creation_input_tokens") for step in compaction):
+        billed.pop("cache_creation", None)  # the split no longer adds up: the 5-minute default takes the rest
+    return billed, [f"+{len(compaction)} compaction iteration{'s' if len(compaction) > 1 else ''}"]
+
+
+def multipliers(price: Price | None, model: str, usage: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(usage field, value, factor) that apply to this answer: the rule line's for the value the usage names,
+    else `BILLED_MULTIPLIERS`' for the model; a factor of 1 is no correction."""
+    found = []
+    for field in BILLED_USAGE_FIELDS:
+        value = usage.get(field)
+        if not isinstance(value, str) or not value:
+            continue
+        rule = [f for f_field, v, f in (price.multipliers if price else ()) if f_field == field and v == value]
+        known = rule or [f for glob, f_field, v, f in BILLED_MULTIPLIERS if f_field == field and v == value
+                         and glob.match(model)][:1]
+        if known and known[0] != 1.0:
+            found.append((field, value, known[0]))
+    return found
 
 
 def _from_rules(price: Price, inp: int, out: int, five: int, hour: int, read: int) -> Cost:
+    prompt = inp + five + hour + read
+    rates: Any = price
+    for tier in price.tiers:  # sorted by `above`: the last one passed prices the whole request
+        if prompt > tier.above:
+            rates = tier
     dollars = (
-        inp * price.input + out * price.output + five * price.cache_write_5m + hour * price.cache_write_1h
-        + read * price.cache_read
+        inp * rates.input + out * rates.output + five * rates.cache_write_5m + hour * rates.cache_write_1h
+        + read * rates.cache_read
     ) / MILLION
-    saved = read * (price.input - price.cache_read) / MILLION
-    return Cost(round(dollars, 8), round(saved, 8), RULES)
+    saved = read * (rates.input - rates.cache_read) / MILLION
+    source = RULES if rates is price else f"{RULES}; above {rates.above} prompt tokens"
+    return Cost(round(dollars, 8), round(saved, 8), source)
 
 
 def preload() -> None:
@@ -121,6 +203,14 @@ def _from_library(model: str, inp: int, out: int, five: int, hour: int, read: in
             fixed, per_prompt, per_out, per_read, per_five, per_hour = card.rates[bisect.bisect_left(card.starts, prompt)]
             uncached = fixed + prompt * per_prompt + out * per_out + five * per_five + hour * per_hour
             paid = uncached + read * per_read
+            tier = next(((above, p, o) for glob, above, p, o in LONG_CONTEXT if glob.match(model)), None)
+            if not card.starts and tier is not None and prompt > tier[0]:  # the tier the list lacks
+                output = out * per_out
+                on_prompt, on_out = Decimal(str(tier[1])), Decimal(str(tier[2]))
+                paid = (paid - output) * on_prompt + output * on_out
+                uncached = (uncached - output) * on_prompt + output * on_out
+                return Cost(_dollars(paid), _dollars(max(uncached - paid, Decimal(0))),
+                            f"{LIBRARY}; long context above {tier[0]} prompt tokens (gateway)")
     except (LookupError, ValueError, ArithmeticError):
         return UNPRICED
     return Cost(_dollars(paid), _dollars(max(uncached - paid, Decimal(0))), LIBRARY)

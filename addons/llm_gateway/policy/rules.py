@@ -33,7 +33,9 @@ from llm_gateway.policy.spec import (
     Limits,
     PassThrough,
     PathBlock,
+    BILLED_USAGE_FIELDS,
     Price,
+    PriceTier,
     Route,
     Rules,
     Timeouts,
@@ -351,7 +353,7 @@ class _Reader:
         )
 
     def timeouts(self, node: yaml.Node) -> Timeouts:
-        m = self.mapping(node, "timeouts", {"first_byte": False, "stream_idle": False})
+        m = self.mapping(node, "timeouts", {"first_byte": False, "non_streaming": False, "stream_idle": False})
         seconds = {}
         for key in m:
             seconds[key] = self.number(m[key], f"timeouts.{key}")
@@ -374,8 +376,39 @@ class _Reader:
 
     def price(self, node: yaml.Node, where: str) -> Price:
         fields = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
-        m = self.mapping(node, where, {"model": True, **dict.fromkeys(fields, True)})
-        return Price(self.glob(m["model"], f"{where}.model"), *(self.number(m[f], f"{where}.{f}") for f in fields))
+        m = self.mapping(node, where, {"model": True, **dict.fromkeys(fields, False), "tiers": False,
+                                       "multipliers": False})
+        given = [f for f in fields if f in m]
+        if given and len(given) < len(fields):
+            missing = ", ".join(f for f in fields if f not in m)
+            raise self.fail(node, f"{where} gives some rates but not {missing} (give all five, or none to keep the "
+                                  "price list's and only set multipliers)")
+        if not given and "multipliers" not in m:
+            raise self.fail(node, f"{where} needs the five rates ({', '.join(fields)}), or multipliers")
+        if not given and "tiers" in m:
+            raise self.fail(m["tiers"], f"{where}.tiers needs the line's own five rates too")
+        tiers = []
+        for i, item in enumerate(self.seq(m["tiers"], f"{where}.tiers") if "tiers" in m else []):
+            at = f"{where}.tiers[{i}]"
+            t = self.mapping(item, at, {"above": True, **dict.fromkeys(fields, True)})
+            above = self.scalar(t["above"])
+            if isinstance(above, bool) or not isinstance(above, int) or above <= 0:
+                raise self.fail(t["above"], f"{at}.above must be a positive whole number of prompt tokens")
+            tiers.append(PriceTier(above, *(self.number(t[f], f"{at}.{f}") for f in fields)))
+        multipliers = []
+        if "multipliers" in m:
+            for field_node, values in self.mapping(m["multipliers"], f"{where}.multipliers",
+                                                   dict.fromkeys(BILLED_USAGE_FIELDS, False)).items():
+                at = f"{where}.multipliers.{field_node}"
+                if not isinstance(values, yaml.MappingNode) or not values.value:
+                    raise self.fail(values, f"{at} must map the usage value to a factor, e.g. {{fast: 6}}")
+                for key, factor in values.value:
+                    value = self.string(key, at)
+                    multipliers.append((field_node, value, self.number(factor, f"{at}.{value}")))
+        rates = [self.number(m[f], f"{where}.{f}") for f in fields] if given else [0.0] * len(fields)
+        return Price(self.glob(m["model"], f"{where}.model"), *rates,
+                     tiers=tuple(sorted(tiers, key=lambda t: t.above)), multipliers=tuple(multipliers),
+                     rated=bool(given))
 
     # --- credentials (key custody: addons/credentials.py) ----------------------------------------------
 

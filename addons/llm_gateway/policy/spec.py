@@ -234,6 +234,9 @@ class Timeouts:
     """Seconds; see addons/timeouts.py."""
 
     first_byte: float = 300.0  # from the request sent upstream to the upstream's response headers
+    # The same wait for a request sent upstream without streaming: its headers come only once the whole
+    # answer is written, and the Anthropic SDKs wait 600 s for it (their DEFAULT_TIMEOUT) before giving up.
+    non_streaming: float = 600.0
     stream_idle: float = 120.0  # longest silence between two chunks of an answer's body
 
 
@@ -242,9 +245,29 @@ class Limits:
     request_body: int = 32 * 1024 * 1024  # bytes; Anthropic's API refuses larger requests with 413 too
 
 
+# The usage fields an answer says how it was billed by, which `pricing[].multipliers` may key on (Anthropic's
+# API reference, "usage": `speed` "standard" | "fast" (fast mode), `inference_geo` "global" | "us" (data residency)).
+BILLED_USAGE_FIELDS = ("speed", "inference_geo")
+
+
+@dataclass(frozen=True)
+class PriceTier:
+    """A long-context tier: a request of more than `above` prompt tokens (input, cache reads and writes) is
+    priced whole at these rates, US dollars per million tokens (Anthropic's pricing, "Long context")."""
+
+    above: int
+    input: float
+    output: float
+    cache_write_5m: float
+    cache_write_1h: float
+    cache_read: float
+
+
 @dataclass(frozen=True)
 class Price:
-    """US dollars per million tokens for models matching `model`."""
+    """US dollars per million tokens for models matching `model`. `rated` False: the line gives no rates (the
+    price list's stand) and only corrects them with `multipliers`. `multipliers`: (usage field, value, factor),
+    e.g. ("speed", "fast", 6.0): an answer whose usage says it was billed so costs that many times more."""
 
     model: Glob
     input: float
@@ -252,6 +275,9 @@ class Price:
     cache_write_5m: float
     cache_write_1h: float
     cache_read: float
+    tiers: tuple[PriceTier, ...] = ()
+    multipliers: tuple[tuple[str, str, float], ...] = ()
+    rated: bool = True
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,20 @@ def unwrap_error_event(data: dict) -> dict | None:
         return None
 
 
+def status_of_error_body(parsed: Any) -> int | None:
+    """The error status a body sent as a success stands for, or None when it is not an error: a native error
+    (its type's status) or a relay's `{"error": {"code", "message"}}` (OpenRouter documents answering errors
+    that come up after its 200 this way; typed as `_type_from_litellm` types it). A Message is never one."""
+    if not isinstance(parsed, dict) or parsed.get("type") == "message":
+        return None
+    if errors.is_native_error(parsed):
+        return errors.status_of(parsed["error"]["type"])
+    err = parsed.get("error")
+    if isinstance(err, dict) and ("message" in err or "code" in err):
+        return errors.status_for_error_type(_type_from_litellm(err))
+    return None
+
+
 def header_fixes(headers: Mapping[str, str], request_id: str | None = None) -> dict[str, str]:
     """Headers to set on a response so clients see what the upstream sent.
 

@@ -21,6 +21,8 @@ STATUS_BY_ERROR_TYPE: dict[str, int] = {
     "api_error": 500,
     "timeout_error": 504,
     "overloaded_error": 529,
+    # Claude Code's gateway protocol ("Errors"): what a backend cannot do; not retried.
+    "not_supported": 501,
 }
 
 
@@ -30,6 +32,22 @@ ERROR_TYPE_BY_STATUS: dict[int, str] = {s: t for t, s in STATUS_BY_ERROR_TYPE.it
 def status_for_error_type(error_type: str, default: int = 500) -> int:
     """The status the API sends with `error_type` (unknown types get `default`)."""
     return STATUS_BY_ERROR_TYPE.get(error_type, default)
+
+
+# What the gateway answers for an error type that is not Anthropic's (a relay's or a proxy's own, e.g. a
+# policy refusal): a client error, so the SDK does not retry what will be refused again.
+FOREIGN_ERROR_STATUS = 400
+
+
+def status_of(error_type: str) -> int:
+    """The status to answer an error of this type with: the API's own, FOREIGN_ERROR_STATUS for another's."""
+    return STATUS_BY_ERROR_TYPE.get(error_type, FOREIGN_ERROR_STATUS)
+
+
+def should_retry(status: int) -> bool:
+    """Whether a client should retry this status: the Anthropic SDKs' rule (`_should_retry`: 408, 409, 429
+    and 5xx) except 501, which says the backend cannot do it (Claude Code's gateway protocol, "Errors")."""
+    return status in (408, 409, 429) or (status >= 500 and status != 501)
 
 
 def error_type_for_status(status: int) -> str:

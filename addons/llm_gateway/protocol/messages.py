@@ -55,8 +55,9 @@ class MessageAccumulator:
         return self._message
 
     def feed_event(self, event: sse.Event) -> None:
-        """Feed one SSE event, skipping what the SDK's stream skips: no name, ping, empty data."""
-        name = event.name
+        """Feed one SSE event, skipping what the SDK's stream skips: ping, empty data, and an event with
+        neither a name nor a `type` in its data (`Event.kind`)."""
+        name = event.kind
         if name is None or name == "ping":
             return
         if name != "error" and not event.data:

@@ -7,8 +7,8 @@ every event, the data for the few that are read).
 
 Invariant: every byte fed ends up in exactly one `Event.raw` (from `feed` or `flush`) or in `pending`.
 That is why a block holding only comments or nothing (an extra blank line) is still an `Event`, with
-`name` None and `data` "": dropping it would break byte-exact forwarding. Consumers skip events with
-no name, as the SDK does.
+`name` None and `data` "": dropping it would break byte-exact forwarding. Consumers read an event by
+its `kind` (its name, else the `type` its JSON data states) and skip an event with neither.
 """
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ class Event:
         if self._data is _UNSET:
             self._parse()
         return self._data
+
+    @property
+    def kind(self) -> str | None:
+        """What the event is: its name, else the `type` its JSON data states. The SSE specification (WHATWG
+        HTML, "Server-sent events") makes `event:` optional, and relays send data-only frames whose meaning is
+        in the data (`data: {"type":"message_delta",…}`), as each Anthropic event's data also names it."""
+        name = self.name
+        if name is not None:
+            return name
+        data = self.json() if self.data.lstrip()[:1] == "{" else None
+        kind = data.get("type") if isinstance(data, dict) else None
+        return kind if isinstance(kind, str) and kind else None
 
     def json(self) -> Any:
         """`data` parsed as JSON (parsed once, then cached); None when it is not valid JSON."""

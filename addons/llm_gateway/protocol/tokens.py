@@ -62,18 +62,23 @@ def cache_share(usage: dict[str, Any] | None) -> float | None:
     return round(read / total, 4) if total else None
 
 
-def merge_delta_usage(usage: dict[str, Any], delta_usage: dict[str, Any]) -> None:
+def merge_delta_usage(usage: dict[str, Any], delta_usage: dict[str, Any], billed: bool = False) -> None:
     """Apply a message_delta's usage to `usage` in place.
 
     Its counts are cumulative totals, so they overwrite rather than add. `output_tokens` is always
     taken (the SDK takes it even when missing, as null); the optional ones are left out when not
-    applicable, and then the message_start value must survive.
+    applicable, and then the message_start value must survive. That is the SDK's accumulation; with
+    `billed` (what the record prices) a count never goes down: a later smaller one (a relay's
+    placeholder 0) leaves the earlier count, which was billed.
     """
-    usage["output_tokens"] = delta_usage.get("output_tokens")
-    for key in OPTIONAL_DELTA_USAGE:
+    for key in ("output_tokens", *OPTIONAL_DELTA_USAGE):
         value = delta_usage.get(key)
-        if value is not None:
-            usage[key] = value
+        if value is None and key != "output_tokens":
+            continue
+        before = integer(usage.get(key))
+        if billed and before is not None and integer(value) is not None and value < before:
+            continue
+        usage[key] = value
 
 
 def integer(value: Any) -> int | None:

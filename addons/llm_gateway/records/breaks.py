@@ -83,7 +83,8 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
     """(record, reason, tokens lost, lost US dollars or None) for every break in merged records, whatever replica
     wrote them; `records` are (record, time) pairs in any order. Breaks a replica recorded across models (a model
     switch) are kept as recorded."""
-    last: dict[tuple[str, Any], tuple[datetime, int, bool]] = {}  # (session, model) -> (time, cached, wrote 1h)
+    # (session, agent, model) -> (time, cached, wrote 1h): a subagent's prompt is its own, not its main loop's
+    last: dict[tuple[str, Any, Any], tuple[datetime, int, bool]] = {}
     seen: set[bytes] = set()  # records already counted: shippers deliver at least once, rotated logs overlap
     for record, when in sorted(records, key=lambda pair: pair[1]):
         same = hashlib.blake2b(jsoncodec.canonical(record), digest_size=16).digest()
@@ -93,7 +94,7 @@ def recompute(records: Iterable[tuple[dict[str, Any], datetime]]) -> Iterator[Fo
         session, read = record.get("session"), integer(record.get("cache_read_input_tokens"))
         if not isinstance(session, str) or read is None or not record_outcome(record).answered:
             continue
-        key = (session, record.get("model"))
+        key = (session, record.get("agent_id"), record.get("model"))
         prev = last.get(key)
         last[key] = (when, read + (integer(record.get("cache_creation_input_tokens")) or 0),
                      bool(integer(record.get("cache_creation_1h_input_tokens"))))

@@ -56,13 +56,14 @@ GROUPS = {
     "client": ("client",),
     "principal": ("principal",),
     "model": ("model",),
-    "agent": ("agent",),
+    "agent": ("agent", "parent_agent"),  # Claude Code's x-claude-code-agent-id and its parent's; none: a main loop
     "day": ("day",),
 }
-KEY_ORDER = ("client", "session", "principal", "model", "agent", "day")
+KEY_ORDER = ("client", "session", "principal", "model", "agent", "parent_agent", "day")
 DEFAULT_BY = ("session", "client")
 TABLE_HEADERS = {
     "session": "SESSION",
+    "parent_agent": "PARENT AGENT",
     "client": "CLIENT",
     "principal": "PRINCIPAL",
     "model": "MODEL",
@@ -174,6 +175,7 @@ def group_keys(record: dict[str, Any], when: datetime) -> dict[str, str | None]:
         "principal": text_or_none(record.get("principal")),
         "model": text_or_none(record.get("model")),
         "agent": text_or_none(record.get("agent_id")),
+        "parent_agent": text_or_none(record.get("parent_agent_id")),
         "day": when.astimezone(timezone.utc).date().isoformat(),
     }
 
@@ -321,7 +323,7 @@ def table_cell(key: str, value: Any) -> str:
         return f"{value:.1%}"
     if key in ("cost_usd", "saved_usd"):
         return f"{value:,.4f}"
-    if key == "session" and len(value) > SESSION_WIDTH:
+    if key in ("session", "agent", "parent_agent") and len(value) > SESSION_WIDTH:
         return value[: SESSION_WIDTH - 1] + "…"
     if isinstance(value, int):
         return f"{value:,}"

@@ -50,6 +50,18 @@ def test_the_event_and_command_types_end_early_feeds_the_stream():
     assert hasattr(http_layers.HTTPMode, "transparent")
 
 
+def test_the_error_page_answer_instead_of_error_page_replaces():
+    """mitm/layers.answer_instead_of_error_page wraps the client's `Http1Server.send`, which writes mitmproxy's own
+    error page for a `ResponseProtocolError` sent before any response, found through `HttpLayer.connections`."""
+    send = source(http_layers._http1.Http1Server.send)
+    assert "ResponseProtocolError" in send and "make_error_response" in send and "self.response" in send
+    assert "self.connections" in source(http_layers.HttpLayer.__init__)
+    handle = source(http_layers.HttpStream.handle_protocol_error)
+    assert handle.index("HttpErrorHook") < handle.index("SendHttp(event, self.context.client)")
+    assert "yield from self.send(event)" in source(http_layers._http1.Http1Connection._handle_event)
+    assert callable(http1.assemble_response)
+
+
 def test_proxyserver_bookkeeping_the_drain_and_the_backlog_use():
     ps = source(proxyserver.Proxyserver)
     assert "self.connections" in ps and "self.servers" in ps and callable(proxyserver.Proxyserver.inject_event)

@@ -78,7 +78,7 @@ def test_the_rule_file_overrides_and_adds():
     ).pricing
     assert pricing.cost(table, SONNET_45, usage(inp=1_000_000)) == (1.0, 0.0, "rules")
     assert pricing.cost(table, "my-alias", usage(out=1_000_000)) == (2.0, 0.0, "rules")
-    assert pricing.cost(table, "claude-opus-4-6", usage(inp=1_000_000)).source == pricing.LIBRARY
+    assert pricing.cost(table, "claude-opus-4-6", usage(inp=100_000)).source == pricing.LIBRARY
     assert pricing.cost(table, "claude-test-1", usage(inp=1)) == pricing.UNPRICED
 
 
@@ -180,3 +180,48 @@ def test_one_exchange_is_priced_once_for_its_record_line_and_comment(monkeypatch
     assert ex.cost() is first and len(calls) == 1
     ex.usage = usage(inp=10, out=6)  # the counts changed (a stream's last usage): priced again
     assert ex.cost().cost_usd > first.cost_usd and len(calls) == 2
+
+
+# ----------------------------------------------------------------------------- what the answer says was billed
+
+
+def test_the_price_list_s_missing_long_context_tier_is_added_only_past_it():
+    below = pricing.cost((), "claude-opus-4-6", usage(inp=200_000, out=1000))
+    above = pricing.cost((), "claude-opus-4-6", usage(inp=200_001, out=1000))
+    assert below == (round((200_000 * 5 + 1000 * 25) / 1e6, 8), 0.0, pricing.LIBRARY)
+    assert above.cost_usd == round((200_001 * 5 * 2 + 1000 * 25 * 1.5) / 1e6, 8)
+    assert above.source == f"{pricing.LIBRARY}; long context above 200000 prompt tokens (gateway)"
+    # a model whose tier the list has keeps the list's own
+    assert pricing.cost((), SONNET_45, usage(inp=300_000)).source == pricing.LIBRARY
+
+
+def test_multipliers_apply_only_to_the_models_and_values_they_name():
+    fast = {"input_tokens": 1000, "output_tokens": 0, "speed": "fast"}
+    assert pricing.cost((), "claude-opus-4-6", fast).cost_usd == round(1000 * 5 / 1e6 * 6, 8)
+    assert pricing.cost((), SONNET_45, fast).source == pricing.LIBRARY  # no fast mode: billed standard
+    assert pricing.cost((), SONNET_45, {**fast, "speed": "standard", "inference_geo": "us"}).source == pricing.LIBRARY
+    assert pricing.cost((), "claude-sonnet-4-6", {"input_tokens": 10, "inference_geo": "global"}).source == pricing.LIBRARY
+
+
+def test_rule_lines_correct_the_list_with_multipliers_alone():
+    table = rules.parse("pricing:\n  - {model: 'claude-opus-4-6*', multipliers: {speed: {fast: 1}, inference_geo: {us: 1.5}}}\n").pricing
+    billed = {"input_tokens": 1000, "output_tokens": 0, "speed": "fast", "inference_geo": "us"}
+    found = pricing.cost(table, "claude-opus-4-6", billed)
+    assert found == (round(1000 * 5 / 1e6 * 1.5, 8), 0.0, f"{pricing.LIBRARY}; inference_geo us x1.5")
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("  - {model: a, input: 1}\n", "gives some rates but not output"),
+    ("  - {model: a}\n", "needs the five rates"),
+    ("  - {model: a, multipliers: {colour: {x: 1}}}\n", "unknown key 'colour' in pricing[0].multipliers"),
+    ("  - {model: a, multipliers: {speed: 6}}\n", "must map the usage value to a factor"),
+    ("  - {model: a, multipliers: {speed: {fast: -1}}}\n", "pricing[0].multipliers.speed.fast must be a non-negative"),
+    ("  - {model: a, multipliers: {speed: {fast: 2}}, tiers: []}\n", "tiers needs the line's own five rates"),
+    ("  - {model: a, input: 1, output: 1, cache_write_5m: 1, cache_write_1h: 1, cache_read: 1,"
+     " tiers: [{above: 0, input: 1, output: 1, cache_write_5m: 1, cache_write_1h: 1, cache_read: 1}]}\n",
+     "tiers[0].above must be a positive whole number"),
+])
+def test_bad_price_lines_are_refused_with_line_and_reason(text, reason):
+    with pytest.raises(rules.RulesError) as e:
+        rules.parse("pricing:\n" + text)
+    assert reason in str(e.value) and ":2:" in str(e.value), str(e.value)

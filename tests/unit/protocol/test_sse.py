@@ -258,3 +258,24 @@ def test_arbitrary_bytes_never_raise_and_no_byte_is_lost(data, body):
         event.json()
     assert b"".join(e.raw for e in events) == body
     assert held == (events[-1].raw if held else b"")
+
+
+def test_an_event_without_a_name_is_what_its_data_says():
+    """WHATWG HTML, "Server-sent events": `event:` is optional; relays send data-only frames."""
+    named, data_only, comment, done = sse.SSEParser().feed(
+        b'event: ping\ndata: {"type":"ping"}\n\ndata: {"type":"message_delta","usage":{}}\n\n: keep-alive\n\n'
+        b"data: [DONE]\n\n")
+    assert (named.kind, data_only.kind, comment.kind, done.kind) == ("ping", "message_delta", None, None)
+    assert data_only.name is None  # the name stays what was sent
+
+
+def test_billed_usage_never_goes_down_but_the_sdks_accumulation_does():
+    from llm_gateway.protocol import tokens
+
+    start = {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 12000}
+    late_zero = {"output_tokens": 30, "input_tokens": 0, "cache_read_input_tokens": 0}
+    billed, sdk = dict(start), dict(start)
+    tokens.merge_delta_usage(billed, late_zero, billed=True)
+    tokens.merge_delta_usage(sdk, late_zero)
+    assert billed == {"input_tokens": 10, "output_tokens": 30, "cache_read_input_tokens": 12000}
+    assert sdk == {"input_tokens": 0, "output_tokens": 30, "cache_read_input_tokens": 0}

@@ -290,7 +290,7 @@ def test_by_one_grouping(capsys, log, by, present, absent):
 BY_KEYS = {  # grouping -> the key of each record (by index), as group_keys gives it
     "principal": lambda i, r: (r["principal"],),
     "model": lambda i, r: (r["model"],),
-    "agent": lambda i, r: (r["agent_id"],),
+    "agent": lambda i, r: (r["agent_id"], r.get("parent_agent_id")),
     "day": lambda i, r: (r["ts"][:10],),
     "client": lambda i, r: (r["client"],),
 }
@@ -574,6 +574,33 @@ def test_recomputed_breaks_ignore_a_record_shipped_twice(capsys, tmp_path):
     again.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))  # an overlapping copy
     code, out, _ = run(capsys, "--format", "json", "--recompute-breaks", str(once), str(again), str(once))
     assert code == 0 and break_rows(json.loads(out)) == []
+
+
+def test_subagents_are_told_apart_per_agent_and_are_no_break(capsys, tmp_path):
+    """Claude Code's subagents share the session id and name themselves in x-claude-code-agent-id: a subagent's
+    own (smaller) prompt is not a drop in its main loop's cache, and the report shows each agent."""
+    s = "sess-agents"
+
+    def agent(r: dict, agent_id: str | None, parent: str | None = None) -> dict:
+        return {**r, "agent_id": agent_id, "parent_agent_id": parent}
+
+    records = [
+        agent(record(60 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 30000)), None),
+        agent(record(59 * M, "claude-code", s, SONNET, tokens=(10, 5, 0, 4000)), "agent-explore", "main"),
+        agent(record(58 * M, "claude-code", s, SONNET, tokens=(10, 5, 30000, 100)), None),
+        agent(record(57 * M, "claude-code", s, SONNET, tokens=(10, 5, 4000, 50)), "agent-explore", "main"),
+    ]
+    log = tmp_path / "agents.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, _ = run(capsys, "--format", "json", "--recompute-breaks", "--by", "agent", str(log))
+    doc = json.loads(out)
+    assert code == 0 and break_rows(doc) == []
+    agents = {(row["agent"], row["parent_agent"]): row["requests"] for row in doc["agents"]}
+    assert agents == {("agent-explore", "main"): 2, (None, None): 2}  # the subagent, and the main loop
+    code, out, _ = run(capsys, "--format", "csv", "--by", "agent", str(log))
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["group"], r["agent"], r["parent_agent"], r["requests"]) for r in rows] == [
+        ("agent", "agent-explore", "main", "2"), ("agent", "", "", "2"), ("total", "", "", "4")]
 
 
 def test_the_report_runs_on_the_standard_library_alone(tmp_path):
