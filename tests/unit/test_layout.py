@@ -107,9 +107,9 @@ ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py"}
 FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},
-    "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
+    "body": {"addons/bodies.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
-    "model_requested": {"addons/routing.py"},
+    "model_requested": {"addons/bodies.py"},
     **dict.fromkeys(("client", "session", "user_agent", "stream_preference"), {"addons/clients.py"}),
     "principal": {"addons/credentials.py"},
     **dict.fromkeys(("stream_requested", "stream_upstream"), {"addons/streams.py"}),

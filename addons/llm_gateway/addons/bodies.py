@@ -8,12 +8,20 @@ that stops keeping bytes past the limit (`mitm.layers.CappedBody`). A body decla
 answered at once and its bytes are read and dropped, so that the client, which writes its whole request before
 it reads, gets the 413 instead of a reset; a chunked body is cut off the same way when it crosses the limit.
 
+The limit counts decoded bytes: a compressed body (`Content-Encoding` gzip, deflate, br, zstd) is decoded here
+with `protocol.decoding.decode`, which stops as soon as the output crosses the limit (a 728-byte brotli body
+otherwise expands to gigabytes in mitmproxy's unbounded `get_content()`), and answered with the same 413.
+Only then is the body read as JSON (`ex.body`, `ex.model_requested`), so nothing before this reads it; a body
+over `leanjson.LEAN_ABOVE` is read in a worker thread, so its cost never stalls the event loop (and with it
+every other stream of the replica).
+
 Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
 (briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 
@@ -23,6 +31,7 @@ from llm_gateway.mitm import layers
 from llm_gateway.mitm.layers import CappedBody
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
+from llm_gateway.protocol import decoding, leanjson
 from llm_gateway.protocol.hosts import path_of
 
 logger = logging.getLogger("llm_gateway.bodies")
@@ -63,7 +72,7 @@ class BodyLimit:
             logger.warning(f"refused a {declared}-byte request to {ex.host}{path_of(ex.path)!r} (limit {limit})")
             flow.response = too_large(limit, declared)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
@@ -73,3 +82,21 @@ class BodyLimit:
             ex.release()
             logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{path_of(ex.path)!r}")
             flow.response = too_large(body.limit, body.received)
+            return
+        limit = ex.rules.limits.request_body
+        encoding = flow.request.headers.get("content-encoding")
+        try:
+            content = decoding.decode(flow.request.raw_content or b"", encoding, limit)
+        except decoding.TooLarge:
+            ex.stop("request_too_large")
+            ex.release()
+            logger.warning(f"refused a {encoding} request decoding to over {limit} bytes to {ex.host}{path_of(ex.path)!r}")
+            flow.response = too_large(limit, None)
+            return
+        if len(content) > leanjson.LEAN_ABOVE:
+            ex.body = await asyncio.to_thread(leanjson.parse_request_body, content)
+        else:
+            ex.body = leanjson.parse_request_body(content)
+        if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
+            ex.model_requested = ex.body["model"][:200]
+        exchange.publish(flow, ex)

@@ -4,7 +4,8 @@ API flows are recognised by host and path globs in egress (regular) mode, and by
 base-URL (reverse) listener: everything that arrives there at an API path is an API exchange, whatever the
 reverse target is (`scripts/gateway --upstream http://litellm:4000` must not switch the gateway off because
 `apis[].hosts` names api.anthropic.com). They get an `Exchange`, keep their request bodies buffered so later parts can rewrite them, and
-may be re-sent to another upstream. Everything else is left alone.
+may be re-sent to another upstream. The body is read later, by `BodyLimit` (addons/bodies.py), once it is known
+to be within `limits.request_body`. Everything else is left alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from mitmproxy import http
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.policy.routing import match_api, match_route
-from llm_gateway.protocol import leanjson
 from llm_gateway.protocol.hosts import normalize_host
 
 if TYPE_CHECKING:
@@ -58,9 +58,6 @@ class ApiRouter:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False))
-        if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
-            ex.model_requested = ex.body["model"][:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         if route is None:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"

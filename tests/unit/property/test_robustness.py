@@ -34,7 +34,7 @@ from mitmproxy import http, io as mio
 from mitmproxy import contentviews
 from mitmproxy.test import taddons
 
-from gwtest import api_flow, flow_addons, rule_file
+from gwtest import api_flow, call, flow_addons, rule_file
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline import relay
 from llm_gateway.policy import rules
@@ -86,7 +86,7 @@ class Gateway:
         for addon in self.addons:
             fn = getattr(addon, name, None)
             if fn is not None:
-                fn(flow)
+                call(fn, flow)
 
     def lines(self) -> list[str]:
         """The usage record lines of the log (egress decision records share it)."""
