@@ -38,6 +38,7 @@ from llm_gateway.policy.credentials import (
     decide,
     presented,
 )
+from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.sse import Event
 
@@ -181,7 +182,7 @@ class KeyCustody:
         if not original:
             return
         custody = _custody[flow] = Custody(original)
-        found = {k.lower(): v for k, v in headers.items()}
+        found = normalize(headers)  # one pass over the fields: Headers.items() is quadratic
         decision = decide(rules.credentials, presented(original), found, "unknown")
         if decision.action == "pass" and self.wire_ready and not flow.response:
             self._pass(flow, custody, decision)
@@ -197,7 +198,7 @@ class KeyCustody:
             return
         creds = ex.rules.credentials
         seen = presented(custody.original)
-        headers = {k.lower(): v for k, v in flow.request.headers.items()}
+        headers = normalize(flow.request.headers)  # one pass over the fields: Headers.items() is quadratic
         decision = decide(creds, seen, headers, ex.client)
         ex.principal = decision.principal
         ex.note(f"credentials: {decision.why}")
@@ -288,9 +289,12 @@ class KeyCustody:
 
     @staticmethod
     def _scrub_headers(response: http.Response, key: str) -> None:
-        for name, value in list(response.headers.items(multi=True)):
-            if key in value:
-                response.headers[name] = value.replace(key, mask("upstream key"))
+        """The key masked in every header value, in one pass over the raw fields (a setitem per header would
+        rescan them all: quadratic in an answer with thousands of headers)."""
+        raw, masked = key.encode(), mask("upstream key").encode()
+        fields = response.headers.fields
+        if any(raw in value for _, value in fields):
+            response.headers.fields = tuple((name, value.replace(raw, masked)) for name, value in fields)
 
 
 # ------------------------------------------------------------------------------------------ minting

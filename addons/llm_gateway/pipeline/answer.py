@@ -61,8 +61,10 @@ def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.
         response.reason = envelopes.reason_phrase(found.status)
         set_body(response, found.body, "application/json")
         ex.error_type = found.error_type
-    for name, value in envelopes.header_fixes(response.headers, found.request_id if found else None).items():
-        response.headers[name] = value
+    fixes = envelopes.header_fixes(response.headers, found.request_id if found else None)
+    if fixes:  # only names the answer lacks: appended at once (a setitem each rescans every field)
+        response.headers.fields += tuple((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                                         for k, v in fixes.items())
 
 
 def error_answer(response: http.Response, ex: exchange.Exchange) -> None:

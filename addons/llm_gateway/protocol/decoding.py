@@ -36,12 +36,13 @@ class _Bounded:
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.produced = 0  # bytes of decoded output so far
+        self.keep = True  # False: output is only counted (a measuring pass), never returned
 
     def _count(self, out: bytes) -> bytes:
         self.produced += len(out)
         if self.limit is not None and self.produced > self.limit:
             raise TooLarge(self.limit)
-        return out
+        return out if self.keep else b""
 
 
 class _Zlib(_Bounded):
@@ -81,8 +82,8 @@ class _Brotli(_Bounded):
         if not chunk:
             return b""
         parts = [self._count(self._d.process(chunk, output_buffer_limit=STEP))]
-        while not self._d.can_accept_more_data():  # more output is waiting: drained step by step
-            out = self._d.process(b"", output_buffer_limit=STEP)
+        while not self._d.is_finished():  # more output may be waiting: drained a step at a time (brotli 1.2's
+            out = self._d.process(b"", output_buffer_limit=STEP)  # can_accept_more_data() can say True before)
             if not out:
                 break
             parts.append(self._count(out))
@@ -142,9 +143,15 @@ def decode(content: bytes, content_encoding: str | None, limit: int) -> bytes:
     """A whole body decoded, never past `limit` bytes (`TooLarge`). What it cannot decode (an unknown
     encoding, corrupt data) comes back as it is, as mitmproxy's `get_content(strict=False)` gives it."""
     try:
-        decoder = decoder_for(content_encoding, limit)
-        if decoder is None:
+        if decoder_for(content_encoding) is None:
             return content
+        # First only measured, `STEP` bytes at a time: a body that crosses the limit is refused having cost no
+        # more memory than a step (bare mitmproxy holds only its compressed bytes); then decoded to keep.
+        counter = decoder_for(content_encoding, limit)
+        counter.keep = False
+        counter.decode(content)
+        counter.flush()
+        decoder = decoder_for(content_encoding, limit)
         return decoder.decode(content) + decoder.flush()
     except TooLarge:
         raise
