@@ -26,6 +26,7 @@ import pytest
 import zstandard
 
 from conftest import routed_rules
+from fakes.upstream import Scenario
 from harness import BIN, Gateway, free_port
 from llm_gateway.policy import credentials as policy_credentials
 from llm_gateway.policy.spec import token_hash
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.e2e
 MB = 1024 * 1024
 TOKEN, _ = policy_credentials.mint("team-a")
 KEY = "sk-ant-api03-HOSTILETESTKEY-" + token_hash(TOKEN)[:12]
+http.client._MAXHEADERS = 10_000  # the hostile answers carry 5,000 headers; the client must read them
 STREAMS = 20  # paced streams running beside each hostile request
 EVENTS, EVENT_DELAY = 40, 0.05  # events per stream, seconds between them: about 2 s a stream
 MESSAGE = json.dumps({"model": "claude-x", "max_tokens": 5, "stream": True,
@@ -132,6 +134,12 @@ HOSTILE = {  # name -> () -> (headers, body); no request carries a valid gateway
     "5,000 request headers": lambda: (JSON_HEADERS + [(f"x-h{i}", "v") for i in range(5000)], MESSAGE),
     "10.5 MB of empty objects": lambda: (JSON_HEADERS, b'{"messages":[' + b"{}," * 3_500_000 + b'{}],"model":"x"}'),
 }
+AUTHENTICATED = [("content-type", "application/json"), ("x-api-key", TOKEN)]
+HOSTILE_ANSWERS = {  # name -> () -> what the upstream answers an authenticated request
+    "a 500 whose gzip body (260 kB) decodes to 256 MiB": lambda: Scenario.raw(
+        500, _gzip(b"\0" * ZEROS), headers=[("content-encoding", "gzip")], content_type="application/json"),
+    "a 429 with 5,000 headers": lambda: Scenario.error(429, headers=[(f"x-h{i}", "v") for i in range(5000)]),
+}
 
 
 def _gzip(data: bytes) -> bytes:
@@ -167,5 +175,21 @@ def test_one_hostile_request_costs_what_it_costs_bare_mitmdump(proxies, name):
     print(f"\n{name}: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {cost.status}; "
           f"bare mitmdump stall {base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {base.status}")
     assert cost.status is not None and cost.status >= 400, "the gateway answered, with an error"
+    assert cost.stall < 3 * base.stall + 0.5, (name, cost, base)
+    assert cost.memory < 2 * max(base.memory, 0) + 48 * MB, (name, cost, base)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_ANSWERS))
+def test_one_hostile_answer_costs_what_it_costs_bare_mitmdump(proxies, module_fake, name):
+    gw, bare = proxies
+    scenario = HOSTILE_ANSWERS[name]()
+    module_fake.script(scenario)
+    base = measure(bare, bare.reverse_port, "POST", AUTHENTICATED, MESSAGE)
+    module_fake.script(scenario)
+    cost = measure(gw, gw.reverse_port, "POST", AUTHENTICATED, MESSAGE)
+    assert module_fake.pending == 0, "both answers were sent"
+    print(f"\n{name}: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {cost.status}; "
+          f"bare mitmdump stall {base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {base.status}")
+    assert cost.status is not None and cost.status >= 400
     assert cost.stall < 3 * base.stall + 0.5, (name, cost, base)
     assert cost.memory < 2 * max(base.memory, 0) + 48 * MB, (name, cost, base)

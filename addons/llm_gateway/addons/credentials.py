@@ -29,7 +29,7 @@ from mitmproxy import http
 
 from llm_gateway.mitm import layers, serializers
 from llm_gateway.pipeline import exchange
-from llm_gateway.pipeline.answer import native_answer
+from llm_gateway.pipeline.answer import TOO_LARGE_MESSAGE, body_of, native_answer
 from llm_gateway.policy import routing
 from llm_gateway.policy.credentials import (
     CREDENTIAL_HEADERS,
@@ -290,8 +290,10 @@ class KeyCustody:
         custody = self._sent(flow)
         if custody is None or not custody.key or flow.response.stream:
             return
-        content = flow.response.get_content(strict=False)
-        if content and custody.key.encode() in content:
+        content = body_of(flow.response)
+        if content is None:  # past the bound: unread, so not passed on either
+            flow.response = native_answer("api_error", TOO_LARGE_MESSAGE)
+        elif content and custody.key.encode() in content:
             flow.response.content = content.replace(custody.key.encode(), mask("upstream key").encode())
 
     def error(self, flow: http.HTTPFlow) -> None:
