@@ -188,7 +188,7 @@ class _Reader:
             root,
             "the rule file",
             {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
-            | {"timeouts": False, "limits": False},
+            | {"timeouts": False, "limits": False, "allow_custody_off": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -204,6 +204,7 @@ class _Reader:
             credentials=section("credentials", lambda n: self.credentials(n, clients), None),
             timeouts=section("timeouts", self.timeouts, Timeouts()),
             limits=section("limits", self.limits, Limits()),
+            allow_custody_off=section("allow_custody_off", lambda n: self.boolean(n, "allow_custody_off"), False),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:

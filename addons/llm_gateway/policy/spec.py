@@ -256,6 +256,8 @@ class Rules:
     credentials: Credentials | None = None  # key custody (addons/credentials.py); None: clients' credentials pass
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    # a reload may turn key custody off or drop its tokens (addons/rulefile.py refuses that otherwise)
+    allow_custody_off: bool = False
 
 
 def token_hash(token: str) -> str:
