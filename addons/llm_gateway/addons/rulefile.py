@@ -6,8 +6,9 @@ that was moved away or deleted (reported once, read again when it is back). At s
 an error, which makes mitmdump exit non-zero with the file, line and reason.
 
 A file edited in place can be caught half-written, and a YAML prefix is usually valid YAML: cut at the wrong
-line, key custody is off. So the watcher reads a change only once the file has stayed the same for one watch
-interval (an atomic swap, e.g. a Kubernetes ConfigMap's symlink swap, is simply read half a second later), and a
+line, key custody is off. So the watcher reads a file changed in place only once it has stayed the same for one
+watch interval; a swapped file (another inode: an editor's rename, a Kubernetes ConfigMap's symlink swap) is
+whole and is read at once, as before. And a
 reload that turns key custody off, or leaves the upstream keys without tokens (any caller gets the real key),
 while the rules in force had it on, is refused unless the new file says `allow_custody_off: true`.
 """
@@ -146,8 +147,9 @@ class RuleFile:
             if stamp == self._stamp:
                 self._seen = None
                 continue
-            if stamp != self._seen:  # changed since the last look: maybe still being written; look again
-                self._seen = stamp
+            swapped = self._stamp is None or stamp[:3] != self._stamp[:3]  # another file (path, device, inode)
+            if not swapped and stamp != self._seen:  # changed in place since the last look: maybe still being
+                self._seen = stamp  # written; read once it stayed the same for an interval
                 continue
             self._stamp, self._seen = stamp, None  # report a broken version once, not every tick
             try:
