@@ -29,6 +29,7 @@ from mitmproxy import http
 
 from llm_gateway.mitm import layers, serializers
 from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.pipeline.answer import TOO_LARGE_MESSAGE, body_of, native_answer
 from llm_gateway.policy import routing
 from llm_gateway.policy.credentials import (
@@ -188,12 +189,14 @@ class KeyCustody:
             ex.path = flow.request.path
 
     def _off_api(self, flow: http.HTTPFlow) -> None:
-        """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
+        """A request to an API host (or to the base-URL listener, whatever its target) outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
         the gateway's own `/-/metrics`): it gets no upstream key, and a gateway token goes no further (nor stays
         in the flow); a pass-through credential passes."""
         rules = self.rule_file.rules
         host = normalize_host(flow.request.host)
-        if rules.credentials is None or not any(h.match(host) for api in rules.apis for h in api.hosts):
+        # The base-URL listener is the gateway's own: whatever its target, a token sent there stops here.
+        api_host = proxy_mode(flow) == "reverse" or any(h.match(host) for api in rules.apis for h in api.hosts)
+        if rules.credentials is None or not api_host:
             return
         headers = flow.request.headers
         original = {name: headers.pop(name) for name in CREDENTIAL_HEADERS if name in headers}

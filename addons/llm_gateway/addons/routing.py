@@ -34,8 +34,13 @@ class ApiRouter:
         if flow.response or exchange.of(flow):
             return
         rules = self.rule_file.rules
-        host = normalize_host(flow.request.host)
         mode = proxy_mode(flow)
+        if mode == "reverse" and flow.request.authority:
+            # An absolute-form target (`POST http://other.example/v1/messages`, RFC 9112 section 3.2.2) on the
+            # base-URL listener: mitmproxy sends it on as it came, naming another host to an upstream that may
+            # be a proxy itself. Origin form, as for every request there: the target is the operator's.
+            flow.request.authority = ""
+        host = normalize_host(flow.request.host)
         api = match_api(rules, None if mode == "reverse" else host, flow.request.path)
         if api is None:
             return
