@@ -52,6 +52,7 @@ from llm_gateway.addons.rulefile import RuleFile, refuse_repeated_options
 from llm_gateway.addons.startup import StartupReport
 from llm_gateway.addons.streams import StreamPreference
 from llm_gateway.addons.timeouts import Timeouts
+from llm_gateway.addons.upgrades import UpgradeGuard
 from llm_gateway.addons.usage import Usage
 from llm_gateway.addons.warmup import Warmup
 from llm_gateway.addons.webview import WebView
@@ -156,6 +157,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         ClientDetector(),  # request: which client and session, which stream preference
         KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
+        UpgradeGuard(),  # response: a 101 that does not start a WebSocket becomes a 502 (no raw relay past the policy)
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
         Usage(records),  # response/error: one usage record per exchange

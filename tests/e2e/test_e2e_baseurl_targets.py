@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
 from conftest import routed_rules
+from fakes.upstream import Scenario
 from llm_gateway.policy import credentials as policy_credentials
 from llm_gateway.policy.spec import token_hash
 from secretvolume import write_secret
@@ -57,3 +59,31 @@ def test_a_gateway_token_on_a_non_api_path_is_never_forwarded(fake, gateway_fact
     [seen] = [r for r in fake.requests if r.path.startswith("/api/hello")]
     assert TOKEN not in json.dumps(dict(seen.headers.items())), "the gateway token went upstream"
     assert KEY not in json.dumps(dict(seen.headers.items()))
+
+
+def test_an_upgrade_that_is_not_websocket_never_turns_the_connection_into_a_raw_relay(fake, gateway_factory, tmp_path):
+    """An upstream answers `Upgrade: h2c` with 101: mitmproxy would relay every later byte of the connection
+    raw, so the next request (no token) would reach the upstream unjudged."""
+    gw = gateway_factory(rules(write_secret(tmp_path / "s", "api-key", KEY)), reverse_to=fake.url, regular=False)
+    fake.script(Scenario.raw(101, b"", headers=[("upgrade", "h2c"), ("connection", "upgrade")]))
+    upgrade = (f"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\ncontent-type: application/json\r\n"
+               f"upgrade: h2c\r\nconnection: upgrade\r\ncontent-length: {len(BODY)}\r\n\r\n").encode() + BODY
+    unjudged = (f"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(BODY)}\r\n\r\n").encode() + BODY
+    with socket.create_connection(("127.0.0.1", gw.reverse_port), timeout=10) as s:
+        s.sendall(upgrade)
+        first = s.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length and (more := s.recv(65536)):
+            body += more
+        first = head + b"\r\n\r\n" + body
+        try:
+            s.sendall(unjudged)
+            time.sleep(1)
+            rest = s.recv(65536)
+        except OSError:
+            rest = b""
+    assert first.startswith(b"HTTP/1.1 502"), first[:200]
+    assert b'"type":"api_error"' in first.replace(b" ", b"")
+    assert len(fake.messages_requests()) == 1, f"a request passed the relay unjudged: {rest[:200]!r}"
