@@ -11,9 +11,9 @@ it reads, gets the 413 instead of a reset; a chunked body is cut off the same wa
 The limit counts decoded bytes: a compressed body (`Content-Encoding` gzip, deflate, br, zstd) is decoded here
 with `protocol.decoding.decode`, which stops as soon as the output crosses the limit (a 728-byte brotli body
 otherwise expands to gigabytes in mitmproxy's unbounded `get_content()`), and answered with the same 413.
-Only then is the body read as JSON (`ex.body`, `ex.model_requested`), so nothing before this reads it; a body
-over `leanjson.LEAN_ABOVE` is read in a worker thread, so its cost never stalls the event loop (and with it
-every other stream of the replica).
+Only then is the body read as JSON (`ex.body`, `ex.model_requested`), so nothing before this reads it; a
+compressed body, or one over `leanjson.LEAN_ABOVE`, is decoded and read in a worker thread, so its cost never
+stalls the event loop (and with it every other stream of the replica).
 
 Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
 (briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
@@ -33,6 +33,7 @@ from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.protocol import decoding, leanjson
 from llm_gateway.protocol.hosts import path_of
+from llm_gateway.util.logsafe import clean
 
 logger = logging.getLogger("llm_gateway.bodies")
 
@@ -45,6 +46,12 @@ def too_large(limit: int, size: int | None) -> http.Response:
         "(limits.request_body).",
         {"connection": "close", "x-should-retry": "false"},
     )
+
+
+def read_body(raw: bytes, encoding: str | None, limit: int) -> object:
+    """The request body as JSON (`leanjson.parse_request_body`), decoded first with the bound `limit` (bytes;
+    `decoding.TooLarge` past it). Runs in a worker thread."""
+    return leanjson.parse_request_body(decoding.decode(raw, encoding, limit))
 
 
 class BodyLimit:
@@ -85,18 +92,19 @@ class BodyLimit:
             return
         limit = ex.rules.limits.request_body
         encoding = flow.request.headers.get("content-encoding")
+        raw = flow.request.raw_content or b""
         try:
-            content = decoding.decode(flow.request.raw_content or b"", encoding, limit)
+            if encoding or len(raw) > leanjson.LEAN_ABOVE:  # decoding and the lean read: off the event loop
+                ex.body = await asyncio.to_thread(read_body, raw, encoding, limit)
+            else:
+                ex.body = leanjson.parse_request_body(raw)
         except decoding.TooLarge:
             ex.stop("request_too_large")
             ex.release()
-            logger.warning(f"refused a {encoding} request decoding to over {limit} bytes to {ex.host}{path_of(ex.path)!r}")
+            logger.warning(f"refused a {clean(encoding, 40)} request decoding to over {limit} bytes to "
+                           f"{ex.host}{path_of(ex.path)!r}")
             flow.response = too_large(limit, None)
             return
-        if len(content) > leanjson.LEAN_ABOVE:
-            ex.body = await asyncio.to_thread(leanjson.parse_request_body, content)
-        else:
-            ex.body = leanjson.parse_request_body(content)
         if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
             ex.model_requested = ex.body["model"][:200]
         exchange.publish(flow, ex)
