@@ -44,6 +44,7 @@ from llm_gateway.addons.drain import Drain
 from llm_gateway.addons.egress import EgressPolicy
 from llm_gateway.addons.endpoints import Endpoints
 from llm_gateway.addons.fdlimit import OpenFileLimit
+from llm_gateway.addons.framing import FramingGuard
 from llm_gateway.addons.gatewaylog import GatewayLog
 from llm_gateway.addons.metrics import Metrics
 from llm_gateway.addons.recordlog import RecordLog
@@ -52,7 +53,6 @@ from llm_gateway.addons.rulefile import RuleFile, refuse_repeated_options
 from llm_gateway.addons.startup import StartupReport
 from llm_gateway.addons.streams import StreamPreference
 from llm_gateway.addons.timeouts import Timeouts
-from llm_gateway.addons.upgrades import UpgradeGuard
 from llm_gateway.addons.usage import Usage
 from llm_gateway.addons.warmup import Warmup
 from llm_gateway.addons.webview import WebView
@@ -150,6 +150,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         OpenFileLimit(),  # running: soft RLIMIT_NOFILE raised; refused accepts counted, one line a second
         GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
         EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go
+        FramingGuard(),  # requestheaders: a bare CR/LF/NUL in a header, a 400; response: a 101 not to WebSocket, a 502
         Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
         ApiRouter(rule_file),  # request: is it API traffic? which upstream?
         BodyLimit(),  # requestheaders/request: a native 413 over limits.request_body, the body never held
@@ -157,7 +158,6 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         ClientDetector(),  # request: which client and session, which stream preference
         KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
-        UpgradeGuard(),  # response: a 101 that does not start a WebSocket becomes a 502 (no raw relay past the policy)
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry
         Usage(records),  # response/error: one usage record per exchange

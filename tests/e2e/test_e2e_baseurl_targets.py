@@ -87,3 +87,18 @@ def test_an_upgrade_that_is_not_websocket_never_turns_the_connection_into_a_raw_
     assert first.startswith(b"HTTP/1.1 502"), first[:200]
     assert b'"type":"api_error"' in first.replace(b" ", b"")
     assert len(fake.messages_requests()) == 1, f"a request passed the relay unjudged: {rest[:200]!r}"
+
+
+def test_a_bare_cr_in_a_request_header_is_refused(fake, gateway_factory, tmp_path):
+    """`x-evil: a\\rx-injected: 1`: forwarded as it came, Python's http.server (the fake) reads two headers."""
+    gw = gateway_factory(rules(write_secret(tmp_path / "s", "api-key", KEY)), reverse_to=fake.url, regular=False)
+    head = (f"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {TOKEN}\r\nx-evil: a\rx-injected: 1\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(BODY)}\r\nconnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gw.reverse_port), timeout=10) as s:
+        s.sendall(head + BODY)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"invalid_request_error" in answer
+    assert fake.requests == [], "nothing went upstream"

@@ -124,4 +124,4 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
         assert dispatcher.hooks["request"] == (
             "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "Timeouts")
         assert dispatcher.hooks["response"] == (
-            "Drain", "KeyCustody", "UpgradeGuard", "AnswerPipeline", "Timeouts", "Usage", "Metrics", "WebView")
+            "FramingGuard", "Drain", "KeyCustody", "AnswerPipeline", "Timeouts", "Usage", "Metrics", "WebView")

@@ -1,4 +1,11 @@
-"""HTTP upgrades other than WebSocket are refused, so no connection leaves the policy's sight.
+"""Framing the gateway refuses to pass on: a bare CR in a request header, an HTTP upgrade other than WebSocket.
+
+A bare CR (or LF, NUL) inside a header name or value is kept by mitmproxy's HTTP/1 reader and forwarded as it
+came; a server that takes a CR as a line end (Python's http.server does) then reads a second header the gateway
+never saw (`x-a: 1\rx-api-key: …`). RFC 9110 section 5.5 forbids CR, LF and NUL in field values; such a request
+gets a native 400 `invalid_request_error` and goes nowhere.
+
+Upgrades other than WebSocket are refused, so no connection leaves the policy's sight.
 
 After a `101 Switching Protocols` answer mitmproxy stops reading HTTP on the connection: a WebSocket goes to its
 WebSocket layer (messages still pass hooks), anything else to a raw TCP relay (its `rawtcp` option, on by
@@ -20,12 +27,29 @@ from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.protocol.hosts import path_of
 from llm_gateway.util.logsafe import clean
 
-logger = logging.getLogger("llm_gateway.upgrades")
+logger = logging.getLogger("llm_gateway.framing")
 
 MESSAGE = "the upstream switched protocols ({}); the gateway relays only HTTP and WebSocket"
 
 
-class UpgradeGuard:
+_BAD = (b"\r", b"\n", b"\0")
+
+
+class FramingGuard:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        # one pass over the raw fields (Headers.items() is quadratic)
+        if not any(bad in name or bad in value for name, value in flow.request.headers.fields for bad in _BAD):
+            return
+        logger.warning(f"refused a request to {flow.request.pretty_host}{path_of(flow.request.path)[:200]!r}: "
+                       "a header holds a bare CR, LF or NUL")
+        ex = exchange.of(flow)
+        if ex is not None:
+            ex.stop("malformed header")
+        flow.response = native_answer("invalid_request_error", "a request header holds a CR, LF or NUL character",
+                                      {"connection": "close", "x-should-retry": "false"})
+
     def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or response.status_code != 101 or flow.websocket is not None:
