@@ -150,9 +150,9 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         OpenFileLimit(),  # running: soft RLIMIT_NOFILE raised; refused accepts counted, one line a second
         GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
         EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go
-        FramingGuard(),  # requestheaders: a bare CR/LF/NUL in a header, a 400; response: a 101 not to WebSocket, a 502
         Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
         ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+        FramingGuard(),  # requestheaders: a bare CR/LF/NUL in a header, a 400; response: a 101 not to WebSocket, a 502
         BodyLimit(),  # requestheaders/request: a native 413 over limits.request_body, the body never held
         drain,  # SIGTERM/SIGINT: not ready, listeners closed, new requests 529, in-flight exchanges finish
         ClientDetector(),  # request: which client and session, which stream preference

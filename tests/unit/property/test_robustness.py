@@ -372,6 +372,9 @@ def test_hooks_never_raise_and_pass_on_what_they_do_not_understand(
     gw.hook("request", f)
     ex = exchange.of(f)
     assert ex is not None
+    if any(bad in name or bad in value for name, value in sent_fields for bad in (b"\r", b"\n", b"\0")):
+        assert f.response is not None and f.response.status_code == 400  # FramingGuard: never forwarded
+        return
 
     # The request goes on unchanged, or as the same JSON with only `stream` forced; the headers too,
     # less the gateway's own x-gateway-client (and Host where routed).
