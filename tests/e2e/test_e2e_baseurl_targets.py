@@ -74,7 +74,8 @@ def test_an_upgrade_that_is_not_websocket_never_turns_the_connection_into_a_raw_
         s.sendall(upgrade)
         first = s.recv(65536)
         head, _, body = first.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
         while len(body) < length and (more := s.recv(65536)):
             body += more
         first = head + b"\r\n\r\n" + body

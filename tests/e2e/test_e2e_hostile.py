@@ -45,11 +45,13 @@ MESSAGE = json.dumps({"model": "claude-x", "max_tokens": 5, "stream": True,
 
 
 class Bare(Gateway):
-    """mitmdump with no gateway addon, a reverse proxy to the same fake upstream: the baseline."""
+    """mitmdump with no gateway addon, a reverse proxy to the same fake upstream: the baseline. It streams bodies
+    (`stream_large_bodies=1`) as the gateway relays SSE; buffered, a stall would not show as a gap."""
 
     def args(self) -> list[str]:
         return [str(BIN / "mitmdump"), "--mode", f"reverse:{self.reverse_to}@127.0.0.1:{free_port()}",
-                "--set", f"confdir={self.confdir}", "--set", "connection_strategy=lazy"]
+                "--set", f"confdir={self.confdir}", "--set", "connection_strategy=lazy",
+                "--set", "stream_large_bodies=1"]
 
 
 @dataclass

@@ -155,24 +155,20 @@ class KeyCustody:
         _custody[flow] = Custody(original)
         for name in original:
             headers[name] = mask("client credential")
-        self._refuse_early(flow, ex, original)
+        self._drop_unauthenticated_body(flow, ex, original)
 
-    def _refuse_early(self, flow: http.HTTPFlow, ex: exchange.Exchange, original: dict[str, str]) -> None:
-        """A request no token and no pass-through rule can admit is refused on its headers, before its body is
-        read (decoded, parsed): the cheap check first, and an unauthenticated body is dropped as it arrives,
-        never held. A token's client binding needs the client, known only from the body: `request` checks it."""
+    def _drop_unauthenticated_body(self, flow: http.HTTPFlow, ex: exchange.Exchange, original: dict[str, str]) -> None:
+        """A request no token and no pass-through rule can admit is known on its headers: its body is dropped as it
+        arrives, never held, decoded or parsed (the cheap check first). It is still answered by `request`, after
+        client detection (from its headers), so its 401 and its record read as before. A token's client binding
+        needs the client, known only from the body: `request` checks it."""
         creds = ex.rules.credentials
         seen = presented(original)
         if not creds.tokens or any(creds.token_for(v) for v in seen.values()):
             return
         decision = decide(creds, seen, normalize(flow.request.headers), "")
-        if decision.action != "refuse":
-            return
-        ex.note(f"credentials: {decision.why}")
-        exchange.publish(flow, ex)
-        logger.warning(f"refused {shown(ex.host, ex.path, ex.method)}: {decision.why}")
-        self._answer(flow, "authentication_error", UNAUTHENTICATED_MESSAGE)
-        layers.cap_request_body(flow, 0, refused=True)  # its bytes are read and dropped
+        if decision.action == "refuse":
+            layers.cap_request_body(flow, 0, refused=True)  # its bytes are read and dropped
 
     def _mask_query_tokens(self, flow: http.HTTPFlow, ex: exchange.Exchange | None) -> None:
         """A gateway token in the query string (a misconfigured client, a curious agent) is never a credential

@@ -22,6 +22,7 @@ import logging
 
 from mitmproxy import http
 
+from llm_gateway.mitm import layers
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.protocol.hosts import path_of
@@ -42,24 +43,26 @@ class FramingGuard:
         # one pass over the raw fields (Headers.items() is quadratic)
         if not any(bad in name or bad in value for name, value in flow.request.headers.fields for bad in _BAD):
             return
-        logger.warning(f"refused a request to {flow.request.pretty_host}{path_of(flow.request.path)[:200]!r}: "
-                       "a header holds a bare CR, LF or NUL")
+        where = f"{clean(flow.request.pretty_host, 100)}{path_of(flow.request.path)[:200]!r}"
+        logger.warning(f"refused a request to {where}: a header holds a bare CR, LF or NUL")
         ex = exchange.of(flow)
         if ex is not None:
             ex.stop("malformed header")
         flow.response = native_answer("invalid_request_error", "a request header holds a CR, LF or NUL character",
                                       {"connection": "close", "x-should-retry": "false"})
+        layers.cap_request_body(flow, 0, refused=True)  # its body is read and dropped, never held
 
     def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or response.status_code != 101 or flow.websocket is not None:
             return
         protocol = clean(response.headers.get("upgrade", "") or "no Upgrade header")[:60]
-        logger.warning(f"refused a switch to {protocol!r} from {flow.request.pretty_host}"
+        logger.warning(f"refused a switch to {protocol!r} from {clean(flow.request.pretty_host, 100)}"
                        f"{path_of(flow.request.path)[:200]!r}: only WebSocket upgrades are relayed")
         ex = exchange.of(flow)
         if ex is not None:
             ex.stop("upgrade refused")
-        answer = native_answer("api_error", MESSAGE.format(protocol), {"connection": "close", "x-should-retry": "false"})
+        answer = native_answer("api_error", MESSAGE.format(protocol),
+                               {"connection": "close", "x-should-retry": "false"})
         answer.status_code, answer.reason = 502, "Bad Gateway"
         flow.response = answer
