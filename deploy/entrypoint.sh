@@ -17,6 +17,11 @@ confdir=${LLM_GATEWAY_CONFDIR:-/tmp/mitmproxy}       # writable (an emptyDir); t
 script=${LLM_GATEWAY_SCRIPT:-/app/addons/gateway.py}
 drain_grace=${LLM_GATEWAY_DRAIN_GRACE:-25}           # seconds; below the pod's terminationGracePeriodSeconds
 nofile=${LLM_GATEWAY_NOFILE:-65536}                  # open files: two per connection (docs/reliability.md)
+# mitmproxy buffers every body it does not stream: a non-API upload or download (egress mode) is held whole.
+# body_size_limit ends one over this size instead of letting it fill the pod's memory; keep it above the rule
+# file's limits.request_body (32m by default; API requests get the gateway's native 413 below that) and well
+# below the memory limit (docs/reliability.md, "Hostile input").
+body_size_limit=${LLM_GATEWAY_BODY_SIZE_LIMIT:-64m}
 
 # The open-file limit: as high as asked, within the hard limit the container runtime gives.
 ulimit -n "$nofile" 2>/dev/null || echo "llm-gateway: cannot raise the open-file limit to $nofile (hard limit $(ulimit -Hn))" >&2
@@ -35,4 +40,5 @@ exec llm-gateway-dump -s "$script" \
   --set "gateway_drain_grace=$drain_grace" \
   --set connection_strategy=lazy \
   --set flow_detail=0 \
+  --set "body_size_limit=$body_size_limit" \
   "$@"

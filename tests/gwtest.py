@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 
@@ -68,3 +73,24 @@ def flow_addons(rf: RuleFile) -> list:
 
     process_wide = (Timeouts, GatewayLog, OpenFileLimit, ListenBacklog, ChunkBatching, Warmup)
     return [a for a in default_addons(rf) if not isinstance(a, process_wide)]
+
+
+def call(fn: Any, *args: Any) -> None:
+    """Call one hook as mitmproxy would: an async one (BodyLimit.request) is run to its end."""
+    result = fn(*args)
+    if not inspect.isawaitable(result):
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop running here: run it on a new one
+        asyncio.run(result)
+        return
+    with ThreadPoolExecutor(1) as pool:  # inside an async test: on a loop of its own, in a thread
+        pool.submit(asyncio.run, result).result()
+
+
+def read_body(flow: Any) -> None:
+    """What `BodyLimit.request` does after routing: the request body read (bounded) into `ex.body`."""
+    from llm_gateway.addons.bodies import BodyLimit
+
+    call(BodyLimit().request, flow)

@@ -47,6 +47,7 @@ from llm_gateway.addons.drain import Drain
 from llm_gateway.addons.egress import EgressPolicy
 from llm_gateway.addons.endpoints import Endpoints
 from llm_gateway.addons.fdlimit import OpenFileLimit
+from llm_gateway.addons.framing import FramingGuard
 from llm_gateway.addons.gatewaylog import GatewayLog
 from llm_gateway.addons.metrics import Metrics
 from llm_gateway.addons.otel import OtelExport
@@ -156,6 +157,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go
         Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
         ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+        FramingGuard(),  # requestheaders: a bare CR/LF/NUL in a header, a 400; response: a 101 not to WebSocket, a 502
         BodyLimit(),  # requestheaders/request: a native 413 over limits.request_body, the body never held
         drain,  # SIGTERM/SIGINT: not ready, listeners closed, new requests 529, in-flight exchanges finish
         ClientDetector(),  # request: which client and session, which stream preference

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mitmproxy.utils import human
 
 from llm_gateway.util import cafiles
 from llm_gateway.addons import endpoints
 from llm_gateway.policy import rules
+from llm_gateway.policy.spec import Limits
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -112,6 +114,9 @@ def test_entrypoint_defaults_match_the_deployment():
             "metrics": settings["LLM_GATEWAY_METRICS_PORT"]} == {k: str(v) for k, v in ports().items()}
     text = (DEPLOY / "entrypoint.sh").read_text()
     assert "exec llm-gateway-dump " in text and "--set gateway_log=-" in text
+    # non-API bodies are bounded (issue 30), above the API's own limit so API requests still get the native 413
+    assert '--set "body_size_limit=$body_size_limit"' in text
+    assert human.parse_size(defaults["LLM_GATEWAY_BODY_SIZE_LIMIT"]) > Limits().request_body
 
 
 def test_probes_name_paths_and_ports_the_gateway_serves():

@@ -111,6 +111,27 @@ def test_stream_longer_than_the_grace_period_ends_with_a_native_error(fake, gate
     assert "Traceback" not in gw.output() and "mitmproxy has crashed" not in gw.output()
 
 
+def test_a_second_signal_exits_at_once_and_records_the_cut_exchanges_as_shutdown(fake, gateway_factory):
+    gw, _ = start(gateway_factory, fake, grace=20)
+    endless = Scenario(burst=40, event_delay=0.3)  # about 13 s
+    with ThreadPoolExecutor(2) as pool:
+        raws = [pool.submit(raw_stream, gw.reverse_port, endless, f"cut-{i}") for i in range(2)]
+        wait_stream_started(fake, 2)
+        os.kill(gw.proc.pid, signal.SIGTERM)
+        gw.wait_for_output("draining")
+        os.kill(gw.proc.pid, signal.SIGTERM)
+        assert gw.proc.wait(15) == 0
+        for r in raws:
+            try:
+                r.result(timeout=10)
+            except (OSError, http.client.HTTPException):
+                pass  # the stream was cut
+    assert "second signal during the drain" in gw.output()
+    for session in ("cut-0", "cut-1"):
+        record = gw.wait_record(lambda r: r["session"] == session)
+        assert record["complete"] is False and record["reason"] == "shutdown", record
+
+
 def raw_stream(port: int, scenario: Scenario, session: str) -> bytes:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("POST", "/v1/messages", BODY, {

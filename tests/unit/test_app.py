@@ -130,4 +130,5 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
             "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "ProviderTranslation",
             "CloudCredentials", "Quotas", "Timeouts", "OtelExport")
         assert dispatcher.hooks["response"] == (
-            "Drain", "KeyCustody", "AnswerPipeline", "Quotas", "Timeouts", "Usage", "Metrics", "OtelExport", "WebView")
+            "FramingGuard", "Drain", "KeyCustody", "AnswerPipeline", "Quotas", "Timeouts", "Usage", "Metrics", "OtelExport",
+            "WebView")

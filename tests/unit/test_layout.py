@@ -109,9 +109,9 @@ FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},
     **dict.fromkeys(("provider", "translated"), {"addons/routing.py"}),
-    "body": {"addons/routing.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
+    "body": {"addons/bodies.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
-    "model_requested": {"addons/routing.py"},
+    "model_requested": {"addons/bodies.py"},
     **dict.fromkeys(("client", "session", "agent_id", "parent_agent_id", "user_agent", "stream_preference"),
                     {"addons/clients.py"}),
     "principal": {"addons/credentials.py"},

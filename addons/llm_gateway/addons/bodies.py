@@ -8,12 +8,20 @@ that stops keeping bytes past the limit (`mitm.layers.CappedBody`). A body decla
 answered at once and its bytes are read and dropped, so that the client, which writes its whole request before
 it reads, gets the 413 instead of a reset; a chunked body is cut off the same way when it crosses the limit.
 
+The limit counts decoded bytes: a compressed body (`Content-Encoding` gzip, deflate, br, zstd) is decoded here
+with `protocol.decoding.decode`, which stops as soon as the output crosses the limit (a 728-byte brotli body
+otherwise expands to gigabytes in mitmproxy's unbounded `get_content()`), and answered with the same 413.
+Only then is the body read as JSON (`ex.body`, `ex.model_requested`), so nothing before this reads it; a
+compressed body, or one over `leanjson.LEAN_ABOVE`, is decoded and read in a worker thread, so its cost never
+stalls the event loop (and with it every other stream of the replica).
+
 Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
 (briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 
@@ -23,7 +31,10 @@ from llm_gateway.mitm import layers
 from llm_gateway.mitm.layers import CappedBody
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
+from llm_gateway.protocol import decoding, leanjson, providers
+from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.hosts import path_of
+from llm_gateway.util.logsafe import clean
 
 logger = logging.getLogger("llm_gateway.bodies")
 
@@ -36,6 +47,12 @@ def too_large(limit: int, size: int | None) -> http.Response:
         "(limits.request_body).",
         {"connection": "close", "x-should-retry": "false"},
     )
+
+
+def read_body(raw: bytes, encoding: str | None, limit: int) -> object:
+    """The request body as JSON (`leanjson.parse_request_body`), decoded first with the bound `limit` (bytes;
+    `decoding.TooLarge` past it). Runs in a worker thread."""
+    return leanjson.parse_request_body(decoding.decode(raw, encoding, limit), exact=False)
 
 
 class BodyLimit:
@@ -63,7 +80,7 @@ class BodyLimit:
             logger.warning(f"refused a {declared}-byte request to {ex.host}{path_of(ex.path)!r} (limit {limit})")
             flow.response = too_large(limit, declared)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
@@ -73,3 +90,27 @@ class BodyLimit:
             ex.release()
             logger.warning(f"refused a request of over {body.limit} bytes to {ex.host}{path_of(ex.path)!r}")
             flow.response = too_large(body.limit, body.received)
+            return
+        limit = ex.rules.limits.request_body
+        encoding = flow.request.headers.get("content-encoding")
+        raw = flow.request.raw_content or b""
+        try:
+            if encoding or len(raw) > leanjson.LEAN_ABOVE:  # decoding and the lean read: off the event loop
+                ex.body = await asyncio.to_thread(read_body, raw, encoding, limit)
+            else:
+                # read to be looked at: addons/streams.py reads it again exactly where it writes it
+                ex.body = leanjson.parse_request_body(raw, exact=False)
+        except decoding.TooLarge:
+            ex.stop("request_too_large")
+            ex.release()
+            logger.warning(f"refused a {clean(encoding, 40)} request decoding to over {limit} bytes to "
+                           f"{ex.host}{path_of(ex.path)!r}")
+            flow.response = too_large(limit, None)
+            return
+        if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
+            ex.model_requested = ex.body["model"][:200]
+        if ex.provider != ANTHROPIC and not ex.translated:  # the clouds name the model in the path (the body has none)
+            model, _ = providers.request_facts(ex.provider, ex.path)
+            if model:
+                ex.model_requested = model[:200]
+        exchange.publish(flow, ex)

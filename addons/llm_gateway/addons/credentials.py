@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
-from llm_gateway.mitm import serializers
+from llm_gateway.mitm import layers, serializers
 from llm_gateway.pipeline import exchange
-from llm_gateway.pipeline.answer import native_answer
+from llm_gateway.pipeline.flows import proxy_mode
+from llm_gateway.pipeline.answer import TOO_LARGE_MESSAGE, body_of, native_answer
 from llm_gateway.policy import routing
 from llm_gateway.policy.credentials import (
     CREDENTIAL_HEADERS,
@@ -38,6 +39,7 @@ from llm_gateway.policy.credentials import (
     decide,
     presented,
 )
+from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
@@ -156,6 +158,20 @@ class KeyCustody:
         _custody[flow] = Custody(original)
         for name in original:
             headers[name] = mask("client credential")
+        self._drop_unauthenticated_body(flow, ex, original)
+
+    def _drop_unauthenticated_body(self, flow: http.HTTPFlow, ex: exchange.Exchange, original: dict[str, str]) -> None:
+        """A request no token and no pass-through rule can admit is known on its headers: its body is dropped as it
+        arrives, never held, decoded or parsed (the cheap check first). It is still answered by `request`, after
+        client detection (from its headers), so its 401 and its record read as before. A token's client binding
+        needs the client, known only from the body: `request` checks it."""
+        creds = ex.rules.credentials
+        seen = presented(original)
+        if not creds.tokens or any(creds.token_for(v) for v in seen.values()):
+            return
+        decision = decide(creds, seen, normalize(flow.request.headers), "")
+        if decision.action == "refuse":
+            layers.cap_request_body(flow, 0, refused=True)  # its bytes are read and dropped
 
     def _mask_query_tokens(self, flow: http.HTTPFlow, ex: exchange.Exchange | None) -> None:
         """A gateway token in the query string (a misconfigured client, a curious agent) is never a credential
@@ -172,19 +188,21 @@ class KeyCustody:
             ex.path = flow.request.path
 
     def _off_api(self, flow: http.HTTPFlow) -> None:
-        """A request to an API host outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
+        """A request to an API host (or to the base-URL listener, whatever its target) outside the API paths (e.g. Claude Code's `/api/claude_code/settings`, or
         the gateway's own `/-/metrics`): it gets no upstream key, and a gateway token goes no further (nor stays
         in the flow); a pass-through credential passes."""
         rules = self.rule_file.rules
         host = normalize_host(flow.request.host)
-        if rules.credentials is None or not any(h.match(host) for api in rules.apis for h in api.hosts):
+        # The base-URL listener is the gateway's own: whatever its target, a token sent there stops here.
+        api_host = proxy_mode(flow) == "reverse" or any(h.match(host) for api in rules.apis for h in api.hosts)
+        if rules.credentials is None or not api_host:
             return
         headers = flow.request.headers
         original = {name: headers.pop(name) for name in CREDENTIAL_HEADERS if name in headers}
         if not original:
             return
         custody = _custody[flow] = Custody(original)
-        found = {k.lower(): v for k, v in headers.items()}
+        found = normalize(headers)  # one pass over the fields: Headers.items() is quadratic
         decision = decide(rules.credentials, presented(original), found, "unknown")
         if decision.action == "pass" and self.wire_ready and not flow.response:
             self._pass(flow, custody, decision)
@@ -200,7 +218,7 @@ class KeyCustody:
             return
         creds = ex.rules.credentials
         seen = presented(custody.original)
-        headers = {k.lower(): v for k, v in flow.request.headers.items()}
+        headers = normalize(flow.request.headers)  # one pass over the fields: Headers.items() is quadratic
         decision = decide(creds, seen, headers, ex.client)
         ex.principal = decision.principal
         ex.note(f"credentials: {decision.why}")
@@ -280,8 +298,10 @@ class KeyCustody:
         custody = self._sent(flow)
         if custody is None or not custody.key or flow.response.stream:
             return
-        content = flow.response.get_content(strict=False)
-        if content and custody.key.encode() in content:
+        content = body_of(flow.response)
+        if content is None:  # past the bound: unread, so not passed on either
+            flow.response = native_answer("api_error", TOO_LARGE_MESSAGE)
+        elif content and custody.key.encode() in content:
             flow.response.content = content.replace(custody.key.encode(), mask("upstream key").encode())
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -297,9 +317,12 @@ class KeyCustody:
 
     @staticmethod
     def _scrub_headers(response: http.Response, key: str) -> None:
-        for name, value in list(response.headers.items(multi=True)):
-            if key in value:
-                response.headers[name] = value.replace(key, mask("upstream key"))
+        """The key masked in every header value, in one pass over the raw fields (a setitem per header would
+        rescan them all: quadratic in an answer with thousands of headers)."""
+        raw, masked = key.encode(), mask("upstream key").encode()
+        fields = response.headers.fields
+        if any(raw in value for _, value in fields):
+            response.headers.fields = tuple((name, value.replace(raw, masked)) for name, value in fields)
 
 
 # ------------------------------------------------------------------------------------------ minting

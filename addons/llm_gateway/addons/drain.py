@@ -14,7 +14,8 @@ replaces that handler (`running` comes after mitmdump installs its own) with a d
    yet, else an `event: error` frame `overloaded_error` after the events already relayed), its record is
    written with `complete: false` and `reason: "shutdown"`, then the process exits 0.
 
-A second signal during the drain exits at once, as mitmdump would have done on the first.
+A second signal during the drain exits at once, as mitmdump would have done on the first; the exchanges it
+cuts are recorded with `reason: "shutdown"` too.
 """
 
 from __future__ import annotations
@@ -115,7 +116,12 @@ class Drain:
     def begin(self) -> None:
         """The signal handler: start draining; a second signal exits at once."""
         if self.draining:
-            logger.warning("second signal during the drain: exiting now")
+            flows = self.in_flight()
+            for flow in flows:  # cut by the exit, not by their client or upstream: the records say so
+                ex = exchange.of(flow)
+                if ex is not None:
+                    ex.stop("shutdown")
+            logger.warning(f"second signal during the drain: exiting now, cutting {len(flows)} exchanges")
             ctx.master.shutdown()
             return
         self.draining = True

@@ -4,7 +4,8 @@ API flows are recognised by host and path globs in egress (regular) mode, and by
 base-URL (reverse) listener: everything that arrives there at an API path is an API exchange, whatever the
 reverse target is (`scripts/gateway --upstream http://litellm:4000` must not switch the gateway off because
 `apis[].hosts` names api.anthropic.com). They get an `Exchange`, keep their request bodies buffered so later parts can rewrite them, and
-may be re-sent to another upstream. Everything else is left alone.
+may be re-sent to another upstream. The body is read later, by `BodyLimit` (addons/bodies.py), once it is known
+to be within `limits.request_body`. Everything else is left alone.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from mitmproxy import http
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.policy.routing import match_api, match_route
-from llm_gateway.protocol import leanjson, providers
-from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.hosts import normalize_host
 
 if TYPE_CHECKING:
@@ -35,8 +34,13 @@ class ApiRouter:
         if flow.response or exchange.of(flow):
             return
         rules = self.rule_file.rules
-        host = normalize_host(flow.request.host)
         mode = proxy_mode(flow)
+        if mode == "reverse" and flow.request.authority:
+            # An absolute-form target (`POST http://other.example/v1/messages`, RFC 9112 section 3.2.2) on the
+            # base-URL listener: mitmproxy sends it on as it came, naming another host to an upstream that may
+            # be a proxy itself. Origin form, as for every request there: the target is the operator's.
+            flow.request.authority = ""
+        host = normalize_host(flow.request.host)
         api = match_api(rules, None if mode == "reverse" else host, flow.request.path)
         if api is None:
             return
@@ -60,14 +64,6 @@ class ApiRouter:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        # read to be looked at: addons/streams.py reads it again exactly where it writes it
-        ex.body = leanjson.parse_request_body(flow.request.get_content(strict=False), exact=False)
-        if isinstance(ex.body, dict) and isinstance(ex.body.get("model"), str):
-            ex.model_requested = ex.body["model"][:200]
-        if ex.provider != ANTHROPIC:  # the clouds name the model in the path (the body has none)
-            model, _ = providers.request_facts(ex.provider, ex.path)
-            if model:
-                ex.model_requested = model[:200]
         route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         if route is None:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"

@@ -4,6 +4,13 @@ The current `Rules` is replaced whole, only by a version that parsed cleanly: a 
 reported and the last good rules stay in force; so is an emptied file (policy/rules.py refuses it) and a file
 that was moved away or deleted (reported once, read again when it is back). At start-up a broken file is
 an error, which makes mitmdump exit non-zero with the file, line and reason.
+
+A file edited in place can be caught half-written, and a YAML prefix is usually valid YAML: cut at the wrong
+line, key custody is off. So the watcher reads a file changed in place only once it has stayed the same for one
+watch interval; a swapped file (another inode: an editor's rename, a Kubernetes ConfigMap's symlink swap) is
+whole and is read at once, as before. And a
+reload that turns key custody off, or leaves the upstream keys without tokens (any caller gets the real key),
+while the rules in force had it on, is refused unless the new file says `allow_custody_off: true`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,25 @@ def refuse_repeated_options() -> None:
         logger.error(f"option {name} is set {len(values)} times ({values}): give it once")
 
 
+def custody(rules: Rules) -> str:
+    """How the rules keep the upstream key: "tokens" (callers need a gateway token), "open" (key custody with no
+    tokens: any caller gets the key sent), or "off" (no `credentials`: callers' own credentials pass)."""
+    if rules.credentials is None:
+        return "off"
+    return "tokens" if rules.credentials.tokens else "open"
+
+
+def refuse_custody_off(current: Rules, new: Rules, path: str) -> None:
+    """A reload must not weaken key custody by accident (a file cut short, a section deleted): RulesError unless
+    the new file says `allow_custody_off: true`."""
+    before, after = custody(current), custody(new)
+    weaker = (before == "tokens" and after != "tokens") or (before == "open" and after == "off")
+    if weaker and not new.allow_custody_off:
+        what = "turns key custody off" if after == "off" else "leaves the upstream keys without gateway tokens"
+        raise RulesError(f"{path}:1: this version {what} while the rules in force have it on; refusing it "
+                         "(set `allow_custody_off: true` in the file to do that on purpose)")
+
+
 class RuleFile:
     def __init__(self) -> None:
         self.rules = Rules()
@@ -42,6 +68,7 @@ class RuleFile:
         self.loaded = False
         self._stamp: tuple | None = None
         self._missing = False  # the watched file is gone; reported once
+        self._seen: tuple | None = None  # a changed stamp waiting to stay the same for one interval
         self._watcher: asyncio.Task | None = None
 
     def load(self, loader) -> None:
@@ -95,6 +122,8 @@ class RuleFile:
     def _install(self, path: str) -> None:
         stamp = file_stamp(path)
         new = rules_mod.load(path)
+        if self.loaded:
+            refuse_custody_off(self.rules, new, path)
         changed = self.loaded
         self.rules, self.path, self._stamp, self.loaded = new, path, stamp, True
         if changed:
@@ -116,8 +145,13 @@ class RuleFile:
                 continue
             self._missing = False
             if stamp == self._stamp:
+                self._seen = None
                 continue
-            self._stamp = stamp  # report a broken version once, not every tick
+            swapped = self._stamp is None or stamp[:3] != self._stamp[:3]  # another file (path, device, inode)
+            if not swapped and stamp != self._seen:  # changed in place since the last look: maybe still being
+                self._seen = stamp  # written; read once it stayed the same for an interval
+                continue
+            self._stamp, self._seen = stamp, None  # report a broken version once, not every tick
             try:
                 self._install(self.path)
             except RulesError as e:

@@ -29,7 +29,7 @@ import logging
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange, relay
-from llm_gateway.protocol import envelopes, errors, jsoncodec, messages, providers, sse
+from llm_gateway.protocol import decoding, envelopes, errors, jsoncodec, messages, providers, sse
 from llm_gateway.protocol.sse import SSE_TYPE
 from llm_gateway.util.logsafe import clean
 
@@ -40,6 +40,18 @@ TRUNCATED_MESSAGE = "the upstream stream ended before message_stop; the answer i
 # (`ErrorCode.http_status_code()` of CONNECT_FAILED and GENERIC_SERVER_ERROR in proxy/layers/http/_events.py).
 MITMPROXY_ERROR_STATUS = 502
 CLIENT_GONE = "Client disconnected"  # how mitmproxy's flow.error starts when the client went away
+# A buffered answer is never decoded past this (bytes): a Message or an error is a few megabytes at most, and a
+# 260 kB gzip error body expands to 256 MiB in mitmproxy's unbounded get_content().
+ANSWER_LIMIT = 16 * 1024 * 1024
+TOO_LARGE_MESSAGE = f"the upstream's answer decodes to over {ANSWER_LIMIT} bytes; the gateway did not read it"
+
+
+def body_of(response: http.Response) -> bytes | None:
+    """A buffered answer's body, decoded (`Content-Encoding`) up to ANSWER_LIMIT bytes; None past it."""
+    try:
+        return decoding.decode(response.raw_content or b"", response.headers.get("content-encoding"), ANSWER_LIMIT)
+    except decoding.TooLarge:
+        return None
 
 
 def is_sse(response: http.Response) -> bool:
@@ -121,8 +133,10 @@ def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.
         response.reason = envelopes.reason_phrase(found.status)
         set_body(response, found.body, "application/json")
         ex.error_type = found.error_type
-    for name, value in envelopes.header_fixes(response.headers, found.request_id if found else None).items():
-        response.headers[name] = value
+    fixes = envelopes.header_fixes(response.headers, found.request_id if found else None)
+    if fixes:  # only names the answer lacks: appended at once (a setitem each rescans every field)
+        response.headers.fields += tuple((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                                         for k, v in fixes.items())
     if "x-should-retry" not in response.headers:
         response.headers["x-should-retry"] = "true" if errors.should_retry(response.status_code) else "false"
 
@@ -130,7 +144,13 @@ def send_error(response: http.Response, ex: exchange.Exchange, found: envelopes.
 def error_answer(response: http.Response, ex: exchange.Exchange) -> None:
     """A buffered answer with an error status, JSON or not (also an error sent as an event stream): the
     native error it holds or stands for."""
-    body = response.get_content(strict=False) or b""
+    body = body_of(response)
+    if body is None:
+        found = envelopes.Unwrapped(502, errors.error_json("api_error", TOO_LARGE_MESSAGE), "api_error", None,
+                                    "answer", response.status_code)
+        ex.stop("upstream answer too large")
+        send_error(response, ex, found)
+        return
     content_type = response.headers.get("content-type")
     if is_sse(response):  # an error answered as a stream (LiteLLM's first-chunk errors): read its frames
         body, content_type = stream_error_payload(body), "application/json"
@@ -170,7 +190,7 @@ def stream_error_payload(body: bytes) -> bytes:
 def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
     """A stream for a client that asked for JSON: the events pass the same reader as a relayed stream
     (`relay.replay`), and what it passes on is accumulated into the Message, or into the native error."""
-    passed = relay.replay(ex, response.get_content(strict=False) or b"")
+    passed = relay.replay(ex, body_of(response) or b"")  # past the bound: no message_stop, an error
     acc = messages.message_from_sse(passed)
     ex.converted = "sse->json"
     if acc.error is not None or acc.message is None or not acc.complete:
@@ -192,7 +212,7 @@ def sse_to_json(response: http.Response, ex: exchange.Exchange) -> None:
 
 
 def json_to_sse(response: http.Response, ex: exchange.Exchange) -> None:
-    message = jsoncodec.parse_json_body(response.get_content(strict=False))
+    message = jsoncodec.parse_json_body(body_of(response))
     if not (isinstance(message, dict) and message.get("type") == "message"):
         logger.warning(f"upstream answer is not a Message; passing it on unchanged ({clean(ex.host + ex.path)})")
         return
@@ -208,7 +228,7 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
     ex.request_id = response.headers.get("request-id") or ex.request_id
     if not response.stream:
         if ex.message is None and response.status_code < 400:
-            body = jsoncodec.parse_json_body(response.get_content(strict=False))
+            body = jsoncodec.parse_json_body(body_of(response))
             if isinstance(body, dict) and body.get("type") == "message":
                 ex.message = body
         if ex.message is not None:
@@ -224,7 +244,7 @@ def settle(response: http.Response, ex: exchange.Exchange) -> None:
             ex.complete = ex.reason is None  # not when the gateway answered in the upstream's place
     if response.status_code >= 400:
         if ex.error_type is None:  # an error the gateway left as it came (unwrap off, or native already)
-            body = jsoncodec.parse_json_body(response.get_content(strict=False)) if not response.stream else None
+            body = jsoncodec.parse_json_body(body_of(response)) if not response.stream else None
             ex.error_type = body["error"]["type"] if errors.is_native_error(body) else errors.error_type_for_status(
                 response.status_code
             )

@@ -194,7 +194,8 @@ class _Reader:
             root,
             "the rule file",
             {k: False for k in ("apis", "routes", "clients", "egress", "usage", "errors", "pricing", "credentials")}
-            | {"timeouts": False, "limits": False, "otel": False, "quotas": False, "clouds": False},
+            | {"timeouts": False, "limits": False, "otel": False, "quotas": False, "clouds": False,
+               "allow_custody_off": False},
         )
         section = lambda key, read, default: read(top[key]) if key in top else default  # noqa: E731
         clients = section("clients", lambda n: self.list_of(n, "clients", self.client), ())
@@ -213,6 +214,7 @@ class _Reader:
             otel=section("otel", lambda n: otel.read(self, n), otel.Otel()),
             quotas=section("quotas", lambda n: quotas.read(self, n), quotas.Quotas()),
             clouds=section("clouds", lambda n: clouds.read(self, n), clouds.Clouds()),
+            allow_custody_off=section("allow_custody_off", lambda n: self.boolean(n, "allow_custody_off"), False),
         )
 
     def api(self, node: yaml.Node, where: str) -> Api:

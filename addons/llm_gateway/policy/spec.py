@@ -296,6 +296,8 @@ class Rules:
     otel: Otel = field(default_factory=Otel)  # OpenTelemetry export switches (policy/otel.py)
     quotas: Quotas = field(default_factory=Quotas)  # spend and rate limits (policy/quotas.py, addons/quotas/)
     clouds: Clouds = field(default_factory=Clouds)  # the cloud credentials the gateway holds (policy/clouds.py)
+    # a reload may turn key custody off or drop its tokens (addons/rulefile.py refuses that otherwise)
+    allow_custody_off: bool = False
 
 
 def token_hash(token: str) -> str:

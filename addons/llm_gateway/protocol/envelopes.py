@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_gateway.protocol import errors, jsoncodec
+from llm_gateway.protocol.headers import normalize
 
 # Bodies larger than this are not parsed (error bodies are small); their head becomes the message.
 MAX_PARSE_BYTES = 1 << 20
@@ -211,14 +212,7 @@ def header_fixes(headers: Mapping[str, str], request_id: str | None = None) -> d
     """
     fixes: dict[str, str] = {}
     try:
-        present: dict[str, str] = {}
-        for name, value in headers.items():
-            if isinstance(name, bytes):
-                name = name.decode("latin-1")
-            if isinstance(value, bytes):
-                value = value.decode("latin-1")
-            if isinstance(name, str) and isinstance(value, str):
-                present.setdefault(name.lower(), value)
+        present = normalize(headers)  # one pass over the raw fields: mitmproxy's Headers.items() is quadratic
         for name, value in present.items():
             if not name.startswith(_PROVIDER_PREFIX):
                 continue

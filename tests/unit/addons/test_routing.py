@@ -2,7 +2,8 @@
 
 from mitmproxy.test import taddons, tflow
 
-from gwtest import api_flow, rule_file
+from gwtest import api_flow, call, rule_file
+from llm_gateway.addons.bodies import BodyLimit
 from llm_gateway.pipeline import exchange
 from llm_gateway.addons.routing import ApiRouter
 
@@ -20,8 +21,11 @@ routes:
 
 
 def run(router, flow):
+    bodies = BodyLimit()  # reads the body, after routing
     router.requestheaders(flow)
+    bodies.requestheaders(flow)
     router.request(flow)
+    call(bodies.request, flow)
     return exchange.of(flow)
 
 

@@ -1,6 +1,6 @@
 """The stream preference (addons/streams.py): the `stream` flag forced, the rest of the request kept exactly.
 
-The router reads the request body fast (an integer past 64 bits may read as a float there: jsoncodec's
+BodyLimit reads the request body fast (an integer past 64 bits may read as a float there: jsoncodec's
 `exact=False`), so where the flag is forced the body is read again exactly before it is written."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 
 from mitmproxy.test import taddons
 
-from gwtest import BASE_RULES, api_flow, rule_file
+from gwtest import BASE_RULES, api_flow, read_body, rule_file
 from llm_gateway.addons.clients import ClientDetector
 from llm_gateway.addons.routing import ApiRouter
 from llm_gateway.addons.streams import StreamPreference
@@ -29,6 +29,7 @@ def forced(body: bytes, agent: str = "forced-on/1.0"):
         f = api_flow(body, headers={"user-agent": agent})
         router.requestheaders(f)
         router.request(f)
+        read_body(f)
         detector.request(f)
         streams.request(f)
         return f, exchange.of(f)

@@ -14,7 +14,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from gwtest import BASE_RULES, api_flow, rule_file, forward
+from gwtest import BASE_RULES, api_flow, forward, read_body, rule_file
 from llm_gateway.pipeline import exchange
 from llm_gateway.policy import pricing
 from llm_gateway.pipeline import relay
@@ -118,6 +118,7 @@ class Gateway:
         f = api_flow(body, headers={k: v for k, v in h.items() if v is not None})  # None drops a header
         self.router.requestheaders(f)
         self.router.request(f)
+        read_body(f)
         self.detector.request(f)
         ex = exchange.of(f)
         ex.stream_requested = ex.stream_upstream = stream  # what StreamPreference sets

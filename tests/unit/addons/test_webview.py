@@ -11,7 +11,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.contentviews import Metadata
 from mitmproxy.test import taddons, tutils
 
-from gwtest import api_flow, rule_file, forward
+from gwtest import api_flow, forward, read_body, rule_file
 from llm_gateway.pipeline import exchange
 from llm_gateway.protocol import sse
 from llm_gateway.protocol import errors
@@ -297,6 +297,7 @@ def streamed_flow(addons, body_chunks, *, content_type=SSE):
     f = api_flow(b'{"model":"claude-x","max_tokens":5,"stream":true,"messages":[]}')
     router.requestheaders(f)
     router.request(f)
+    read_body(f)
     for addon in addons[1:]:
         if hasattr(addon, "request"):
             addon.request(f)
@@ -393,6 +394,7 @@ def test_cut_off_stream_keeps_its_copy_on_error():
         f = api_flow(b'{"model":"claude-x","max_tokens":5,"stream":true,"messages":[]}')
         addons[0].requestheaders(f)
         addons[0].request(f)
+        read_body(f)
         addons[1].request(f)
         f.response = tutils.tresp(headers=http.Headers(content_type=SSE), content=b"")
         for addon in addons[1:]:
@@ -414,6 +416,7 @@ def api_exchange(**fields) -> tuple[http.HTTPFlow, exchange.Exchange]:
     with taddons.context(router):
         router.requestheaders(f)
         router.request(f)
+        read_body(f)
     f.response = tutils.tresp()
     ex = exchange.of(f)
     for k, v in fields.items():

@@ -21,7 +21,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from gwtest import api_flow, flow_addons, forward, rule_file
+from gwtest import api_flow, call, flow_addons, forward, rule_file
 from llm_gateway.policy import pricing
 from llm_gateway.protocol import sse
 from llm_gateway.protocol import errors as protocol_errors
@@ -215,7 +215,7 @@ class Gateway:
         for addon in self.addons:
             fn = getattr(addon, name, None)
             if fn is not None:
-                fn(f)
+                call(fn, f)
 
     def exchange(self, shape: Shape, path: str, mode: str, chunk: int = 9) -> tuple[http.HTTPFlow, bytes, dict]:
         """One exchange: the request on `path`, the upstream's `shape`; what the client got, and the record."""

@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow
 
-from gwtest import api_flow, forward, rule_file
+from gwtest import api_flow, forward, read_body, rule_file
 from unit.protocol.test_sse import event_blocks
 from llm_gateway.addons import credentials
 from llm_gateway.pipeline import exchange
@@ -47,6 +47,7 @@ def exchange_for():
     f = api_flow(b'{"model":"claude-x","stream":true,"max_tokens":5,"messages":[]}')
     router.requestheaders(f)
     router.request(f)
+    read_body(f)
     f.response = tflow.tresp()
     return f, exchange.of(f)
 

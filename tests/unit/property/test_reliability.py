@@ -8,7 +8,7 @@ import json
 import pytest
 from mitmproxy.test import taddons
 
-from gwtest import BASE_RULES, api_flow, forward, rule_file
+from gwtest import BASE_RULES, api_flow, forward, read_body, rule_file
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline import answer as pipeline_answer
 from llm_gateway.protocol import leanjson
@@ -67,6 +67,7 @@ def streaming_exchange():
     f = api_flow(b'{"model":"claude-x","stream":true,"max_tokens":5,"messages":[]}')
     router.requestheaders(f)
     router.request(f)
+    read_body(f)
     ex = exchange.of(f)
     ex.sse_taps.append(StreamReader(ex))
     return f, ex

@@ -34,7 +34,7 @@ from mitmproxy import http, io as mio
 from mitmproxy import contentviews
 from mitmproxy.test import taddons
 
-from gwtest import api_flow, flow_addons, rule_file
+from gwtest import api_flow, call, flow_addons, rule_file
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline import relay
 from llm_gateway.policy import rules
@@ -86,7 +86,7 @@ class Gateway:
         for addon in self.addons:
             fn = getattr(addon, name, None)
             if fn is not None:
-                fn(flow)
+                call(fn, flow)
 
     def lines(self) -> list[str]:
         """The usage record lines of the log (egress decision records share it)."""
@@ -372,6 +372,9 @@ def test_hooks_never_raise_and_pass_on_what_they_do_not_understand(
     gw.hook("request", f)
     ex = exchange.of(f)
     assert ex is not None
+    if any(bad in name or bad in value for name, value in sent_fields for bad in (b"\r", b"\n", b"\0")):
+        assert f.response is not None and f.response.status_code == 400  # FramingGuard: never forwarded
+        return
 
     # The request goes on unchanged, or as the same JSON with only `stream` forced; the headers too,
     # less the gateway's own x-gateway-client (and Host where routed).
