@@ -1,0 +1,164 @@
+"""Failover through a real mitmdump: a route lists several upstreams; one that cannot be reached, or answers 529
+overloaded (or any 5xx) before the first byte of its answer, hands the same request to the next one, which may
+speak another provider's format (the fake Bedrock, signed by the gateway). The real Anthropic SDK gets the answer,
+streaming and not; one usage record says who answered (`upstream`) and who failed (`failed_upstreams`). An answer
+that began (its headers passed on) is never retried.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import anthropic
+import pytest
+
+from e2e.test_e2e_providers import GW_AWS_KEY_ID, GW_AWS_SECRET, MESSAGES, cloud, post  # noqa: F401 - cloud: the fixture
+from fakes.upstream import DEFAULT_TEXT, FakeUpstream, Scenario
+from harness import ROOT, Gateway, free_port
+
+pytestmark = pytest.mark.e2e
+
+REQUEST = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": MESSAGES}
+
+
+@pytest.fixture(scope="module")
+def first():
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def second():
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def closed() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: connect refused
+
+
+def routed(upstreams: str) -> str:
+    return (ROOT / "rules.yaml").read_text().replace("routes: []", f"""routes:
+  - match: {{api: anthropic}}
+    upstream:
+{upstreams}""")
+
+
+@pytest.fixture(scope="module")
+def gw(first, second, closed):
+    """Anthropic upstreams: a closed port, then `first`, then `second`."""
+    rules = routed(f"      - {closed}\n      - {first.url}\n      - {second.url}\n")
+    gateway = Gateway(rules, reverse_to=first.url, regular=False).start()
+    yield gateway
+    gateway.stop()
+
+
+def records(gw: Gateway) -> list[dict]:
+    time.sleep(0.3)  # records land up to 0.1 s after the exchange
+    return gw.records(timeout=0)
+
+
+def new_record(gw: Gateway, before: int) -> dict:
+    [record] = gw.wait_records(lambda r: True, count=before + 1)[before:]
+    return record
+
+
+def sdk(gw: Gateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gw.base_url, api_key="sk-ant-api03-client-key", max_retries=0)
+
+
+@pytest.mark.parametrize("call", ["create", "stream"])
+def test_overloaded_upstream_hands_the_request_to_the_next(gw, first, second, closed, call):
+    before, to_first, to_second = len(records(gw)), len(first.messages_requests()), len(second.messages_requests())
+    first.script(Scenario.error(529))
+    client = sdk(gw)
+    if call == "create":
+        message = client.messages.create(**REQUEST)
+    else:
+        with client.messages.stream(**REQUEST) as stream:
+            message = stream.get_final_message()
+    assert message.content[0].text == DEFAULT_TEXT
+    assert message.id == second.last_message["id"]
+    # the same request reached both: the first answered 529, the second served it
+    [tried] = first.messages_requests()[to_first:]
+    [served] = second.messages_requests()[to_second:]
+    assert served.json == tried.json and served.json["stream"] is (call == "stream") if "stream" in served.json else True
+    assert served.body == tried.body
+    record = new_record(gw, before)
+    assert record["upstream"] == second.url and record["status"] == 200 and record["complete"] is True
+    assert record["input_tokens"] and record["cost_usd"] > 0
+    assert [f["upstream"] for f in record["failed_upstreams"]] == [closed, first.url]
+    assert record["failed_upstreams"][0]["reason"].startswith("connect failed")
+    assert record["failed_upstreams"][1]["reason"] == "HTTP 529"
+
+
+def test_connect_failure_alone_goes_to_the_next(gw, first, second, closed):
+    before, to_second = len(records(gw)), len(second.messages_requests())
+    message = sdk(gw).messages.create(**REQUEST)
+    assert message.id == first.last_message["id"]
+    assert len(second.messages_requests()) == to_second
+    record = new_record(gw, before)
+    assert record["upstream"] == first.url and record["status"] == 200
+    assert [f["upstream"] for f in record["failed_upstreams"]] == [closed]
+
+
+def test_the_last_upstreams_error_reaches_the_client(gw, first, second):
+    before = len(records(gw))
+    first.script(Scenario.error(503))
+    second.script(Scenario.error(529))
+    status, headers, raw = post(gw, REQUEST)
+    assert status == 529 and json.loads(raw)["error"]["type"] == "overloaded_error", raw
+    record = new_record(gw, before)
+    assert (record["upstream"], record["status"], record["error_type"]) == (second.url, 529, "overloaded_error")
+    assert [f["reason"] for f in record["failed_upstreams"]][1:] == ["HTTP 503"]
+
+
+def test_an_answer_that_began_is_not_retried(gw, first, second):
+    before, to_second = len(records(gw)), len(second.messages_requests())
+    first.script(Scenario(abort_after=3))
+    with pytest.raises(http.client.IncompleteRead) as cut:  # the stream the first upstream began is cut, not restarted
+        post(gw, {**REQUEST, "stream": True})
+    assert b"message_start" in cut.value.partial and b"message_stop" not in cut.value.partial
+    assert len(second.messages_requests()) == to_second  # never sent on
+    record = new_record(gw, before)
+    assert record["upstream"] == first.url and record["complete"] is False
+    assert [f["reason"][:14] for f in record["failed_upstreams"]] == ["connect failed"]  # the closed port only
+
+
+@pytest.fixture(scope="module")
+def to_bedrock(first, cloud):  # noqa: F811 - the fake Bedrock from test_e2e_providers
+    """Anthropic first, then the fake Bedrock (translated, signed by the gateway)."""
+    rules = routed(f"      - {first.url}\n      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n")
+    env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET}
+    gateway = Gateway(rules, reverse_to=first.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.mark.parametrize("call", ["create", "stream"])
+def test_overloaded_anthropic_fails_over_to_bedrock(to_bedrock, first, cloud, call):  # noqa: F811
+    from sdk_client import without_nulls
+
+    before, sent = len(records(to_bedrock)), len(cloud.requests)
+    first.script(Scenario.error(529))
+    client = sdk(to_bedrock)
+    if call == "create":
+        message = client.messages.create(**REQUEST)
+    else:
+        with client.messages.stream(**REQUEST) as stream:
+            message = stream.get_final_message()
+    assert without_nulls(message.model_dump(mode="json")) == without_nulls(cloud.last_message)
+    [request] = cloud.requests[sent:]
+    suffix = "invoke-with-response-stream" if call == "stream" else "invoke"
+    assert request["path"] == f"/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/{suffix}"
+    assert request["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={GW_AWS_KEY_ID}/")
+    assert "x-api-key" not in request["headers"]
+    record = new_record(to_bedrock, before)
+    assert (record["upstream"], record["provider"], record["translated"], record["status"]) == (
+        cloud.url, "aws.bedrock", True, 200)
+    assert record["failed_upstreams"] == [{"upstream": first.url, "reason": "HTTP 529"}]
+    assert record["cost_usd"] > 0
