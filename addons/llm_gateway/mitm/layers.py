@@ -156,6 +156,7 @@ def _inject(flow: http.HTTPFlow, stream: HttpStream, synthetic: list[events.Even
         nonlocal ended
         if isinstance(event, events.MessageInjected) and event.message is token:
             ended = True
+            stream.gateway_ended = True  # type: ignore[attr-defined]  # the answer is the gateway's: no failover
             yield commands.CloseConnection(flow.server_conn)
             for synthetic_event in synthetic:
                 yield from original(synthetic_event)
@@ -314,7 +315,7 @@ def arm_failover(flow: http.HTTPFlow, next_upstream: Callable[[str], bool], retr
         yield SendHttp(RequestEndOfMessage(stream.stream_id), stream.context.server)
 
     def handle(event: events.Event) -> layer.CommandGenerator[None]:
-        if state_of(stream) == WAITING and flow.server_conn.alpn != b"h2":
+        if state_of(stream) == WAITING and flow.server_conn.alpn != b"h2" and not getattr(stream, "gateway_ended", False):
             if isinstance(event, ResponseHeaders) and retryable(event.response.status_code):
                 if next_upstream(f"HTTP {event.response.status_code}"):
                     yield from resend(flow.server_conn)
