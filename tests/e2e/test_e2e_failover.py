@@ -162,3 +162,116 @@ def test_overloaded_anthropic_fails_over_to_bedrock(to_bedrock, first, cloud, ca
         cloud.url, "aws.bedrock", True, 200)
     assert record["failed_upstreams"] == [{"upstream": first.url, "reason": "HTTP 529"}]
     assert record["cost_usd"] > 0
+
+
+# --- key custody: each upstream gets the real key, placed for it; the agent holds a gateway token ----------------
+
+UPSTREAM_KEY = "sk-ant-api03-FAILOVER-UPSTREAM-KEY-0123456789"
+TOKEN = "llmgw-failover-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def held(first, second, tmp_path_factory):
+    from llm_gateway.policy.spec import token_hash
+
+    key_file = tmp_path_factory.mktemp("failover-key") / "key"
+    key_file.write_text(UPSTREAM_KEY)
+    rules = routed(f"      - {first.url}\n      - {second.url}\n") + f"""
+credentials:
+  upstream:
+    - {{name: main, key_file: {key_file}}}
+  tokens:
+    - {{name: team-a, sha256: "{token_hash(TOKEN)}"}}
+"""
+    gateway = Gateway(rules, reverse_to=first.url, regular=False).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_with_key_custody_each_upstream_gets_the_real_key(held, first, second):
+    before, to_first, to_second = len(records(held)), len(first.messages_requests()), len(second.messages_requests())
+    client = anthropic.Anthropic(base_url=held.base_url, api_key=TOKEN, max_retries=0)
+    first.script(Scenario.error(529))
+    assert client.messages.create(**REQUEST).id == second.last_message["id"]
+    assert client.messages.create(**REQUEST).id == first.last_message["id"]  # the same client connection, kept alive
+    tried, served_first = first.messages_requests()[to_first:]
+    [served] = second.messages_requests()[to_second:]
+    assert tried.headers["x-api-key"] == served.headers["x-api-key"] == served_first.headers["x-api-key"] == UPSTREAM_KEY
+    failed, plain = held.wait_records(lambda r: True, count=before + 2)[before:]
+    assert (failed["principal"], failed["upstream"], failed["failed_upstreams"]) == (
+        "team-a", second.url, [{"upstream": first.url, "reason": "HTTP 529"}])
+    assert (plain["upstream"], plain["failed_upstreams"]) == (first.url, [])
+    assert UPSTREAM_KEY not in held.output() and UPSTREAM_KEY not in held.usage_log.read_text()
+
+
+# --- the gateway's own answer is not handed on -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient(first, second):
+    rules = routed(f"      - {first.url}\n      - {second.url}\n") + "\ntimeouts:\n  first_byte: 1\n"
+    gateway = Gateway(rules, reverse_to=first.url, regular=False).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_a_first_byte_timeout_answers_its_504_and_is_not_handed_on(impatient, first, second):
+    before, to_second = len(records(impatient)), len(second.messages_requests())
+    first.script(Scenario(hang=True))
+    status, headers, raw = post(impatient, REQUEST)
+    assert status == 504 and json.loads(raw)["error"]["type"] == "timeout_error", raw
+    assert len(second.messages_requests()) == to_second
+    record = new_record(impatient, before)
+    assert (record["upstream"], record["failed_upstreams"], record["status"]) == (first.url, [], 504)
+
+
+# --- an upstream that takes the connection and closes it before answering ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def closer():
+    """Accepts on 127.0.0.1, reads the request, closes without a byte; stops with the module."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(timeout=5)
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def after_close(closer, second):
+    gateway = Gateway(routed(f"      - {closer}\n      - {second.url}\n"), reverse_to=second.url, regular=False).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_an_upstream_closing_before_its_answer_hands_on(after_close, closer, second):
+    before = len(records(after_close))
+    with sdk(after_close).messages.stream(**REQUEST) as stream:
+        message = stream.get_final_message()
+    assert message.id == second.last_message["id"]
+    record = new_record(after_close, before)
+    assert record["upstream"] == second.url and record["status"] == 200 and record["complete"] is True
+    [failed] = record["failed_upstreams"]
+    assert failed["upstream"] == closer and failed["reason"].startswith("closed before answering"), failed
