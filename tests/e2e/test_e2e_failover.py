@@ -275,3 +275,42 @@ def test_an_upstream_closing_before_its_answer_hands_on(after_close, closer, sec
     assert record["upstream"] == second.url and record["status"] == 200 and record["complete"] is True
     [failed] = record["failed_upstreams"]
     assert failed["upstream"] == closer and failed["reason"].startswith("closed before answering"), failed
+
+
+# --- Bedrock first (translated, signed), Anthropic next: the client's own request goes on -----------------------
+
+
+@pytest.fixture(scope="module")
+def from_bedrock(second, cloud):  # noqa: F811
+    rules = routed(f"      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n      - {second.url}\n")
+    env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET}
+    gateway = Gateway(rules, reverse_to=second.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_unavailable_bedrock_hands_the_clients_own_request_to_anthropic(from_bedrock, second, cloud):  # noqa: F811
+    from fakes.clouds import FAKE_HEADER
+
+    before, sent, to_second = len(records(from_bedrock)), len(cloud.requests), len(second.messages_requests())
+    status, _, raw = post(from_bedrock, REQUEST, {FAKE_HEADER: "overloaded"})
+    assert status == 200 and json.loads(raw)["id"] == second.last_message["id"], raw
+    [tried] = cloud.requests[sent:]
+    assert tried["path"].endswith("/invoke") and tried["headers"]["authorization"].startswith("AWS4-HMAC-SHA256")
+    [served] = second.messages_requests()[to_second:]
+    assert served.json == REQUEST and served.path_only == "/v1/messages"  # not Bedrock's body or path
+    assert served.headers["x-api-key"] == "sk-ant-api03-client-key" and served.headers["anthropic-version"] == "2023-06-01"
+    assert not {"authorization", "x-amz-date", "x-amz-security-token"} & {k.lower() for k in served.headers.keys()}
+    record = new_record(from_bedrock, before)
+    assert (record["upstream"], record["provider"], record["translated"]) == (second.url, "anthropic", False)
+    assert record["failed_upstreams"] == [{"upstream": cloud.url, "reason": "HTTP 503"}]
+
+
+def test_a_throttled_upstream_is_not_handed_on(from_bedrock, second, cloud):  # noqa: F811
+    from fakes.clouds import FAKE_HEADER
+
+    to_second = len(second.messages_requests())
+    status, headers, raw = post(from_bedrock, REQUEST, {FAKE_HEADER: "throttle"})
+    assert status == 429 and json.loads(raw)["error"]["type"] == "rate_limit_error", raw
+    assert len(second.messages_requests()) == to_second
