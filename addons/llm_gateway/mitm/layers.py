@@ -36,6 +36,7 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     HttpLayer,
     HTTPMode,
+    HttpResponseHeadersHook,
     HttpStream,
     ResponseData,
     ResponseEndOfMessage,
@@ -48,7 +49,6 @@ from mitmproxy.proxy.layers.http import (
     RequestTrailers,
     SendHttp,
 )
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.utils import ReceiveBuffer
 
 logger = logging.getLogger("llm_gateway.interrupt")
