@@ -14,7 +14,8 @@ import time
 import anthropic
 import pytest
 
-from e2e.test_e2e_providers import GW_AWS_KEY_ID, GW_AWS_SECRET, MESSAGES, cloud, post  # noqa: F401 - cloud: the fixture
+from e2e.test_e2e_providers import (  # noqa: F401 - cloud, token_endpoint: the fixtures
+    GW_AWS_KEY_ID, GW_AWS_SECRET, MESSAGES, cloud, post, service_account, token_endpoint)
 from fakes.upstream import DEFAULT_TEXT, FakeUpstream, Scenario
 from harness import ROOT, Gateway, free_port
 
@@ -314,3 +315,42 @@ def test_a_throttled_upstream_is_not_handed_on(from_bedrock, second, cloud):  # 
     status, headers, raw = post(from_bedrock, REQUEST, {FAKE_HEADER: "throttle"})
     assert status == 429 and json.loads(raw)["error"]["type"] == "rate_limit_error", raw
     assert len(second.messages_requests()) == to_second
+
+
+# --- three providers in a row: Anthropic overloaded, Bedrock unavailable, Vertex serves ---------------------------
+
+
+@pytest.fixture(scope="module")
+def chain(first, cloud, token_endpoint, tmp_path_factory):  # noqa: F811
+    rules = routed(f"      - {first.url}\n"
+                   f"      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n"
+                   f"      - {{url: \"{cloud.url}\", provider: vertex, region: us-east5, project: demo-project}}\n")
+    env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET,
+           "GOOGLE_APPLICATION_CREDENTIALS": str(service_account(tmp_path_factory.mktemp("chain"), token_endpoint))}
+    gateway = Gateway(rules, reverse_to=first.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_anthropic_then_bedrock_fail_and_vertex_serves(chain, first, cloud):  # noqa: F811
+    from fakes.clouds import FAKE_HEADER
+    from sdk_client import without_nulls
+
+    before, sent = len(records(chain)), len(cloud.requests)
+    first.script(Scenario.error(529))
+    client = anthropic.Anthropic(base_url=chain.base_url, api_key="sk-ant-api03-client-key", max_retries=0,
+                                 default_headers={FAKE_HEADER: "overloaded"})  # the fake Bedrock answers 503
+    with client.messages.stream(**REQUEST) as stream:
+        message = stream.get_final_message()
+    assert without_nulls(message.model_dump(mode="json")) == without_nulls(cloud.last_message)
+    bedrock, vertex = cloud.requests[sent:]
+    assert bedrock["path"].endswith("/invoke-with-response-stream")
+    assert vertex["path"] == ("/v1/projects/demo-project/locations/us-east5/publishers/anthropic/models/"
+                              "claude-sonnet-4-5@20250929:streamRawPredict")
+    assert vertex["headers"]["authorization"].startswith("Bearer ya29.minted-")  # fetched while the flow waited
+    record = new_record(chain, before)
+    assert (record["upstream"], record["provider"], record["translated"], record["complete"]) == (
+        cloud.url, "gcp.vertex_ai", True, True)
+    assert record["failed_upstreams"] == [{"upstream": first.url, "reason": "HTTP 529"},
+                                          {"upstream": cloud.url, "reason": "HTTP 503"}]
