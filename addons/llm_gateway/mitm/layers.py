@@ -315,7 +315,10 @@ def arm_failover(flow: http.HTTPFlow, next_upstream: Callable[[str], bool], retr
         yield SendHttp(RequestEndOfMessage(stream.stream_id), stream.context.server)
 
     def handle(event: events.Event) -> layer.CommandGenerator[None]:
-        if state_of(stream) == WAITING and flow.server_conn.alpn != b"h2" and not getattr(stream, "gateway_ended", False):
+        state = state_of(stream)
+        if retried and isinstance(event, (ResponseData, ResponseTrailers, ResponseEndOfMessage)) and state not in (BUFFERING, STREAMING):
+            return  # the failed attempt's body, queued while the stream waited (a hook, the next connection)
+        if state == WAITING and flow.server_conn.alpn != b"h2" and not getattr(stream, "gateway_ended", False):
             if isinstance(event, ResponseHeaders) and retryable(event.response.status_code):
                 if next_upstream(f"HTTP {event.response.status_code}"):
                     yield from resend(flow.server_conn)
@@ -324,8 +327,6 @@ def arm_failover(flow: http.HTTPFlow, next_upstream: Callable[[str], bool], retr
                 if next_upstream(f"closed before answering: {event.message}"):
                     yield from resend(flow.server_conn)
                     return
-            elif retried and isinstance(event, (ResponseData, ResponseTrailers, ResponseEndOfMessage)):
-                return  # the failed attempt's body, queued while the stream waited
         yield from original_handle(event)
 
     stream.make_server_connection = connect  # type: ignore[method-assign]
