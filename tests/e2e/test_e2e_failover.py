@@ -354,3 +354,31 @@ def test_anthropic_then_bedrock_fail_and_vertex_serves(chain, first, cloud):  # 
         cloud.url, "gcp.vertex_ai", True, True)
     assert record["failed_upstreams"] == [{"upstream": first.url, "reason": "HTTP 529"},
                                           {"upstream": cloud.url, "reason": "HTTP 503"}]
+
+
+# --- the next upstream refused by the gateway itself: its native answer goes to the client ------------------------
+
+
+@pytest.fixture(scope="module")
+def no_aws(first, cloud, tmp_path_factory):  # noqa: F811
+    """Anthropic, then Bedrock, with no AWS credentials anywhere the default chain looks."""
+    nothing = tmp_path_factory.mktemp("no-aws") / "none"
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(nothing), "AWS_CONFIG_FILE": str(nothing), "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    rules = routed(f"      - {first.url}\n      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n")
+    gateway = Gateway(rules, reverse_to=first.url, regular=False,
+                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_a_next_upstream_the_gateway_cannot_sign_for_answers_natively(no_aws, first, cloud):  # noqa: F811
+    before, sent = len(records(no_aws)), len(cloud.requests)
+    first.script(Scenario.error(529))
+    status, headers, raw = post(no_aws, REQUEST)
+    assert status == 500 and headers.get("x-should-retry") == "false", raw
+    assert json.loads(raw)["error"]["type"] == "api_error" and "credentials" in json.loads(raw)["error"]["message"]
+    assert len(cloud.requests) == sent
+    record = new_record(no_aws, before)
+    assert (record["upstream"], record["status"], record["error_type"]) == (cloud.url, 500, "api_error")
+    assert record["failed_upstreams"] == [{"upstream": first.url, "reason": "HTTP 529"}]
