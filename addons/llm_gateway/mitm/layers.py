@@ -259,8 +259,8 @@ def arm_failover(flow: http.HTTPFlow, next_upstream: Callable[[str], bool], retr
     again. The answer's headers arrive as a `ResponseHeaders` event in `state_wait_for_response_headers`; the
     stream's `_handle_event` is wrapped to take a retryable one before that state sees it: the old connection is
     closed (its HTTP client layer swapped for `_Discard`, so its late events go nowhere), the request re-aimed and
-    sent as `state_consume_request_body` sends it. HTTP/1 upstreams only: an HTTP/2 upstream connection carries
-    other streams and is never closed here (no failover after its answer began; connect failures still fail over).
+    sent as `state_consume_request_body` sends it. A 5xx or an early close from an HTTP/2 upstream passes on as
+    without failover (its connection carries other streams: never closed here); connect failures fail over always.
 
     Call it in the `request` hook (the stream waits there). Returns False where the stream cannot be found."""
     stream = find_stream(flow)
