@@ -46,6 +46,7 @@ from llm_gateway.addons.credentials import KeyCustody
 from llm_gateway.addons.drain import Drain
 from llm_gateway.addons.egress import EgressPolicy
 from llm_gateway.addons.endpoints import Endpoints
+from llm_gateway.addons.failover import Failover
 from llm_gateway.addons.fdlimit import OpenFileLimit
 from llm_gateway.addons.framing import FramingGuard
 from llm_gateway.addons.gatewaylog import GatewayLog
@@ -149,6 +150,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
     metrics = Metrics(records)  # also counts egress decision records
     timeouts = Timeouts()
     drain = Drain(timeouts)
+    router, custody, translation, cloudauth = ApiRouter(rule_file), KeyCustody(rule_file), ProviderTranslation(), CloudCredentials(rule_file)
     return [
         rule_file,  # gateway_rules: the rules in force
         records,  # gateway_log: where records go
@@ -156,15 +158,16 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         GatewayCA(),  # gateway_ca: one CA for every replica, instead of confdir's own
         EgressPolicy(rule_file, records),  # connect/TLS/request: where HTTPS_PROXY (regular-mode) traffic may go
         Endpoints(rule_file, metrics, drain),  # requestheaders (base-URL listener): /-/ready, /-/healthz, /-/metrics
-        ApiRouter(rule_file),  # request: is it API traffic? which upstream?
+        router,  # request: is it API traffic? which upstream?
         FramingGuard(),  # requestheaders: a bare CR/LF/NUL in a header, a 400; response: a 101 not to WebSocket, a 502
         BodyLimit(),  # requestheaders/request: a native 413 over limits.request_body, the body never held
         drain,  # SIGTERM/SIGINT: not ready, listeners closed, new requests 529, in-flight exchanges finish
         ClientDetector(),  # request: which client and session, which stream preference
-        KeyCustody(rule_file),  # requestheaders: mask the client's credential; request: gateway token -> upstream key
+        custody,  # requestheaders: mask the client's credential; request: gateway token -> upstream key
         StreamPreference(),  # request: force the upstream stream flag
-        ProviderTranslation(),  # request: an Anthropic request for a provider: bedrock route becomes an InvokeModel call
-        CloudCredentials(rule_file),  # request: base-URL Bedrock/Vertex requests signed with the gateway's credentials
+        Failover(router.aim, [custody.request, translation.request, cloudauth.request]),  # request: a route's next upstreams armed
+        translation,  # request: an Anthropic request for a provider: bedrock route becomes an InvokeModel call
+        cloudauth,  # request: base-URL Bedrock/Vertex requests signed with the gateway's credentials
         AnswerPipeline(),  # responseheaders/response/error: what the answer means; native errors; conversion
         Quotas(metrics),  # request: spend and rate limits admitted (after credentials: the principal); response/error: settled
         timeouts,  # request→response: timeouts.first_byte and timeouts.stream_idle, a native error on expiry

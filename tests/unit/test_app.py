@@ -127,8 +127,9 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
             assert name in tctx.master.commands.commands, name
         # the API hooks run in the fixed order of gateway.py
         assert dispatcher.hooks["request"] == (
-            "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "ProviderTranslation",
-            "CloudCredentials", "Quotas", "Timeouts", "OtelExport")
+            "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "Failover",
+            "ProviderTranslation", "CloudCredentials", "Quotas", "Timeouts", "OtelExport")
         assert dispatcher.hooks["response"] == (
-            "FramingGuard", "Drain", "KeyCustody", "AnswerPipeline", "Quotas", "Timeouts", "Usage", "Metrics", "OtelExport",
-            "WebView")
+            "FramingGuard", "Drain", "KeyCustody", "Failover", "AnswerPipeline", "Quotas", "Timeouts", "Usage", "Metrics",
+            "OtelExport", "WebView")
+        assert dispatcher.hooks["gateway_failover"] == ("Failover",)  # our own hook (mitm/layers.py)

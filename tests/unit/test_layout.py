@@ -108,7 +108,9 @@ ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py", "pipeline/eventstrea
 FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},
-    **dict.fromkeys(("provider", "translated"), {"addons/routing.py"}),
+    # failover puts them back to the API's own before routing's per-upstream step aims at the next upstream
+    **dict.fromkeys(("provider", "translated"), {"addons/routing.py", "addons/failover.py"}),
+    "failed_upstreams": {"addons/failover.py"},
     "body": {"addons/bodies.py", "addons/streams.py", "pipeline/exchange.py"},  # parsed once, its stream flag
     # forced (streams), let go through `release()`
     "model_requested": {"addons/bodies.py"},

@@ -20,8 +20,10 @@ from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.policy.routing import match_api, match_route
 from llm_gateway.protocol.hosts import normalize_host
 
+
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
+    from llm_gateway.policy.spec import Route
 
 logger = logging.getLogger("llm_gateway.routing")
 
@@ -68,21 +70,27 @@ class ApiRouter:
         if route is None:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
         else:
-            up = route.upstream
-            request = flow.request
-            # Each setter rewrites mitmproxy's request (the host one also its Host header and authority): only
-            # what differs is set, which for a base-URL listener already aimed at the upstream is nothing.
-            if request.scheme != up.scheme:
-                request.scheme = up.scheme
-            if request.host != up.host or request.port != up.port:
-                request.host = up.host
-                request.port = up.port
-            if up.prefix:
-                request.path = up.prefix + request.path
-            if request.host_header != up.host_header:
-                request.host_header = up.host_header
-            ex.upstream = str(up)
-            ex.note(f"routed to {up}")
-            if route.provider != ex.provider:  # served in another provider's format: addons/translate.py
-                ex.provider, ex.translated = route.provider, True
+            self.aim(flow, ex, route)
         exchange.publish(flow, ex)
+
+    @staticmethod
+    def aim(flow: http.HTTPFlow, ex: exchange.Exchange, route: Route) -> None:
+        """Send the request to `route`'s upstream, in its provider's format: the per-upstream step, also for the
+        next upstream of a failover (addons/failover.py, after it put back the request as routing found it)."""
+        up = route.upstream
+        request = flow.request
+        # Each setter rewrites mitmproxy's request (the host one also its Host header and authority): only
+        # what differs is set, which for a base-URL listener already aimed at the upstream is nothing.
+        if request.scheme != up.scheme:
+            request.scheme = up.scheme
+        if request.host != up.host or request.port != up.port:
+            request.host = up.host
+            request.port = up.port
+        if up.prefix:
+            request.path = up.prefix + request.path
+        if request.host_header != up.host_header:
+            request.host_header = up.host_header
+        ex.upstream = str(up)
+        ex.note(f"routed to {up}")
+        if route.provider != ex.provider:  # served in another provider's format: addons/translate.py
+            ex.provider, ex.translated = route.provider, True

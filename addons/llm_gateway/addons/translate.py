@@ -21,6 +21,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from llm_gateway.pipeline import exchange
+from llm_gateway.policy.failover import serving
 from llm_gateway.policy.routing import match_route
 from llm_gateway.protocol import errors, jsoncodec, providers
 from llm_gateway.protocol.hosts import path_of
@@ -35,7 +36,7 @@ class ProviderTranslation:
         ex = exchange.of(flow)
         if ex is None or flow.response or not ex.translated or ex.provider not in (providers.BEDROCK, providers.VERTEX):
             return
-        route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
+        route = serving(match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path), len(ex.failed_upstreams))
         request = flow.request
         path = path_of(ex.path).rstrip("/")
         counting = path.endswith("/v1/messages/count_tokens")

@@ -16,28 +16,41 @@ An upstream spoken to over HTTP/2 (egress mode, a client that chose h2), or one 
 TLS handshake: the layer waits for it and queues what it is sent), cannot be addressed this way: there the upstream
 connection is only closed, and mitmproxy answers (its 502) or cuts as it would for an upstream that failed.
 Read from mitmproxy 12's proxy/layers/http/__init__.py (HttpStream states, HttpLayer's MessageInjected routing).
+
+`arm_failover` is the other way in: the same request sent to the next upstream when one fails before the first byte
+of its answer (see its docstring).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from mitmproxy import ctx, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    GetHttpConnection,
     Http1Server,
     HttpLayer,
     HTTPMode,
+    HttpResponseHeadersHook,
     HttpStream,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
     ResponseProtocolError,
     ResponseTrailers,
+    RequestData,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestTrailers,
+    SendHttp,
 )
 from mitmproxy.proxy.utils import ReceiveBuffer
 
@@ -191,6 +204,7 @@ def _inject(flow: http.HTTPFlow, stream: HttpStream, synthetic: list[events.Even
         nonlocal ended
         if isinstance(event, events.MessageInjected) and event.message is token:
             ended = True
+            stream.gateway_ended = True  # type: ignore[attr-defined]  # the answer is the gateway's: no failover
             yield commands.CloseConnection(flow.server_conn)
             for synthetic_event in synthetic:
                 yield from original(synthetic_event)
@@ -254,3 +268,115 @@ def decrypt_as_http(nextlayer: layer.NextLayer) -> None:
 def relay_untouched(nextlayer: layer.NextLayer) -> None:
     """In the `next_layer` hook: the tunnel's bytes are relayed as they are, not parsed."""
     _set_layer(nextlayer, layers.TCPLayer(nextlayer.context, ignore=True))
+
+
+# ------------------------------------------------------------------------------------------------- failover
+
+
+@dataclass
+class GatewayFailoverHook(commands.StartHook):
+    """Our own hook, `gateway_failover(flow)`: the flow's request goes to its next upstream; the addons that aim,
+    translate and sign a request do it again for that upstream (the flow may be intercepted meanwhile: mitmproxy
+    waits for `resume` as after any hook)."""
+
+    flow: http.HTTPFlow
+    name: ClassVar[str] = "gateway_failover"
+
+
+class _Discard(layer.Layer):
+    """Takes the place of a failed upstream connection's HTTP client layer: what that connection still says (its
+    answer's body, its close) concerns an attempt that is over."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from ()
+
+
+def arm_failover(flow: http.HTTPFlow, next_upstream: Callable[[str], bool], retryable: Callable[[int], bool]) -> bool:
+    """Make `flow`'s HttpStream send the same request to the next upstream when this one fails before any byte of
+    the answer reached the client: a connect failure, an answer whose status `retryable(status)` accepts (529, 5xx;
+    decided on its headers, before the `responseheaders` hook, so no part of the gateway sees that answer), or the
+    connection closed before the answer's headers. Each time `next_upstream(reason)` is asked: it records the
+    failure and says whether there is a next upstream (False: mitmproxy goes on as without failover: its 502, or
+    that answer passed on). Then the `gateway_failover` hook re-aims `flow.request` (the request body is buffered
+    for API flows), and the stream connects and sends it again. An answer that began is never retried.
+
+    How, in mitmproxy 12's proxy/layers/http/__init__.py: `HttpStream.state_consume_request_body` calls
+    `self.make_server_connection()` after the `request` hook; on a failed `GetHttpConnection` that method answers
+    the client through `handle_protocol_error` (the `error` hook, then mitmproxy's 502). An instance attribute takes
+    its place here (as `_handle_event` does in `_inject`): on failure it asks for the next upstream and connects
+    again. The answer's headers arrive as a `ResponseHeaders` event in `state_wait_for_response_headers`; the
+    stream's `_handle_event` is wrapped to take a retryable one before that state sees it: the old connection is
+    closed (its HTTP client layer swapped for `_Discard`, so its late events go nowhere), the request re-aimed and
+    sent as `state_consume_request_body` sends it. A 5xx or an early close from an HTTP/2 upstream passes on as
+    without failover (its connection carries other streams: never closed here); connect failures fail over always.
+
+    Call it in the `request` hook (the stream waits there). Returns False where the stream cannot be found."""
+    stream = find_stream(flow)
+    if stream is None:
+        return False
+    original_handle = stream._handle_event
+    retried = False  # the failed attempt's answer may still be queued (body, end): it goes nowhere
+
+    def connect() -> layer.CommandGenerator[bool]:
+        while True:
+            request = flow.request
+            connection, err = yield GetHttpConnection(
+                (request.host, request.port), request.scheme == "https", flow.server_conn.via,
+                flow.server_conn.transport_protocol)
+            if not err:
+                stream.context.server = flow.server_conn = connection
+                return True
+            if not next_upstream(f"connect failed: {err}"):
+                yield from stream.handle_protocol_error(ResponseProtocolError(stream.stream_id, err, ErrorCode.CONNECT_FAILED))
+                return False
+            if (yield from reaim()):
+                return False
+
+    def reaim() -> layer.CommandGenerator[bool]:
+        """The `gateway_failover` hook; True when an addon answered instead (then that answer is sent)."""
+        yield GatewayFailoverHook(flow)
+        if flow.response is None:
+            return False
+        flow.response.timestamp_start = time.time()  # as state_consume_request_body does for a hook's answer
+        yield HttpResponseHeadersHook(flow)
+        yield from stream.send_response()
+        return True
+
+    def resend(old: Any) -> layer.CommandGenerator[None]:
+        nonlocal retried
+        retried = True
+        yield commands.CloseConnection(old)
+        http_layer = stream.context.layers[stream.context.layers.index(stream) - 1]
+        if isinstance(http_layer, HttpLayer) and old in http_layer.connections:
+            http_layer.connections[old] = _Discard(stream.context)
+        if (yield from reaim()):
+            return
+        if not (yield from stream.make_server_connection()):
+            return
+        request = flow.request  # as HttpStream.state_consume_request_body sends a buffered request
+        content = request.raw_content
+        yield SendHttp(RequestHeaders(stream.stream_id, request, not (content or request.trailers)), stream.context.server)
+        if content:
+            yield SendHttp(RequestData(stream.stream_id, content), stream.context.server)
+        if request.trailers:
+            yield SendHttp(RequestTrailers(stream.stream_id, request.trailers), stream.context.server)
+        yield SendHttp(RequestEndOfMessage(stream.stream_id), stream.context.server)
+
+    def handle(event: events.Event) -> layer.CommandGenerator[None]:
+        state = state_of(stream)
+        if retried and isinstance(event, (ResponseData, ResponseTrailers, ResponseEndOfMessage)) and state not in (BUFFERING, STREAMING):
+            return  # the failed attempt's body, queued while the stream waited (a hook, the next connection)
+        if state == WAITING and flow.server_conn.alpn != b"h2" and not getattr(stream, "gateway_ended", False):
+            if isinstance(event, ResponseHeaders) and retryable(event.response.status_code):
+                if next_upstream(f"HTTP {event.response.status_code}"):
+                    yield from resend(flow.server_conn)
+                    return
+            elif isinstance(event, ResponseProtocolError) and event.code != ErrorCode.CONNECT_FAILED:
+                if next_upstream(f"closed before answering: {event.message}"):
+                    yield from resend(flow.server_conn)
+                    return
+        yield from original_handle(event)
+
+    stream.make_server_connection = connect  # type: ignore[method-assign]
+    stream._handle_event = handle  # type: ignore[method-assign]
+    return True

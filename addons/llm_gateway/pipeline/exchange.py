@@ -60,6 +60,7 @@ class Exchange:
     upstream: str | None = None
     provider: str = "anthropic"  # whose wire format: anthropic | aws.bedrock | gcp.vertex_ai (protocol/providers.py)
     translated: bool = False  # an Anthropic request a route sends to another provider (addons/translate.py)
+    failed_upstreams: list[dict[str, str]] = field(default_factory=list)  # failover: {upstream, reason}, in order
     body: Any = None  # the request JSON, parsed once; None when empty or not JSON
     client: str = "unknown"
     session: str | None = None
@@ -173,6 +174,7 @@ class Exchange:
             "upstream": self.upstream,
             "provider": self.provider,
             "translated": self.translated,
+            "failed_upstreams": list(self.failed_upstreams),
             "stream_requested": self.stream_requested,
             "stream_upstream": self.stream_upstream,
             "converted": self.converted,

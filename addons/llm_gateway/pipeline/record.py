@@ -43,6 +43,7 @@ def build_record(flow: http.HTTPFlow, ex: exchange.Exchange, now: float) -> dict
         "upstream": ex.upstream,
         "provider": ex.provider,
         "translated": ex.translated,
+        "failed_upstreams": list(ex.failed_upstreams),
         "model": ex.model,
         "status": ex.status,
         "stream_requested": ex.stream_requested,

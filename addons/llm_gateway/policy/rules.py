@@ -19,6 +19,7 @@ from mitmproxy.utils import human
 from llm_gateway.policy import otel
 from llm_gateway.policy import quotas
 from llm_gateway.policy import clouds
+from llm_gateway.policy import failover
 from llm_gateway.policy.clients import ClientSignature
 from llm_gateway.policy.spec import (
     MODES,
@@ -230,9 +231,13 @@ class _Reader:
     def route(self, node: yaml.Node, where: str) -> Route:
         m = self.mapping(node, where, {"match": False, "upstream": True, "provider": False, "region": False, "project": False, "models": False})
         match = self.mapping(m["match"], f"{where}.match", dict.fromkeys(("host", "path", "mode", "api"), False)) if "match" in m else {}
+        if isinstance(m["upstream"], yaml.SequenceNode):  # failover: several upstreams, each with its translation
+            first, *rest = failover.read_upstreams(self, m, where)
+            target = {**{k: getattr(first, k) for k in ("upstream", *failover.TRANSLATION_KEYS)}, "fallbacks": tuple(rest)}
+        else:
+            target = {**clouds.read_translation(self, m, where), "upstream": self.upstream(m["upstream"], f"{where}.upstream")}
         return Route(
-            **clouds.read_translation(self, m, where),
-            upstream=self.upstream(m["upstream"], f"{where}.upstream"),
+            **target,
             host=self.glob(match["host"], f"{where}.match.host") if "host" in match else None,
             path=self.glob(match["path"], f"{where}.match.path") if "path" in match else None,
             mode=self.choice(match["mode"], f"{where}.match.mode", MODES) if "mode" in match else None,

@@ -182,6 +182,9 @@ class Route:
     region: str | None = None  # the cloud region (Bedrock: SigV4 scope, inference-profile geography; Vertex: location)
     project: str | None = None  # Vertex: the Google Cloud project
     models: tuple[tuple[Glob, str], ...] = ()  # Anthropic model glob -> the cloud's model id, first match wins
+    # failover (addons/failover.py): the next upstreams, in order, each with its own upstream and translation fields
+    # (their matchers unused), tried when this one fails before the first byte of its answer
+    fallbacks: tuple[Route, ...] = ()
 
 
 @dataclass(frozen=True)

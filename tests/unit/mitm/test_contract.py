@@ -83,3 +83,23 @@ def test_request_serialisers_key_custody_wraps():
 def test_option_and_contentview_internals():
     assert "self.deferred" in source(optmanager.OptManager.__init__)  # mitm/options
     assert isinstance(contentviews.registry._by_name, dict)  # mitm/registry.unregister_view
+
+
+def test_what_failover_replaces_and_calls():
+    """mitm/layers.arm_failover: `make_server_connection` looked up on the instance after the `request` hook (so an
+    instance attribute takes its place), the connection asked for with `GetHttpConnection`, the request sent as
+    `state_consume_request_body` sends it, a failed connection's layer in `HttpLayer.connections`, a hook's answer
+    sent by `send_response`, the 502 path `handle_protocol_error`, and our own hook class."""
+    consume = source(http_layers.HttpStream.state_consume_request_body)
+    assert "yield HttpRequestHook(self.flow)" in consume and "self.make_server_connection()" in consume
+    for sent in ("RequestHeaders(", "RequestData(", "RequestTrailers(", "RequestEndOfMessage(self.stream_id)"):
+        assert sent in consume, sent
+    connect = source(http_layers.HttpStream.make_server_connection)
+    assert "GetHttpConnection(" in connect and "self.context.server = self.flow.server_conn = connection" in connect
+    assert [f for f in ("address", "tls", "via", "transport_protocol")
+            if f in http_layers.GetHttpConnection.__dataclass_fields__] == ["address", "tls", "via", "transport_protocol"]
+    assert "self.connections[event.connection]" in source(http_layers.HttpLayer._handle_event)
+    assert callable(http_layers.HttpStream.send_response) and callable(http_layers.HttpStream.handle_protocol_error)
+    assert http_layers.ErrorCode.CONNECT_FAILED and callable(http_layers.SendHttp)
+    assert issubclass(fence_layers.GatewayFailoverHook, commands.StartHook)
+    assert fence_layers.GatewayFailoverHook.name == "gateway_failover"

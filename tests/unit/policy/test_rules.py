@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from llm_gateway.policy import rules
+from llm_gateway.policy.failover import serving
 from llm_gateway.policy.rules import RulesError
 from llm_gateway.policy.spec import Upstream
 
@@ -163,3 +164,37 @@ def test_upstream_host_header():
     assert Upstream("http", "litellm", 4000, "/anthropic").host_header == "litellm:4000"
     assert Upstream("https", "api.anthropic.com", 443).host_header == "api.anthropic.com"
     assert Upstream("http", "::1", 8080).host_header == "[::1]:8080"
+
+
+def test_a_route_may_list_its_upstreams_each_with_its_translation():
+    r = rules.parse(
+        "routes:\n"
+        "  - match: {api: anthropic}\n"
+        "    upstream:\n"
+        "      - http://127.0.0.1:4000/anthropic\n"
+        "      - {url: \"https://bedrock-runtime.us-east-1.amazonaws.com\", provider: bedrock, region: us-east-1}\n",
+        "t.yaml",
+    )
+    [route] = r.routes
+    assert route.upstream == Upstream("http", "127.0.0.1", 4000, "/anthropic") and route.provider == "anthropic"
+    [bedrock] = route.fallbacks
+    assert (str(bedrock.upstream), bedrock.provider, bedrock.region) == (
+        "https://bedrock-runtime.us-east-1.amazonaws.com", "aws.bedrock", "us-east-1")
+    assert serving(route, 0) is route and serving(route, 1) is bedrock
+
+
+@pytest.mark.parametrize(
+    "text,line,reason",
+    [
+        ("routes:\n  - upstream: []\n", 2, "routes[0].upstream: the list needs at least one upstream"),
+        ("routes:\n  - upstream:\n      - http://a\n      - ftp://b\n", 4, "routes[0].upstream[1] must look like"),
+        ("routes:\n  - upstream:\n      - http://a\n      - {url: http://b, colour: x}\n", 4, "unknown key 'colour' in routes[0].upstream[1]"),
+        ("routes:\n  - upstream:\n      - http://a\n      - {provider: bedrock}\n", 4, "routes[0].upstream[1] needs 'url'"),
+        ("routes:\n  - provider: bedrock\n    upstream: [http://a]\n", 2, "put provider in the upstream's own entry"),
+        ("routes:\n  - upstream:\n      - {url: http://a, provider: vertex, region: us-east5}\n", 3, "needs region and project"),
+    ],
+)
+def test_a_wrong_upstream_list_is_refused_with_its_line(text, line, reason):
+    with pytest.raises(rules.RulesError) as e:
+        rules.parse(text, "t.yaml")
+    assert str(e.value).startswith(f"t.yaml:{line}: ") and reason in str(e.value), str(e.value)
