@@ -138,14 +138,7 @@ def bedrock_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any]
     out = {k: v for k, v in body.items() if k not in ("model", "stream")}
     stream = body.get("stream") is True
     out["anthropic_version"] = BEDROCK_VERSION
-    dropped = []
-    for field_name, beta_prefixes in REFUSED.items():
-        if field_name in out:
-            del out[field_name]
-            dropped.append(field_name)
-        kept = [b for b in betas if not b.startswith(beta_prefixes)]
-        dropped += [b for b in betas if b not in kept]
-        betas = kept
+    betas, dropped = drop_refused(out, betas)
     if betas:
         out["anthropic_beta"] = betas
     return out, stream, dropped
@@ -205,13 +198,10 @@ def vertex_model_id(model: str) -> str:
     return f"{m.group(1)}@{m.group(2)}" if m else model
 
 
-def vertex_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any], bool, list[str], list[str]]:
-    """(the rawPredict body, whether it streams, the betas kept, what was dropped): `model` leaves the body (the path
-    names it), `anthropic_version` comes in, `stream` stays; the betas stay in the header (Vertex takes them there);
-    refused fields go with their betas."""
-    out = {k: v for k, v in body.items() if k != "model"}
-    out["anthropic_version"] = VERTEX_VERSION
-    dropped = []
+def drop_refused(out: dict[str, Any], betas: list[str]) -> tuple[list[str], list[str]]:
+    """Remove from `out` (in place) the body fields the clouds refuse, each together with its betas, never one
+    without the other (REFUSED): (the betas kept, the fields and betas dropped)."""
+    dropped: list[str] = []
     for field_name, beta_prefixes in REFUSED.items():
         if field_name in out:
             del out[field_name]
@@ -219,6 +209,16 @@ def vertex_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any],
         kept = [b for b in betas if not b.startswith(beta_prefixes)]
         dropped += [b for b in betas if b not in kept]
         betas = kept
+    return betas, dropped
+
+
+def vertex_body(body: dict[str, Any], betas: list[str]) -> tuple[dict[str, Any], bool, list[str], list[str]]:
+    """(the rawPredict body, whether it streams, the betas kept, what was dropped): `model` leaves the body (the path
+    names it), `anthropic_version` comes in, `stream` stays; the betas stay in the header (Vertex takes them there);
+    refused fields go with their betas."""
+    out = {k: v for k, v in body.items() if k != "model"}
+    out["anthropic_version"] = VERTEX_VERSION
+    betas, dropped = drop_refused(out, betas)
     return out, body.get("stream") is True, betas, dropped
 
 
