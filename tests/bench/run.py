@@ -712,7 +712,7 @@ def targets(bench: Bench) -> list[str]:
             lines.append(f"scale: ≥ 0.90 of mitmdump's concurrent paced streams within {limit:.0f} ms added p99: "
                          f"{'met' if ratio >= 0.9 else 'MISSED'} ({gw['n']} vs {bare['n']}, {ratio:.2f})")
         elif "gateway" in carried:
-            lines.append(f"scale: ≥ 0.90 of mitmdump's concurrent paced streams: no result (a set-up carried none)")
+            lines.append("scale: ≥ 0.90 of mitmdump's concurrent paced streams: no result (a set-up carried none)")
         if gw and "litellm" in carried:
             lines.append(f"scale: more streams than LiteLLM: {'met' if not lite or gw['n'] > lite['n'] else 'MISSED'} "
                          f"({gw['n']} vs {lite['n'] if lite else 'none'})")

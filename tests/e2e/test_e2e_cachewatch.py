@@ -7,7 +7,6 @@ request the way agents do, the upstream reads less cache, and the gateway must s
 
 from __future__ import annotations
 
-import copy
 import time
 import urllib.request
 import uuid

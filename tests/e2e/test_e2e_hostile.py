@@ -80,7 +80,7 @@ def paced_stream(port: int, gaps: list[float], started: threading.Event) -> None
         r = conn.getresponse()
         last, worst = time.monotonic(), 0.0
         started.set()
-        while chunk := r.read1(65536):
+        while r.read1(65536):
             now = time.monotonic()
             worst, last = max(worst, now - last), now
         gaps.append(worst)

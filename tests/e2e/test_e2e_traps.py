@@ -10,7 +10,6 @@ head it got, so a test sees exactly what went upstream.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import socketserver

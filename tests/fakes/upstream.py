@@ -32,7 +32,6 @@ import json
 import re
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time

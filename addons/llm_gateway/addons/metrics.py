@@ -25,7 +25,7 @@ from llm_gateway.policy import cachewatch
 from llm_gateway.protocol import errors
 from llm_gateway.protocol.tokens import TOKEN_FIELDS, full_price_prompt_tokens, token
 from llm_gateway.records.schema import INCOMPLETE, NO_RESPONSE, outcome
-from llm_gateway.util.labels import MAX_VALUES, OTHER
+from llm_gateway.util.labels import MAX_VALUES, OTHER  # noqa: F401 - MAX_VALUES kept under its old name here
 from llm_gateway.util.labels import Bounded as _Bounded
 
 if TYPE_CHECKING:

@@ -400,7 +400,7 @@ def test_session_sources_in_order() -> None:
         ("{" + "[" * 3000, None),
         ('{"a":' * 1000 + "1" + "}" * 1000, None),
         (f"user_x_account__session_{'a' * 5000}", None),
-        (f"user_x_account__session_bad\x00id", None),
+        ("user_x_account__session_bad\x00id", None),
     ],
 )
 def test_claude_code_user_id_forms(user_id: str, session: str | None) -> None:
