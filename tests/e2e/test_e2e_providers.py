@@ -324,6 +324,14 @@ def post(gw: Gateway, body: dict, headers: dict | None = None) -> tuple[int, dic
 
 
 MESSAGES = [{"role": "user", "content": "hello"}]
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'  # as Anthropic's API sends it
+
+
+def api_events(message: dict) -> bytes:
+    """The SSE bytes Anthropic's API streams `message` as: its events, and a ping right after message_start."""
+    frames = [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data, separators=(",", ":")).encode())
+              for name, data in message_to_events(message, Scenario(ping=False))]
+    return frames[0] + PING + b"".join(frames[1:])
 
 
 def test_translated_stream_gives_the_client_anthropics_own_events(translating, cloud):
@@ -333,10 +341,8 @@ def test_translated_stream_gives_the_client_anthropics_own_events(translating, c
                                               "messages": MESSAGES, "tags": {"team": "a"}},
                                 {"anthropic-beta": "interleaved-thinking-2025-05-14,request-tags-2026-08-21"})
     assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
-    # byte for byte the events the API itself would send for this Message
-    expected = b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data, separators=(",", ":")).encode())
-                        for name, data in message_to_events(cloud.last_message, Scenario()))
-    assert raw == expected
+    # byte for byte the events the API itself would send for this Message, its ping after message_start included
+    assert raw == api_events(cloud.last_message)
     [request] = cloud.requests[sent:]
     assert request["path"] == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke-with-response-stream"
     assert request["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={GW_AWS_KEY_ID}/")
@@ -347,6 +353,21 @@ def test_translated_stream_gives_the_client_anthropics_own_events(translating, c
     record = new_record(translating, before)
     assert (record["provider"], record["translated"], record["status"], record["complete"]) == ("aws.bedrock", True, 200, True)
     assert record["cache_read_input_tokens"] == USAGE["cache_read_input_tokens"] and record["cost_usd"] > 0
+
+
+def test_a_silent_bedrock_stream_gets_pings_and_the_same_message(translating, cloud):
+    """Bedrock silent longer than the ping interval (10 s) after a content_block_start: the client sees an
+    `event: ping` in the gap, and without the pings the events are those of the Message Bedrock built."""
+    status, headers, raw = post(translating, {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                                              "messages": MESSAGES}, {FAKE_HEADER: "pause-11.5"})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
+    events = raw.split(b"\n\n")[:-1]
+    first_block = next(i for i, e in enumerate(events) if e.startswith(b"event: content_block_start\n"))
+    assert events[1] + b"\n\n" == PING  # right after message_start, as the API does
+    assert PING in b"\n\n".join(events[first_block + 1:])  # and during the silence that followed
+    assert raw.replace(PING, b"") == api_events(cloud.last_message).replace(PING, b"")
+    record = translating.wait_record(lambda r: r["status"] == 200 and r["complete"] and r["output_tokens"] == USAGE["output_tokens"])
+    assert record["translated"] is True
 
 
 @pytest.mark.parametrize("call", ["create", "stream"])

@@ -17,7 +17,9 @@ required; the Message as JSON or the API's own SSE; errors in Google's shape `{"
 "status"}}`.
 
 A request picks a failure with the `x-fake-cloud` header: `throttle` (429 before the answer), `throttle-mid-stream`
-(an exception frame after message_start), `overloaded` (Bedrock 503 ServiceUnavailableException).
+(an exception frame after message_start), `overloaded` (Bedrock 503 ServiceUnavailableException); `pause-<seconds>`
+makes a Bedrock stream silent that long after its first content_block_start (a model thinking). Bedrock's stream
+carries no `ping` events (the API's keep-alives are not Bedrock's).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import re
 import ssl
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -115,7 +118,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, "application/json", json.dumps(message).encode())
             return
         self._start(200, "application/vnd.amazon.eventstream")
-        events = [data for _, data in message_to_events(message, Scenario())]
+        events = [data for _, data in message_to_events(message, Scenario(ping=False))]
+        pause = float(how[len("pause-"):]) if how and how.startswith("pause-") else 0.0
         for i, event in enumerate(events):
             if i == len(events) - 1:
                 u = message["usage"]
@@ -124,6 +128,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "invocationLatency": 120, "firstByteLatency": 80,
                     "cacheReadInputTokenCount": u["cache_read_input_tokens"], "cacheWriteInputTokenCount": 0}}
             self._chunk(chunk_frame(event))
+            if pause and event.get("type") == "content_block_start":
+                time.sleep(pause)
+                pause = 0.0
             if how == "throttle-mid-stream" and i == 0:
                 self._chunk(exception_frame("throttlingException", "Too many tokens, please wait before trying again."))
                 break

@@ -213,8 +213,10 @@ BOUNDARIES = {
     },
     "mitm/layers.py": {
         "end_early": "mitmproxy internals changed under us: close the upstream instead",
+        "send_to_client": "mitmproxy internals changed under us: no ping, the stream goes on",
         "answer_instead_of_error_page": "mitmproxy internals changed under us: its own error page goes out",
     },
+    "addons/translate.py": {"ProviderTranslation._ping": "a keep-alive timer must never cost the exchange"},
     "mitm/server.py": {"close_listeners": "one listener that will not close must not keep the others open"},
     "addons/egress.py": {
         "EgressPolicy.http_connect": "fail closed: a bug refuses the tunnel, never lets it through",

@@ -12,23 +12,40 @@ when the body asks to stream), the body without `model` and `stream`, with `anth
 back to the client as Anthropic's own (pipeline/eventstream.py: the event stream as SSE; pipeline/answer.py:
 Bedrock's errors as native errors). The model id: the route's `models` map first, else `bedrock_model_id`.
 
+Bedrock sends no pings; Anthropic's API does, and idle timeouts on the way (proxies, load balancers, Claude Code's
+own stream watchdog) need bytes while a model thinks. A translated Bedrock stream gets `event: ping` right after
+`message_start` (pipeline/eventstream.py) and one whenever the upstream has been silent for `PING_INTERVAL`
+seconds (counted from its last chunk or the last ping), put between two whole events through mitm/layers.py's
+`send_to_client`. Pings are the gateway's: `timeouts.stream_idle` still counts the upstream's silence.
+
 `count_tokens` goes to the clouds' own count endpoints (Bedrock's CountTokens, Vertex's `count-tokens:rawPredict`);
 other paths get a `501` native error of type `not_supported` with `x-should-retry: false`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 from mitmproxy import http
 
-from llm_gateway.pipeline import exchange
+from llm_gateway.mitm import layers
+from llm_gateway.pipeline import exchange, relay
+from llm_gateway.pipeline.answer import is_eventstream
 from llm_gateway.policy.failover import serving
 from llm_gateway.policy.routing import match_route
-from llm_gateway.protocol import errors, jsoncodec, providers
+from llm_gateway.protocol import errors, jsoncodec, providers, sse
 from llm_gateway.protocol.hosts import path_of
 from llm_gateway.util.logsafe import clean
 
 # Request headers that are Anthropic's alone (the key, the version: the body carries it for Bedrock)
 ANTHROPIC_ONLY = ("x-api-key", "anthropic-version", "anthropic-beta", "authorization")
+# Seconds of upstream silence before a translated Bedrock stream gets an `event: ping`: well under the idle
+# timeouts of common intermediaries (60 s and more) and of Claude Code's stream watchdog.
+PING_INTERVAL = 10.0
+
+logger = logging.getLogger("llm_gateway.translate")
 
 
 class ProviderTranslation:
@@ -76,6 +93,31 @@ class ProviderTranslation:
         ex.note(f"translated for {ex.provider}: {clean(model)} -> {clean(target)}"
                 + (f"; dropped {', '.join(dropped)}" if dropped else ""))
         exchange.publish(flow, ex)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ex = exchange.of(flow)
+        response = flow.response
+        if (ex is None or not ex.translated or ex.provider != providers.BEDROCK or response is None
+                or response.status_code >= 400 or not is_eventstream(response)):
+            return
+        asyncio.get_running_loop().call_later(PING_INTERVAL, self._ping, flow, time.monotonic())
+
+    def _ping(self, flow: http.HTTPFlow, last_ping: float) -> None:
+        """One look at a translated Bedrock stream (one timer per stream, no task): a ping if the upstream and
+        the pings have both been silent for PING_INTERVAL; then the next look, until the stream ends."""
+        try:
+            stream = relay.of(flow)
+            if stream is None or not flow.live or stream.final is not None:
+                return  # ended, or being ended by the gateway
+            now = time.monotonic()
+            last = max(stream.last_chunk, last_ping)
+            if now - last >= PING_INTERVAL:
+                if not layers.send_to_client(flow, sse.PING):
+                    return  # the stream is no longer under way
+                last = last_ping = now
+            asyncio.get_running_loop().call_later(max(last + PING_INTERVAL - now, 0.01), self._ping, flow, last_ping)
+        except Exception:  # a keep-alive timer must never cost the exchange
+            logger.exception("ping timer")
 
     @staticmethod
     def _count(flow: http.HTTPFlow, ex: exchange.Exchange, target: str | None, region: str | None, betas: list[str],

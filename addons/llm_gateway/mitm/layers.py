@@ -17,6 +17,9 @@ TLS handshake: the layer waits for it and queues what it is sent), cannot be add
 connection is only closed, and mitmproxy answers (its 502) or cuts as it would for an upstream that failed.
 Read from mitmproxy 12's proxy/layers/http/__init__.py (HttpStream states, HttpLayer's MessageInjected routing).
 
+`send_to_client` puts bytes into a stream under way the same way (one injected message, handled by the flow's
+`HttpStream`): a translated Bedrock stream's `event: ping` during a silent gap (addons/translate.py).
+
 `arm_failover` is the other way in: the same request sent to the next upstream when one fails before the first byte
 of its answer (see its docstring).
 """
@@ -216,6 +219,44 @@ def _inject(flow: http.HTTPFlow, stream: HttpStream, synthetic: list[events.Even
     # An instance attribute, as mitmproxy itself does when a stream turns into a passthrough.
     stream._handle_event = handle  # type: ignore[method-assign]
     ctx.master.addons.get("proxyserver").inject_event(events.MessageInjected(flow, token))
+
+
+class _ClientBytes:
+    """An injected message that asks the stream's handler to send `data` to the client."""
+
+    def __init__(self, stream: HttpStream, data: bytes) -> None:
+        self.stream, self.data = stream, data
+
+
+def send_to_client(flow: http.HTTPFlow, data: bytes) -> bool:
+    """Send `data` to the client of `flow`'s streamed answer, between two chunks of it, as if the stream callable
+    had returned it; nothing when the stream is no longer under way (ended, or ended by the gateway) by the time
+    the message is handled. The caller keeps `data` whole events: it arrives between the callable's outputs.
+    Returns whether the message was injected (False: no stream under way). Never raises."""
+    try:
+        stream = find_stream(flow)
+        if stream is None or not flow.live or state_of(stream) != STREAMING:
+            return False
+        if not getattr(stream, "gateway_sends", False):  # wrapped once per stream, however many sends
+            original = stream._handle_event
+
+            def handle(event: events.Event) -> layer.CommandGenerator[None]:
+                message = getattr(event, "message", None)
+                if isinstance(event, events.MessageInjected) and isinstance(message, _ClientBytes):
+                    if message.stream is stream and state_of(stream) == STREAMING and not getattr(stream, "gateway_ended", False):
+                        if stream.context.options.store_streamed_bodies:
+                            stream.response_body_buf += message.data
+                        yield SendHttp(ResponseData(stream.stream_id, message.data), stream.context.client)
+                    return
+                yield from original(event)
+
+            stream._handle_event = handle  # type: ignore[method-assign]  # as `_inject` does
+            stream.gateway_sends = True  # type: ignore[attr-defined]
+        ctx.master.addons.get("proxyserver").inject_event(events.MessageInjected(flow, _ClientBytes(stream, data)))
+        return True
+    except Exception:  # mitmproxy internals changed under us: no bytes, the stream goes on
+        logger.exception("cannot send bytes into the stream")
+        return False
 
 
 class CappedBody(ReceiveBuffer):

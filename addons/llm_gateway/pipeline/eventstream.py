@@ -8,7 +8,8 @@ Each Anthropic event goes through the exchange's taps as the SSE event it stands
 
 The bytes go on to the client as they came (the request was signed by the client, the answer is its cloud's):
 nothing is held back, nothing rewritten. Only the decoder keeps the bytes of a frame not yet complete.
-Nothing here may raise into mitmproxy (see pipeline/relay.py): a frame that does not decode stops the reading,
+A translated stream gets `event: ping` right after `message_start`, as from Anthropic's API; the pings during
+silent gaps come from addons/translate.py. Nothing here may raise into mitmproxy (see pipeline/relay.py): a frame that does not decode stops the reading,
 never the stream.
 """
 
@@ -95,6 +96,8 @@ class EventStreamReader:
             raw = providers.chunk_sse(payload)
             if raw is not None:
                 self.sse.append(raw)
+                if event is not None and event.get("type") == "message_start":
+                    self.sse.append(sse.PING)  # as Anthropic's API does; Bedrock sends none
         elif kind in ("exception", "error"):
             name = headers.get(":exception-type") or headers.get(":error-code")
             body = jsoncodec.parse_json_body(payload)

@@ -219,3 +219,6 @@ def encode(name: str, data: Any) -> bytes:
 
 
 SSE_TYPE = "text/event-stream"
+# Anthropic's keep-alive event, byte for byte as its API sends it after `message_start` and during silent gaps
+# (Anthropic's streaming docs: "Event types": ping); clients ignore it, idle timeouts on the way see bytes.
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
