@@ -4,8 +4,9 @@ each named after the rule, in both modes (base URL and egress), through one real
 
 A real Claude Code drives the rules about what it sends (the `?beta=true` path, its beta values and unknown
 headers, its session header); the real Anthropic SDK, or a plain HTTP client where the wire bytes are the point,
-drives the rest. The usage-limit headers section (`anthropic-ratelimit-unified-*`, `billing_error` caps) belongs
-to the quotas work (issue 25) and is left out here.
+drives the rest. The "Usage-limit headers" section (`anthropic-ratelimit-unified-*`, `billing_error` caps) runs
+against the same gateway's `quotas` (memory store), whose budgets match only models no other test asks for; its
+fail-closed rule against a second gateway whose Redis store is unreachable.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import http.client
 import json
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -28,11 +30,24 @@ pytestmark = pytest.mark.e2e
 MODES = ("base-url", "egress")
 CAP = 1024 * 1024  # limits.request_body of this gateway, bytes
 HOST = "api.anthropic.com"
+# Usage limits: the caller's own cap (per session) and a group's pool, each on a model only its tests ask for.
+CAPPED_MODEL = "claude-3-7-sonnet-20250219"  # $3 / $15 per million input / output tokens
+POOLED_MODEL = "claude-3-opus-20240229"
+OWN_CAP = 0.0112  # US dollars a day per session
+QUOTAS = f"""quotas:
+  budgets:
+    - {{name: own-cap, per: session, match: {{model: "{CAPPED_MODEL}"}}, usd: {{daily: {OWN_CAP}}}}}
+    - {{name: group-pool, match: {{model: "{POOLED_MODEL}"}}, usd: {{monthly: 0.000001}}}}
+"""
 
 
 @pytest.fixture(scope="module")
 def gw(module_fake):
-    with Gateway(routed_rules(module_fake.url, extra=f"limits: {{request_body: {CAP}}}\n")) as gateway:
+    # `/v1/models` among the API paths so that it reaches the fake too (with the default rules it goes, as any
+    # non-API path, to the host the client named)
+    rules = routed_rules(module_fake.url, extra=f"limits: {{request_body: {CAP}}}\n" + QUOTAS)
+    rules = rules.replace('paths: ["/v1/messages", ', 'paths: ["/v1/models", "/v1/messages", ', 1)
+    with Gateway(rules) as gateway:
         yield gateway
 
 
@@ -247,3 +262,168 @@ def test_authentication_error_401_for_an_unknown_credential_is_not_retried(custo
                                  {"x-api-key": "llmgw-revoked-or-unknown"})
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
     assert headers.get("x-should-retry") == "false"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_get_v1_models_passes_and_its_404_means_the_built_in_list(gw, module_fake, mode):
+    """`GET /v1/models` reaches the upstream and its `{"data":[{"id","display_name"}]}` the client, unchanged; an
+    upstream 404 stays a 404 (the client then uses its built-in list) in Anthropic's envelope."""
+    models = {"data": [{"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5"}],
+              "has_more": False, "first_id": "claude-sonnet-4-5-20250929", "last_id": "claude-sonnet-4-5-20250929"}
+    status, _, body = get(gw, mode, "/v1/models", {"x-fake-scenario": Scenario.raw(200, models).to_header()})
+    assert status == 200 and json.loads(body) == models, body
+    assert module_fake.requests[-1].method == "GET" and module_fake.requests[-1].path == "/v1/models"
+    missing = Scenario(status=404, error_type="not_found_error", error_message="Not found")
+    status, _, body = get(gw, mode, "/v1/models", {"x-fake-scenario": missing.to_header()})
+    assert status == 404 and json.loads(body)["error"] == {"type": "not_found_error", "message": "Not found"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_upstream_that_cannot_take_safeguards_answers_400_naming_them(gw, module_fake, mode):
+    """Auto mode's fallback: a backend without `safeguards` answers 400 `invalid_request_error` naming the field;
+    that answer reaches the client as it is (status, type, message), so it retries without them."""
+    message = "safeguards: Extra inputs are not permitted"
+    refusal = Scenario(status=400, error_type="invalid_request_error", error_message=message)
+    body = {"model": "claude-test-1", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            "safeguards": {"mode": "auto"}}
+    status, headers, answer = post(gw, mode, "/v1/messages?beta=true", body, {
+        "anthropic-beta": "auto-mode-2026-01-01", "x-fake-scenario": refusal.to_header()})
+    assert status == 400 and json.loads(answer)["error"] == {"type": "invalid_request_error", "message": message}
+    assert module_fake.requests[-1].json["safeguards"] == {"mode": "auto"}  # it was passed, not dropped
+
+
+# ------------------------------------------------------------------------------------------ Usage-limit headers
+
+USAGE_600 = {"input_tokens": 10, "output_tokens": 600, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+UNIFIED = "anthropic-ratelimit-unified-"
+
+
+def get(gw: Gateway, mode: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    if mode == "base-url":
+        conn = http.client.HTTPConnection("127.0.0.1", gw.reverse_port, timeout=20)
+    else:
+        context = ssl.create_default_context(cafile=str(gw.ca_bundle()))
+        conn = http.client.HTTPSConnection("127.0.0.1", gw.regular_port, timeout=20, context=context)
+        conn.set_tunnel(HOST, 443)
+    try:
+        conn.request("GET", path, headers={"x-api-key": "sk-ant-test-conformance", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def spend(gw: Gateway, mode: str, session: str, model: str = CAPPED_MODEL, output_tokens: int = 600,
+          ratelimit: dict | None = None) -> tuple[int, dict[str, str], dict]:
+    """One Messages request of `session` whose answer bills `output_tokens` (and 10 input tokens); then a pause
+    for the settlement that follows the answer."""
+    scenario = Scenario(usage={**USAGE_600, "output_tokens": output_tokens}, ratelimit=ratelimit)
+    status, headers, body = post(gw, mode, "/v1/messages", {
+        "model": model, "max_tokens": 600, "messages": [{"role": "user", "content": "hi"}]},
+        {"x-claude-code-session-id": f"{session}-{mode}", "x-fake-scenario": scenario.to_header()})
+    time.sleep(0.3)
+    return status, headers, json.loads(body)
+
+
+def unified(headers: dict[str, str]) -> dict[str, str]:
+    return {k[len(UNIFIED):]: v for k, v in headers.items() if k.startswith(UNIFIED)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_capped_callers_success_reports_their_own_standing(gw, mode):
+    """status `allowed`, representative-claim `overage`, overage-status as status, utilization with two
+    decimals below 1, both reset headers (Unix seconds, in the future); no threshold below 75 %."""
+    status, headers, _ = spend(gw, mode, "standing")
+    assert status == 200
+    got = unified(headers)
+    assert (got.pop("status"), got.pop("representative-claim"), got.pop("overage-status")) == ("allowed", "overage", "allowed")
+    assert got.pop("overage-utilization") == "0.00"  # nothing spent before this one
+    reset = got.pop("reset")
+    assert got.pop("overage-reset") == reset and int(reset) > time.time()
+    assert got == {}, got  # no surpassed-threshold below 75 %
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_upstreams_own_ratelimit_headers_are_removed_for_a_capped_caller(gw, mode):
+    """An org-wide quota must not reach users as if it were theirs."""
+    status, headers, _ = spend(gw, mode, "removed", ratelimit={"requests-remaining": 7, "tokens-limit": 1000})
+    assert status == 200 and headers[UNIFIED + "status"] == "allowed"
+    assert not [k for k in headers if k.startswith("anthropic-ratelimit-") and not k.startswith(UNIFIED)], headers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_usage_headers_for_a_caller_without_a_cap(gw, mode):
+    status, headers, _ = spend(gw, mode, "uncapped", model="claude-haiku-4-5")
+    assert status == 200 and unified(headers) == {}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_surpassed_threshold_is_075_then_095_with_allowed_warning(gw, mode):
+    """Past 75 % `allowed_warning` and surpassed-threshold `0.75`; past 95 % `0.95` (Claude Code's notice)."""
+    seen = []
+    # $0.00903, then $0.00168: 0 %, 81 %, then 96 % of $0.0112 spent before each answer
+    for output_tokens in (600, 110, 1):
+        status, headers, _ = spend(gw, mode, "thresholds", output_tokens=output_tokens)
+        assert status == 200
+        got = unified(headers)
+        seen.append((got["status"], got["overage-status"], got.get("overage-surpassed-threshold")))
+        assert float(got["overage-utilization"]) < 1
+    assert seen == [("allowed", "allowed", None), ("allowed_warning", "allowed_warning", "0.75"),
+                    ("allowed_warning", "allowed_warning", "0.95")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_callers_own_cap_reached_is_a_429_billing_error_with_spend_limit_reached(gw, module_fake, mode):
+    """Refused before proxying: 429, `retry-after` to the reset, `x-should-retry: false`, status `rejected`, both
+    resets, utilization and threshold `1`, the period, `org_spend_cap_reached`; no representative-claim or
+    overage-status; `billing_error` with one sentence and `details.error_code: spend_limit_reached`."""
+    assert spend(gw, mode, "own-cap", output_tokens=2000)[0] == 200  # $0.03003: over the $0.0112 cap
+    sent = len(module_fake.requests)
+    status, headers, body = spend(gw, mode, "own-cap")
+    assert status == 429 and len(module_fake.requests) == sent  # nothing went upstream
+    assert headers["x-should-retry"] == "false"
+    got = unified(headers)
+    reset = int(got.pop("reset"))
+    assert int(got.pop("overage-reset")) == reset and 0 < int(headers["retry-after"]) <= reset - time.time() + 2
+    assert got == {"status": "rejected", "overage-utilization": "1", "overage-surpassed-threshold": "1",
+                   "overage-period": "daily", "overage-disabled-reason": "org_spend_cap_reached"}
+    error = body["error"]
+    assert (body["type"], error["type"], error["details"]) == ("error", "billing_error", {"error_code": "spend_limit_reached"})
+    assert "own-cap" in error["message"] and "resets at" in error["message"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_group_pool_reached_has_the_monthly_shape_with_group_pool_scope_and_no_details(gw, mode):
+    for _ in range(2):  # the pool is shared by both modes: the first exchange of the module spends it
+        status, headers, body = spend(gw, mode, "pool", model=POOLED_MODEL)
+        if status == 429:
+            break
+    assert status == 429 and headers["x-should-retry"] == "false" and int(headers["retry-after"]) > 0
+    got = unified(headers)
+    assert (got["status"], got["overage-period"], got["overage-scope"]) == ("rejected", "monthly", "group_pool")
+    assert got["overage-disabled-reason"] == "org_spend_cap_reached"
+    assert "representative-claim" not in got and "overage-status" not in got
+    assert body["error"]["type"] == "billing_error" and "details" not in body["error"]
+
+
+@pytest.fixture(scope="module")
+def unreadable_store_gw(module_fake):
+    """Spend counters in a Redis nobody listens on, failing closed."""
+    from harness import free_port
+
+    quotas = (f"quotas:\n  store: redis://127.0.0.1:{free_port()}/0\n  on_store_error: closed\n"
+              f"  budgets:\n    - {{name: own-cap, per: session, usd: {{daily: 5}}}}\n")
+    with Gateway(routed_rules(module_fake.url, extra=quotas)) as gateway:
+        yield gateway
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_counter_that_cannot_be_read_fails_closed_with_fetch_error(unreadable_store_gw, module_fake, mode):
+    """429, `x-should-retry: false`, `…-overage-disabled-reason: fetch_error`, a message, nothing else."""
+    sent = len(module_fake.requests)
+    status, headers, body = spend(unreadable_store_gw, mode, "fetch-error")
+    assert status == 429 and len(module_fake.requests) == sent
+    assert headers["x-should-retry"] == "false" and unified(headers) == {"overage-disabled-reason": "fetch_error"}
+    assert "retry-after" not in headers
+    assert body["type"] == "error" and body["error"]["type"] == "billing_error" and body["error"]["message"]
+    assert "details" not in body["error"]

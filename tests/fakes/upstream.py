@@ -686,7 +686,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             spec = None
             header = self.headers.get(SCENARIO_HEADER)
-            if header is not None and (is_messages or is_count):
+            if header is not None:  # on another path only a raw or error scenario answers (else 404)
                 try:
                     spec = Scenario.coerce(json.loads(header))
                 except (ValueError, TypeError) as e:
@@ -701,7 +701,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if spec.kind == "hang":
                 fake._stopping.wait()
                 raise _Abort
-            if not (is_messages or is_count):
+            if not (is_messages or is_count) and spec.kind not in ("raw", "error"):
                 self._send_error_spec(Scenario.error(404, message=f"Not found: {self.command} {path or '/'}"))
             elif spec.kind == "raw":
                 self._send_raw(spec)
