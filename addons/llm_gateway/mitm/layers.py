@@ -231,11 +231,12 @@ class _ClientBytes:
 def send_to_client(flow: http.HTTPFlow, data: bytes) -> bool:
     """Send `data` to the client of `flow`'s streamed answer, between two chunks of it, as if the stream callable
     had returned it; nothing when the stream is no longer under way (ended, or ended by the gateway) by the time
-    the message is handled. The caller keeps `data` whole events: it arrives between the callable's outputs.
+    the message is handled, or with an HTTP/2 upstream. The caller keeps `data` whole events: it arrives between the callable's outputs.
     Returns whether the message was injected (False: no stream under way). Never raises."""
     try:
         stream = find_stream(flow)
-        if stream is None or not flow.live or state_of(stream) != STREAMING:
+        # an HTTP/2 upstream: injected messages are routed by its connection, not to this stream (see `end_early`)
+        if stream is None or not flow.live or state_of(stream) != STREAMING or flow.server_conn.alpn == b"h2":
             return False
         if not getattr(stream, "gateway_sends", False):  # wrapped once per stream, however many sends
             original = stream._handle_event
