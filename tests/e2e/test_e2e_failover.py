@@ -210,7 +210,7 @@ def test_with_key_custody_each_upstream_gets_the_real_key(held, first, second):
 
 @pytest.fixture(scope="module")
 def impatient(first, second):
-    rules = routed(f"      - {first.url}\n      - {second.url}\n") + "\ntimeouts:\n  first_byte: 1\n"
+    rules = routed(f"      - {first.url}\n      - {second.url}\n") + "\ntimeouts:\n  first_byte: 1\n  non_streaming: 1\n"
     gateway = Gateway(rules, reverse_to=first.url, regular=False).start()
     yield gateway
     gateway.stop()
