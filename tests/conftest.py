@@ -2,7 +2,7 @@
 
 Also the suite's hygiene check: a run that leaves a new file in the checkout (a record log appended to
 `usage.jsonl` at the project root, which `scripts/usage_report` reads by default) fails, naming the files.
-Tests write into their temporary folders only; `test-artifacts/` (screenshots for people) is the one exception.
+Tests write into their temporary folders only (the mitmweb screenshots too, unless LLM_GATEWAY_ARTIFACTS names a folder).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from harness import Gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "rules.yaml"
-# Folders a run may write in the checkout: tool state and caches, and the screenshots kept for people.
-_MAY_WRITE = {".git", ".hypothesis", ".pytest_cache", "__pycache__", "test-artifacts", "node_modules"}
+# Folders a run may write in the checkout: tool state and caches.
+_MAY_WRITE = {".git", ".hypothesis", ".pytest_cache", "__pycache__", "node_modules"}
 
 
 def _checkout_files() -> set[str]:

@@ -29,7 +29,15 @@ from llm_gateway.protocol import messages
 
 pytestmark = pytest.mark.e2e
 
-ARTIFACTS = ROOT / "test-artifacts"
+
+
+def artifacts(tmp_path: Path) -> Path:
+    """Where the screenshots for people go: the folder LLM_GATEWAY_ARTIFACTS names (CI keeps it), else the test's
+    own temporary folder, so a run leaves nothing in the checkout."""
+    folder = Path(os.environ["LLM_GATEWAY_ARTIFACTS"]) if os.environ.get("LLM_GATEWAY_ARTIFACTS") else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
 CLIENTS = [
     {"name": "json-only", "headers": ["x-json-only"], "stream": "off"},
     {"name": "test-agent", "headers": ["x-test-agent"]},
@@ -416,7 +424,7 @@ def visible_comment_prefix(browser: "Chromium", comment: str) -> str:
         time.sleep(0.2)
 
 
-def test_mitmweb_flow_list_shows_cost_and_client_and_the_request_reads_as_messages_in_chromium(web):
+def test_mitmweb_flow_list_shows_cost_and_client_and_the_request_reads_as_messages_in_chromium(web, tmp_path):
     """What a person sees: in the flow list, the Comment column's visible part names cost and client; the
     flow's request tab shows the conversation, the response tab the assembled message (screenshots kept)."""
     gw, api = web
@@ -431,18 +439,19 @@ def test_mitmweb_flow_list_shows_cost_and_client_and_the_request_reads_as_messag
     cost = comment.split(" ", 1)[0]
     assert cost.endswith("¢") and cost not in ("0¢", "<0.01¢"), comment  # priced: genai-prices knows the model
     assert comment.startswith(f"{cost} test-agent {session[:8]} · hit 32%"), comment
+    shots = artifacts(tmp_path)
     browser = Chromium(f"{gw.web_url}?token={gw.web_token}#/flows")
     try:
         browser.connect()
         shown = visible_comment_prefix(browser, comment)
-        list_png = browser.screenshot(ARTIFACTS / "mitmweb-flow-list.png")
+        list_png = browser.screenshot(shots / "mitmweb-flow-list.png")
         # mitmweb reads the flow to show from the URL when it loads
         browser.send("Runtime.evaluate", expression=f"location.hash = '#/flows/{flow['id']}/request'; location.reload()")
         request_text = browser.wait_for_text("══ message 0 · user", "request · model claude-sonnet-4-6")
-        browser.screenshot(ARTIFACTS / "mitmweb-llm-request.png")
+        browser.screenshot(shots / "mitmweb-llm-request.png")
         browser.send("Runtime.evaluate", expression=f"location.hash = '#/flows/{flow['id']}/response'; location.reload()")
         text = browser.wait_for_text("Let me look up the forecast for Paris.", "get_weather (toolu_01Web)")
-        png = browser.screenshot(ARTIFACTS / "mitmweb-llm-message.png")
+        png = browser.screenshot(shots / "mitmweb-llm-message.png")
     finally:
         browser.close()
     assert shown is not None, "the flow's Comment cell is not in the flow list"
