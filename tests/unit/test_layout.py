@@ -108,6 +108,7 @@ ANSWER = {"pipeline/answer.py", "pipeline/streamreader.py", "pipeline/eventstrea
 FIELD_OWNERS = {
     "path": {"addons/credentials.py"},  # the query string's tokens masked
     "upstream": {"addons/routing.py"},
+    "route": {"addons/routing.py"},
     # failover puts them back to the API's own before routing's per-upstream step aims at the next upstream
     **dict.fromkeys(("provider", "translated"), {"addons/routing.py", "addons/failover.py"}),
     "failed_upstreams": {"addons/failover.py"},

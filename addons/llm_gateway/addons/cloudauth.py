@@ -38,7 +38,6 @@ from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.policy.clouds import BedrockAuth, VertexAuth, bedrock_region
 from llm_gateway.policy.failover import serving
-from llm_gateway.policy.routing import match_route
 from llm_gateway.protocol.providers import BEDROCK, VERTEX
 from llm_gateway.util.logsafe import clean
 
@@ -68,7 +67,7 @@ class CloudCredentials:
             return
         rule = ex.rules.clouds.bedrock if ex.provider == BEDROCK else ex.rules.clouds.vertex
         if ex.translated and ex.provider == BEDROCK:  # an Anthropic request: always signed; the route may name the region
-            route = serving(match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path), len(ex.failed_upstreams))
+            route = serving(ex.route, len(ex.failed_upstreams))
             region = route.region if route is not None and route.region else (rule.region if rule else None)
             rule = BedrockAuth(region, rule.profile if rule else None)
         elif ex.translated:

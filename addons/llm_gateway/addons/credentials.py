@@ -31,7 +31,6 @@ from llm_gateway.mitm import layers, serializers
 from llm_gateway.pipeline import exchange
 from llm_gateway.pipeline.flows import proxy_mode
 from llm_gateway.pipeline.answer import TOO_LARGE_MESSAGE, body_of, native_answer
-from llm_gateway.policy import routing
 from llm_gateway.policy.credentials import (
     CREDENTIAL_HEADERS,
     Decision,
@@ -265,7 +264,7 @@ class KeyCustody:
         if dot_segments(ex.path):
             return "a path with '.' or '..' segments"
         if flow.request.scheme != "https" and ex.mode != "reverse":
-            if routing.match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path) is None:
+            if ex.route is None:
                 return "plain http (use https)"
         return None
 

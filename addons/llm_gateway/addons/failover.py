@@ -25,7 +25,6 @@ from mitmproxy import http
 from llm_gateway.mitm import layers
 from llm_gateway.pipeline import exchange
 from llm_gateway.policy.failover import serving
-from llm_gateway.policy.routing import match_route
 from llm_gateway.util.logsafe import clean
 
 logger = logging.getLogger("llm_gateway.failover")
@@ -60,7 +59,7 @@ class Failover:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
+        route = ex.route
         if route is None or not route.fallbacks:
             return
         provider = next((api.provider for api in ex.rules.apis if api.name == ex.api), ex.provider)
@@ -82,7 +81,7 @@ class Failover:
         ex, saved = exchange.of(flow), self._saved.get(flow)
         if ex is None or saved is None:
             return
-        route = serving(match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path), len(ex.failed_upstreams))
+        route = serving(ex.route, len(ex.failed_upstreams))
         request = flow.request
         request.headers = saved.headers.copy()
         request.raw_content = saved.content

@@ -66,7 +66,7 @@ class ApiRouter:
         ex = exchange.of(flow)
         if ex is None or flow.response:
             return
-        route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
+        route = ex.route = match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path)
         if route is None:
             ex.upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
         else:

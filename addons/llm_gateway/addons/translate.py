@@ -34,7 +34,6 @@ from llm_gateway.mitm import layers
 from llm_gateway.pipeline import exchange, relay
 from llm_gateway.pipeline.answer import is_eventstream
 from llm_gateway.policy.failover import serving
-from llm_gateway.policy.routing import match_route
 from llm_gateway.protocol import errors, jsoncodec, providers, sse
 from llm_gateway.protocol.hosts import path_of
 from llm_gateway.util.logsafe import clean
@@ -53,7 +52,7 @@ class ProviderTranslation:
         ex = exchange.of(flow)
         if ex is None or flow.response or not ex.translated or ex.provider not in (providers.BEDROCK, providers.VERTEX):
             return
-        route = serving(match_route(ex.rules, ex.api, ex.mode, ex.host, ex.path), len(ex.failed_upstreams))
+        route = serving(ex.route, len(ex.failed_upstreams))
         request = flow.request
         path = path_of(ex.path).rstrip("/")
         counting = path.endswith("/v1/messages/count_tokens")

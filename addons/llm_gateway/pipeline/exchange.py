@@ -58,6 +58,7 @@ class Exchange:
     path: str
     started: float = field(default_factory=time.time)
     upstream: str | None = None
+    route: Any = field(default=None, repr=False)  # the rules' Route this request matched, decided once by addons/routing.py; None: none
     provider: str = "anthropic"  # whose wire format: anthropic | aws.bedrock | gcp.vertex_ai (protocol/providers.py)
     translated: bool = False  # an Anthropic request a route sends to another provider (addons/translate.py)
     failed_upstreams: list[dict[str, str]] = field(default_factory=list)  # failover: {upstream, reason}, in order
