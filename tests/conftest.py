@@ -84,6 +84,18 @@ def module_fake():
         yield upstream
 
 
+@pytest.fixture(scope="module")
+def custody_gw(tmp_path_factory, module_fake):
+    """A gateway holding the key (the credentials tests' rules) in front of the module's fake: the gateway's own
+    401 and the rules around key custody (tests/conformance, tests/e2e/test_e2e_fidelity.py)."""
+    from e2e.test_e2e_credentials import UPSTREAM_KEY, credentials_rules
+    from secretvolume import write_secret
+
+    key_file = write_secret(tmp_path_factory.mktemp("custody") / "secret", "api-key", UPSTREAM_KEY + "\n")
+    with Gateway(credentials_rules(module_fake.url, key_file)) as gateway:
+        yield gateway
+
+
 @pytest.fixture
 def gateway_factory():
     """Start gateways for one test; all are stopped at its end."""

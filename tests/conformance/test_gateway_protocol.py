@@ -243,16 +243,6 @@ def test_errors_reach_the_client_in_anthropics_shape(gw, mode, rule):
         assert headers.get("retry-after") == "7"
 
 
-@pytest.fixture(scope="module")
-def custody_gw(tmp_path_factory, module_fake):
-    from e2e.test_e2e_credentials import UPSTREAM_KEY, credentials_rules
-    from secretvolume import write_secret
-
-    key_file = write_secret(tmp_path_factory.mktemp("custody") / "secret", "api-key", UPSTREAM_KEY + "\n")
-    with Gateway(credentials_rules(module_fake.url, key_file)) as gateway:
-        yield gateway
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_authentication_error_401_for_an_unknown_credential_is_not_retried(custody_gw, mode):
     """A revoked or unknown gateway token: 401 `authentication_error` with `x-should-retry: false` (Claude Code

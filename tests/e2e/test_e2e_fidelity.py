@@ -245,16 +245,6 @@ def test_a_stream_whose_message_stop_came_is_complete_however_its_transfer_ended
 # ----------------------------------------------------------------------------------------- the gateway's own 401
 
 
-@pytest.fixture(scope="module")
-def custody_gw(tmp_path_factory, module_fake):
-    from e2e.test_e2e_credentials import UPSTREAM_KEY, credentials_rules
-    from secretvolume import write_secret
-
-    key_file = write_secret(tmp_path_factory.mktemp("custody") / "secret", "api-key", UPSTREAM_KEY + "\n")
-    with Gateway(credentials_rules(module_fake.url, key_file)) as gateway:
-        yield gateway
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_an_unknown_gateway_token_is_a_401_not_to_retry(custody_gw, mode):
     """Claude Code retries a 401 for minutes unless it says `x-should-retry: false` (its gateway protocol,
