@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import inspect
 import time
 from collections.abc import Callable
 
@@ -114,6 +115,17 @@ def measure(rules_text: str, body: bytes, n: int = 3000, notes: bool = False, pe
 
 
 def _timed(fn: Callable, name: str, spent: collections.Counter) -> Callable:
+    if inspect.iscoroutinefunction(fn):  # an async hook (BodyLimit.request) stays async, or it would never run
+
+        async def timed_async(*args):
+            started = time.process_time()
+            try:
+                return await fn(*args)
+            finally:
+                spent[name] += time.process_time() - started
+
+        return timed_async
+
     def timed(*args):
         started = time.process_time()
         try:

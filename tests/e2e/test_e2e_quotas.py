@@ -46,17 +46,23 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
         self.password = password
         self.cluster = cluster
+        self._log = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
+        if self._log is not None:  # a restart: the last run's words are no longer news
+            self._log.close()
+        self._log = tempfile.TemporaryFile()  # redis-server's own words, shown if it does not start
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.dir, "--protected-mode", "yes", *(["--requirepass", self.password] if self.password else []),
-             *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if self.cluster else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+             # the cluster bus defaults to port + 10000, which a free port above 55535 cannot have: give it its own
+             *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(free_port())]
+               if self.cluster else [])],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -68,9 +74,12 @@ class RedisServer:
                     if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self._own_every_slot() if self.cluster else self
             except OSError:
+                if self.proc.poll() is not None:  # it exited: waiting longer cannot help
+                    break
                 time.sleep(0.05)
         self.stop()
-        raise TimeoutError("redis-server did not start")
+        self._log.seek(0)
+        raise TimeoutError("redis-server did not start:\n" + self._log.read().decode(errors="replace")[-2000:])
 
     def _own_every_slot(self) -> "RedisServer":
         """A one-node Redis Cluster: this node serves all 16384 slots."""
@@ -95,6 +104,8 @@ class RedisServer:
 
     def close(self) -> None:
         self.stop()
+        if self._log is not None:
+            self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -125,7 +125,7 @@ def test_export_turned_on_by_a_reload_builds_the_sdk_off_the_event_loop(monkeypa
     must not wait for it (nor every other connection of the event loop); its exchange has no span, later ones do."""
     from mitmproxy.test import taddons
 
-    from gwtest import api_flow, flow_addons, rule_file
+    from gwtest import api_flow, call, flow_addons, rule_file
     from llm_gateway.addons.otel import OtelExport
     from llm_gateway.pipeline import exchange
     from otlp import Receiver
@@ -140,7 +140,7 @@ def test_export_turned_on_by_a_reload_builds_the_sdk_off_the_event_loop(monkeypa
             for hook in ("requestheaders", "request"):
                 for a in addons:
                     if hasattr(a, hook):
-                        getattr(a, hook)(flow)
+                        call(getattr(a, hook), flow)
             return exchange.of(flow)
 
         with taddons.context(*addons):
