@@ -41,6 +41,8 @@ _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class Metrics:
+    after_answer = ("response",)  # counted right after the answer, after Usage (app.Dispatcher)
+
     def __init__(self, records: RecordLog | None = None) -> None:
         # A registry of our own: a reloaded script registers its metrics again without clashing, and
         # the exposition holds the gateway's numbers only.
