@@ -1,7 +1,7 @@
 """Prometheus metrics: what the usage records say, summed, for the platform's dashboards and alerts.
 
-Counted once per finished API exchange (after `Usage` wrote its record, in the same `response`/`error`
-hook), labelled by client and model, never by session: labels must stay few, and a session id is new
+Counted once per finished API exchange (after `Usage` wrote its record, in the same `error` hook, or right
+after the answer was written for `response`: app.Dispatcher's `after_answer`), labelled by client and model, never by session: labels must stay few, and a session id is new
 every run. Client and model names come from requests, so each label keeps at most `MAX_VALUES` distinct
 values and folds the rest into "other".
 
