@@ -92,9 +92,10 @@ def _failed(hook: str, concern: Any, error: Exception) -> None:
     logger.error(f"Addon error in {_name(concern)}.{hook}: {error}", exc_info=error)
 
 
-def _chain(hook: str, handlers: list[tuple[Any, Callable]]) -> Callable:
-    """One callable for mitmproxy that calls every handler in order, each failure on its own."""
-    if len(handlers) == 1:  # mitmproxy's own safecall isolates a single handler as well
+def _chain(hook: str, handlers: list[tuple[Any, Callable]], alone: bool = True) -> Callable:
+    """One callable for mitmproxy that calls every handler in order, each failure on its own. `alone=False`:
+    a single handler is wrapped too (nothing of mitmproxy's isolates what runs after the answer)."""
+    if len(handlers) == 1 and alone:  # mitmproxy's own safecall isolates a single handler as well
         return handlers[0][1]
     calls = tuple(handlers)
     if any(inspect.iscoroutinefunction(fn) for _, fn in calls):
@@ -158,7 +159,7 @@ class Dispatcher:
                 raise ValueError(f"{hook}: the concerns run after the answer must come last: {self.hooks[hook]}")
             if any(inspect.iscoroutinefunction(fn) for _, fn in later):  # nothing would await them at a stop
                 raise ValueError(f"{hook}: a concern run after the answer must not be async: {self.hooks[hook]}")
-            setattr(self, hook, self._answered(_chain(hook, now) if now else None, _chain(hook, later)))
+            setattr(self, hook, self._answered(_chain(hook, now) if now else None, _chain(hook, later, alone=False)))
             self.after_answer[hook] = tuple(_name(c) for c, _ in later)
         if "done" in self.hooks:
             done = self.done

@@ -222,3 +222,23 @@ async def test_a_master_that_shows_flows_gets_an_update_after_them():
         for _ in range(3):
             await asyncio.sleep(0)
     assert journal == [("comment", "response"), ("view", "update", 1)]
+
+
+async def test_a_failure_after_the_answer_is_logged_and_the_other_flows_still_get_theirs(caplog):
+    import asyncio
+
+    journal: list = []
+
+    class Broken(Later):
+        def response(self, flow) -> None:
+            super().response(flow)
+            raise RuntimeError("boom")
+
+    d = Dispatcher([Broken("record", journal)])  # alone: mitmproxy's safecall does not wrap what runs later
+    caplog.set_level(logging.ERROR)
+    with taddons.context(d) as tctx:
+        for _ in range(2):
+            await tctx.master.addons.handle_lifecycle(HttpResponseHook(tflow.tflow(resp=True)))
+        await asyncio.sleep(0)
+    assert journal == [("record", "response")] * 2
+    assert caplog.text.count("Addon error in record.response: boom") == 2
