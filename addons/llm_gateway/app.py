@@ -26,8 +26,8 @@ hook twice. A concern keeps its hook names and signatures, its own module and it
 
 After the answer: mitmproxy sends a streamed answer's end (the last chunk, `0\r\n\r\n`) and a buffered answer
 whole only once the `response` hook has returned (its `HttpStream.send_response`, then `flow_done`), so whatever
-that hook does is on the client's latency path: for an agent's 280 kB request, the cache watch's fingerprint,
-the record and the metrics are about 0.5 ms (docs/benchmarks.md). A concern whose `response` only reads the
+that hook does is on the client's latency path: for Claude Code-sized requests (65–290 kB) the cache watch's
+fingerprint, the record and the metrics are 0.69 ms of CPU at the median (docs/benchmarks.md, issue 28). A concern whose `response` only reads the
 finished exchange says so with `after_answer = ("response",)`: the dispatcher runs those handlers (the last
 ones of the chain, in their order) on the event loop's next turn, right after mitmproxy has written the answer
 (`loop.call_soon`: before any later socket event, so before the client's next request is read). Their order
