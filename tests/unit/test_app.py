@@ -120,6 +120,8 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
         assert isinstance(dispatcher, Dispatcher)
         names = [type(c).__name__ for c in dispatcher.concerns]
         assert names[:2] == ["RuleFile", "RecordLog"] and names.index("Usage") < names.index("Metrics") < names.index("WebView")
+        # read the finished exchange only: run right after the answer is written (the others may still change it)
+        assert dispatcher.after_answer == {"response": ("Usage", "Metrics", "OtelExport", "WebView")}
         for option in ("gateway_rules", "gateway_log", "gateway_keep_stream_body", "gateway_metrics_port",
                        "gateway_ca", "gateway_listen_backlog", "gateway_batch_chunks"):
             assert option in tctx.options, option
@@ -133,3 +135,110 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
             "FramingGuard", "Drain", "KeyCustody", "Failover", "AnswerPipeline", "Quotas", "Timeouts", "Usage", "Metrics",
             "OtelExport", "WebView")
         assert dispatcher.hooks["gateway_failover"] == ("Failover",)  # our own hook (mitm/layers.py)
+
+
+class Later:
+    """A concern whose `response` only reads the finished flow: app.Dispatcher runs it after the answer."""
+
+    after_answer = ("response",)
+
+    def __init__(self, name: str, journal: list) -> None:
+        self.name, self.journal = name, journal
+
+    def response(self, flow) -> None:
+        self.journal.append((self.name, "response"))
+
+    def done(self) -> None:
+        self.journal.append((self.name, "done"))
+
+
+async def test_after_answer_handlers_run_on_the_loops_next_turn_in_order_after_the_others():
+    import asyncio
+
+    journal: list = []
+    d = Dispatcher([OnlyResponse(journal), Later("record", journal), Later("metrics", journal)])
+    assert d.after_answer == {"response": ("record", "metrics")}
+    with taddons.context(d) as tctx:
+        flows = [tflow.tflow(resp=True) for _ in range(2)]
+        for f in flows:
+            await tctx.master.addons.handle_lifecycle(HttpResponseHook(f))
+        # what mitmproxy does right after the hook (the answer's last bytes written) comes before them
+        assert journal == [("sync", "response"), ("sync", "response")]
+        await asyncio.sleep(0)
+    assert journal[2:] == [("record", "response"), ("metrics", "response")] * 2
+
+
+async def test_after_answer_handlers_still_waiting_run_before_done_so_no_record_is_lost():
+    journal: list = []
+    d = Dispatcher([Later("record", journal), Concern("log", journal)])
+    with taddons.context(d) as tctx:
+        journal.clear()  # load
+        await tctx.master.addons.handle_lifecycle(HttpResponseHook(tflow.tflow(resp=True)))
+        assert journal == []
+        await tctx.master.addons.trigger_event(hooks.DoneHook())  # no loop turn in between
+    assert journal == [("record", "response"), ("record", "done"), ("log", "done")]
+
+
+def test_after_answer_handlers_run_at_once_without_an_event_loop():
+    journal: list = []
+    d = Dispatcher([Later("record", journal)])
+    d.response(tflow.tflow(resp=True))
+    assert journal == [("record", "response")]
+
+
+def test_after_answer_handlers_must_come_last_and_be_sync():
+    journal: list = []
+    with pytest.raises(ValueError, match="must come last"):
+        Dispatcher([Later("record", journal), OnlyResponse(journal)])
+
+    class AsyncLater(Async):
+        after_answer = ("response",)
+
+    with pytest.raises(ValueError, match="must not be async"):
+        Dispatcher([AsyncLater(journal)])
+
+    class Wrong(Later):
+        after_answer = ("request",)
+
+    with pytest.raises(ValueError, match="after_answer"):
+        Dispatcher([Wrong("x", journal)])
+
+
+async def test_a_master_that_shows_flows_gets_an_update_after_them():
+    import asyncio
+
+    journal: list = []
+
+    class Viewer:
+        def update(self, flows) -> None:
+            journal.append(("view", "update", len(flows)))
+
+    d = Dispatcher([Later("comment", journal)])
+    with taddons.context(d, Viewer()) as tctx:
+        tctx.master.view = object()  # mitmweb's and the console's masters have one; mitmdump's has none
+        f = tflow.tflow(resp=True)
+        await tctx.master.addons.handle_lifecycle(HttpResponseHook(f))
+        journal.clear()  # mitmproxy's own update after the hook
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert journal == [("comment", "response"), ("view", "update", 1)]
+
+
+async def test_a_failure_after_the_answer_is_logged_and_the_other_flows_still_get_theirs(caplog):
+    import asyncio
+
+    journal: list = []
+
+    class Broken(Later):
+        def response(self, flow) -> None:
+            super().response(flow)
+            raise RuntimeError("boom")
+
+    d = Dispatcher([Broken("record", journal)])  # alone: mitmproxy's safecall does not wrap what runs later
+    caplog.set_level(logging.ERROR)
+    with taddons.context(d) as tctx:
+        for _ in range(2):
+            await tctx.master.addons.handle_lifecycle(HttpResponseHook(tflow.tflow(resp=True)))
+        await asyncio.sleep(0)
+    assert journal == [("record", "response")] * 2
+    assert caplog.text.count("Addon error in record.response: boom") == 2
