@@ -67,7 +67,9 @@ async def _loop(dispatcher, new_flow, answered, n: int) -> float:
             await pending
         answered(flow)
         dispatcher.responseheaders(flow)
-        dispatcher.response(flow)
+        pending = dispatcher.response(flow)
+        if pending is not None:  # BodyLimit.response (answers decoded off the loop) makes the chain async
+            await pending
     return time.process_time() - started
 
 
