@@ -122,7 +122,9 @@ def _timed(fn: Callable, name: str, spent: collections.Counter) -> Callable:
         async def timed_async(*args):
             started = time.process_time()
             try:
-                return await fn(*args)
+                result = fn(*args)  # Quotas.request is marked a coroutine function but returns None without quotas
+                if result is not None and inspect.isawaitable(result):
+                    await result
             finally:
                 spent[name] += time.process_time() - started
 
