@@ -7,7 +7,7 @@ top-level fields (`model`, `stream`, `metadata`, `system`, `tools`…), never th
 each top-level value of up to `KEEP_BELOW` bytes with `json.loads`, and only records where the others are.
 The `stream` flag is then rewritten in place (`with_stream`) instead of re-serialising the whole body.
 Skipped values are not validated: the upstream still refuses malformed JSON, as it would have anyway.
-A large value is skipped a window at a time with bytes and regex calls (`_container_end`), never a Python step
+A large value is skipped a window at a time with bytes and regex calls (`_container_end`), not a Python step
 per token: the body is read before anything else is, so its cost must not depend on how it is shaped.
 """
 
@@ -70,7 +70,7 @@ def _value_end(data: bytes, pos: int) -> int:
     return m.end()
 
 
-WINDOW = 64 * 1024  # bytes of a container judged per step at C speed
+WINDOW = 16 * 1024  # bytes of a container judged per call at C speed: at most about 1 ms of interpreter lock
 PASSES = 1024  # nesting levels a window is reduced through before it is walked token by token (orjson's limit)
 _BRACKETS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
@@ -83,9 +83,12 @@ def _container_end(data: bytes, pos: int) -> int:
     are removed until none is left (one `replace` per nesting level). What remains, ")))(((", says where the
     window takes the depth; only the window where the depth may reach zero (or nested past PASSES) is walked
     token by token. Measured on 2 cores: a 10.5 MB body of empty objects took 2.5-3 s of Python steps (issue
-    30: its worker thread took the interpreter lock from the event loop in 5 ms slices), now 0.07 s; 10 MB of
-    empty strings 1.5 s, now about 0.4 s; a 15 MB Messages body about the same as before (0.3 s). Each C call
-    reads at most a window, so the lock changes hands between them."""
+    30: its worker thread took the interpreter lock from the event loop in 5 ms slices), now 0.07 s; 8 MB of
+    20-deep nested arrays 3.5 s, now 0.6 s; 10 MB of empty strings 1.4 s, now 0.6 s; a 15 MB Messages body
+    with long escaped strings 0.3 s, now 0.4 s (strings are read twice). Each C call reads at most a window
+    (16 KiB: about 1 ms of lock for the slowest, a window of empty strings), so the lock changes hands often.
+    Orjson was the other candidate (50 times faster than a Python walk) but holds the lock for its whole
+    parse (tens of ms for 10 MB) and builds every object (3.5 million empty dicts: over 200 MB)."""
     depth, i, n = 1, pos + 1, len(data)
     while i < n:
         end = _UNCUT.match(data, i, min(i + WINDOW, n)).end()
