@@ -67,7 +67,9 @@ async def _loop(dispatcher, new_flow, answered, n: int) -> float:
             await pending
         answered(flow)
         dispatcher.responseheaders(flow)
-        dispatcher.response(flow)
+        pending = dispatcher.response(flow)
+        if pending is not None:  # BodyLimit.response (answers decoded off the loop) makes the chain async
+            await pending
         await asyncio.sleep(0)  # what app.Dispatcher runs right after the answer (the record, the metrics)
     return time.process_time() - started
 
@@ -121,7 +123,9 @@ def _timed(fn: Callable, name: str, spent: collections.Counter) -> Callable:
         async def timed_async(*args):
             started = time.process_time()
             try:
-                return await fn(*args)
+                result = fn(*args)  # Quotas.request is marked a coroutine function but returns None without quotas
+                if result is not None and inspect.isawaitable(result):
+                    await result
             finally:
                 spent[name] += time.process_time() - started
 

@@ -147,6 +147,23 @@ def test_a_data_only_error_frame_keeps_its_type(gw, mode, call):
     assert (record["error_type"], record["input_tokens"]) == ("rate_limit_error", 10), record
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", ["stream", "create"])
+def test_runs_of_empty_lines_and_comments_between_events_change_nothing(gw, mode, call):
+    """Keep-alive comments and runs of blank lines (each run one event to the gateway's readers, issue 30) before
+    and between the frames: the client gets the Message, the record its usage, as without them."""
+    fillers = [b"\n" * 300, b": keep-alive\n\n" * 50, b"\r\n" * 200 + b":\r\n\r\n", b"\n:\n\n\n" * 100]
+    frames = message_events().split(b"\n\n")[:-1]
+    body = b"".join(fillers[i % len(fillers)] + f + b"\n\n" for i, f in enumerate(frames)) + fillers[0]
+    before = count(gw)
+    result = sdk(gw, mode, call, Scenario(status=200, content_type=SSE, body=body.decode()))
+    assert result["ok"], result
+    assert result["message"]["content"][0]["text"] == "hello there"
+    record = last_record(gw, before)
+    assert (record["input_tokens"], record["output_tokens"], record["cache_read_input_tokens"]) == (10, 30, 12000)
+    assert (record["complete"], record["error_type"]) == (True, None), record
+
+
 # ------------------------------------------------------------------------- the client gets the form it asked for
 
 

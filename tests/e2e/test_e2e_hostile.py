@@ -26,7 +26,7 @@ import pytest
 import zstandard
 
 from conftest import routed_rules
-from fakes.upstream import Scenario
+from fakes.upstream import Scenario, build_message, message_to_events, sse_frame
 from harness import BIN, Gateway, free_port
 from llm_gateway.policy import credentials as policy_credentials
 from llm_gateway.policy.spec import token_hash
@@ -59,6 +59,7 @@ class Cost:
     stall: float  # seconds: the longest gap between two chunks of any paced stream
     memory: int  # bytes: the growth of the peak RSS
     status: int | None  # what the hostile request got
+    size: int = 0  # bytes of the answer's body the client read
 
 
 def peak(pid: int) -> int:
@@ -88,7 +89,7 @@ def paced_stream(port: int, gaps: list[float], started: threading.Event) -> None
         conn.close()
 
 
-def hostile_request(port: int, method: str, headers: list[tuple[str, str]], body: bytes) -> int | None:
+def hostile_request(port: int, method: str, headers: list[tuple[str, str]], body: bytes) -> tuple[int | None, int]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.putrequest(method, "/v1/messages", skip_accept_encoding=True)
@@ -97,10 +98,9 @@ def hostile_request(port: int, method: str, headers: list[tuple[str, str]], body
         conn.putheader("content-length", str(len(body)))
         conn.endheaders(body)
         r = conn.getresponse()
-        r.read()
-        return r.status
+        return r.status, len(r.read())
     except (OSError, http.client.HTTPException):
-        return None
+        return None, 0
     finally:
         conn.close()
 
@@ -118,14 +118,17 @@ def measure(proxy: Gateway, port: int, method: str, headers: list[tuple[str, str
     for s in started:
         s.wait(30)
     time.sleep(0.3)  # the streams are under way
-    status = hostile_request(port, method, headers, body)
+    status, size = hostile_request(port, method, headers, body)
     for t in threads:
         t.join(60)
     assert len(gaps) == STREAMS, "every paced stream finished"
-    return Cost(max(gaps), peak(pid) - before, status)
+    return Cost(max(gaps), peak(pid) - before, status, size)
 
 
 EMPTY_OBJECTS = b'{"messages":[' + b"{}," * 3_500_000 + b'{}],"model":"x"}'
+# Empty strings and 20-deep nested arrays: what a per-token walk pays for, whatever its shape (8.5 MB)
+STRINGS_AND_NESTING = (b'{"model":"x","messages":[{"role":"user","content":"x"}],"x":['
+                       + (b'"",' * 1000 + b"[" * 20 + b"]" * 20 + b",") * 2_800 + b'""]}')
 JSON_HEADERS = [("content-type", "application/json"), ("x-api-key", "not-a-token")]
 ZEROS = 256 * MB
 TOKEN_HEADERS = [("content-type", "application/json"), ("x-api-key", TOKEN)]
@@ -141,9 +144,23 @@ HOSTILE = {  # name -> () -> (headers, body). The bombs carry a valid token (wit
     "5,000 request headers": lambda: (JSON_HEADERS + [(f"x-h{i}", "v") for i in range(5000)], MESSAGE),
     "10.5 MB of empty objects": lambda: (JSON_HEADERS, EMPTY_OBJECTS),
     "10.5 MB of empty objects, with a valid token": lambda: (TOKEN_HEADERS, EMPTY_OBJECTS),
+    "8.5 MB of empty strings and nested arrays, with a valid token": lambda: (TOKEN_HEADERS, STRINGS_AND_NESTING),
 }
 AUTHENTICATED = [("content-type", "application/json"), ("x-api-key", TOKEN)]
+
+
+def _sse_after(filler: bytes) -> Scenario:
+    """An SSE answer (200, Content-Length) that starts with `filler` and then carries a whole message."""
+    msg = build_message(Scenario(text="hi"), json.loads(MESSAGE), "msg_hostile")
+    events = b"".join(sse_frame(name, data) for name, data in message_to_events(msg, Scenario(text="hi")))
+    return Scenario.raw(200, filler + events, content_type="text/event-stream")
+
+
 HOSTILE_ANSWERS = {  # name -> () -> what the upstream answers an authenticated request
+    "an SSE answer of 8 million empty lines (\\n), then a message": lambda: _sse_after(b"\n" * 8_000_000),
+    "an SSE answer of 4 million empty lines (\\r\\n), then a message": lambda: _sse_after(b"\r\n" * 4_000_000),
+    "an SSE answer of 2.5 million comment-only events (:\\n\\n), then a message": lambda: _sse_after(
+        b":\n\n" * 2_500_000),
     "a 500 whose gzip body (260 kB) decodes to 256 MiB": lambda: Scenario.raw(
         500, _gzip(b"\0" * ZEROS), headers=[("content-encoding", "gzip")], content_type="application/json"),
     "a 429 with 5,000 headers": lambda: Scenario.error(429, headers=[(f"x-h{i}", "v") for i in range(5000)]),
@@ -203,6 +220,10 @@ def test_one_hostile_answer_costs_what_it_costs_bare_mitmdump(proxies, module_fa
     assert module_fake.pending == 0, "both answers were sent"
     print(f"\n{name}: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {cost.status}; "
           f"bare mitmdump stall {base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {base.status}")
-    assert cost.status is not None and cost.status >= 400
+    if "SSE" in name:  # the filler is relayed byte for byte, then the message
+        assert cost.status == 200 == base.status, (cost, base)
+        assert cost.size == base.size > 7_000_000, "every byte reached the client, as through bare mitmdump"
+    else:
+        assert cost.status is not None and cost.status >= 400
     assert cost.stall < 3 * base.stall + 0.5, (name, cost, base)
     assert cost.memory < 2 * max(base.memory, 0) + 48 * MB, (name, cost, base)

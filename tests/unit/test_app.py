@@ -132,7 +132,8 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
             "ApiRouter", "BodyLimit", "ClientDetector", "KeyCustody", "StreamPreference", "Failover",
             "ProviderTranslation", "CloudCredentials", "Quotas", "Timeouts", "OtelExport")
         assert dispatcher.hooks["response"] == (
-            "FramingGuard", "Drain", "KeyCustody", "Failover", "AnswerPipeline", "Quotas", "Timeouts", "Usage", "Metrics",
+            "FramingGuard", "BodyLimit", "Drain", "KeyCustody", "Failover", "AnswerPipeline", "Quotas", "Timeouts", "Usage",
+            "Metrics",
             "OtelExport", "WebView")
         assert dispatcher.hooks["gateway_failover"] == ("Failover",)  # our own hook (mitm/layers.py)
 

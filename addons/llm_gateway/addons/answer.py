@@ -15,6 +15,7 @@ from llm_gateway.pipeline.answer import (
     cloud_error,
     error_answer,
     error_in_success,
+    forget,
     is_eventstream,
     is_sse,
     json_to_sse,
@@ -87,6 +88,7 @@ class AnswerPipeline:
                 (sse_to_json if sse else json_to_sse)(response, ex)
         finally:  # a bug above is mitmproxy's to log (the answer goes on as it is); the record still says what went
             settle(response, ex)
+            forget(response)  # the last reader of the decoded body
             exchange.publish(flow, ex)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -15,6 +15,9 @@ Only then is the body read as JSON (`ex.body`, `ex.model_requested`), so nothing
 compressed body, or one over `leanjson.LEAN_ABOVE`, is decoded and read in a worker thread, so its cost never
 stalls the event loop (and with it every other stream of the replica).
 
+Answer bodies, the same way: a compressed buffered answer is decoded once (up to `answer.ANSWER_LIMIT`) in a
+worker thread in the `response` hook, before key custody and the answer pipeline read it (`answer.body_of`).
+
 Memory: an accepted body is held as mitmproxy's list of received chunks, joined once when it is complete
 (briefly twice its size), then read by `leanjson.parse_request_body` (lean above 4 MiB).
 """
@@ -30,6 +33,7 @@ from mitmproxy import http
 from llm_gateway.mitm import layers
 from llm_gateway.mitm.layers import CappedBody
 from llm_gateway.pipeline import exchange
+from llm_gateway.pipeline import answer
 from llm_gateway.pipeline.answer import native_answer
 from llm_gateway.protocol import decoding, leanjson, providers
 from llm_gateway.protocol.providers import ANTHROPIC
@@ -114,3 +118,7 @@ class BodyLimit:
             if model:
                 ex.model_requested = model[:200]
         exchange.publish(flow, ex)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and exchange.of(flow) is not None:
+            await answer.decode_off_loop(flow.response)

@@ -9,6 +9,13 @@ Invariant: every byte fed ends up in exactly one `Event.raw` (from `feed` or `fl
 That is why a block holding only comments or nothing (an extra blank line) is still an `Event`, with
 `name` None and `data` "": dropping it would break byte-exact forwarding. Consumers read an event by
 its `kind` (its name, else the `type` its JSON data states) and skip an event with neither.
+
+Empty events come in runs: a run of blank lines and comment-only blocks that `feed` finds together is
+one `Event` (one regex match, C speed), since such blocks dispatch nothing (WHATWG HTML, "Server-sent
+events": a blank line with an empty data buffer dispatches no event; a line starting with ":" is ignored).
+An upstream could otherwise send millions of them (a `\n` each), each a Python object and a pass through
+every tap: about 9 µs each, seconds of event loop per megabyte (issue 30). Where a run is cut depends on
+how the bytes arrive (a run never waits for more bytes); every other event is cut the same for any split.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ from llm_gateway.protocol import jsoncodec
 # "\r\n" one terminator (a regex would otherwise backtrack and read it as "\r" then "\n").
 _EVENT_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_CR, _LF = 13, 10
+# A run of empty events: blank lines (at an event's start every "\r" and "\n" ends one), or comment lines
+# (":…") and the blank line after them. Possessive (no backtracking): about 5 ns a blank line, 120 ns a
+# comment-only event; the atomic-group form of the same rule took 200 ns a byte.
+_EMPTY_RUN = re.compile(rb"(?:[\r\n]++|(?::[^\r\n]*+(?:\r\n?+|\n))++(?:\r\n?+|\n))++")
+_CR, _LF, _COLON = 13, 10, 58
 _UNSET: Any = object()
 # Event names as they appear after `event:` (leading space included) -> the name; a stream has few.
 _NAMES: dict[bytes, str | None] = {}
@@ -95,6 +106,9 @@ class Event:
         name: bytes | None = None
         data: list[bytes] = []
         raw = self.raw
+        if raw[:1] in _EMPTY_STARTS and _EMPTY_RUN.fullmatch(raw):  # a run of empty events: no Python loop
+            self._name, self._data = None, ""
+            return
         for line in _LINE_BREAK.split(raw) if b"\r" in raw else raw.split(b"\n"):
             if not line or line[0] == 0x3A:  # blank, or a ":" comment
                 continue
@@ -108,6 +122,9 @@ class Event:
             # `id`, `retry` and unknown fields mean nothing to the gateway.
         self._name = name.decode("utf-8", "replace") or None if name is not None else None
         self._data = b"\n".join(data).decode("utf-8", "replace")
+
+
+_EMPTY_STARTS = (b"\n", b"\r", b":")
 
 
 class SSEParser:
@@ -142,8 +159,9 @@ class SSEParser:
         events: list[Event] = []
         start = 0
         while start < n:
-            if chunk[start] == _LF:  # an empty line right at the start: an event of its own
-                end = start + 1
+            first = chunk[start]
+            if (first == _LF or first == _COLON) and (m := _EMPTY_RUN.match(chunk, start)) is not None:
+                end = m.end()  # a run of empty events: one event ("\n" only, so no "\r" to wait for)
             else:
                 end = chunk.find(b"\n\n", start)
                 if end < 0:
@@ -164,6 +182,12 @@ class SSEParser:
         scan = self._scan
         while start < n:
             first = buf[start]
+            if (first == _LF or first == _CR or first == _COLON) and start >= scan:
+                end = self._empty_run(buf, start, n)
+                if end > start:  # a run of empty events: one event
+                    events.append(Event(bytes(buf[start:end])))
+                    start = end
+                    continue
             if first == _LF:  # an empty line right at the start: an event of its own
                 end = start + 1
             elif first == _CR:
@@ -193,6 +217,20 @@ class SSEParser:
             del buf[:start]
         self._scan = max(scan - start, 0)
         return events
+
+    @staticmethod
+    def _empty_run(buf: bytearray, start: int, n: int) -> int:
+        """Where the run of empty events at `start` ends (`start`: none). Not resumed inside a held event
+        (`start >= scan`), so a long held comment line is not scanned again on every feed. A run that ends
+        with the buffer's last byte, a "\r", stops before that block: it may still become "\r\n"."""
+        m = _EMPTY_RUN.match(buf, start)
+        if m is None:
+            return start
+        end = m.end()
+        if end == n and buf[n - 1] == _CR:
+            m = _EMPTY_RUN.match(buf, start, n - 1)
+            end = start if m is None else m.end()
+        return end
 
     def flush(self) -> list[Event]:
         """At the end of the stream: the held-back bytes as a last event (no blank line came), if any."""

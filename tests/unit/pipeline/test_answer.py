@@ -355,3 +355,66 @@ def test_failure_reasons_are_short():
     assert failure_reason("TLS handshake failed: certificate verify failed", False) == "upstream TLS failed"
     assert failure_reason("something else entirely", False) == "upstream failed"
     assert TRUNCATED_MESSAGE.startswith("the upstream stream ended")
+
+
+# --- buffered answers decoded off the event loop (issue 30) -------------------------------------------------
+
+
+def _gzip(data: bytes) -> bytes:
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def _encoded_response(body: bytes, encoding: str = "gzip", status: int = 500) -> http.Response:
+    response = http.Response.make(status, b"", {"content-type": "application/json", "content-encoding": encoding})
+    response.raw_content = _gzip(body) if encoding == "gzip" else body  # as received (`content=` would encode)
+    return response
+
+
+def test_a_compressed_answer_is_decoded_once_in_a_worker_thread(monkeypatch):
+    import asyncio
+    import threading
+
+    from llm_gateway.pipeline import answer
+
+    native = json.dumps(protocol_errors.error_body("overloaded_error", "busy")).encode()
+    response = _encoded_response(native)
+    threads = []
+    decode = answer._decode
+    monkeypatch.setattr(answer, "_decode", lambda raw, enc: threads.append(threading.current_thread()) or decode(raw, enc))
+    asyncio.run(answer.decode_off_loop(response))
+    assert threads and threads[0] is not threading.main_thread()  # decoded off the (main-thread) event loop
+    assert answer.body_of(response) == native and answer.body_of(response) == native
+    assert len(threads) == 1, "the hooks after it reuse the decoded body"
+    response.content = b'{"changed": true}'  # new bytes: decoded again, not the stale copy
+    assert answer.body_of(response) == b'{"changed": true}'
+    answer.forget(response)
+    assert response not in answer._decoded
+
+
+def test_a_compressed_answer_past_the_bound_is_none_and_identity_is_not_cached():
+    import asyncio
+
+    from llm_gateway.pipeline import answer
+
+    bomb = _encoded_response(b"\0" * (answer.ANSWER_LIMIT + 1))
+    asyncio.run(answer.decode_off_loop(bomb))
+    assert answer._decoded[bomb][1] is None and answer.body_of(bomb) is None
+    plain = http.Response.make(500, b'{"a":1}', {"content-type": "application/json"})
+    unknown = _encoded_response(b"not compressed", encoding="x-unknown")
+    for response in (plain, unknown):
+        asyncio.run(answer.decode_off_loop(response))
+        assert response not in answer._decoded
+    assert answer.body_of(unknown) == b"not compressed"  # as mitmproxy's get_content(strict=False) gives it
+
+
+def test_a_success_holding_a_compressed_bomb_is_not_decoded_without_bound():
+    """`error_in_success` read a 200's JSON body with mitmproxy's unbounded get_content()."""
+    from llm_gateway.pipeline import answer
+
+    bomb = _encoded_response(b" " * (answer.ANSWER_LIMIT + 1), status=200)
+    assert answer.error_in_success(bomb) is False
+    wrapped = _encoded_response(json.dumps(protocol_errors.error_body("rate_limit_error", "slow")).encode(), status=200)
+    assert answer.error_in_success(wrapped) is True and wrapped.status_code == 429

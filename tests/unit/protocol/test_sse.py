@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
+
+import pytest
 
 from anthropic._streaming import SSEDecoder
 from hypothesis import given, settings
@@ -104,9 +107,48 @@ def test_last_event_field_wins_and_empty_name_is_none():
 def test_comment_only_blocks_and_extra_blank_lines_keep_their_bytes():
     body = b"\n: ping\n\nevent: a\ndata: 1\n\n\r\n"
     events, parser = parse(body)
-    assert [e.raw for e in events] == [b"\n", b": ping\n\n", b"event: a\ndata: 1\n\n", b"\r\n"]
-    assert fields(events) == [(None, ""), (None, ""), ("a", "1"), (None, "")]
+    # A run of empty events (blank lines, comment-only blocks) is one event: they dispatch nothing.
+    assert [e.raw for e in events] == [b"\n: ping\n\n", b"event: a\ndata: 1\n\n", b"\r\n"]
+    assert fields(events) == [(None, ""), ("a", "1"), (None, "")]
     assert parser.pending == b""
+    # One chunk at a time, each is its own event; the bytes are the same.
+    events, _ = parse(b"\n", b": ping\n\n", b"event: a\ndata: 1\n\n", b"\r\n")
+    assert [e.raw for e in events] == [b"\n", b": ping\n\n", b"event: a\ndata: 1\n\n", b"\r\n"]
+
+
+@pytest.mark.parametrize("filler", [b"\n", b"\r\n", b"\r", b":\n\n", b": keep-alive\r\n\r\n", b":x\r\r"])
+def test_a_run_of_empty_events_is_one_event(filler):
+    """Millions of blank lines or comment-only events cost one regex match per chunk, not a Python object
+    each (issue 30): a run is one event, whatever line breaks it uses, and the event after it is intact."""
+    run = filler * 200_000
+    tail = b"event: a\r\ndata: 1\r\n\r\n" if b"\r" in filler else b"event: a\ndata: 1\n\n"
+    parser = sse.SSEParser()
+    events = parser.feed(run + tail)
+    assert [e.raw for e in events] == [run, tail]
+    assert fields(events) == [(None, ""), ("a", "1")]
+    assert events[0].kind is None
+    # Split inside the run and cut after its last byte: the bytes are the same; the run may come in pieces.
+    chunks = [run[:len(run) // 2 + 1], run[len(run) // 2 + 1:], tail]
+    events, _ = parse(*chunks)
+    assert b"".join(e.raw for e in events) == run + tail
+    assert len(events) <= 4 and fields(events)[-1] == ("a", "1")
+    assert all(fields([e]) == [(None, "")] for e in events[:-1])
+
+
+def test_a_run_that_ends_in_a_lone_cr_waits_for_the_next_byte():
+    parser = sse.SSEParser()
+    assert [e.raw for e in parser.feed(b"\n\n\r")] == [b"\n\n"]  # the "\r" may be the start of "\r\n"
+    assert parser.pending == b"\r"
+    assert [e.raw for e in parser.feed(b"\nevent: a\n\n")] == [b"\r\n", b"event: a\n\n"]
+    parser = sse.SSEParser()
+    assert parser.feed(b":x\r\r") == [] and parser.pending == b":x\r\r"
+    assert [e.raw for e in parser.feed(b"\n")] == [b":x\r\r\n"]
+
+
+def test_a_comment_before_fields_is_not_an_empty_event():
+    events, _ = parse(b":\n\n: note\nevent: a\ndata: 1\n\n\n")
+    assert [e.raw for e in events] == [b":\n\n", b": note\nevent: a\ndata: 1\n\n", b"\n"]
+    assert fields(events) == [(None, ""), ("a", "1"), (None, "")]
 
 
 def test_flush_returns_a_trailing_event_once():
@@ -216,6 +258,23 @@ def split(draw, body: bytes) -> list[bytes]:
     return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
 
 
+def _empty(raw: bytes) -> bool:
+    """Only blank lines and comments, ending in a blank line: an event that dispatches nothing (WHATWG)."""
+    lines = re.split(rb"\r\n|\r|\n", raw)
+    return raw[-1:] in (b"\n", b"\r") and all(not line or line[:1] == b":" for line in lines)
+
+
+def merged(events: list[sse.Event]) -> list[bytes]:
+    """The events' bytes with each run of empty events joined: where a run is cut depends on the split."""
+    out: list[bytes] = []
+    for event in events:
+        if out and _empty(out[-1]) and _empty(event.raw):
+            out[-1] += event.raw
+        else:
+            out.append(event.raw)
+    return out
+
+
 @SETTINGS
 @given(st.data(), streams)
 def test_any_split_gives_the_same_events_and_bytes(data, body):
@@ -223,8 +282,10 @@ def test_any_split_gives_the_same_events_and_bytes(data, body):
     chunks = data.draw(split(body))
     pieces, parser = parse(*chunks, flush=False)
     pieces += parser.flush()
-    assert [e.raw for e in pieces] == [e.raw for e in whole]
-    assert fields(pieces) == fields(whole)
+    assert merged(pieces) == merged(whole)
+    # A run found in one chunk is one event (but for a lone final "\r", held until the end).
+    assert not any(_empty(a.raw) and _empty(b.raw) for a, b in zip(whole, whole[1:-1]))
+    assert [f for f in fields(pieces) if f != (None, "")] == [f for f in fields(whole) if f != (None, "")]
     assert b"".join(e.raw for e in pieces) == body
     for event in pieces:  # the name's fast path (first line only) agrees with a full parse
         slow = sse.Event(event.raw)
