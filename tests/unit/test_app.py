@@ -114,6 +114,13 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
     # gateway_batch_chunks patches mitmproxy's HTTP/1 reader for the whole process (mitm/chunks.py): undone after
     monkeypatch.setattr(_http1, "make_body_reader", _http1.make_body_reader)
     monkeypatch.setattr("llm_gateway.mitm.chunks._original", None)
+    # so does gateway_head_size_limit (mitm/heads.py): mitmproxy's head readers back after
+    from mitmproxy.proxy.layers.http import Http1Client, Http1Server
+
+    monkeypatch.setattr(Http1Server, "read_headers", Http1Server.read_headers)
+    monkeypatch.setattr(Http1Client, "read_headers", Http1Client.read_headers)
+    monkeypatch.setattr("llm_gateway.mitm.heads._originals", {})
+    monkeypatch.setattr("llm_gateway.mitm.heads._bound", None)
     with taddons.context() as tctx:
         ns = tctx.script(str(GATEWAY_SCRIPT))
         [dispatcher] = ns.addons
@@ -121,7 +128,7 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
         names = [type(c).__name__ for c in dispatcher.concerns]
         assert names[:2] == ["RuleFile", "RecordLog"] and names.index("Usage") < names.index("Metrics") < names.index("WebView")
         for option in ("gateway_rules", "gateway_log", "gateway_keep_stream_body", "gateway_metrics_port",
-                       "gateway_ca", "gateway_listen_backlog", "gateway_batch_chunks"):
+                       "gateway_ca", "gateway_listen_backlog", "gateway_batch_chunks", "gateway_head_size_limit"):
             assert option in tctx.options, option
         for name in ("gateway.reload", "gateway.stats"):
             assert name in tctx.master.commands.commands, name

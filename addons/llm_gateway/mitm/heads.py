@@ -1,0 +1,163 @@
+"""A bound on HTTP/1 message heads: a head that never ends no longer grows the process without bound.
+
+mitmproxy 12's HTTP/1 layer appends every byte a peer sends to the connection's receive buffer and, while it
+waits for a head, looks for the blank line that ends it (`Http1Server.read_headers`, `Http1Client.read_headers`
+in proxy/layers/http/_http1.py); until that line comes it keeps everything, with no limit (its own comment:
+`FIXME: protect against header size DoS`). A client that sends `GET / HTTP/1.1\\r\\nX: aaaa…` forever, or an
+upstream whose answer head never ends, costs memory in proportion to what it sends, on both listeners and inside
+CONNECT tunnels (the inner HTTP layer is the same class). mitmproxy has no option for it.
+
+`install(bound)` puts a wrapper in place of those two methods on the classes (looked up when a connection starts
+reading a head, so every connection from then on has it; `uninstall` puts mitmproxy's back). The wrapper costs one
+`len()` per read while a head is awaited; only when the buffer holds more than `bound.limit` bytes does it look
+for the head's end within the first `limit` bytes (once: the head is then either taken by mitmproxy's reader or
+refused). A head longer than the limit is refused whether it came in one read or many:
+
+- a request head: the client gets `bound.refusal` (an `http.Response`: the gateway's native 431, written as it is), the
+  connection is closed and what was received is dropped; no flow exists yet, so no hook runs;
+- an answer head: the upstream connection is closed and the exchange gets a `ResponseProtocolError`, exactly as
+  mitmproxy sends one for an answer head it cannot parse: the `error` hook runs and the client gets what it gets
+  for any upstream failure (the gateway's native 502 for an API exchange).
+
+Either way `bound.report(side, peer, received)` is called (side "request" or "answer"; `peer` an address,
+never the head's bytes) so the caller can log it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("llm_gateway")
+
+# Where a head ends: h11's ReceiveBuffer.maybe_extract_lines looks for this (h11/_receivebuffer.py).
+HEAD_END = re.compile(rb"\n\r?\n")
+
+
+@dataclass(frozen=True)
+class HeadBound:
+    limit: int  # bytes: the longest head taken, request line or status line included
+    refusal: Any  # the answer (mitmproxy's http.Response) a client whose request head is longer gets
+    report: Callable[[str, str, int], None]  # (side, peer, bytes received): called once per refused head
+
+
+_bound: HeadBound | None = None
+_refusal = b""  # _bound.refusal as HTTP/1 bytes, assembled once
+_originals: dict[type, Any] = {}  # Http1Server/Http1Client -> mitmproxy's read_headers while ours is installed
+
+
+def too_long(buf: Any, limit: int) -> bool:
+    """Whether the receive buffer `buf` (h11's ReceiveBuffer: `len`, `bytes`) holds more than `limit` bytes and
+    no whole head within the first `limit`. A buffer starting with an empty line is mitmproxy's to skip."""
+    if len(buf) <= limit:
+        return False
+    first = bytes(buf)[:limit]  # one copy, once per head over the limit
+    if first[:1] == b"\n" or first[:2] == b"\r\n":
+        return False
+    return HEAD_END.search(first) is None
+
+
+def _peer(address: Any) -> str:
+    try:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    except (TypeError, IndexError):
+        return "an unknown peer"
+
+
+def _dropping(layer: Any) -> Callable[[Any], Any]:
+    """A state for a refused connection's HTTP/1 layer: whatever still arrives before the close is dropped
+    (mitmproxy appends every byte to the buffer before it asks the state, even in its `done` state)."""
+
+    def dropped(event: Any) -> Any:
+        if len(layer.buf):
+            layer.buf = type(layer.buf)()
+        yield from ()
+
+    return dropped
+
+
+def _refuse_request(self: Any, bound: HeadBound) -> Any:
+    """Generator of mitmproxy commands: the refusal, then the connection closed (Http1Server)."""
+    from mitmproxy.connection import ConnectionState
+    from mitmproxy.proxy import commands
+
+    received = len(self.buf)
+    self.buf = type(self.buf)()  # what was held goes now, not when the connection object does
+    self.state = _dropping(self)  # whatever still arrives before the close is not read as a head again
+    if self.conn.state & ConnectionState.CAN_WRITE:
+        yield commands.SendData(self.conn, _refusal)
+    yield commands.CloseConnection(self.conn)
+    bound.report("request", _peer(self.conn.peername), received)
+
+
+def _refuse_answer(self: Any, bound: HeadBound) -> Any:
+    """Generator of mitmproxy commands: the upstream closed, the exchange told it failed (Http1Client)."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import ErrorCode, ResponseProtocolError
+    from mitmproxy.proxy.layers.http._base import ReceiveHttp
+
+    received = len(self.buf)
+    self.buf = type(self.buf)()
+    self.state = _dropping(self)  # its close must not report the dropped bytes as an "unexpected server response"
+    yield commands.CloseConnection(self.conn)
+    yield ReceiveHttp(ResponseProtocolError(
+        self.stream_id, f"the upstream's answer head is longer than {bound.limit} bytes",
+        ErrorCode.GENERIC_SERVER_ERROR))
+    bound.report("answer", _peer(self.conn.address), received)
+
+
+def _wrap(original: Any, refuse: Callable[[Any, HeadBound], Any], needs_stream: bool) -> Any:
+    def read_headers(self: Any, event: Any) -> Any:
+        from mitmproxy.proxy import events
+
+        bound = _bound
+        if (bound is not None and isinstance(event, events.DataReceived) and len(self.buf) > bound.limit
+                and (not needs_stream or self.stream_id is not None) and too_long(self.buf, bound.limit)):
+            yield from refuse(self, bound)
+            return
+        yield from original(self, event)
+
+    read_headers.__wrapped__ = original  # type: ignore[attr-defined]
+    return read_headers
+
+
+def install(bound: HeadBound) -> bool:
+    """Bound heads from now on (the wrappers go in once per process; a later call changes only the bound).
+    False if mitmproxy's HTTP/1 layer no longer has the methods this wraps: heads are then unbounded, as in
+    bare mitmproxy."""
+    global _bound, _refusal
+    from mitmproxy.net.http import http1
+
+    _bound, _refusal = bound, http1.assemble_response(bound.refusal)
+    if _originals:
+        return True
+    try:
+        from mitmproxy.proxy.layers.http import Http1Client, Http1Server
+
+        server, client = Http1Server.read_headers, Http1Client.read_headers
+    except (ImportError, AttributeError) as e:
+        logger.warning(f"cannot find mitmproxy's HTTP/1 head reader ({e}): request and answer heads are unbounded")
+        _bound = None
+        return False
+    _originals[Http1Server], _originals[Http1Client] = server, client
+    Http1Server.read_headers = _wrap(server, _refuse_request, needs_stream=False)  # type: ignore[method-assign]
+    # Http1Client: data before a request is mitmproxy's case ("Unexpected data from server"), left to it
+    Http1Client.read_headers = _wrap(client, _refuse_answer, needs_stream=True)  # type: ignore[method-assign]
+    return True
+
+
+def uninstall() -> None:
+    """mitmproxy's own head readers again (connections already reading a head keep the wrapper, now unbounded)."""
+    global _bound
+    _bound = None
+    for cls, original in _originals.items():
+        cls.read_headers = original
+    _originals.clear()
+
+
+def installed() -> HeadBound | None:
+    return _bound
