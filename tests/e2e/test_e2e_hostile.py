@@ -248,8 +248,9 @@ class EndlessHead:
     then reads what comes back for 2 s. The connection stays open until `close()`: bare mitmdump logs the whole
     buffer when a client closes before its head ended, and that is not what is measured here."""
 
-    def __init__(self, connect: Callable[[], socket.socket]) -> None:
+    def __init__(self, connect: Callable[[], socket.socket], prefix: bytes = b"") -> None:
         self.connect = connect
+        self.prefix = prefix  # sent first: a whole request, for a next head sent while its answer runs
         self.sock: socket.socket | None = None
         self.sent = 0  # bytes of header lines the proxy took (or the kernel buffered) before it closed
         self.closed = False  # the proxy closed the connection (reset, or an end after its answer)
@@ -259,6 +260,7 @@ class EndlessHead:
         self.sock = sock = self.connect()
         deadline = time.monotonic() + HEAD_TIME
         try:
+            sock.sendall(self.prefix)
             sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\ncontent-type: application/json\r\n")
             while self.sent < HEAD_SENT and time.monotonic() < deadline:
                 sock.sendall(PADDING)
@@ -314,6 +316,34 @@ def test_a_request_head_that_never_ends_is_refused_at_the_bound(proxies, where):
     assert cost.stall < 3 * base.stall + 0.5, (where, cost, base)
     log = gw.wait_for_output("refused a request head from 127.0.0.1:")
     assert "aaaaaaaa" not in log and "x-pad" not in log, "the head's content is never echoed"
+
+
+def test_a_next_request_head_that_never_ends_while_an_answer_streams_is_cut_at_the_bound(proxies):
+    """HTTP/1 pipelining: a whole streamed request, then on the same connection a next head that does not end.
+    mitmproxy holds what comes while the answer runs (its `wait` state) and reads it as a head afterwards; the
+    gateway closes the connection once that head passes the bound (no 431 fits in the middle of an answer)."""
+    gw, bare = proxies
+    scenario = json.dumps({"burst": EVENTS, "event_delay": EVENT_DELAY})
+    request = (f"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\nx-api-key: {TOKEN}\r\n"
+               f"content-type: application/json\r\nx-fake-scenario: {scenario}\r\n"
+               f"content-length: {len(MESSAGE)}\r\n\r\n").encode() + MESSAGE
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10), request)
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\na next request head that never ends, sent while the answer streams: gateway stall "
+          f"{cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {gw_head.outcome()} after "
+          f"{gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, peak "
+          f"+{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    assert gw_head.closed and cost.status in (200, None), gw_head.answer[:300]
+    assert gw_head.sent < 16 * MB, "the gateway stopped taking the head (what was sent is socket buffers)"
+    assert cost.memory < 48 * MB, (cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (cost, base)
+    gw.wait_for_output("refused a request head from 127.0.0.1:")
 
 
 class EndlessAnswerHead:
@@ -403,7 +433,7 @@ def test_an_answer_head_that_never_ends_fails_the_exchange_at_the_bound(tmp_path
         assert upstream.sent[1] < 16 * MB, "the gateway stopped reading the upstream's head"
         assert memory < 48 * MB, memory
         record = gw.wait_record(lambda r: r.get("status") == 502)
-        assert record["reason"], record
+        assert record["reason"] == "upstream answer head too long", record
         log = gw.wait_for_output("an answer head from the upstream 127.0.0.1:")
         assert "aaaaaaaa" not in log, "the head's content is never echoed"
     finally:

@@ -19,6 +19,11 @@ refused). A head longer than the limit is refused whether it came in one read or
   mitmproxy sends one for an answer head it cannot parse: the `error` hook runs and the client gets what it gets
   for any upstream failure (the gateway's native 502 for an API exchange).
 
+- a client's next request head, sent while its last request is answered (HTTP/1 pipelining: mitmproxy holds it
+  in `Http1Server.wait`, wrapped the same way): the answer under way leaves no room for a 431, so the connection
+  is closed and the exchange ends as when its client goes away (`RequestProtocolError`, `CLIENT_DISCONNECTED`, as
+  mitmproxy's own `wait` reports a close). A next head found within the bound is looked for once only.
+
 Either way `bound.report(side, peer, received)` is called (side "request" or "answer"; `peer` an address,
 never the head's bytes) so the caller can log it.
 """
@@ -46,7 +51,7 @@ class HeadBound:
 
 _bound: HeadBound | None = None
 _refusal = b""  # _bound.refusal as HTTP/1 bytes, assembled once
-_originals: dict[type, Any] = {}  # Http1Server/Http1Client -> mitmproxy's read_headers while ours is installed
+_originals: dict[tuple[type, str], Any] = {}  # (class, method) -> mitmproxy's own while ours is installed
 
 
 def too_long(buf: Any, limit: int) -> bool:
@@ -110,11 +115,30 @@ def _refuse_answer(self: Any, bound: HeadBound) -> Any:
     bound.report("answer", _peer(self.conn.address), received)
 
 
+def _refuse_pipelined(self: Any, bound: HeadBound) -> Any:
+    """Generator of mitmproxy commands: a client that sent a next request head past the bound while its last
+    request is being answered (Http1Server in its `wait` state; the answer under way leaves no room for a 431).
+    The connection is closed and the exchange ends as when such a client goes away (mitmproxy's own `wait`)."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import ErrorCode, RequestProtocolError
+    from mitmproxy.proxy.layers.http._base import ReceiveHttp
+
+    received = len(self.buf)
+    self.buf = type(self.buf)()
+    self.state = _dropping(self)
+    yield commands.CloseConnection(self.conn)
+    yield ReceiveHttp(RequestProtocolError(
+        self.stream_id, f"Client disconnected: its next request head, sent while this answer ran, is longer than "
+        f"{bound.limit} bytes", ErrorCode.CLIENT_DISCONNECTED))
+    bound.report("request", _peer(self.conn.peername), received)
+
+
 def _wrap(original: Any, refuse: Callable[[Any, HeadBound], Any], needs_stream: bool) -> Any:
     def read_headers(self: Any, event: Any) -> Any:
         from mitmproxy.proxy import events
 
         bound = _bound
+        self.gateway_next_head_seen = False  # a head is awaited again (see `wait`)
         if (bound is not None and isinstance(event, events.DataReceived) and len(self.buf) > bound.limit
                 and (not needs_stream or self.stream_id is not None) and too_long(self.buf, bound.limit)):
             yield from refuse(self, bound)
@@ -123,6 +147,23 @@ def _wrap(original: Any, refuse: Callable[[Any, HeadBound], Any], needs_stream: 
 
     read_headers.__wrapped__ = original  # type: ignore[attr-defined]
     return read_headers
+
+
+def _wrap_wait(original: Any) -> Any:
+    def wait(self: Any, event: Any) -> Any:
+        from mitmproxy.proxy import events
+
+        bound = _bound
+        if (bound is not None and isinstance(event, events.DataReceived) and len(self.buf) > bound.limit
+                and not getattr(self, "gateway_next_head_seen", False)):
+            if too_long(self.buf, bound.limit):
+                yield from _refuse_pipelined(self, bound)
+                return
+            self.gateway_next_head_seen = True  # the rest is its body: not searched again until the next head
+        yield from original(self, event)
+
+    wait.__wrapped__ = original  # type: ignore[attr-defined]
+    return wait
 
 
 def install(bound: HeadBound) -> bool:
@@ -138,15 +179,18 @@ def install(bound: HeadBound) -> bool:
     try:
         from mitmproxy.proxy.layers.http import Http1Client, Http1Server
 
-        server, client = Http1Server.read_headers, Http1Client.read_headers
+        server, client, wait = Http1Server.read_headers, Http1Client.read_headers, Http1Server.wait
     except (ImportError, AttributeError) as e:
         logger.warning(f"cannot find mitmproxy's HTTP/1 head reader ({e}): request and answer heads are unbounded")
         _bound = None
         return False
-    _originals[Http1Server], _originals[Http1Client] = server, client
+    for cls, name in ((Http1Server, "read_headers"), (Http1Client, "read_headers"), (Http1Server, "wait")):
+        _originals[cls, name] = cls.__dict__.get(name)  # None: inherited (Http1Server's `wait` is its base's)
     Http1Server.read_headers = _wrap(server, _refuse_request, needs_stream=False)  # type: ignore[method-assign]
     # Http1Client: data before a request is mitmproxy's case ("Unexpected data from server"), left to it
     Http1Client.read_headers = _wrap(client, _refuse_answer, needs_stream=True)  # type: ignore[method-assign]
+    # the next request's head, arriving while the last one is answered (HTTP/1 pipelining), is held in `wait`
+    Http1Server.wait = _wrap_wait(wait)  # type: ignore[method-assign]
     return True
 
 
@@ -154,8 +198,11 @@ def uninstall() -> None:
     """mitmproxy's own head readers again (connections already reading a head keep the wrapper, now unbounded)."""
     global _bound
     _bound = None
-    for cls, original in _originals.items():
-        cls.read_headers = original
+    for (cls, name), original in _originals.items():
+        if original is None:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
     _originals.clear()
 
 

@@ -120,3 +120,7 @@ def test_the_head_readers_mitm_heads_wraps():
     assert "self.stream_id" in source(http_layers.Http1Client.read_headers)
     assert callable(http_layers.ReceiveHttp) and callable(http_layers.ErrorCode)
     assert "self.conn.peername" in source(http1_module.Http1Server.read_headers)
+    # a pipelined next request is held in `wait` (Http1Server.mark_done), which mitm/heads.py wraps on Http1Server
+    assert "self.state = self.wait" in source(http1_module.Http1Server.mark_done)
+    assert "Client disconnected" in source(http1_module.Http1Connection.wait)
+    assert callable(http_layers.RequestProtocolError) and hasattr(http_layers.ErrorCode, "CLIENT_DISCONNECTED")

@@ -15,6 +15,7 @@ from mitmproxy.proxy.layers.http import (
     Http1Server,
     RequestEndOfMessage,
     RequestHeaders,
+    RequestProtocolError,
     ResponseHeaders,
     ResponseProtocolError,
 )
@@ -144,6 +145,7 @@ def test_uninstall_gives_mitmproxy_its_readers_back(reports):
     assert Http1Server.read_headers.__wrapped__ is not None
     heads.uninstall()
     assert not hasattr(Http1Server.read_headers, "__wrapped__") and not hasattr(Http1Client.read_headers, "__wrapped__")
+    assert "wait" not in Http1Server.__dict__, "Http1Server's `wait` is its base class's again"
     assert heads.installed() is None
 
 
@@ -179,3 +181,38 @@ def test_the_option_installs_changes_and_turns_off_the_bound():
             assert heads.installed() is None and not hasattr(Http1Server.read_headers, "__wrapped__")
     finally:
         heads.uninstall()
+
+
+def answer_headers(layer) -> None:
+    response = tutils.tresp()
+    response.headers["content-length"] = "4"
+    list(layer.handle_event(ResponseHeaders(1, response, False)))
+
+
+def test_a_next_head_that_does_not_end_while_the_answer_runs_closes_the_connection(reports):
+    layer, context = server()
+    feed(layer, context.client, b"GET /one HTTP/1.1\r\nhost: a.example\r\n\r\n")
+    answer_headers(layer)  # the answer is under way: mitmproxy holds what the client sends next (`wait`)
+    out = feed(layer, context.client, b"GET /two HTTP/1.1\r\n", *[b"x-pad: " + b"a" * 100 + b"\r\n"] * 20)
+    assert not any(isinstance(c, commands.SendData) for c in out), "no 431 in the middle of an answer"
+    assert isinstance(out[0], commands.CloseConnection) and out[0].connection is context.client
+    [error] = received(out)
+    assert isinstance(error, RequestProtocolError) and error.code == ErrorCode.CLIENT_DISCONNECTED
+    assert error.message.startswith("Client disconnected") and "x-pad" not in error.message
+    assert len(layer.buf) == 0 and [r[0] for r in reports] == ["request"]
+
+
+def test_a_pipelined_request_within_the_bound_waits_for_its_turn(reports):
+    layer, context = server()
+    feed(layer, context.client, b"GET /one HTTP/1.1\r\nhost: a.example\r\n\r\n")
+    answer_headers(layer)
+    body = b"b" * 4 * LIMIT
+    out = feed(layer, context.client, b"POST /two HTTP/1.1\r\nhost: a.example\r\ncontent-length: %d\r\n\r\n" % len(body),
+               *[body[i:i + 500] for i in range(0, len(body), 500)])
+    assert out == [] and reports == []  # held, as mitmproxy holds it
+    from mitmproxy.proxy.layers.http import ResponseData, ResponseEndOfMessage
+
+    list(layer.handle_event(ResponseData(1, b"done")))
+    out = list(layer.handle_event(ResponseEndOfMessage(1)))
+    [second] = [e for e in received(out) if isinstance(e, RequestHeaders)]
+    assert second.request.path == "/two" and second.stream_id == 3
