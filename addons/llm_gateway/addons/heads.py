@@ -51,6 +51,9 @@ def report(side: str, peer: str, received: int) -> None:
     if side == "request":
         logger.warning(f"refused a request head from {peer}: {received} bytes without its end, over {most} "
                        f"(gateway_head_size_limit); answered {STATUS} and closed the connection")
+    elif side == "next request":
+        logger.warning(f"refused a request head from {peer}, sent while its last request was answered: {received} "
+                       f"bytes without its end, over {most} (gateway_head_size_limit); closed the connection")
     else:
         logger.warning(f"an answer head from the upstream {peer}: {received} bytes without its end, over {most} "
                        f"(gateway_head_size_limit); the upstream connection is closed and the exchange fails")

@@ -24,8 +24,8 @@ refused). A head longer than the limit is refused whether it came in one read or
   is closed and the exchange ends as when its client goes away (`RequestProtocolError`, `CLIENT_DISCONNECTED`, as
   mitmproxy's own `wait` reports a close). A next head found within the bound is looked for once only.
 
-Either way `bound.report(side, peer, received)` is called (side "request" or "answer"; `peer` an address,
-never the head's bytes) so the caller can log it.
+Each time `bound.report(side, peer, received)` is called (side "request", "next request" or "answer"; `peer`
+an address, never the head's bytes) so the caller can log it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ HEAD_END = re.compile(rb"\n\r?\n")
 class HeadBound:
     limit: int  # bytes: the longest head taken, request line or status line included
     refusal: Any  # the answer (mitmproxy's http.Response) a client whose request head is longer gets
-    report: Callable[[str, str, int], None]  # (side, peer, bytes received): called once per refused head
+    report: Callable[[str, str, int], None]  # (side, peer, bytes received): once per refused head
 
 
 _bound: HeadBound | None = None
@@ -130,7 +130,7 @@ def _refuse_pipelined(self: Any, bound: HeadBound) -> Any:
     yield ReceiveHttp(RequestProtocolError(
         self.stream_id, f"Client disconnected: its next request head, sent while this answer ran, is longer than "
         f"{bound.limit} bytes", ErrorCode.CLIENT_DISCONNECTED))
-    bound.report("request", _peer(self.conn.peername), received)
+    bound.report("next request", _peer(self.conn.peername), received)
 
 
 def _wrap(original: Any, refuse: Callable[[Any, HeadBound], Any], needs_stream: bool) -> Any:
