@@ -14,6 +14,9 @@ sends header lines forever grows the process without bound; bare mitmdump does t
 - an answer head longer than the limit ends the exchange as any upstream failure does (the `error` hook: the
   native 502 for an API exchange, recorded with that status; mitmproxy's own 502 for other traffic).
 
+Each refusal is a warning in the log (the peer's address and the byte count, never the head) and counts in
+`llm_gateway_heads_refused_total{side}`.
+
 The default, 256 KiB, is generous: Claude Code's and the SDKs' request heads are a few kB, nginx takes at most
 4 × 8 KiB (`large_client_header_buffers`), Node.js 16 KiB (`--max-http-header-size`). Memory per connection
 waiting for a head is then at most the limit plus one read (64 KiB). `0` turns the bound off (mitmproxy's own
@@ -23,12 +26,16 @@ behaviour).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.utils import human
 
 from llm_gateway.mitm import heads
 from llm_gateway.pipeline.answer import native_answer
+
+if TYPE_CHECKING:
+    from llm_gateway.addons.metrics import Metrics
 
 logger = logging.getLogger("llm_gateway.heads")
 
@@ -45,7 +52,10 @@ def refusal(limit: int) -> http.Response:
     return answer
 
 
-def report(side: str, peer: str, received: int) -> None:
+def report(side: str, peer: str, received: int, metrics: Metrics | None = None) -> None:
+    """Log one refused head (who and how much, never its bytes) and count it."""
+    if metrics is not None:
+        metrics.heads_refused.labels(side.replace(" ", "_")).inc()
     limit = heads.installed()
     most = limit.limit if limit else "the limit's"
     if side == "request":
@@ -60,6 +70,12 @@ def report(side: str, peer: str, received: int) -> None:
 
 
 class HeadLimit:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics  # llm_gateway_heads_refused_total{side}
+
+    def report(self, side: str, peer: str, received: int) -> None:
+        report(side, peer, received, self.metrics)
+
     def load(self, loader) -> None:
         loader.add_option(
             "gateway_head_size_limit", str, DEFAULT_LIMIT,
@@ -79,7 +95,7 @@ class HeadLimit:
         if limit <= 0:
             heads.uninstall()
             return
-        heads.install(heads.HeadBound(limit, refusal(limit), report))
+        heads.install(heads.HeadBound(limit, refusal(limit), self.report))
 
     def done(self) -> None:
         heads.uninstall()

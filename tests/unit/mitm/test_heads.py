@@ -216,3 +216,20 @@ def test_a_pipelined_request_within_the_bound_waits_for_its_turn(reports):
     out = list(layer.handle_event(ResponseEndOfMessage(1)))
     [second] = [e for e in received(out) if isinstance(e, RequestHeaders)]
     assert second.request.path == "/two" and second.stream_id == 3
+
+
+def test_a_refusal_is_logged_without_the_head_and_counted(caplog):
+    from llm_gateway.addons.metrics import Metrics
+
+    metrics = Metrics()
+    addon = heads_addon.HeadLimit(metrics)
+    try:
+        heads.install(heads.HeadBound(LIMIT, ANSWER, addon.report))
+        layer, context = server()
+        with caplog.at_level("WARNING", logger="llm_gateway.heads"):
+            feed(layer, context.client, b"GET /?key=sk-secret HTTP/1.1\r\nx-api-key: sk-secret" + b"a" * 2 * LIMIT)
+        assert "refused a request head from 127.0.0.1:22" in caplog.text and "answered 431" in caplog.text
+        assert "sk-secret" not in caplog.text and "GET" not in caplog.text
+        assert b'llm_gateway_heads_refused_total{side="request"} 1.0' in metrics.exposition()[1]
+    finally:
+        heads.uninstall()
