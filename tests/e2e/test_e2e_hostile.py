@@ -248,9 +248,11 @@ class EndlessHead:
     then reads what comes back for 2 s. The connection stays open until `close()`: bare mitmdump logs the whole
     buffer when a client closes before its head ended, and that is not what is measured here."""
 
-    def __init__(self, connect: Callable[[], socket.socket], prefix: bytes = b"") -> None:
+    def __init__(self, connect: Callable[[], socket.socket], prefix: bytes = b"", padding: bytes = PADDING,
+                 start: bytes = b"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\n") -> None:
         self.connect = connect
         self.prefix = prefix  # sent first: a whole request, for a next head sent while its answer runs
+        self.start, self.padding = start, padding  # the head's start, then what is sent again and again
         self.sock: socket.socket | None = None
         self.sent = 0  # bytes of header lines the proxy took (or the kernel buffered) before it closed
         self.closed = False  # the proxy closed the connection (reset, or an end after its answer)
@@ -260,11 +262,10 @@ class EndlessHead:
         self.sock = sock = self.connect()
         deadline = time.monotonic() + HEAD_TIME
         try:
-            sock.sendall(self.prefix)
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\ncontent-type: application/json\r\n")
+            sock.sendall(self.prefix + self.start)
             while self.sent < HEAD_SENT and time.monotonic() < deadline:
-                sock.sendall(PADDING)
-                self.sent += len(PADDING)
+                sock.sendall(self.padding)
+                self.sent += len(self.padding)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.closed = True
         sock.settimeout(2)
@@ -316,6 +317,28 @@ def test_a_request_head_that_never_ends_is_refused_at_the_bound(proxies, where):
     assert cost.stall < 3 * base.stall + 0.5, (where, cost, base)
     log = gw.wait_for_output("refused a request head from 127.0.0.1:")
     assert "aaaaaaaa" not in log and "x-pad" not in log, "the head's content is never echoed"
+
+
+def test_a_flood_of_empty_lines_is_dropped_as_it_comes(proxies):
+    """64 MiB of empty lines and nothing else: mitmproxy skips one empty line per read and holds the rest (bare
+    mitmdump grows with what is sent); the gateway drops them as they come (RFC 9112 section 2.2 lets a server skip
+    them) and holds at most the bound. There is no head to refuse: the connection stays open, as it does bare."""
+    gw, bare = proxies
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10),
+                           padding=b"\r\n" * 32768, start=b"")
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\n64 MiB of empty lines: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, "
+          f"{gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, "
+          f"peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    assert gw_head.sent == HEAD_SENT, "taken (and dropped) as it came"
+    assert cost.memory < 48 * MB, (cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (cost, base)
 
 
 def test_a_next_request_head_that_never_ends_while_an_answer_streams_is_cut_at_the_bound(proxies):

@@ -40,6 +40,7 @@ logger = logging.getLogger("llm_gateway")
 
 # Where a head ends: h11's ReceiveBuffer.maybe_extract_lines looks for this (h11/_receivebuffer.py).
 HEAD_END = re.compile(rb"\n\r?\n")
+EMPTY_LINES = re.compile(rb"(?:\r?\n)+")  # before a head: skipped (h11's maybe_extract_lines skips one a call)
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,20 @@ _originals: dict[tuple[type, str], Any] = {}  # (class, method) -> mitmproxy's o
 
 
 def too_long(buf: Any, limit: int) -> bool:
-    """Whether the receive buffer `buf` (h11's ReceiveBuffer: `len`, `bytes`) holds more than `limit` bytes and
-    no whole head within the first `limit`. A buffer starting with an empty line is mitmproxy's to skip."""
+    """Whether the receive buffer `buf` (h11's ReceiveBuffer: `len`, `bytes`, `maybe_extract_at_most`) holds more
+    than `limit` bytes and no whole head within the first `limit`.
+
+    Empty lines before a head are dropped from `buf` first: RFC 9112 section 2.2 lets a reader skip them, and
+    mitmproxy does, but one per read, so a peer sending empty lines faster than that would grow the buffer behind
+    them without bound (or hide a head that never ends behind a few)."""
     if len(buf) <= limit:
         return False
-    first = bytes(buf)[:limit]  # one copy, once per head over the limit
-    if first[:1] == b"\n" or first[:2] == b"\r\n":
-        return False
+    first = bytes(buf)[:limit]  # one copy of at most `limit` bytes, once per head over the limit
+    while (empty := EMPTY_LINES.match(first)) is not None:
+        buf.maybe_extract_at_most(empty.end())
+        if len(buf) <= limit:
+            return False
+        first = bytes(buf)[:limit]
     return HEAD_END.search(first) is None
 
 

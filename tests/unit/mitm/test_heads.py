@@ -233,3 +233,20 @@ def test_a_refusal_is_logged_without_the_head_and_counted(caplog):
         assert b'llm_gateway_heads_refused_total{side="request"} 1.0' in metrics.exposition()[1]
     finally:
         heads.uninstall()
+
+
+def test_empty_lines_before_a_head_are_dropped_not_held(reports):
+    """mitmproxy skips one empty line per read: a flood of them would hold everything sent behind them."""
+    layer, context = server()
+    out = feed(layer, context.client, *[b"\r\n" * 500] * 10)  # 10 kB of empty lines, no head
+    assert out == [] and len(layer.buf) <= LIMIT and reports == []
+    # empty lines, then a head within the bound, then its body: the head is read at once
+    layer, context = server()
+    wire = b"\r\n" * 600 + b"POST /v1/messages HTTP/1.1\r\nhost: a.example\r\ncontent-length: 3000\r\n\r\n" + b"b" * 3000
+    out = feed(layer, context.client, wire[:1000], wire[1000:2000], wire[2000:])
+    [head] = [e for e in received(out) if isinstance(e, RequestHeaders)]
+    assert head.request.path == "/v1/messages" and isinstance(received(out)[-1], RequestEndOfMessage)
+    # empty lines hiding a head that never ends
+    layer, context = server()
+    out = feed(layer, context.client, b"\r\n" * 300, b"GET / HTTP/1.1\r\nx-pad: " + b"a" * 2 * LIMIT)
+    assert [c.data for c in out if isinstance(c, commands.SendData)] == [REFUSAL] and len(reports) == 1
