@@ -257,6 +257,7 @@ class EndlessHead:
         self.sent = 0  # bytes of header lines the proxy took (or the kernel buffered) before it closed
         self.closed = False  # the proxy closed the connection (reset, or an end after its answer)
         self.answer = b""
+        self.stalled = False
 
     def __call__(self) -> int | None:
         self.sock = sock = self.connect()
@@ -268,6 +269,8 @@ class EndlessHead:
                 self.sent += len(self.padding)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.closed = True
+        except TimeoutError:  # the proxy stopped reading for 10 s
+            self.stalled = True
         sock.settimeout(2)
         try:
             while chunk := sock.recv(65536):
@@ -280,7 +283,8 @@ class EndlessHead:
         return status_of(self.answer)
 
     def outcome(self) -> str:
-        return str(status_of(self.answer) or ("closed" if self.closed else "no answer"))
+        return str(status_of(self.answer) or ("closed" if self.closed else "no answer")) + (
+            ", stopped reading" if self.stalled else "")
 
     def close(self) -> None:
         if self.sock is not None:
@@ -339,6 +343,42 @@ def test_a_flood_of_empty_lines_is_dropped_as_it_comes(proxies):
     assert gw_head.sent == HEAD_SENT, "taken (and dropped) as it came"
     assert cost.memory < 48 * MB, (cost, base)
     assert cost.stall < 3 * base.stall + 0.5, (cost, base)
+
+
+def test_a_chunk_size_line_that_never_ends_is_refused_at_the_bound(proxies):
+    """A chunked request body whose second chunk-size line never ends (64 MiB of `0`): h11's reader waits for the
+    line's end and mitmproxy holds it all; the gateway ends the exchange once the line passes the bound. (mitmproxy
+    then stops reading the socket but leaves it open, as after its own body protocol errors: the sender sees its
+    sends stop, not a close.)"""
+    gw, bare = proxies
+    start = (f"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\nx-api-key: {TOKEN}\r\n"
+             f"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"a\":\r\n").encode()
+
+    def cut(record: dict) -> bool:
+        return record.get("reason") == "client disconnected" and record.get("status") is None
+
+    cut_before = len(gw.wait_records(cut, 0, timeout=0))
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10),
+                           padding=b"0" * 65536, start=start)
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\na chunk-size line that never ends: gateway stall {cost.stall * 1000:.0f} ms, peak "
+          f"+{cost.memory / MB:.0f} MB, {gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall "
+          f"{base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after "
+          f"{bare_head.sent / MB:.1f} MiB sent")
+    assert (gw_head.closed or gw_head.stalled) and cost.status is None, gw_head.answer[:300]
+    assert gw_head.sent < 16 * MB, "the gateway stopped taking the line (what was sent is socket buffers)"
+    assert cost.memory < 48 * MB, (cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (cost, base)
+    log = gw.wait_for_output("a chunked request body from the client 127.0.0.1:")
+    assert "00000000" not in log, "the line's content is never echoed"
+    # the exchange is recorded as its client going away (it got no answer)
+    assert len(gw.wait_records(cut, cut_before + 1)) == cut_before + 1
 
 
 def test_a_next_request_head_that_never_ends_while_an_answer_streams_is_cut_at_the_bound(proxies):

@@ -14,6 +14,9 @@ sends header lines forever grows the process without bound; bare mitmdump does t
 - an answer head longer than the limit ends the exchange as any upstream failure does (the `error` hook: the
   native 502 for an API exchange, recorded with that status; mitmproxy's own 502 for other traffic).
 
+The same bound holds the lines inside a chunked body (a chunk-size line, the trailers) and a request sent while
+the last one is answered (HTTP/1 pipelining); there no 431 fits, so the connection is only closed (mitm/heads.py).
+
 Each refusal is a warning in the log (the peer's address and the byte count, never the head) and counts in
 `llm_gateway_heads_refused_total{side}`.
 
@@ -64,6 +67,11 @@ def report(side: str, peer: str, received: int, metrics: Metrics | None = None) 
     elif side == "next request":
         logger.warning(f"refused a request head from {peer}, sent while its last request was answered: {received} "
                        f"bytes without its end, over {most} (gateway_head_size_limit); closed the connection")
+    elif side.endswith(" body"):
+        who = f"the client {peer}" if side == "request body" else f"the upstream {peer}"
+        logger.warning(f"a chunked {side} from {who}: a chunk-size or trailer line of {received} bytes without "
+                       f"its end, over {most} (gateway_head_size_limit); the connection is closed and the exchange "
+                       f"fails")
     else:
         logger.warning(f"an answer head from the upstream {peer}: {received} bytes without its end, over {most} "
                        f"(gateway_head_size_limit); the upstream connection is closed and the exchange fails")

@@ -92,7 +92,8 @@ class Metrics:
         self.heads_refused = Counter(
             "llm_gateway_heads_refused",
             "HTTP/1 heads longer than gateway_head_size_limit, refused (addons/heads.py), by side: request, "
-            "next_request (sent while the last request was answered), answer (an upstream's)",
+            "next_request (sent while the last request was answered), answer (an upstream's), request_body and "
+            "answer_body (a chunked body's chunk-size or trailer line)",
             ["side"], registry=r,
         )
         self.principal_requests = Counter(

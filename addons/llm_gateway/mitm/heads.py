@@ -24,8 +24,14 @@ refused). A head longer than the limit is refused whether it came in one read or
   is closed and the exchange ends as when its client goes away (`RequestProtocolError`, `CLIENT_DISCONNECTED`, as
   mitmproxy's own `wait` reports a close). A next head found within the bound is looked for once only.
 
-Each time `bound.report(side, peer, received)` is called (side "request", "next request" or "answer"; `peer`
-an address, never the head's bytes) so the caller can log it.
+- a chunked body's chunk-size line or trailers (lines the body reader waits to see whole, while mitmproxy holds
+  everything after them; `read_body`, wrapped on both classes): past the bound the connection is closed; an
+  answer's exchange gets the protocol error mitmproxy sends for a body it cannot parse (the client a 502), a
+  request's ends as when its client goes away (it gets no answer). mitmproxy 12 then stops reading the client
+  socket but leaves it open until the client closes it, as it does after its own body protocol errors.
+
+Each time `bound.report(side, peer, received)` is called (side "request", "next request", "answer",
+"request body" or "answer body"; `peer` an address, never the bytes) so the caller can log it.
 """
 
 from __future__ import annotations
@@ -141,6 +147,47 @@ def _refuse_pipelined(self: Any, bound: HeadBound) -> Any:
     bound.report("next request", _peer(self.conn.peername), received)
 
 
+def _refuse_body_line(self: Any, bound: HeadBound) -> Any:
+    """Generator of mitmproxy commands: a chunked body whose chunk-size line or trailers do not end within the
+    bound (the body reader waits for the line's end and mitmproxy holds everything meanwhile). Ended as mitmproxy
+    ends a body it cannot parse (`read_body` on an h11.ProtocolError): the connection closed, a protocol error
+    for the exchange."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http._base import ReceiveHttp
+
+    from mitmproxy.proxy.layers.http import ErrorCode
+
+    received = len(self.buf)
+    self.buf = type(self.buf)()
+    self.state = _dropping(self)
+    yield commands.CloseConnection(self.conn)
+    server = self.conn is self.context.client
+    line = f"a chunk-size or trailer line longer than {bound.limit} bytes"
+    if server:  # the client gets no answer: the exchange ends as when its client goes away (see `wait`)
+        yield ReceiveHttp(self.ReceiveProtocolError(
+            self.stream_id, f"Client disconnected: its chunked body has {line}", ErrorCode.CLIENT_DISCONNECTED))
+    else:
+        yield ReceiveHttp(self.ReceiveProtocolError(
+            self.stream_id, f"HTTP/1 protocol error: {line}", ErrorCode.GENERIC_SERVER_ERROR))
+    bound.report("request body" if server else "answer body",
+                 _peer(self.conn.peername if server else self.conn.address), received)
+
+
+def _wrap_body(original: Any) -> Any:
+    def read_body(self: Any, event: Any) -> Any:
+        from mitmproxy.proxy import events
+
+        yield from original(self, event)
+        bound = _bound
+        # the reader took all it could: what is left waits for a line's end (chunk size, trailers)
+        if (bound is not None and isinstance(event, events.DataReceived) and len(self.buf) > bound.limit
+                and self.state == self.read_body):
+            yield from _refuse_body_line(self, bound)
+
+    read_body.__wrapped__ = original  # type: ignore[attr-defined]
+    return read_body
+
+
 def _wrap(original: Any, refuse: Callable[[Any, HeadBound], Any], needs_stream: bool) -> Any:
     def read_headers(self: Any, event: Any) -> Any:
         from mitmproxy.proxy import events
@@ -188,17 +235,21 @@ def install(bound: HeadBound) -> bool:
         from mitmproxy.proxy.layers.http import Http1Client, Http1Server
 
         server, client, wait = Http1Server.read_headers, Http1Client.read_headers, Http1Server.wait
+        body = Http1Server.read_body
     except (ImportError, AttributeError) as e:
         logger.warning(f"cannot find mitmproxy's HTTP/1 head reader ({e}): request and answer heads are unbounded")
         _bound = None
         return False
-    for cls, name in ((Http1Server, "read_headers"), (Http1Client, "read_headers"), (Http1Server, "wait")):
+    for cls, name in ((Http1Server, "read_headers"), (Http1Client, "read_headers"), (Http1Server, "wait"),
+                      (Http1Server, "read_body"), (Http1Client, "read_body")):
         _originals[cls, name] = cls.__dict__.get(name)  # None: inherited (Http1Server's `wait` is its base's)
     Http1Server.read_headers = _wrap(server, _refuse_request, needs_stream=False)  # type: ignore[method-assign]
     # Http1Client: data before a request is mitmproxy's case ("Unexpected data from server"), left to it
     Http1Client.read_headers = _wrap(client, _refuse_answer, needs_stream=True)  # type: ignore[method-assign]
     # the next request's head, arriving while the last one is answered (HTTP/1 pipelining), is held in `wait`
     Http1Server.wait = _wrap_wait(wait)  # type: ignore[method-assign]
+    # a chunked body's chunk-size line or trailers: lines too, held whole until they end
+    Http1Server.read_body = Http1Client.read_body = _wrap_body(body)  # type: ignore[method-assign]
     return True
 
 

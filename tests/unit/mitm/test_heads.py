@@ -145,7 +145,9 @@ def test_uninstall_gives_mitmproxy_its_readers_back(reports):
     assert Http1Server.read_headers.__wrapped__ is not None
     heads.uninstall()
     assert not hasattr(Http1Server.read_headers, "__wrapped__") and not hasattr(Http1Client.read_headers, "__wrapped__")
-    assert "wait" not in Http1Server.__dict__, "Http1Server's `wait` is its base class's again"
+    for name in ("wait", "read_body"):
+        assert name not in Http1Server.__dict__, f"Http1Server's `{name}` is its base class's again"
+    assert "read_body" not in Http1Client.__dict__
     assert heads.installed() is None
 
 
@@ -250,3 +252,37 @@ def test_empty_lines_before_a_head_are_dropped_not_held(reports):
     layer, context = server()
     out = feed(layer, context.client, b"\r\n" * 300, b"GET / HTTP/1.1\r\nx-pad: " + b"a" * 2 * LIMIT)
     assert [c.data for c in out if isinstance(c, commands.SendData)] == [REFUSAL] and len(reports) == 1
+
+
+def chunked_request(layer, context) -> list:
+    return feed(layer, context.client, b"POST /v1/messages HTTP/1.1\r\nhost: a.example\r\ntransfer-encoding: chunked\r\n\r\n")
+
+
+def test_a_chunk_size_line_that_does_not_end_fails_the_exchange(reports):
+    layer, context = server()
+    chunked_request(layer, context)
+    out = feed(layer, context.client, b"5\r\nhello\r\n", *[b"0" * 300] * 5)  # a size line that never ends
+    assert bytes(received(out)[0].data) == b"hello", "the chunk before goes on first"
+    assert [c.connection for c in out if isinstance(c, commands.CloseConnection)] == [context.client]
+    [error] = [e for e in received(out) if isinstance(e, RequestProtocolError)]
+    assert "chunk-size or trailer line longer than 1024 bytes" in error.message
+    assert error.message.startswith("Client disconnected")  # recorded as such: the client gets no answer
+    assert error.code == ErrorCode.CLIENT_DISCONNECTED and len(layer.buf) == 0
+    assert [r[0] for r in reports] == ["request body"]
+
+
+def test_trailers_that_do_not_end_fail_an_answer(reports):
+    layer, context = client()
+    feed(layer, context.server, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+    out = feed(layer, context.server, *[b"x-trailer: " + b"t" * 200 + b"\r\n"] * 6)
+    [error] = [e for e in received(out) if isinstance(e, ResponseProtocolError)]
+    assert "trailer line longer than 1024 bytes" in error.message and [r[0] for r in reports] == ["answer body"]
+
+
+def test_a_chunked_body_within_the_bound_passes_whole(reports):
+    layer, context = server()
+    chunked_request(layer, context)
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in [b"x" * 3000, b"y" * 5000]) + b"0\r\n\r\n"
+    out = feed(layer, context.client, *[body[i:i + 700] for i in range(0, len(body), 700)])
+    data = b"".join(e.data for e in received(out) if type(e).__name__ == "RequestData")
+    assert data == b"x" * 3000 + b"y" * 5000 and isinstance(received(out)[-1], RequestEndOfMessage) and reports == []
