@@ -376,7 +376,7 @@ def test_a_chunk_size_line_that_never_ends_is_refused_at_the_bound(proxies):
     assert cost.memory < 48 * MB, (cost, base)
     assert cost.stall < 3 * base.stall + 0.5, (cost, base)
     log = gw.wait_for_output("a chunked request body from the client 127.0.0.1:")
-    assert "00000000" not in log, "the line's content is never echoed"
+    assert "0" * 64 not in log, "the line's content is never echoed"
     # the exchange is recorded as its client going away (it got no answer)
     assert len(gw.wait_records(cut, cut_before + 1)) == cut_before + 1
 
