@@ -1,4 +1,4 @@
-"""A bound on HTTP/1 message heads: a head that never ends no longer grows the process without bound.
+"""A bound on the lines of HTTP/1 messages: a head that never ends no longer grows the process without bound.
 
 mitmproxy 12's HTTP/1 layer appends every byte a peer sends to the connection's receive buffer and, while it
 waits for a head, looks for the blank line that ends it (`Http1Server.read_headers`, `Http1Client.read_headers`
@@ -7,31 +7,29 @@ in proxy/layers/http/_http1.py); until that line comes it keeps everything, with
 upstream whose answer head never ends, costs memory in proportion to what it sends, on both listeners and inside
 CONNECT tunnels (the inner HTTP layer is the same class). mitmproxy has no option for it.
 
-`install(bound)` puts a wrapper in place of those two methods on the classes (looked up when a connection starts
-reading a head, so every connection from then on has it; `uninstall` puts mitmproxy's back). The wrapper costs one
-`len()` per read while a head is awaited; only when the buffer holds more than `bound.limit` bytes does it look
-for the head's end within the first `limit` bytes (once: the head is then either taken by mitmproxy's reader or
-refused). A head longer than the limit is refused whether it came in one read or many:
+`install(bound)` puts wrappers in place of mitmproxy's methods on the classes (looked up when a connection enters
+that state, so every connection from then on has them; `uninstall` puts mitmproxy's back). A wrapper costs one
+`len()` per read; only when the buffer holds more than `bound.limit` bytes does it look for the line's end within
+the first `limit` bytes (once: the head is then either taken by mitmproxy's reader or refused). Past the bound,
+whether the bytes came in one read or many, what was received is dropped and:
 
-- a request head: the client gets `bound.refusal` (an `http.Response`: the gateway's native 431, written as it is), the
-  connection is closed and what was received is dropped; no flow exists yet, so no hook runs;
-- an answer head: the upstream connection is closed and the exchange gets a `ResponseProtocolError`, exactly as
-  mitmproxy sends one for an answer head it cannot parse: the `error` hook runs and the client gets what it gets
-  for any upstream failure (the gateway's native 502 for an API exchange).
-
+- a request head (`Http1Server.read_headers`): the client gets `bound.refusal` (an `http.Response`: the gateway's
+  native 431, written as it is) and the connection is closed; no flow exists yet, so no hook runs;
+- an answer head (`Http1Client.read_headers`): the upstream connection is closed and the exchange gets a
+  `ResponseProtocolError`, exactly as mitmproxy sends one for an answer head it cannot parse: the `error` hook
+  runs and the client gets what it gets for any upstream failure (the gateway's native 502 for an API exchange);
 - a client's next request head, sent while its last request is answered (HTTP/1 pipelining: mitmproxy holds it
-  in `Http1Server.wait`, wrapped the same way): the answer under way leaves no room for a 431, so the connection
-  is closed and the exchange ends as when its client goes away (`RequestProtocolError`, `CLIENT_DISCONNECTED`, as
-  mitmproxy's own `wait` reports a close). A next head found within the bound is looked for once only.
+  in `Http1Server.wait`): the answer under way leaves no room for a 431, so the connection is closed and the
+  exchange ends as when its client goes away (`RequestProtocolError`, `CLIENT_DISCONNECTED`, as mitmproxy's own
+  `wait` reports a close). A next head found within the bound is looked for once only;
+- a chunked body's chunk-size line or trailers (lines h11's body reader waits to see whole, while mitmproxy holds
+  everything behind them; `read_body` of both classes): the connection is closed; an answer's exchange gets the
+  protocol error mitmproxy sends for a body it cannot parse (the client a 502), a request's ends as when its
+  client goes away (it gets no answer). mitmproxy 12 then stops reading the client socket but may leave it open
+  until the client closes it, as it does after its own body protocol errors.
 
-- a chunked body's chunk-size line or trailers (lines the body reader waits to see whole, while mitmproxy holds
-  everything after them; `read_body`, wrapped on both classes): past the bound the connection is closed; an
-  answer's exchange gets the protocol error mitmproxy sends for a body it cannot parse (the client a 502), a
-  request's ends as when its client goes away (it gets no answer). mitmproxy 12 then stops reading the client
-  socket but leaves it open until the client closes it, as it does after its own body protocol errors.
-
-Each time `bound.report(side, peer, received)` is called (side "request", "next request", "answer",
-"request body" or "answer body"; `peer` an address, never the bytes) so the caller can log it.
+Each time `bound.report(side, peer, received)` is called (side "request", "next request", "answer", "request
+body" or "answer body"; `peer` an address, never the bytes) so the caller can log it.
 """
 
 from __future__ import annotations

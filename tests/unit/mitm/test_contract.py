@@ -124,3 +124,8 @@ def test_the_head_readers_mitm_heads_wraps():
     assert "self.state = self.wait" in source(http1_module.Http1Server.mark_done)
     assert "Client disconnected" in source(http1_module.Http1Connection.wait)
     assert callable(http_layers.RequestProtocolError) and hasattr(http_layers.ErrorCode, "CLIENT_DISCONNECTED")
+    # a chunked body's lines: `read_body` reads what it can with the body reader and leaves the rest in `buf`
+    body = source(http1_module.Http1Connection.read_body)
+    assert "self.body_reader(self.buf)" in body and "self.ReceiveProtocolError" in body
+    assert "self.state = self.read_body" in source(http1_module.Http1Server.read_headers)
+    assert "self.state = self.read_body" in source(http1_module.Http1Client.read_headers)
