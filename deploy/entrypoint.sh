@@ -22,6 +22,9 @@ nofile=${LLM_GATEWAY_NOFILE:-65536}                  # open files: two per conne
 # file's limits.request_body (32m by default; API requests get the gateway's native 413 below that) and well
 # below the memory limit (docs/reliability.md, "Hostile input").
 body_size_limit=${LLM_GATEWAY_BODY_SIZE_LIMIT:-64m}
+# mitmproxy also buffers a request or answer head until its blank line comes, however long; a longer head is
+# refused (a request: native 431; an answer: the exchange fails). Client heads are a few kB (docs/reliability.md).
+head_size_limit=${LLM_GATEWAY_HEAD_SIZE_LIMIT:-256k}
 
 # The open-file limit: as high as asked, within the hard limit the container runtime gives.
 ulimit -n "$nofile" 2>/dev/null || echo "llm-gateway: cannot raise the open-file limit to $nofile (hard limit $(ulimit -Hn))" >&2
@@ -41,4 +44,5 @@ exec llm-gateway-dump -s "$script" \
   --set connection_strategy=lazy \
   --set flow_detail=0 \
   --set "body_size_limit=$body_size_limit" \
+  --set "gateway_head_size_limit=$head_size_limit" \
   "$@"

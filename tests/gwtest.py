@@ -61,17 +61,18 @@ def forward(stream, chunks) -> bytes:
 
 def flow_addons(rf: RuleFile) -> list:
     """gateway.py's addons (app.default_addons), in its order, less the ones that act on the whole process
-    or need mitmproxy's running event loop (the timer, the log filter, the open-file limit, the listen queue, the warm-up): what a test that
+    or need mitmproxy's running event loop (the timer, the log filter, the open-file limit, the listen queue, the head bound, the warm-up): what a test that
     calls the flow hooks itself drives. The first two are always `rf` and the RecordLog."""
     from llm_gateway.addons.backlog import ListenBacklog
     from llm_gateway.addons.batching import ChunkBatching
     from llm_gateway.app import default_addons
     from llm_gateway.addons.fdlimit import OpenFileLimit
     from llm_gateway.addons.gatewaylog import GatewayLog
+    from llm_gateway.addons.heads import HeadLimit
     from llm_gateway.addons.timeouts import Timeouts
     from llm_gateway.addons.warmup import Warmup
 
-    process_wide = (Timeouts, GatewayLog, OpenFileLimit, ListenBacklog, ChunkBatching, Warmup)
+    process_wide = (Timeouts, GatewayLog, OpenFileLimit, ListenBacklog, ChunkBatching, HeadLimit, Warmup)
     return [a for a in default_addons(rf) if not isinstance(a, process_wide)]
 
 

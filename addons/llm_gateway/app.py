@@ -63,6 +63,7 @@ from llm_gateway.addons.failover import Failover
 from llm_gateway.addons.fdlimit import OpenFileLimit
 from llm_gateway.addons.framing import FramingGuard
 from llm_gateway.addons.gatewaylog import GatewayLog
+from llm_gateway.addons.heads import HeadLimit
 from llm_gateway.addons.metrics import Metrics
 from llm_gateway.addons.otel import OtelExport
 from llm_gateway.addons.recordlog import RecordLog
@@ -288,6 +289,7 @@ def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None 
         GatewayLog(),  # mitmproxy's connection chatter down to debug; failed non-API requests named
         StartupReport(rule_file),  # running: where each base-URL listener sends API requests; risky set-ups
         ChunkBatching(),  # gateway_batch_chunks: every chunk of a chunked body already received, handed on at once
+        HeadLimit(metrics),  # gateway_head_size_limit: a request head past it a native 431, an answer head a failed exchange
         ListenBacklog(),  # gateway_listen_backlog: a deeper listen queue than mitmproxy's 100, for bursts
         Warmup(),  # running: the price list loaded, then start-up objects frozen out of the garbage collector's walks
     ]

@@ -35,7 +35,7 @@ from . import source
 
 UPSTREAM = "http://127.0.0.1:9"  # never dialled: the hooks only route to it
 HOOKS = ("requestheaders", "request", "responseheaders", "response")
-PROCESS_WIDE = ("OpenFileLimit", "ListenBacklog", "ChunkBatching", "GatewayLog", "Warmup")
+PROCESS_WIDE = ("OpenFileLimit", "ListenBacklog", "ChunkBatching", "HeadLimit", "GatewayLog", "Warmup")
 
 
 def _exchanges(body: bytes) -> tuple[Callable[[], http.HTTPFlow], Callable[[http.HTTPFlow], None]]:

@@ -18,7 +18,7 @@ import yaml
 from mitmproxy.utils import human
 
 from llm_gateway.util import cafiles
-from llm_gateway.addons import endpoints
+from llm_gateway.addons import endpoints, heads
 from llm_gateway.policy import rules
 from llm_gateway.policy.spec import Limits
 
@@ -117,6 +117,9 @@ def test_entrypoint_defaults_match_the_deployment():
     # non-API bodies are bounded (issue 30), above the API's own limit so API requests still get the native 413
     assert '--set "body_size_limit=$body_size_limit"' in text
     assert human.parse_size(defaults["LLM_GATEWAY_BODY_SIZE_LIMIT"]) > Limits().request_body
+    # and so are heads: a head that never ends is refused at gateway_head_size_limit, the addon's own default
+    assert '--set "gateway_head_size_limit=$head_size_limit"' in text
+    assert human.parse_size(defaults["LLM_GATEWAY_HEAD_SIZE_LIMIT"]) == human.parse_size(heads.DEFAULT_LIMIT)
 
 
 def test_probes_name_paths_and_ports_the_gateway_serves():

@@ -16,9 +16,13 @@ from __future__ import annotations
 import brotli
 import http.client
 import json
+import re
+import socket
+import ssl
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +53,8 @@ class Bare(Gateway):
     (`stream_large_bodies=1`) as the gateway relays SSE; buffered, a stall would not show as a gap."""
 
     def args(self) -> list[str]:
-        return [str(BIN / "mitmdump"), "--mode", f"reverse:{self.reverse_to}@127.0.0.1:{free_port()}",
+        regular = ["--mode", f"regular@127.0.0.1:{free_port()}"] if self.regular else []
+        return [str(BIN / "mitmdump"), *regular, "--mode", f"reverse:{self.reverse_to}@127.0.0.1:{free_port()}",
                 "--set", f"confdir={self.confdir}", "--set", "connection_strategy=lazy",
                 "--set", "stream_large_bodies=1"]
 
@@ -105,8 +110,10 @@ def hostile_request(port: int, method: str, headers: list[tuple[str, str]], body
         conn.close()
 
 
-def measure(proxy: Gateway, port: int, method: str, headers: list[tuple[str, str]], body: bytes) -> Cost:
-    """One hostile request sent while STREAMS paced streams run through `proxy`."""
+def measure(proxy: Gateway, port: int, method: str, headers: list[tuple[str, str]], body: bytes,
+            send: Callable[[], int | None] | None = None) -> Cost:
+    """One hostile request sent while STREAMS paced streams run through `proxy` (`send()` sends it, when given,
+    and says what it got; else `method`, `headers` and `body` to `port`)."""
     pid = proxy.proc.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from now
     before = rss(pid)
@@ -118,7 +125,10 @@ def measure(proxy: Gateway, port: int, method: str, headers: list[tuple[str, str
     for s in started:
         s.wait(30)
     time.sleep(0.3)  # the streams are under way
-    status, size = hostile_request(port, method, headers, body)
+    if send is not None:
+        status, size = send(), 0
+    else:
+        status, size = hostile_request(port, method, headers, body)
     for t in threads:
         t.join(60)
     assert len(gaps) == STREAMS, "every paced stream finished"
@@ -180,8 +190,9 @@ credentials:
   upstream: [{{name: main, key_file: {key_file}}}]
   tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
 """)
-    gw = Gateway(rules, reverse_to=module_fake.url, regular=False).start()
-    bare = Bare("", reverse_to=module_fake.url, regular=False).start()
+    # an egress listener too: a request head inside a CONNECT tunnel (test_a_request_head_that_never_ends_…)
+    gw = Gateway(rules, reverse_to=module_fake.url, regular=True).start()
+    bare = Bare("", reverse_to=module_fake.url, regular=True).start()
     try:
         for proxy, port in ((gw, gw.reverse_port), (bare, bare.reverse_port)):  # warm: every code path imported
             measure(proxy, port, "POST", [("content-type", "application/json"), ("x-api-key", TOKEN)], MESSAGE)
@@ -227,3 +238,299 @@ def test_one_hostile_answer_costs_what_it_costs_bare_mitmdump(proxies, module_fa
         assert cost.status is not None and cost.status >= 400
     assert cost.stall < 3 * base.stall + 0.5, (name, cost, base)
     assert cost.memory < 2 * max(base.memory, 0) + 48 * MB, (name, cost, base)
+
+
+# ------------------------------------------------------------------ a head that never ends (mitmproxy's FIXME)
+
+HEAD_SENT = 64 * MB  # bytes of header lines a sender sends at most
+HEAD_TIME = 20.0  # seconds a sender keeps at it at most
+PADDING = (b"x-pad: " + b"a" * 1015 + b"\r\n") * 64  # 64 lines of 1 KiB: one send
+
+
+def status_of(data: bytes) -> int | None:
+    found = re.match(rb"HTTP/1\.[01] (\d{3}) ", data)
+    return int(found.group(1)) if found else None
+
+
+def tunnel(port: int, ca: Path) -> socket.socket:
+    """A TLS connection to api.anthropic.com through the egress listener at `port` (CONNECT), trusting `ca`."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nhost: api.anthropic.com:443\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(4096)
+        assert chunk, f"the tunnel was refused: {head!r}"
+        head += chunk
+    assert status_of(head) == 200, head
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["http/1.1"])
+    return context.wrap_socket(raw, server_hostname="api.anthropic.com")
+
+
+class EndlessHead:
+    """Sends a request head that does not end (1 KiB header lines, up to HEAD_SENT bytes or HEAD_TIME seconds),
+    then reads what comes back for 2 s. The connection stays open until `close()`: bare mitmdump logs the whole
+    buffer when a client closes before its head ended, and that is not what is measured here."""
+
+    def __init__(self, connect: Callable[[], socket.socket], prefix: bytes = b"", padding: bytes = PADDING,
+                 start: bytes = b"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\n") -> None:
+        self.connect = connect
+        self.prefix = prefix  # sent first: a whole request, for a next head sent while its answer runs
+        self.start, self.padding = start, padding  # the head's start, then what is sent again and again
+        self.sock: socket.socket | None = None
+        self.sent = 0  # bytes of header lines the proxy took (or the kernel buffered) before it closed
+        self.closed = False  # the proxy closed the connection (reset, or an end after its answer)
+        self.answer = b""
+        self.stalled = False
+
+    def __call__(self) -> int | None:
+        self.sock = sock = self.connect()
+        deadline = time.monotonic() + HEAD_TIME
+        try:
+            sock.sendall(self.prefix + self.start)
+            while self.sent < HEAD_SENT and time.monotonic() < deadline:
+                sock.sendall(self.padding)
+                self.sent += len(self.padding)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            self.closed = True
+        except TimeoutError:  # the proxy stopped reading for 10 s
+            self.stalled = True
+        sock.settimeout(2)
+        try:
+            while chunk := sock.recv(65536):
+                self.answer += chunk
+            self.closed = True
+        except (ConnectionResetError, ssl.SSLError):
+            self.closed = True
+        except TimeoutError:
+            pass
+        return status_of(self.answer)
+
+    def outcome(self) -> str:
+        return str(status_of(self.answer) or ("closed" if self.closed else "no answer")) + (
+            ", stopped reading" if self.stalled else "")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+@pytest.mark.parametrize("where", ["base-URL listener", "egress tunnel"])
+def test_a_request_head_that_never_ends_is_refused_at_the_bound(proxies, where):
+    """64 MiB of header lines without the blank line: bare mitmdump holds them all (its FIXME); the gateway answers
+    a native 431 (or the client sees the connection closed: a reset can overtake the answer) once the head passes
+    gateway_head_size_limit (256 KiB), holds nothing of it, and the paced streams go on."""
+    gw, bare = proxies
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        if where == "egress tunnel":
+            head = EndlessHead(lambda p=proxy: tunnel(p.regular_port, p.ca_cert))
+        else:
+            head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10))
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\na request head that never ends, {where}: gateway stall {cost.stall * 1000:.0f} ms, peak "
+          f"+{cost.memory / MB:.0f} MB, {gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump "
+          f"stall {base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after "
+          f"{bare_head.sent / MB:.1f} MiB sent")
+    assert cost.status == 431 or (cost.status is None and gw_head.closed), gw_head.answer[:300]
+    if cost.status == 431:
+        body = json.loads(gw_head.answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["type"] == "request_too_large" and b"x-should-retry: false" in gw_head.answer
+    assert gw_head.sent < 16 * MB, "the gateway stopped taking the head (what was sent is socket buffers)"
+    assert cost.memory < 48 * MB, (where, cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (where, cost, base)
+    log = gw.wait_for_output("refused a request head from 127.0.0.1:")
+    assert "aaaaaaaa" not in log and "x-pad" not in log, "the head's content is never echoed"
+
+
+def test_a_flood_of_empty_lines_is_dropped_as_it_comes(proxies):
+    """64 MiB of empty lines and nothing else: mitmproxy skips one empty line per read and holds the rest (bare
+    mitmdump grows with what is sent); the gateway drops them as they come (RFC 9112 section 2.2 lets a server skip
+    them) and holds at most the bound. There is no head to refuse: the connection stays open, as it does bare."""
+    gw, bare = proxies
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10),
+                           padding=b"\r\n" * 32768, start=b"")
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\n64 MiB of empty lines: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, "
+          f"{gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, "
+          f"peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    assert gw_head.sent == HEAD_SENT, "taken (and dropped) as it came"
+    assert cost.memory < 48 * MB, (cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (cost, base)
+
+
+def test_a_chunk_size_line_that_never_ends_is_refused_at_the_bound(proxies):
+    """A chunked request body whose second chunk-size line never ends (64 MiB of `0`): h11's reader waits for the
+    line's end and mitmproxy holds it all; the gateway ends the exchange once the line passes the bound. (mitmproxy
+    then stops reading the socket but leaves it open, as after its own body protocol errors: the sender sees its
+    sends stop, not a close.)"""
+    gw, bare = proxies
+    start = (f"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\nx-api-key: {TOKEN}\r\n"
+             f"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"a\":\r\n").encode()
+
+    def cut(record: dict) -> bool:
+        return record.get("reason") == "client disconnected" and record.get("status") is None
+
+    cut_before = len(gw.wait_records(cut, 0, timeout=0))
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10),
+                           padding=b"0" * 65536, start=start)
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\na chunk-size line that never ends: gateway stall {cost.stall * 1000:.0f} ms, peak "
+          f"+{cost.memory / MB:.0f} MB, {gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall "
+          f"{base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after "
+          f"{bare_head.sent / MB:.1f} MiB sent")
+    assert (gw_head.closed or gw_head.stalled) and cost.status is None, gw_head.answer[:300]
+    assert gw_head.sent < 16 * MB, "the gateway stopped taking the line (what was sent is socket buffers)"
+    assert cost.memory < 48 * MB, (cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (cost, base)
+    log = gw.wait_for_output("a chunked request body from the client 127.0.0.1:")
+    assert "0" * 64 not in log, "the line's content is never echoed"
+    # the exchange is recorded as its client going away (it got no answer)
+    assert len(gw.wait_records(cut, cut_before + 1)) == cut_before + 1
+
+
+def test_a_next_request_head_that_never_ends_while_an_answer_streams_is_cut_at_the_bound(proxies):
+    """HTTP/1 pipelining: a whole streamed request, then on the same connection a next head that does not end.
+    mitmproxy holds what comes while the answer runs (its `wait` state) and reads it as a head afterwards; the
+    gateway closes the connection once that head passes the bound (no 431 fits in the middle of an answer)."""
+    gw, bare = proxies
+    scenario = json.dumps({"burst": EVENTS, "event_delay": EVENT_DELAY})
+    request = (f"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\nx-api-key: {TOKEN}\r\n"
+               f"content-type: application/json\r\nx-fake-scenario: {scenario}\r\n"
+               f"content-length: {len(MESSAGE)}\r\n\r\n").encode() + MESSAGE
+    def cut(record: dict) -> bool:
+        return record.get("reason") == "client disconnected"
+
+    cut_before = len(gw.wait_records(cut, 0, timeout=0))
+    found = {}
+    for name, proxy in (("bare", bare), ("gateway", gw)):
+        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10), request)
+        try:
+            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
+        finally:
+            head.close()
+    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
+    print(f"\na next request head that never ends, sent while the answer streams: gateway stall "
+          f"{cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {gw_head.outcome()} after "
+          f"{gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, peak "
+          f"+{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    assert gw_head.closed and cost.status in (200, None), gw_head.answer[:300]
+    assert gw_head.sent < 16 * MB, "the gateway stopped taking the head (what was sent is socket buffers)"
+    assert cost.memory < 48 * MB, (cost, base)
+    assert cost.stall < 3 * base.stall + 0.5, (cost, base)
+    log = gw.wait_for_output("sent while its last request was answered")
+    assert "aaaaaaaa" not in log and "x-pad" not in log, "the head's content is never echoed"
+    # the exchange under way is recorded as its client going away, as for a client that closes mid-stream
+    assert len(gw.wait_records(cut, cut_before + 1)) == cut_before + 1
+
+
+class EndlessAnswerHead:
+    """An upstream on 127.0.0.1 whose answer head does not end: after a request's head it sends a status line and
+    1 KiB header lines, up to HEAD_SENT bytes or HEAD_TIME seconds, then closes. `sent[i]`: the bytes of head sent
+    on the i-th connection so far; `done[i]` is set when that connection is over."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.sent: list[int] = []
+        self.done: list[threading.Event] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sent.append(0)
+            self.done.append(threading.Event())
+            threading.Thread(target=self.answer, args=(conn, len(self.sent) - 1), daemon=True).start()
+
+    def answer(self, conn: socket.socket, i: int) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    request += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+                deadline = time.monotonic() + HEAD_TIME
+                while self.sent[i] < HEAD_SENT and time.monotonic() < deadline and not self.stopped.is_set():
+                    conn.sendall(PADDING)
+                    self.sent[i] += len(PADDING)
+            except OSError:
+                pass
+            finally:
+                self.done[i].set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.server.close()
+        self.thread.join(5)
+
+
+def test_an_answer_head_that_never_ends_fails_the_exchange_at_the_bound(tmp_path):
+    """An upstream whose answer head does not end: the gateway closes it once the head passes the bound and the
+    client gets the native 502 of an upstream failure, recorded; bare mitmdump holds the whole head."""
+    upstream = EndlessAnswerHead()
+    (tmp_path / "gw").mkdir()
+    (tmp_path / "bare").mkdir()
+    gw = Gateway(routed_rules(upstream.url), reverse_to=upstream.url, regular=False, workdir=tmp_path / "gw")
+    bare = Bare("", reverse_to=upstream.url, regular=False, workdir=tmp_path / "bare")
+    try:
+        gw.start()
+        bare.start()
+        found = {}
+        for name, proxy in (("bare", bare), ("gateway", gw)):
+            Path(f"/proc/{proxy.proc.pid}/clear_refs").write_text("5")
+            before = rss(proxy.proc.pid)
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.reverse_port, timeout=60)
+            try:
+                conn.request("POST", "/v1/messages", body=MESSAGE.replace(b'"stream": true', b'"stream": false'),
+                             headers={"x-api-key": "sk-ant-test", "content-type": "application/json"})
+                r = conn.getresponse()
+                found[name] = (r.status, r.getheaders(), r.read(), peak(proxy.proc.pid) - before)
+            finally:
+                conn.close()
+        (bare_status, _, bare_body, bare_memory) = found["bare"]
+        (status, headers, body, memory) = found["gateway"]
+        assert len(upstream.done) == 2 and upstream.done[1].wait(HEAD_TIME + 10), "one connection from each proxy"
+        print(f"\nan answer head that never ends: gateway peak +{memory / MB:.0f} MB, {status}, "
+              f"{upstream.sent[1] / MB:.1f} MiB sent to it; bare mitmdump peak +{bare_memory / MB:.0f} MB, "
+              f"{bare_status} ({len(bare_body) / MB:.0f} MB error page), {upstream.sent[0] / MB:.1f} MiB sent to it")
+        assert status == 502, body[:300]
+        assert json.loads(body)["error"]["type"] == "api_error" and b"x-pad" not in body
+        assert upstream.sent[1] < 16 * MB, "the gateway stopped reading the upstream's head"
+        assert memory < 48 * MB, memory
+        record = gw.wait_record(lambda r: r.get("status") == 502)
+        assert record["reason"] == "upstream answer head too long", record
+        log = gw.wait_for_output("an answer head from the upstream 127.0.0.1:")
+        assert "aaaaaaaa" not in log, "the head's content is never echoed"
+    finally:
+        gw.stop()
+        bare.stop()
+        upstream.stop()

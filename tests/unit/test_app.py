@@ -108,12 +108,16 @@ def test_hooks_no_concern_takes_are_not_there_for_mitmproxy_to_call():
     assert d.response.__self__.__class__ is OnlyResponse  # one taker: its own method, nothing in between
 
 
-def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_and_commands(monkeypatch):
+def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_and_commands(monkeypatch, request):
     from mitmproxy.proxy.layers.http import _http1
 
     # gateway_batch_chunks patches mitmproxy's HTTP/1 reader for the whole process (mitm/chunks.py): undone after
     monkeypatch.setattr(_http1, "make_body_reader", _http1.make_body_reader)
     monkeypatch.setattr("llm_gateway.mitm.chunks._original", None)
+    # so does gateway_head_size_limit (mitm/heads.py): mitmproxy's head readers back after
+    from llm_gateway.mitm import heads
+
+    request.addfinalizer(heads.uninstall)
     with taddons.context() as tctx:
         ns = tctx.script(str(GATEWAY_SCRIPT))
         [dispatcher] = ns.addons
@@ -123,7 +127,7 @@ def test_gateway_script_is_one_addon_holding_every_concern_with_their_options_an
         # read the finished exchange only: run right after the answer is written (the others may still change it)
         assert dispatcher.after_answer == {"response": ("Usage", "Metrics", "OtelExport", "WebView")}
         for option in ("gateway_rules", "gateway_log", "gateway_keep_stream_body", "gateway_metrics_port",
-                       "gateway_ca", "gateway_listen_backlog", "gateway_batch_chunks"):
+                       "gateway_ca", "gateway_listen_backlog", "gateway_batch_chunks", "gateway_head_size_limit"):
             assert option in tctx.options, option
         for name in ("gateway.reload", "gateway.stats"):
             assert name in tctx.master.commands.commands, name

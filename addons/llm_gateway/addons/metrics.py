@@ -91,6 +91,13 @@ class Metrics:
             "stream_idle_timeout, shutdown, request_too_large",
             ["reason"], registry=r,
         )
+        self.heads_refused = Counter(
+            "llm_gateway_heads_refused",
+            "HTTP/1 heads longer than gateway_head_size_limit, refused (addons/heads.py), by side: request, "
+            "next_request (sent while the last request was answered), answer (an upstream's), request_body and "
+            "answer_body (a chunked body's chunk-size or trailer line)",
+            ["side"], registry=r,
+        )
         self.principal_requests = Counter(
             "llm_gateway_principal_requests",
             "API exchanges finished, by principal (the gateway token's name; 'none': no token) and HTTP status",

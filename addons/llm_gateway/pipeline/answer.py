@@ -328,6 +328,8 @@ def settle_failure(flow: http.HTTPFlow, ex: exchange.Exchange) -> None:
 def failure_reason(message: str, had_headers: bool) -> str:
     """A short reason for an upstream failure, from mitmproxy's error message."""
     text = message.lower()
+    if "answer head is longer than" in text:  # mitm/heads.py: the upstream's head passed gateway_head_size_limit
+        return "upstream answer head too long"
     if "refused" in text or "errno 111]" in text:  # ECONNREFUSED: asyncio says "Connect call failed"
         return "upstream refused the connection"
     if "connect call failed" in text or "cannot connect" in text:

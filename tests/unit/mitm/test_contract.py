@@ -103,3 +103,29 @@ def test_what_failover_replaces_and_calls():
     assert http_layers.ErrorCode.CONNECT_FAILED and callable(http_layers.SendHttp)
     assert issubclass(fence_layers.GatewayFailoverHook, commands.StartHook)
     assert fence_layers.GatewayFailoverHook.name == "gateway_failover"
+
+
+def test_the_head_readers_mitm_heads_wraps():
+    """mitm/heads.py replaces `read_headers` on both HTTP/1 connection classes: they must still wait for a head
+    by searching the connection's `buf` (`maybe_extract_lines`), be entered through `self.state`, and the
+    answer side must still report a bad head as a `ResponseProtocolError` carried by `ReceiveHttp`."""
+    http1_module = http_layers._http1
+    handle = source(http1_module.Http1Connection._handle_event)
+    assert "self.buf += event.data" in handle and "self.state(event)" in handle
+    assert "self.state = self.read_headers" in source(http1_module.Http1Connection)
+    for cls in (http_layers.Http1Server, http_layers.Http1Client):
+        read = source(cls.read_headers)
+        assert "self.buf.maybe_extract_lines()" in read and "FIXME: protect against header size DoS" in read, cls
+    assert "ResponseProtocolError" in source(http_layers.Http1Client.read_headers)
+    assert "self.stream_id" in source(http_layers.Http1Client.read_headers)
+    assert callable(http_layers.ReceiveHttp) and callable(http_layers.ErrorCode)
+    assert "self.conn.peername" in source(http1_module.Http1Server.read_headers)
+    # a pipelined next request is held in `wait` (Http1Server.mark_done), which mitm/heads.py wraps on Http1Server
+    assert "self.state = self.wait" in source(http1_module.Http1Server.mark_done)
+    assert "Client disconnected" in source(http1_module.Http1Connection.wait)
+    assert callable(http_layers.RequestProtocolError) and hasattr(http_layers.ErrorCode, "CLIENT_DISCONNECTED")
+    # a chunked body's lines: `read_body` reads what it can with the body reader and leaves the rest in `buf`
+    body = source(http1_module.Http1Connection.read_body)
+    assert "self.body_reader(self.buf)" in body and "self.ReceiveProtocolError" in body
+    assert "self.state = self.read_body" in source(http1_module.Http1Server.read_headers)
+    assert "self.state = self.read_body" in source(http1_module.Http1Client.read_headers)

@@ -354,6 +354,8 @@ def test_failures_record_what_the_client_got(gw, message, streamed, status, erro
 def test_failure_reasons_are_short():
     assert failure_reason("TLS handshake failed: certificate verify failed", False) == "upstream TLS failed"
     assert failure_reason("something else entirely", False) == "upstream failed"
+    # mitm/heads.py's message for an answer head past gateway_head_size_limit
+    assert failure_reason("the upstream's answer head is longer than 262144 bytes", False) == "upstream answer head too long"
     assert TRUNCATED_MESSAGE.startswith("the upstream stream ended")
 
 
