@@ -11,7 +11,12 @@ An unknown or missing token gets a native 401 `authentication_error` from the ga
 
 Secrets never sit in the flow: the client's credential is masked as soon as its headers arrive (before mitmweb
 first shows the flow), and the value the upstream must see is put in only while mitmproxy serialises the
-request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer.
+request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer, before any
+other part reads it (docs/credentials.md, "An upstream that echoes the key"): in the status line's reason, in
+header names and values (`responseheaders`, the first addon there to see the answer), in every stream event
+(`ScrubTap`, the `SCRUB` stage, before the reader), in bytes a stream passes on unread (an encoding the gateway
+cannot decode: `ScrubTap.on_unread`), in a buffered body (`response`, before the answer pipeline), and in every
+log line, tracebacks included (`KeyLogFilter`, on the log handlers).
 
 `policy/credentials.decide` is the pure decision; `policy/credentials.KeyStore` reads and watches the keys;
 `KeyCustody` here is the addon; `tools/mint_token` mints a token (`scripts/mint-token NAME`).
@@ -20,6 +25,7 @@ request (mitm/serializers.py). An upstream that echoes the key back gets it mask
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -42,6 +48,7 @@ from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
+from llm_gateway.util.logsafe import clean
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -85,20 +92,94 @@ def mask(label: str) -> str:
     return f"[{label}; masked by the gateway]"
 
 
+MASKED_KEY = mask("upstream key").encode()
+
+
+def key_forms(key: str) -> tuple[bytes, ...]:
+    """The spellings an answer or a log line can carry the key in, longest first: as it is, JSON-escaped (a
+    `"` or `\\` in it), as Python's repr writes bytes (a traceback quoting upstream bytes), and as log lines
+    escape values (util/logsafe.clean). A key is visible ASCII (policy/credentials.KEY_CHARS), so it has no other
+    plain spelling; a key the upstream transformed (base64, reversed, `\\u`-escaped, cut) is not recognised."""
+    raw = key.encode()
+    forms = {raw, json.dumps(key)[1:-1].encode(), repr(raw)[2:-1].encode(), clean(key, len(key)).encode()}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
+    """`data` with every spelling of the key masked."""
+    for form in forms:
+        if form in data:
+            data = data.replace(form, MASKED_KEY)
+    return data
+
+
 class ScrubTap:
-    """Masks the upstream key in stream events (an upstream that echoes it back in an error)."""
+    """Masks the upstream key in stream events (an upstream that echoes it back in an error), and in the bytes
+    the relay passes on unread (`on_unread`)."""
 
     def __init__(self, key: str) -> None:
-        self.key = key.encode()
-        self.event_bytes = self.key  # the relay's quick path sends on the deltas without it (pipeline/relay.py)
+        self.forms = key_forms(key)
+        self.event_bytes = self.forms  # the relay's quick path sends on the deltas without them (pipeline/relay.py)
+        self._held = b""  # unread bytes kept back: their end may be the start of the key
 
     def on_event(self, event: Any) -> Any | None:
-        if self.key not in event.raw:
-            return None
-        return Event(event.raw.replace(self.key, mask("upstream key").encode()))
+        masked = scrub(event.raw, self.forms)
+        return None if masked is event.raw else Event(masked)
+
+    def on_unread(self, data: bytes, end: bool) -> bytes:
+        """Bytes the relay forwards without parsing them (an encoding it cannot decode, a stream it gave up on):
+        masked, the key found also when two chunks cut it; a tail that may begin the key waits for the next chunk
+        (at most a key's length of bytes), and goes at the end."""
+        data = scrub(self._held + data, self.forms)
+        self._held = b""
+        if end or not data:
+            return data
+        longest = len(self.forms[0])
+        for at in range(max(0, len(data) - longest + 1), len(data)):
+            tail = data[at:]
+            if any(form.startswith(tail) for form in self.forms):
+                self._held = tail
+                return data[:at]
+        return data
 
     def on_end(self) -> bytes:
         return b""
+
+
+class KeyLogFilter(logging.Filter):
+    """Masks the upstream keys the gateway holds in every log record that passes a log handler: the gateway's
+    own lines, and mitmproxy's (a crash traceback quoting the bytes an upstream sent, a flow line with an
+    echoed reason phrase). The check is a substring search per key spelling; a record is rewritten only
+    when it holds one (its traceback then written into its message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: tuple[str, ...] = ()
+
+    def use(self, keys: list[str]) -> None:
+        forms = {form.decode() for key in keys for form in key_forms(key)}
+        self.forms = tuple(sorted(forms, key=len, reverse=True))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        forms = self.forms
+        if not forms:
+            return True
+        text = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        trace = record.exc_text or ""
+        if any(form in text or form in trace for form in forms):
+            masked = MASKED_KEY.decode()
+            for form in forms:
+                text, trace = text.replace(form, masked), trace.replace(form, masked)
+            # The traceback goes into the message, masked: mitmproxy's formatter formats `exc_info` itself.
+            record.msg, record.args = f"{text}\n{trace}" if trace else text, None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# One filter for the process, as gatewaylog.CHATTER: a handler keeps a filter once however often it is added.
+LOG_FILTER = KeyLogFilter()
 
 
 class KeyCustody:
@@ -110,11 +191,14 @@ class KeyCustody:
         self.store = KeyStore()
         self._watcher: asyncio.Task | None = None
         self.wire_ready = False
+        self._filtered: set[str] = set()  # the keys the log filter masks
 
     def load(self, loader) -> None:
         self.wire_ready = serializers.install()
 
     def running(self) -> None:
+        for handler in logging.getLogger().handlers:  # mitmdump's terminal log, mitmweb's event log
+            handler.addFilter(LOG_FILTER)
         self._sync()
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -123,10 +207,20 @@ class KeyCustody:
         if self._watcher:
             self._watcher.cancel()
             self._watcher = None
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(LOG_FILTER)
 
     def _sync(self) -> None:
         creds = self.rule_file.rules.credentials
         self.store.use(creds.upstream if creds else ())
+        self._keys_to_log_filter()
+
+    def _keys_to_log_filter(self) -> None:
+        """The log filter masks every key the store holds (the ones before a rotation stay masked too)."""
+        known = self.store.keys.values()
+        if not set(known) <= self._filtered:
+            self._filtered |= set(known)
+            LOG_FILTER.use(sorted(self._filtered))
 
     async def _watch(self) -> None:
         while True:
@@ -134,6 +228,7 @@ class KeyCustody:
             try:
                 self._sync()
                 self.store.refresh()
+                self._keys_to_log_filter()
             except Exception:  # the watcher must outlive anything a file can do to it
                 logger.exception("upstream key watcher")
 
@@ -291,7 +386,7 @@ class KeyCustody:
         ex = exchange.of(flow)
         if custody is not None and custody.key and ex is not None:
             ex.add_tap(ScrubTap(custody.key), exchange.SCRUB)  # first: every other tap sees the masked event
-            self._scrub_headers(flow.response, custody.key)
+            self._scrub_head(flow.response, key_forms(custody.key))
 
     def response(self, flow: http.HTTPFlow) -> None:
         custody = self._sent(flow)
@@ -300,8 +395,8 @@ class KeyCustody:
         content = body_of(flow.response)
         if content is None:  # past the bound: unread, so not passed on either
             flow.response = native_answer("api_error", TOO_LARGE_MESSAGE)
-        elif content and custody.key.encode() in content:
-            flow.response.content = content.replace(custody.key.encode(), mask("upstream key").encode())
+        elif content and (masked := scrub(content, key_forms(custody.key))) is not content:
+            flow.response.content = masked
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._sent(flow)
@@ -315,13 +410,17 @@ class KeyCustody:
         return custody
 
     @staticmethod
-    def _scrub_headers(response: http.Response, key: str) -> None:
-        """The key masked in every header value, in one pass over the raw fields (a setitem per header would
-        rescan them all: quadratic in an answer with thousands of headers)."""
-        raw, masked = key.encode(), mask("upstream key").encode()
+    def _scrub_head(response: http.Response, forms: tuple[bytes, ...]) -> None:
+        """The key masked in the reason phrase and in every header value, and a header whose name holds it
+        dropped (the mask is no header name), in one pass over the raw fields (a setitem per header would rescan
+        them all: quadratic in an answer with thousands of headers)."""
+        reason = response.data.reason
+        if (masked := scrub(reason, forms)) is not reason:
+            response.data.reason = masked
         fields = response.headers.fields
-        if any(raw in value for _, value in fields):
-            response.headers.fields = tuple((name, value.replace(raw, masked)) for name, value in fields)
+        if any(form in name or form in value for name, value in fields for form in forms):
+            response.headers.fields = tuple(
+                (name, scrub(value, forms)) for name, value in fields if scrub(name, forms) is name)
 
 
 # ------------------------------------------------------------------------------------------ minting

@@ -1,0 +1,256 @@
+"""The real key, echoed by an upstream anywhere in its answer, reaches no client, record, log line, metric or
+saved flow (issue 30).
+
+One gateway holds the upstream key (key custody: the agent holds a gateway token); a wire-level upstream
+(tests/fakes/wire.py) answers every request with the bytes of one case, each putting the key it received
+(`x-api-key`) somewhere an answer can carry it: header values and names, many and repeated headers, a header
+cut by two TCP writes, reason phrases, 1xx and 101 answers, redirects, `www-authenticate`, trailers; JSON
+bodies (success and error, top level and deep, in the model, the ids, `usage`, error types), gzip, br and zstd
+bodies, error-in-200 bodies, LiteLLM and OpenRouter envelopes; SSE streams (text deltas cut in the middle of
+the key, `message_start`'s model and id, error events, data-only frames, comments, CRLF, gzip, an unknown or
+false encoding) and the gateway's conversions (JSON→SSE, SSE→JSON). Every case runs through one gateway
+process (with debug logging and a `-w` flow file), then each place is searched for the key.
+
+A case that turned out clean stays in the table: it cannot regress unseen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import secrets
+import subprocess
+import sys
+
+import brotli
+import pytest
+import zstandard
+from mitmproxy import io as mio
+
+from conftest import routed_rules
+from e2e.test_secrets import metrics_when_recorded, request, send
+from fakes.wire import WireUpstream
+from harness import ROOT, Gateway
+from llm_gateway.policy.spec import token_hash
+from secretvolume import write_secret
+
+pytestmark = pytest.mark.e2e
+
+MARK = secrets.token_hex(6)
+KEY = f"sk-ant-api03-ECHOKEY{MARK}"  # the real key the gateway holds
+TOKEN = f"llmgw-ECHOTOKEN{MARK}"  # the agent's gateway token
+NEEDLES = [f"ECHOKEY{MARK}", f"ECHOTOKEN{MARK}"]
+K = KEY.encode()
+ASK = {"model": "claude-test-1", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def message(**over) -> dict:
+    return {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-test-1",
+            "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 2}, **over}
+
+
+def answer(status: bytes, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None,
+           ctype: bytes = b"application/json", before: bytes = b"", split: bool = False) -> list[bytes]:
+    """One HTTP/1.1 answer with a content-length; `before`: bytes first (a 1xx); `split`: the bytes cut in
+    the middle of the key's first occurrence, as two TCP writes."""
+    lines = [b"HTTP/1.1 " + status, b"content-type: " + ctype] if ctype else [b"HTTP/1.1 " + status]
+    lines += [name + b": " + value for name, value in headers or []]
+    lines += [b"content-length: %d" % len(body), b"connection: close"]
+    raw = before + b"\r\n".join(lines) + b"\r\n\r\n" + body
+    return cut(raw) if split else [raw]
+
+
+def cut(raw: bytes) -> list[bytes]:
+    at = raw.index(K) + len(K) // 2
+    return [raw[:at], raw[at:]]
+
+
+def chunked(status: bytes, parts: list[bytes], headers: list[tuple[bytes, bytes]] | None = None,
+            ctype: bytes = b"text/event-stream", trailer: bytes = b"") -> list[bytes]:
+    """A chunked answer: one TCP write for the head, one per part (each its own chunk), one for the end."""
+    lines = [b"HTTP/1.1 " + status, b"content-type: " + ctype, b"transfer-encoding: chunked", b"connection: close"]
+    lines += [name + b": " + value for name, value in headers or []]
+    out = [b"\r\n".join(lines) + b"\r\n\r\n"]
+    out += [b"%x\r\n" % len(p) + p + b"\r\n" for p in parts if p]
+    return out + [b"0\r\n" + trailer + b"\r\n"]
+
+
+def sse(name: str | None, data: dict, eol: bytes = b"\n") -> bytes:
+    head = b"event: " + name.encode() + eol if name else b""
+    return head + b"data: " + json.dumps(data, separators=(",", ":")).encode() + eol + eol
+
+
+def events(text: str = "hello", model: str = "claude-test-1", msg_id: str = "msg_01", eol: bytes = b"\n",
+           named: bool = True) -> list[bytes]:
+    """A whole stream, one event per part."""
+    start = message(model=model, id=msg_id, content=[], stop_reason=None)
+    seq = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": 2}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return [sse(name if named else None, data, eol) for name, data in seq]
+
+
+def split_parts(parts: list[bytes]) -> list[bytes]:
+    """The first part holding the key, cut in the key's middle into two chunks (two TCP writes)."""
+    out = []
+    for p in parts:
+        if K in p and not any(K in q for q in out):
+            out += cut(p)
+        else:
+            out.append(p)
+    return out
+
+
+J = lambda obj: json.dumps(obj, separators=(",", ":")).encode()  # noqa: E731
+ERROR = J({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+OK = J(message())
+S = KEY  # the key as text
+
+
+def cases() -> dict[str, tuple[bool, list[bytes]]]:
+    """Case name -> (the client asks for a stream, the upstream's TCP writes)."""
+    deep = message(id=f"msg_{S}", model=S, stop_reason=S, stop_sequence=S,
+                   content=[{"type": "text", "text": f"your key is {S}"},
+                            {"type": "tool_use", "id": f"toolu_{S}", "name": "t", "input": {"a": [{"b": S}]}}],
+                   usage={"input_tokens": 3, "output_tokens": 2, "service_tier": S, "server_tool_use": {"x": S}})
+    error_deep = J({"type": "error", "error": {"type": "invalid_request_error", "message": f"bad key {S}",
+                                               "details": {"deep": [S]}}, "request_id": f"req_{S}"})
+    return {
+        # headers and status lines
+        "hdr-values": (False, answer(b"200 OK", OK, [(b"x-echo", K), (b"x-api-key", K), (b"authorization", b"Bearer " + K),
+                                                     (b"set-cookie", b"k=" + K), (b"request-id", b"req_" + K)])),
+        "hdr-names": (False, answer(b"200 OK", OK, [(b"x-" + K, b"1"), (K, b"yes")])),
+        "hdr-many": (False, answer(b"200 OK", OK, [(b"x-echo-%d" % i, K) for i in range(1500)] + [(b"x-echo", K)] * 3)),
+        "hdr-split": (False, answer(b"200 OK", OK, [(b"x-echo", b"key=" + K + b"; more")], split=True)),
+        "reason-error": (False, answer(b"401 " + K, ERROR)),
+        "reason-ok": (False, answer(b"200 " + K, OK)),
+        "redirect": (False, answer(b"307 Temporary Redirect", b"", [(b"location", b"https://elsewhere.test/?key=" + K)], ctype=b"")),
+        "www-authenticate": (False, answer(b"401 Unauthorized", ERROR, [(b"www-authenticate", b'Bearer realm="' + K + b'"')])),
+        "early-hints": (False, answer(b"200 OK", OK, before=b"HTTP/1.1 103 " + K + b"\r\nlink: </x?k=" + K + b">\r\n\r\n")),
+        "upgrade-101": (False, [b"HTTP/1.1 101 " + K + b"\r\nupgrade: " + K + b"\r\nconnection: upgrade\r\n\r\n" + K]),
+        "trailers": (False, chunked(b"200 OK", [OK], ctype=b"application/json", trailer=b"x-echo: " + K + b"\r\n")),
+        # JSON bodies
+        "json-deep": (False, answer(b"200 OK", J(deep))),
+        "json-deep-split": (False, answer(b"200 OK", J(deep), split=True)),
+        "json-error": (False, answer(b"400 Bad Request", error_deep)),
+        "json-error-type": (False, answer(b"400 Bad Request", J({"type": "error", "error": {"type": S, "message": S}}))),
+        "error-in-200": (False, answer(b"200 OK", J({"type": "error", "error": {"type": "overloaded_error", "message": S}}))),
+        "json-gzip": (False, answer(b"200 OK", gzip.compress(J(deep)), [(b"content-encoding", b"gzip")])),
+        "json-br": (False, answer(b"200 OK", brotli.compress(J(deep)), [(b"content-encoding", b"br")])),
+        "json-zstd": (False, answer(b"200 OK", zstandard.ZstdCompressor().compress(J(deep)), [(b"content-encoding", b"zstd")])),
+        "error-gzip": (False, answer(b"401 Unauthorized", gzip.compress(error_deep), [(b"content-encoding", b"gzip")])),
+        "text-plain": (False, answer(b"502 Bad Gateway", b"upstream said " + K, ctype=b"text/plain")),
+        "html": (False, answer(b"503 Service Unavailable", b"<h1>" + K + b"</h1>", ctype=b"text/html")),
+        "litellm": (False, answer(b"401 Unauthorized", J({"error": {"message": f"litellm.AuthenticationError: {S}",
+                                                                    "type": "auth_error", "param": S, "code": "401"}}))),
+        "openrouter": (False, answer(b"402 Payment Required", J({"error": {"code": 402, "message": S,
+                                                                         "metadata": {"raw": S, "provider_name": S}}}))),
+        # streams
+        "sse-text-split": (True, chunked(b"200 OK", split_parts(events(text=f"key {S} here")))),
+        "sse-start": (True, chunked(b"200 OK", events(model=S, msg_id=f"msg_{S}"))),
+        "sse-error": (True, chunked(b"200 OK", events()[:2] + [sse("error", {"type": "error", "error": {"type": S, "message": S}})])),
+        "sse-data-only": (True, chunked(b"200 OK", events(text=S, model=S, named=False))),
+        "sse-comment": (True, chunked(b"200 OK", [b": " + K + b"\n\n"] + events()[:3] + [b"event: " + K + b"\ndata: {}\n\n"] + events()[3:])),
+        "sse-crlf": (True, chunked(b"200 OK", split_parts(events(text=S, model=S, eol=b"\r\n")))),
+        "sse-gzip": (True, chunked(b"200 OK", [gzip.compress(b"".join(events(text=S, model=S)))], [(b"content-encoding", b"gzip")])),
+        "sse-unknown-encoding": (True, chunked(b"200 OK", events(text=S), [(b"content-encoding", b"x-custom")])),
+        "sse-false-gzip": (True, chunked(b"200 OK", events(text=S), [(b"content-encoding", b"gzip")])),
+        "sse-error-status": (True, chunked(b"529 Overloaded", [sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": S}})])),
+        # the gateway's conversions: the client gets the form it asked for
+        "sse-to-json": (False, chunked(b"200 OK", split_parts(events(text=S, model=S, msg_id=S)))),
+        "json-to-sse": (True, answer(b"200 OK", J(deep))),
+    }
+
+
+@pytest.fixture(scope="module")
+def echoed(tmp_path_factory):
+    """Every case once through one gateway, then stopped (the flow file flushed); yields (gateway, flows
+    file, each case's answer as the client got it, the upstream)."""
+    tmp = tmp_path_factory.mktemp("echo")
+    key_file = write_secret(tmp / "secret", "api-key", KEY)
+    flows = tmp / "flows.mitm"
+    table = cases()
+    with WireUpstream({name: pieces for name, (_, pieces) in table.items()}) as upstream:
+        rules = routed_rules(upstream.url, extra=f"""\
+credentials:
+  upstream: [{{name: main, key_file: {key_file}}}]
+  tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
+""")
+        args = ("-w", str(flows), "--set", "termlog_verbosity=debug", "--set", "flow_detail=3")
+        with Gateway(rules, extra_args=args) as gw:
+            got = {}
+            for name, (stream, _) in table.items():
+                body = {**ASK, "stream": True} if stream else ASK
+                got[name] = send(gw.reverse_port, request("/v1/messages", "127.0.0.1", body, {
+                    "x-api-key": TOKEN, "x-session-id": f"echo-{name}", "x-wire-case": name}))
+            got["-/metrics"] = metrics_when_recorded(gw, len(table), {"x-api-key": TOKEN})
+        yield gw, flows, got, upstream
+
+
+def found(text: str) -> list[str]:
+    return [n for n in NEEDLES if n in text]
+
+
+def test_every_case_reached_the_upstream_with_the_real_key(echoed):
+    _gw, _flows, got, upstream = echoed
+    heads = [h for h in upstream.requests if b"x-wire-case" in h]
+    assert len(heads) == len(cases())
+    assert all(b"x-api-key: " + K in h and TOKEN.encode() not in h for h in heads)
+    assert b"event: message_stop" in got["sse-text-split"] and b'"type":"message"' in got["json-deep"]
+    assert got["reason-error"].startswith(b"HTTP/1.1 401") and got["hdr-many"].startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("case", sorted(cases()))
+def test_the_client_never_gets_the_key(echoed, case):
+    answer = echoed[2][case]
+    assert answer, f"no answer to {case}"
+    assert not found(answer.decode("latin-1")), answer[:2000]
+
+
+@pytest.mark.parametrize("case", sorted(cases()))
+def test_no_record_holds_the_key(echoed, case):
+    gw = echoed[0]
+    records = [r for r in gw.records(timeout=0, count=0) if r.get("session") == f"echo-{case}"]
+    assert len(records) == 1, f"{len(records)} records for {case}"
+    assert not found(json.dumps(records[0])), records[0]
+
+
+def test_no_log_line_holds_the_key(echoed):
+    out = echoed[0].output()
+    assert "echo-json-deep" in out  # the log does describe the exchanges
+    leaks = [line for line in out.splitlines() if found(line)]
+    assert not leaks, "\n".join(leaks[:20])
+
+
+def test_no_metric_holds_the_key(echoed):
+    text = echoed[2]["-/metrics"].decode()
+    assert "llm_gateway_requests_total" in text
+    assert not found(text), [line for line in text.splitlines() if found(line)][:20]
+
+
+def test_no_saved_flow_holds_the_key(echoed):
+    """What mitmweb shows and `-w` saves: the whole flow, request and answer, metadata, comments, errors."""
+    with open(echoed[1], "rb") as f:
+        saved = list(mio.FlowReader(f).stream())
+    assert len(saved) >= len(cases())
+    leaks = [f.metadata.get("gateway", {}).get("session") or f.id for f in saved
+             if found(json.dumps(f.get_state(), default=repr))]
+    assert not leaks, leaks
+
+
+def test_the_usage_report_never_holds_the_key(echoed):
+    gw = echoed[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_gateway.tools.report", "--format", "json", str(gw.usage_log)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "addons")}, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not found(done.stdout + done.stderr)

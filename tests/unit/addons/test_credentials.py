@@ -1,0 +1,71 @@
+"""The key scrubber's parts (addons/credentials.py): the spellings of a key, the scrub of bytes a stream passes
+on unread (a key cut anywhere by two chunks), the answer head, and the log filter. The end-to-end proof is
+tests/e2e/test_key_echo.py."""
+
+from __future__ import annotations
+
+import logging
+
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy.test import tutils
+
+from llm_gateway.addons import credentials
+from llm_gateway.addons.credentials import MASKED_KEY, KeyCustody, KeyLogFilter, ScrubTap, key_forms
+
+KEY = "sk-ant-api03-UNITKEY0123456789"
+ODD = 'k"e\\y\'x'  # visible ASCII a key may hold: JSON, repr and log lines each spell it otherwise
+
+
+def test_a_plain_key_has_one_spelling_an_odd_one_several():
+    assert key_forms(KEY) == (KEY.encode(),)
+    forms = key_forms(ODD)
+    assert ODD.encode() in forms and b'k\\"e\\\\y\'x' in forms  # as it is, and JSON-escaped
+    assert len(forms[0]) >= len(forms[-1])  # longest first: a longer spelling is masked before its part
+
+
+@given(st.binary(max_size=40), st.binary(max_size=40), st.lists(st.integers(0, 200), max_size=4))
+def test_unread_bytes_lose_the_key_wherever_the_chunks_cut_it(before, after, cuts):
+    tap = ScrubTap(KEY)
+    data = before + KEY.encode() + after + KEY.encode()
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    out = b"".join(tap.on_unread(p, False) for p in pieces) + tap.on_unread(b"", True)
+    assert KEY.encode() not in out
+    assert out == data.replace(KEY.encode(), MASKED_KEY)  # nothing lost, nothing added
+
+
+def test_unread_bytes_without_the_key_pass_unchanged_and_a_held_tail_goes_at_the_end():
+    tap = ScrubTap(KEY)
+    assert tap.on_unread(b"hello", False) == b"hello"
+    assert tap.on_unread(b"x sk-ant", False) == b"x "  # may begin the key: kept back
+    assert tap.on_unread(b"", True) == b"sk-ant"
+
+
+def test_the_head_loses_the_key_in_reason_names_and_values():
+    response = tutils.tresp()
+    response.reason = f"denied {KEY}"
+    response.headers.fields = ((b"x-echo", f"key={KEY}".encode()), (f"x-{KEY}".encode(), b"1"), (b"x-ok", b"fine"))
+    KeyCustody._scrub_head(response, key_forms(KEY))
+    assert response.reason == "denied " + MASKED_KEY.decode()
+    assert response.headers.fields == ((b"x-echo", b"key=" + MASKED_KEY), (b"x-ok", b"fine"))
+
+
+def test_the_log_filter_masks_messages_arguments_and_tracebacks():
+    flt = KeyLogFilter()
+    flt.use([KEY])
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", (KEY,), None)
+    assert flt.filter(record) and KEY not in record.getMessage()
+    try:
+        raise AssertionError(f"upstream bytes b'{KEY}'")
+    except AssertionError as e:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "crashed", (), (type(e), e, e.__traceback__))
+    assert flt.filter(record)
+    shown = logging.Formatter().format(record)
+    assert KEY not in shown and "crashed" in shown and "AssertionError" in shown
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "nothing %s", ("here",), None)
+    assert flt.filter(plain) and plain.args == ("here",)  # untouched
+
+
+def test_one_log_filter_for_the_process():
+    assert isinstance(credentials.LOG_FILTER, KeyLogFilter)
