@@ -254,3 +254,105 @@ def test_the_usage_report_never_holds_the_key(echoed):
     )
     assert done.returncode == 0, done.stderr
     assert not found(done.stdout + done.stderr)
+
+
+# --- a translated route: the gateway signs for Bedrock with its AWS credentials --------------------------------------
+
+SESSION = f"gateway-held-aws-session-ECHOSESSION{MARK}"  # the AWS session token the gateway signs with
+AWS_SECRET = f"gateway-held-aws-secret-ECHOSECRET{MARK}"  # never sent: an upstream cannot echo it
+CLOUD_NEEDLES = [f"ECHOSESSION{MARK}", f"ECHOSECRET{MARK}", f"ECHOTOKEN{MARK}"]
+T = SESSION.encode()
+
+
+def eventstream(events_: list[dict], split: bool = False) -> list[bytes]:
+    """Bedrock's stream: one event-stream `chunk` frame per Anthropic event (the event base64 inside, so the
+    token is not in the wire bytes as it is), the frame holding the token cut in two writes."""
+    from fakes.clouds import chunk_frame
+
+    frames = [chunk_frame(e) for e in events_]
+    head = [b"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\nconnection: close\r\n\r\n"]
+    if split:
+        at = next(i for i, e in enumerate(events_) if SESSION in json.dumps(e))
+        frames[at:at + 1] = [frames[at][: len(frames[at]) // 2], frames[at][len(frames[at]) // 2:]]
+    return head + frames
+
+
+def api_events(text: str = "hello", model: str = "claude-test-1") -> list[dict]:
+    return [json.loads(e.split(b"data: ", 1)[1]) for e in events(text=text, model=model)]
+
+
+def cloud_cases() -> dict[str, tuple[bool, list[bytes]]]:
+    from fakes.clouds import exception_frame
+
+    s = SESSION
+    return {
+        "bedrock-json": (False, answer(b"200 OK", J(message(model=s, id=f"msg_{s}", content=[{"type": "text", "text": s}])),
+                                       [(b"x-amzn-requestid", T), (b"x-echo", T)])),
+        "bedrock-error": (False, answer(b"403 Forbidden", J({"message": f"The security token included in the request is invalid: {s}"}),
+                                        [(b"x-amzn-errortype", b"UnrecognizedClientException:" + T)])),
+        "bedrock-reason": (False, answer(b"400 " + T, J({"message": "bad"}), [(b"x-amzn-errortype", b"ValidationException")])),
+        "bedrock-stream": (True, eventstream(api_events(text=f"token {s}", model=s), split=True)),
+        "bedrock-exception": (True, eventstream(api_events()[:2]) + [
+            exception_frame("throttlingException", f"slow down {s}")]),
+    }
+
+
+@pytest.fixture(scope="module")
+def cloud_echoed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cloud-echo")
+    key_file = write_secret(tmp / "secret", "api-key", KEY)
+    flows = tmp / "flows.mitm"
+    table = cloud_cases()
+    with WireUpstream({name: pieces for name, (_, pieces) in table.items()}) as upstream:
+        rules = (ROOT / "rules.yaml").read_text().replace("routes: []", f"""routes:
+  - match: {{api: anthropic}}
+    upstream: {upstream.url}
+    provider: bedrock
+    region: us-east-1""") + f"""
+credentials:
+  upstream: [{{name: main, key_file: {key_file}}}]
+  tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
+"""
+        env = {"AWS_ACCESS_KEY_ID": "AKIAECHOTESTKEY00001", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_SESSION_TOKEN": SESSION}
+        args = ("-w", str(flows), "--set", "termlog_verbosity=debug", "--set", "flow_detail=3")
+        with Gateway(rules, regular=False, reverse_to=upstream.url, extra_args=args, env=env) as gw:
+            got = {}
+            for name, (stream, _) in table.items():
+                upstream.queue.append(name)
+                body = {**ASK, "stream": True} if stream else ASK
+                got[name] = send(gw.reverse_port, request("/v1/messages", "127.0.0.1", body, {
+                    "x-api-key": TOKEN, "x-session-id": f"echo-{name}"}))
+            got["-/metrics"] = metrics_when_recorded(gw, len(table), {"x-api-key": TOKEN})
+        yield gw, flows, got, upstream
+
+
+def cloud_found(text: str) -> list[str]:
+    return [n for n in CLOUD_NEEDLES if n in text]
+
+
+def test_the_translated_requests_carried_the_session_token(cloud_echoed):
+    gw, _flows, got, upstream = cloud_echoed
+    assert len(upstream.requests) == len(cloud_cases())
+    assert all(b"x-amz-security-token: " + T in h and b"/model/" in h for h in upstream.requests)
+    assert got["bedrock-json"].startswith(b"HTTP/1.1 200") and b'"type":"message"' in got["bedrock-json"]
+    assert b"event: message_stop" in got["bedrock-stream"] and got["bedrock-error"].startswith(b"HTTP/1.1 401")  # a native error for an Anthropic client
+
+
+@pytest.mark.parametrize("case", sorted(cloud_cases()))
+def test_the_client_of_a_translated_route_never_gets_the_cloud_token(cloud_echoed, case):
+    answer = cloud_echoed[2][case]
+    assert answer and not cloud_found(answer.decode("latin-1")), answer[:2000]
+
+
+def test_no_record_log_metric_or_saved_flow_holds_the_cloud_token(cloud_echoed):
+    gw, flows, got, _ = cloud_echoed
+    records = gw.records(timeout=0, count=0)
+    assert {r["session"] for r in records} >= {f"echo-{name}" for name in cloud_cases()}
+    assert not cloud_found(json.dumps(records)), [r for r in records if cloud_found(json.dumps(r))]
+    assert not cloud_found(got["-/metrics"].decode())
+    leaks = [line for line in gw.output().splitlines() if cloud_found(line)]
+    assert not leaks, "\n".join(leaks[:20])
+    with open(flows, "rb") as f:
+        saved = list(mio.FlowReader(f).stream())
+    leaks = [f.id for f in saved if cloud_found(json.dumps(f.get_state(), default=repr))]
+    assert not leaks

@@ -7,7 +7,8 @@ an answer is a list of byte strings; each is written with its own `sendall`, a s
 gateway reads them as separate chunks), then the connection is closed.
 
 Which answer: the request's `x-wire-case` header names it (the table is the test's, so a secret in an
-answer never travels in the request). Every request is kept (`requests`: the raw heads) for the test to
+answer never travels in the request); a request without one (the gateway rewrote it: a translated request)
+gets the next name `queue` holds. Every request is kept (`requests`: the raw heads) for the test to
 check. Binds 127.0.0.1 only; `stop()` closes the listener and every connection.
 """
 
@@ -25,6 +26,8 @@ class WireUpstream:
         self.answers = answers
         self.pause = pause  # seconds between two writes of one answer
         self.requests: list[bytes] = []
+        self.queue: list[str] = []  # case names for requests without the header, in order
+        self._lock = threading.Lock()
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -69,6 +72,9 @@ class WireUpstream:
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == CASE_HEADER:
                     case = value.strip()
+            if not case:
+                with self._lock:
+                    case = self.queue.pop(0).encode() if self.queue else b""
             pieces = self.answers.get(case.decode(), [b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"])
             for i, piece in enumerate(pieces):
                 if i:

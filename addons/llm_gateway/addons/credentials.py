@@ -25,7 +25,6 @@ log line, tracebacks included (`KeyLogFilter`, on the log handlers).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -48,7 +47,9 @@ from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
-from llm_gateway.util.logsafe import clean
+from llm_gateway.util.secretmask import LOG_FILTER, MASKED_KEY, key_forms, mask, scrub, secret_forms
+
+__all__ = ["KeyCustody", "ScrubTap", "mask", "key_forms", "MASKED_KEY", "LOG_FILTER"]
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -82,43 +83,19 @@ class Custody:
 
     original: dict[str, str]  # header name -> what the client sent
     placeholders: list[str] = field(default_factory=list)
-    key: str | None = None  # the upstream key sent, to mask in the answer
+    key: str | None = None  # the upstream key sent
+    forms: tuple[bytes, ...] = ()  # every secret the request carried upstream, as `secret_forms` spells them: masked in the answer
 
 
 _custody: weakref.WeakKeyDictionary[http.HTTPFlow, Custody] = weakref.WeakKeyDictionary()
 
 
-def mask(label: str) -> str:
-    return f"[{label}; masked by the gateway]"
-
-
-MASKED_KEY = mask("upstream key").encode()
-
-
-def key_forms(key: str) -> tuple[bytes, ...]:
-    """The spellings an answer or a log line can carry the key in, longest first: as it is, JSON-escaped (a
-    `"` or `\\` in it), as Python's repr writes bytes (a traceback quoting upstream bytes), and as log lines
-    escape values (util/logsafe.clean). A key is visible ASCII (policy/credentials.KEY_CHARS), so it has no other
-    plain spelling; a key the upstream transformed (base64, reversed, `\\u`-escaped, cut) is not recognised."""
-    raw = key.encode()
-    forms = {raw, json.dumps(key)[1:-1].encode(), repr(raw)[2:-1].encode(), clean(key, len(key)).encode()}
-    return tuple(sorted(forms, key=len, reverse=True))
-
-
-def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
-    """`data` with every spelling of the key masked."""
-    for form in forms:
-        if form in data:
-            data = data.replace(form, MASKED_KEY)
-    return data
-
-
 class ScrubTap:
-    """Masks the upstream key in stream events (an upstream that echoes it back in an error), and in the bytes
-    the relay passes on unread (`on_unread`)."""
+    """Masks the secrets a request carried (the upstream key, a cloud token) in stream events (an upstream that
+    echoes them back in an error), and in the bytes the relay passes on unread (`on_unread`)."""
 
-    def __init__(self, key: str) -> None:
-        self.forms = key_forms(key)
+    def __init__(self, *secrets: str) -> None:
+        self.forms = secret_forms(secrets)
         self.event_bytes = self.forms  # the relay's quick path sends on the deltas without them (pipeline/relay.py)
         self._held = b""  # unread bytes kept back: their end may be the start of the key
 
@@ -144,42 +121,6 @@ class ScrubTap:
 
     def on_end(self) -> bytes:
         return b""
-
-
-class KeyLogFilter(logging.Filter):
-    """Masks the upstream keys the gateway holds in every log record that passes a log handler: the gateway's
-    own lines, and mitmproxy's (a crash traceback quoting the bytes an upstream sent, a flow line with an
-    echoed reason phrase). The check is a substring search per key spelling; a record is rewritten only
-    when it holds one (its traceback then written into its message)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.forms: tuple[str, ...] = ()
-
-    def use(self, keys: list[str]) -> None:
-        forms = {form.decode() for key in keys for form in key_forms(key)}
-        self.forms = tuple(sorted(forms, key=len, reverse=True))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        forms = self.forms
-        if not forms:
-            return True
-        text = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        trace = record.exc_text or ""
-        if any(form in text or form in trace for form in forms):
-            masked = MASKED_KEY.decode()
-            for form in forms:
-                text, trace = text.replace(form, masked), trace.replace(form, masked)
-            # The traceback goes into the message, masked: mitmproxy's formatter formats `exc_info` itself.
-            record.msg, record.args = f"{text}\n{trace}" if trace else text, None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-# One filter for the process, as gatewaylog.CHATTER: a handler keeps a filter once however often it is added.
-LOG_FILTER = KeyLogFilter()
 
 
 class KeyCustody:
@@ -372,6 +313,7 @@ class KeyCustody:
                 flow.request.headers.pop(name, None)
 
     def _place(self, flow: http.HTTPFlow, custody: Custody, name: str, value: str, label: str) -> None:
+        LOG_FILTER.remember([value])  # a pass-through credential too: no log line shows it from now on
         placeholder = serializers.hold(value, label, flow.request.host, flow.request.port)
         custody.placeholders.append(placeholder)
         flow.request.headers[name] = placeholder
@@ -382,20 +324,30 @@ class KeyCustody:
         flow.response = native_answer(error_type, message, {"x-should-retry": "false"})
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Every secret the request carried upstream (its placeholders: the upstream key, a pass-through
+        credential, the cloud signature, token or session token addons/cloudauth.py placed) is masked in the
+        answer from here on; the first addon to see the answer, before the cloud placeholders are released."""
+        sent = serializers.sent_secrets(flow.request)
         custody = self._sent(flow)
+        if not sent:
+            return
+        if custody is None:
+            custody = _custody[flow] = Custody({})
+        custody.forms = secret_forms(sent)
+        LOG_FILTER.remember(sent)
         ex = exchange.of(flow)
-        if custody is not None and custody.key and ex is not None:
-            ex.add_tap(ScrubTap(custody.key), exchange.SCRUB)  # first: every other tap sees the masked event
-            self._scrub_head(flow.response, key_forms(custody.key))
+        if ex is not None:
+            ex.add_tap(ScrubTap(*sent), exchange.SCRUB)  # first: every other tap sees the masked event
+        self._scrub_head(flow.response, custody.forms)
 
     def response(self, flow: http.HTTPFlow) -> None:
         custody = self._sent(flow)
-        if custody is None or not custody.key or flow.response.stream:
+        if custody is None or not custody.forms or flow.response.stream:
             return
         content = body_of(flow.response)
         if content is None:  # past the bound: unread, so not passed on either
             flow.response = native_answer("api_error", TOO_LARGE_MESSAGE)
-        elif content and (masked := scrub(content, key_forms(custody.key))) is not content:
+        elif content and (masked := scrub(content, custody.forms)) is not content:
             flow.response.content = masked
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
 from llm_gateway.addons import credentials
-from llm_gateway.addons.credentials import MASKED_KEY, KeyCustody, KeyLogFilter, ScrubTap, key_forms
+from llm_gateway.addons.credentials import KeyCustody, ScrubTap
+from llm_gateway.util.secretmask import MASKED_KEY, KeyLogFilter, key_forms
 
 KEY = "sk-ant-api03-UNITKEY0123456789"
 ODD = 'k"e\\y\'x'  # visible ASCII a key may hold: JSON, repr and log lines each spell it otherwise
