@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -113,6 +114,7 @@ J = lambda obj: json.dumps(obj, separators=(",", ":")).encode()  # noqa: E731
 ERROR = J({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
 OK = J(message())
 S = KEY  # the key as text
+ESCAPED = "".join(f"\\u{ord(c):04x}" for c in KEY)  # JSON's \\u escapes: the same string to a JSON reader
 
 
 def cases() -> dict[str, tuple[bool, list[bytes]]]:
@@ -147,6 +149,9 @@ def cases() -> dict[str, tuple[bool, list[bytes]]]:
         "json-br": (False, answer(b"200 OK", brotli.compress(J(deep)), [(b"content-encoding", b"br")])),
         "json-zstd": (False, answer(b"200 OK", zstandard.ZstdCompressor().compress(J(deep)), [(b"content-encoding", b"zstd")])),
         "error-gzip": (False, answer(b"401 Unauthorized", gzip.compress(error_deep), [(b"content-encoding", b"gzip")])),
+        "json-unknown-encoding": (False, answer(b"200 OK", J(deep), [(b"content-encoding", b"x-custom")])),
+        "json-false-gzip": (False, answer(b"200 OK", J(deep), [(b"content-encoding", b"gzip")])),
+        "json-unicode-escaped": (False, answer(b"200 OK", J(message(model=ESCAPED, content=[{"type": "text", "text": ESCAPED}])).replace(b"\\\\u", b"\\u"))),
         "text-plain": (False, answer(b"502 Bad Gateway", b"upstream said " + K, ctype=b"text/plain")),
         "html": (False, answer(b"503 Service Unavailable", b"<h1>" + K + b"</h1>", ctype=b"text/html")),
         "litellm": (False, answer(b"401 Unauthorized", J({"error": {"message": f"litellm.AuthenticationError: {S}",
@@ -159,6 +164,7 @@ def cases() -> dict[str, tuple[bool, list[bytes]]]:
         "sse-error": (True, chunked(b"200 OK", events()[:2] + [sse("error", {"type": "error", "error": {"type": S, "message": S}})])),
         "sse-data-only": (True, chunked(b"200 OK", events(text=S, model=S, named=False))),
         "sse-comment": (True, chunked(b"200 OK", [b": " + K + b"\n\n"] + events()[:3] + [b"event: " + K + b"\ndata: {}\n\n"] + events()[3:])),
+        "sse-unicode-escaped": (True, chunked(b"200 OK", [e.replace(b"\\\\u", b"\\u") for e in events(text=ESCAPED, model=ESCAPED)])),
         "sse-crlf": (True, chunked(b"200 OK", split_parts(events(text=S, model=S, eol=b"\r\n")))),
         "sse-gzip": (True, chunked(b"200 OK", [gzip.compress(b"".join(events(text=S, model=S)))], [(b"content-encoding", b"gzip")])),
         "sse-unknown-encoding": (True, chunked(b"200 OK", events(text=S), [(b"content-encoding", b"x-custom")])),
@@ -195,7 +201,13 @@ credentials:
         yield gw, flows, got, upstream
 
 
+def as_read(text: str) -> str:
+    """`text` with JSON's `\\uXXXX` escapes undone: what a client's JSON reader gets from its strings."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), text)
+
+
 def found(text: str) -> list[str]:
+    text = text + as_read(text)
     return [n for n in NEEDLES if n in text]
 
 

@@ -47,7 +47,17 @@ from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
-from llm_gateway.util.secretmask import LOG_FILTER, MASKED_KEY, key_forms, mask, scrub, secret_forms
+from llm_gateway.util.secretmask import (
+    ESCAPE_NEEDLE,
+    LOG_FILTER,
+    MASKED_KEY,
+    key_forms,
+    mask,
+    scrub,
+    scrub_event,
+    scrub_json,
+    secret_forms,
+)
 
 __all__ = ["KeyCustody", "ScrubTap", "mask", "key_forms", "MASKED_KEY", "LOG_FILTER"]
 
@@ -96,11 +106,12 @@ class ScrubTap:
 
     def __init__(self, *secrets: str) -> None:
         self.forms = secret_forms(secrets)
-        self.event_bytes = self.forms  # the relay's quick path sends on the deltas without them (pipeline/relay.py)
+        # the relay's quick path sends on the deltas without them (pipeline/relay.py); a `\u` escape may spell one
+        self.event_bytes = (*self.forms, ESCAPE_NEEDLE)
         self._held = b""  # unread bytes kept back: their end may be the start of the key
 
     def on_event(self, event: Any) -> Any | None:
-        masked = scrub(event.raw, self.forms)
+        masked = scrub_event(event.raw, self.forms)
         return None if masked is event.raw else Event(masked)
 
     def on_unread(self, data: bytes, end: bool) -> bytes:
@@ -347,7 +358,7 @@ class KeyCustody:
         content = body_of(flow.response)
         if content is None:  # past the bound: unread, so not passed on either
             flow.response = native_answer("api_error", TOO_LARGE_MESSAGE)
-        elif content and (masked := scrub(content, custody.forms)) is not content:
+        elif content and (masked := scrub_json(scrub(content, custody.forms), custody.forms)) is not content:
             flow.response.content = masked
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -4,14 +4,17 @@
 
 What is recognised: a secret as it is, JSON-escaped, as Python's repr writes bytes (a traceback quoting upstream
 bytes), as log lines escape values (logsafe.clean), and the credential after an auth scheme (`Bearer <token>`).
-What is not: a secret the upstream transformed (base64, reversed, `\\u`-escaped, cut, split by a line break);
-nothing can recognise every transformation of a string.
+A JSON text (a buffered body, an SSE event's data line) that spells it with `\\u` escapes of ASCII letters (which
+a JSON reader undoes, so the client and the gateway's own reader would see it) is read and written again, masked
+(`scrub_json`). What is not recognised: a secret the upstream transformed (base64, reversed, percent-encoded, cut,
+split across JSON strings or data lines); nothing can recognise every transformation of a string.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
 from llm_gateway.util.logsafe import clean
 
@@ -53,6 +56,59 @@ def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
         if form in data:
             data = data.replace(form, MASKED_KEY)
     return data
+
+
+# A `\u` escape of a printable ASCII character: no JSON encoder needs one (Go's escapes `<`, `>`, `&` so), and
+# only such escapes can spell a secret of visible ASCII in a form the plain search misses.
+_ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
+ESCAPE_NEEDLE = b"\\u00"  # what a quick scan looks for before `_ASCII_ESCAPE` (pipeline/relay.py's quick path)
+
+
+def scrub_json(data: bytes, forms: tuple[bytes, ...]) -> bytes:
+    """`data` (a JSON text) with a secret spelt in `\\u` escapes masked: read, masked in every string, written
+    again (compact, UTF-8), only when it holds such escapes and a string holds a secret; else `data` itself."""
+    if not forms or not _ASCII_ESCAPE.search(data):
+        return data
+    texts = [form.decode() for form in forms]
+    masked = MASKED_KEY.decode()
+    found = False
+
+    def walk(value):
+        nonlocal found
+        if isinstance(value, str):
+            for text in texts:
+                if text in value:
+                    found, value = True, value.replace(text, masked)
+            return value
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {walk(k): walk(v) for k, v in value.items()}
+        return value
+
+    try:
+        out = walk(json.loads(data))
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's stack: left as it is
+        return data
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode() if found else data
+
+
+def scrub_event(raw: bytes, forms: tuple[bytes, ...]) -> bytes:
+    """One SSE event's bytes with every spelling of a secret masked, `\\u`-escaped ones in its `data:` lines too."""
+    raw = scrub(raw, forms)
+    if not _ASCII_ESCAPE.search(raw):
+        return raw
+    lines = raw.split(b"\n")
+    changed = False
+    for i, line in enumerate(lines):
+        if line.startswith(b"data:"):
+            payload = line[5:].rstrip(b"\r")
+            payload = payload[1:] if payload.startswith(b" ") else payload
+            masked = scrub_json(payload, forms)
+            if masked is not payload:
+                lines[i] = b"data: " + masked + (b"\r" if line.endswith(b"\r") else b"")
+                changed = True
+    return b"\n".join(lines) if changed else raw
 
 
 class KeyLogFilter(logging.Filter):

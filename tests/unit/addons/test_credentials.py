@@ -4,14 +4,17 @@ tests/e2e/test_key_echo.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
 from llm_gateway.addons import credentials
 from llm_gateway.addons.credentials import KeyCustody, ScrubTap
+from llm_gateway.util import secretmask
 from llm_gateway.util.secretmask import MASKED_KEY, KeyLogFilter, key_forms
 
 KEY = "sk-ant-api03-UNITKEY0123456789"
@@ -70,3 +73,28 @@ def test_the_log_filter_masks_messages_arguments_and_tracebacks():
 
 def test_one_log_filter_for_the_process():
     assert isinstance(credentials.LOG_FILTER, KeyLogFilter)
+
+
+ESCAPED = "".join(f"\\u{ord(c):04x}" for c in KEY)  # what a JSON reader turns back into KEY
+
+
+def test_a_key_spelt_in_json_escapes_is_masked_in_a_body_and_an_event():
+    forms = key_forms(KEY)
+    body = ('{"model":"' + ESCAPED + '","content":[{"text":"a \\u003c ' + ESCAPED + '"}]}').encode()
+    masked = secretmask.scrub_json(body, forms)
+    assert json.loads(masked) == {"model": MASKED_KEY.decode(), "content": [{"text": "a < " + MASKED_KEY.decode()}]}
+    event = b"event: content_block_delta\r\ndata: " + body + b"\r\n\r\n"
+    out = secretmask.scrub_event(event, forms)
+    assert out.startswith(b"event: content_block_delta\r\ndata: {") and out.endswith(b"}\r\n\r\n")
+    assert KEY.encode() not in out and ESCAPED.encode() not in out
+
+
+@pytest.mark.parametrize("body", [
+    b'{"text":"\\u003cb\\u003e plain"}',  # escapes, no key: the same bytes (the same object)
+    b'{"text":"' + b"\\u0073" * 3 + b'"',  # not JSON
+    b"[" * 100000 + b"\"\\u0073\"" + b"]" * 100000,  # nested past the stack
+])
+def test_bodies_without_an_escaped_key_are_left_as_they_are(body):
+    assert secretmask.scrub_json(body, key_forms(KEY)) is body
+    event = b"data: " + body + b"\n\n"
+    assert secretmask.scrub_event(event, key_forms(KEY)) is event
