@@ -114,6 +114,11 @@ class ScrubTap:
         masked = scrub_event(event.raw, self.forms)
         return None if masked is event.raw else Event(masked)
 
+    def mask_bytes(self, data: bytes) -> bytes:
+        """Whole bytes masked, `\\u`-escaped spellings in a JSON text too (a Bedrock frame's payload,
+        pipeline/eventstream.py); `data` itself when nothing changed."""
+        return scrub_json(scrub(data, self.forms), self.forms)
+
     def on_unread(self, data: bytes, end: bool) -> bytes:
         """Bytes the relay forwards without parsing them (an encoding it cannot decode, a stream it gave up on):
         masked, the key found also when two chunks cut it; a tail that may begin the key waits for the next chunk
