@@ -24,6 +24,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 
 import brotli
 import pytest
@@ -31,9 +32,11 @@ import zstandard
 from mitmproxy import io as mio
 
 from conftest import routed_rules
+from e2e.test_e2e_otel import otel_env
 from e2e.test_secrets import metrics_when_recorded, request, send
 from fakes.wire import WireUpstream
 from harness import ROOT, Gateway
+from otlp import Receiver
 from llm_gateway.policy.spec import token_hash
 from llm_gateway.util.secretmask import MASKED_KEY
 from secretvolume import write_secret
@@ -186,20 +189,25 @@ def echoed(tmp_path_factory):
     key_file = write_secret(tmp / "secret", "api-key", KEY)
     flows = tmp / "flows.mitm"
     table = cases()
-    with WireUpstream({name: pieces for name, (_, pieces) in table.items()}) as upstream:
+    with WireUpstream({name: pieces for name, (_, pieces) in table.items()}) as upstream, Receiver() as receiver:
         rules = routed_rules(upstream.url, extra=f"""\
 credentials:
   upstream: [{{name: main, key_file: {key_file}}}]
   tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
+otel: {{enabled: true, capture_content: true}}
 """)
         args = ("-w", str(flows), "--set", "termlog_verbosity=debug", "--set", "flow_detail=3")
-        with Gateway(rules, extra_args=args) as gw:
+        with Gateway(rules, extra_args=args, env=otel_env(receiver.url)) as gw:
             got = {}
             for name, (stream, _) in table.items():
                 body = {**ASK, "stream": True} if stream else ASK
                 got[name] = send(gw.reverse_port, request("/v1/messages", "127.0.0.1", body, {
                     "x-api-key": TOKEN, "x-session-id": f"echo-{name}", "x-wire-case": name}))
             got["-/metrics"] = metrics_when_recorded(gw, len(table), {"x-api-key": TOKEN})
+            deadline = time.monotonic() + 15
+            while len(receiver.spans) < len(table) and time.monotonic() < deadline:  # the exporter's batches
+                time.sleep(0.1)
+        gw.spans, gw.points = list(receiver.spans), list(receiver.points)
         yield gw, flows, got, upstream
 
 
@@ -248,6 +256,15 @@ def test_no_metric_holds_the_key(echoed):
     text = echoed[2]["-/metrics"].decode()
     assert "llm_gateway_requests_total" in text
     assert not found(text), [line for line in text.splitlines() if found(line)][:20]
+
+
+def test_no_opentelemetry_span_event_or_point_holds_the_key(echoed):
+    """The GenAI spans with `capture_content` on (the answer's text in span events) and the OTLP metrics."""
+    gw = echoed[0]
+    assert len(gw.spans) >= len(cases()) - 2  # (a 1xx or 101 answer may end without an exchange span)
+    assert any(MASKED_KEY.decode() in json.dumps(s) for s in gw.spans)  # the captured content was masked
+    leaks = [s["name"] for s in gw.spans if found(json.dumps(s, default=repr))]
+    assert not leaks and not found(json.dumps(gw.points, default=repr))
 
 
 def test_no_saved_flow_holds_the_key(echoed):
