@@ -143,6 +143,10 @@ def cases() -> dict[str, tuple[bool, list[bytes]]]:
         "www-authenticate": (False, answer(b"401 Unauthorized", ERROR, [(b"www-authenticate", b'Bearer realm="' + K + b'"')])),
         "early-hints": (False, answer(b"200 OK", OK, before=b"HTTP/1.1 103 " + K + b"\r\nlink: </x?k=" + K + b">\r\n\r\n")),
         "upgrade-101": (False, [b"HTTP/1.1 101 " + K + b"\r\nupgrade: " + K + b"\r\nconnection: upgrade\r\n\r\n" + K]),
+        "bad-header-line": (False, [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-echo " + K + b"\r\n\r\n{}"]),
+        "bad-status-line": (False, [b"HTTP/1.1 2xx " + K + b"\r\ncontent-length: 2\r\n\r\n{}"]),
+        "bad-chunk-size": (False, [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                                   + K + b"\r\n{}\r\n0\r\n\r\n"]),
         "trailers": (False, chunked(b"200 OK", [OK], ctype=b"application/json", trailer=b"x-echo: " + K + b"\r\n")),
         # JSON bodies
         "json-deep": (False, answer(b"200 OK", J(deep))),
@@ -228,6 +232,8 @@ def test_every_case_reached_the_upstream_with_the_real_key(echoed):
     assert all(b"x-api-key: " + K in h and TOKEN.encode() not in h for h in heads)
     assert b"event: message_stop" in got["sse-text-split"] and b'"type":"message"' in got["json-deep"]
     assert got["reason-error"].startswith(b"HTTP/1.1 401") and got["hdr-many"].startswith(b"HTTP/1.1 200")
+    for name in ("bad-header-line", "bad-status-line", "bad-chunk-size"):  # native errors, not mitmproxy's page
+        assert got[name].startswith(b"HTTP/1.1 502") and b'"type":"error"' in got[name], got[name]
 
 
 @pytest.mark.parametrize("case", sorted(cases()))

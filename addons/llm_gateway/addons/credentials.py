@@ -367,7 +367,24 @@ class KeyCustody:
             flow.response.content = masked
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._sent(flow)
+        """An answer that did not parse: mitmproxy's error quotes the upstream's bytes (a status line, a header
+        line, a chunk size), in the flow's error (records, the dumper's line, saved flows) and in the page it
+        sends the client. With a secret among them: masked in the error, and the client gets a native 502."""
+        sent = serializers.sent_secrets(flow.request)
+        custody = self._sent(flow)
+        forms = secret_forms(sent) if sent else custody.forms if custody is not None else ()
+        if not forms or flow.error is None:
+            return
+        message = flow.error.msg.encode("utf-8", "surrogateescape")
+        masked = scrub(message, forms)
+        if masked is message:
+            return
+        flow.error.msg = masked.decode("utf-8", "surrogateescape")
+        if flow.response is None:  # the answer pipeline's native 502 takes the page's place (addons/answer.py)
+            return
+        layers.answer_instead_of_error_page(flow, native_answer(
+            "api_error", "The gateway's upstream failed: its answer could not be read.",
+            {"x-should-retry": "true", "connection": "close"}, status=502), after_head=True)
 
     def _sent(self, flow: http.HTTPFlow) -> Custody | None:
         """The request is on the wire (or never will be): its placeholders are no longer needed."""
