@@ -178,6 +178,7 @@ def cases() -> dict[str, tuple[bool, list[bytes]]]:
         "sse-gzip": (True, chunked(b"200 OK", [gzip.compress(b"".join(events(text=S, model=S)))], [(b"content-encoding", b"gzip")])),
         "sse-unknown-encoding": (True, chunked(b"200 OK", events(text=S), [(b"content-encoding", b"x-custom")])),
         "sse-false-gzip": (True, chunked(b"200 OK", events(text=S), [(b"content-encoding", b"gzip")])),
+        "sse-bad-chunk": (True, chunked(b"200 OK", events()[:3]) [:-1] + [K + b"\r\n\r\n"]),
         "sse-error-status": (True, chunked(b"529 Overloaded", [sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": S}})])),
         # the gateway's conversions: the client gets the form it asked for
         "sse-to-json": (False, chunked(b"200 OK", split_parts(events(text=S, model=S, msg_id=S)))),
@@ -333,6 +334,7 @@ def cloud_cases() -> dict[str, tuple[bool, list[bytes]]]:
         # a Bedrock client of the base-URL listener (the gateway signs): its own wire format comes back
         "bedrock-native-json": (None, answer(b"200 OK", J(message(model=s, content=[{"type": "text", "text": s}])))),
         "bedrock-native-stream": (None, eventstream(api_events(text=f"token {s}", model=s))),
+        "bedrock-native-exception": (None, eventstream(api_events()[:2]) + [exception_frame(s, f"slow down {s}")]),
         "bedrock-exception": (True, eventstream(api_events()[:2]) + [
             exception_frame("throttlingException", f"slow down {s}")]),
     }
@@ -363,7 +365,7 @@ credentials:
             for name, (stream, _) in table.items():
                 upstream.queue.append(name)
                 if stream is None:  # Bedrock's own InvokeModel call, with the gateway token as its bearer token
-                    action = "invoke-with-response-stream" if name.endswith("stream") else "invoke"
+                    action = "invoke" if name.endswith("json") else "invoke-with-response-stream"
                     body = {"anthropic_version": "bedrock-2023-05-31", **{k: v for k, v in ASK.items() if k != "model"}}
                     got[name] = send(gw.reverse_port, request(f"/model/{BEDROCK_MODEL}/{action}", "127.0.0.1", body, {
                         "authorization": f"Bearer {TOKEN}", "x-session-id": f"echo-{name}"}))

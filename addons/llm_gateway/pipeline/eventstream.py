@@ -105,7 +105,7 @@ class EventStreamReader:
                 self.buffer.add_data(frame)
                 for message in self.buffer:
                     self._message(message.headers, message.payload)
-                out.append(self._masked_frame(frame))
+                    out.append(self._masked_frame(frame, message.headers))
         except ParserError as e:
             logger.warning(f"{clean(self.ex.host)}: an event-stream frame does not decode ({clean(e)}); not read further")
             self.reading = False
@@ -118,11 +118,15 @@ class EventStreamReader:
             self.pending = b""
         return b"".join(out) or []
 
-    def _masked_frame(self, frame: bytes) -> bytes:
-        """The frame with its payload masked (a `chunk`'s base64 decoded for it), its CRCs made again; the same
-        bytes when the mask changed nothing."""
+    def _masked_frame(self, frame: bytes, headers: dict) -> bytes:
+        """The frame with its headers and payload masked (a `chunk`'s base64 decoded for it), its CRCs made
+        again; the same bytes when the mask changed nothing."""
         headers_length = int.from_bytes(frame[4:8], "big")
-        head, payload = frame[12:12 + headers_length], frame[12 + headers_length:-4]
+        head = original = frame[12:12 + headers_length]
+        payload = frame[12 + headers_length:-4]
+        if self.mask(head) is not head:  # an `:exception-type` that echoes a secret
+            head = _string_headers({self.mask(k.encode()).decode(): self.mask(v.encode()).decode() if isinstance(v, str)
+                                    else v for k, v in headers.items()}) or self.mask(head)
         masked = self.mask(payload)
         outer = jsoncodec.parse_json_body(masked)
         if isinstance(outer, dict) and isinstance(outer.get("bytes"), str):
@@ -133,7 +137,7 @@ class EventStreamReader:
             if inner is not None and (inner_masked := self.mask(inner)) is not inner:
                 outer["bytes"] = base64.b64encode(inner_masked).decode()
                 masked = json.dumps(outer, separators=(",", ":")).encode()
-        if masked is payload:
+        if masked is payload and head is original:
             return frame
         prelude = struct.pack(">II", 12 + len(head) + len(masked) + 4, len(head))
         message = prelude + struct.pack(">I", zlib.crc32(prelude)) + head + masked
@@ -224,6 +228,18 @@ class EventStreamReader:
                 tap.on_end()
             except Exception:
                 logger.exception(f"{type(tap).__name__} failed at the end of a Bedrock stream")
+
+
+def _string_headers(headers: dict) -> bytes | None:
+    """Event-stream headers encoded (name length, name, type 7 = string, value length, value); None when one is
+    not a string (Bedrock sends strings only)."""
+    out = []
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            return None
+        n, v = name.encode(), value.encode()
+        out.append(bytes([len(n)]) + n + b"\x07" + struct.pack(">H", len(v)) + v)
+    return b"".join(out)
 
 
 def _join(out: bytes | list[bytes]) -> bytes:

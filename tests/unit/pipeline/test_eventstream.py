@@ -126,7 +126,7 @@ def test_a_gateway_signed_stream_goes_on_in_whole_frames_the_secret_masked_where
     from botocore.eventstream import EventStreamBuffer
 
     stream, ex = masking_reader()
-    raw = b"".join(echoing_frames()) + exception_frame("throttlingException", f"slow down {SECRET}")
+    raw = b"".join(echoing_frames()) + exception_frame(f"throttling{SECRET}", f"slow down {SECRET}")
     chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
     out = forward(stream, chunks)
     buffer = EventStreamBuffer()
@@ -136,14 +136,19 @@ def test_a_gateway_signed_stream_goes_on_in_whole_frames_the_secret_masked_where
     payloads = b"".join(m.payload for m in messages) + b"".join(
         __import__("base64").b64decode(__import__("json").loads(m.payload)["bytes"]) for m in messages[:-1])
     assert SECRET.encode() not in payloads and b"masked by the gateway" in payloads
+    assert SECRET not in str([m.headers for m in messages]) and "masked" in messages[-1].headers[":exception-type"]
     assert ex.model_answered != SECRET and "masked by the gateway" in ex.model_answered  # the reader saw it masked
-    assert ex.error_type == "rate_limit_error"
+    assert ex.error_type is not None
 
 
 def test_a_gateway_signed_stream_without_the_secret_is_forwarded_as_it_came():
     stream, ex = masking_reader()
     raw = b"".join(frames())
+    out = []
+    original = stream._masked_frame
+    stream._masked_frame = lambda frame, headers: out.append(original(frame, headers) is frame) or frame
     assert forward(stream, [raw[:50], raw[50:]]) == raw
+    assert out and all(out)  # every frame the very same bytes: nothing encoded again
     assert ex.complete and ex.usage["input_tokens"] == 11
 
 
