@@ -33,6 +33,8 @@ from mitmproxy import io as mio
 
 from conftest import routed_rules
 from e2e.test_e2e_otel import otel_env
+from e2e.test_e2e_providers import service_account
+from fakes.clouds import FakeCloud
 from e2e.test_secrets import metrics_when_recorded, request, send
 from fakes.wire import WireUpstream
 from harness import ROOT, Gateway
@@ -81,6 +83,14 @@ def chunked(status: bytes, parts: list[bytes], headers: list[tuple[bytes, bytes]
     out = [b"\r\n".join(lines) + b"\r\n\r\n"]
     out += [b"%x\r\n" % len(p) + p + b"\r\n" for p in parts if p]
     return out + [b"0\r\n" + trailer + b"\r\n"]
+
+
+def closed(status: bytes, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+           ctype: bytes = b"application/json") -> list[bytes]:
+    """An answer whose body ends when the connection closes (no length to keep right: for `{{header}}` echoes)."""
+    lines = [b"HTTP/1.1 " + status, b"content-type: " + ctype, b"connection: close"]
+    lines += [name + b": " + value for name, value in headers or []]
+    return [b"\r\n".join(lines) + b"\r\n\r\n" + body]
 
 
 def sse(name: str | None, data: dict, eol: bytes = b"\n") -> bytes:
@@ -298,9 +308,10 @@ def test_the_usage_report_never_holds_the_key(echoed):
 
 SESSION = f"gateway-held-aws-session-ECHOSESSION{MARK}"  # the AWS session token the gateway signs with
 AWS_SECRET = f"gateway-held-aws-secret-ECHOSECRET{MARK}"  # never sent: an upstream cannot echo it
-CLOUD_NEEDLES = [f"ECHOSESSION{MARK}", f"ECHOSECRET{MARK}", f"ECHOTOKEN{MARK}"]
+CLOUD_NEEDLES = [f"ECHOSESSION{MARK}", f"ECHOSECRET{MARK}", f"ECHOTOKEN{MARK}", "ya29.minted-"]  # the Google token
 T = SESSION.encode()
 BEDROCK_MODEL = "anthropic.claude-test-v1:0"
+VERTEX_PATH = "/v1/projects/demo-project/locations/us-east5/publishers/anthropic/models/claude-test"
 
 
 def eventstream(events_: list[dict], split: bool = False) -> list[bytes]:
@@ -320,11 +331,20 @@ def api_events(text: str = "hello", model: str = "claude-test-1") -> list[dict]:
     return [json.loads(e.split(b"data: ", 1)[1]) for e in events(text=text, model=model)]
 
 
-def cloud_cases() -> dict[str, tuple[bool, list[bytes]]]:
+def cloud_cases() -> dict[str, tuple[bool | None, list[bytes]]]:
+    """As `cases`; None: the cloud's own call (Bedrock's InvokeModel, Vertex's rawPredict) from its own client."""
     from fakes.clouds import exception_frame
 
     s = SESSION
+    google = "{{authorization}}"  # the `Bearer ya29…` the gateway sent, as the wire upstream received it
+    vertex_message = J(message(model=google, content=[{"type": "text", "text": f"you sent {google}"}]))
     return {
+        # Vertex: the Google access token the gateway fetched and sent
+        "vertex-json": (None, closed(b"200 OK", vertex_message, [(b"x-echo", google.encode())])),
+        "vertex-stream": (None, closed(b"200 OK", b"".join(events(text=f"you sent {google}", model=google)),
+                                       ctype=b"text/event-stream")),
+        "vertex-error": (None, closed(b"401 Unauthorized", J({"error": {"code": 401, "status": "UNAUTHENTICATED",
+                                                                      "message": f"invalid credentials: {google}"}}))),
         "bedrock-json": (False, answer(b"200 OK", J(message(model=s, id=f"msg_{s}", content=[{"type": "text", "text": s}])),
                                        [(b"x-amzn-requestid", T), (b"x-echo", T)])),
         "bedrock-error": (False, answer(b"403 Forbidden", J({"message": f"The security token included in the request is invalid: {s}"}),
@@ -346,7 +366,7 @@ def cloud_echoed(tmp_path_factory):
     key_file = write_secret(tmp / "secret", "api-key", KEY)
     flows = tmp / "flows.mitm"
     table = cloud_cases()
-    with WireUpstream({name: pieces for name, (_, pieces) in table.items()}) as upstream:
+    with WireUpstream({name: pieces for name, (_, pieces) in table.items()}) as upstream, FakeCloud() as google:
         rules = (ROOT / "rules.yaml").read_text().replace("routes: []", f"""routes:
   - match: {{api: anthropic}}
     upstream: {upstream.url}
@@ -354,16 +374,25 @@ def cloud_echoed(tmp_path_factory):
     region: us-east-1""") + f"""
 clouds:
   bedrock: {{region: us-east-1}}
+  vertex: {{}}
 credentials:
   upstream: [{{name: main, key_file: {key_file}}}]
   tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
 """
-        env = {"AWS_ACCESS_KEY_ID": "AKIAECHOTESTKEY00001", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_SESSION_TOKEN": SESSION}
+        env = {"AWS_ACCESS_KEY_ID": "AKIAECHOTESTKEY00001", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_SESSION_TOKEN": SESSION,
+               "GOOGLE_APPLICATION_CREDENTIALS": str(service_account(tmp, google))}
         args = ("-w", str(flows), "--set", "termlog_verbosity=debug", "--set", "flow_detail=3")
         with Gateway(rules, regular=False, reverse_to=upstream.url, extra_args=args, env=env) as gw:
             got = {}
             for name, (stream, _) in table.items():
                 upstream.queue.append(name)
+                if stream is None and name.startswith("vertex"):  # Vertex's own call, the gateway token its bearer
+                    action = "streamRawPredict" if name.endswith("stream") else "rawPredict"
+                    body = {"anthropic_version": "vertex-2023-10-16", **{k: v for k, v in ASK.items() if k != "model"},
+                            **({"stream": True} if name.endswith("stream") else {})}
+                    got[name] = send(gw.reverse_port, request(f"{VERTEX_PATH}:{action}", "127.0.0.1", body, {
+                        "authorization": f"Bearer {TOKEN}", "x-session-id": f"echo-{name}"}))
+                    continue
                 if stream is None:  # Bedrock's own InvokeModel call, with the gateway token as its bearer token
                     action = "invoke" if name.endswith("json") else "invoke-with-response-stream"
                     body = {"anthropic_version": "bedrock-2023-05-31", **{k: v for k, v in ASK.items() if k != "model"}}
@@ -384,7 +413,12 @@ def cloud_found(text: str) -> list[str]:
 def test_the_translated_requests_carried_the_session_token(cloud_echoed):
     gw, _flows, got, upstream = cloud_echoed
     assert len(upstream.requests) == len(cloud_cases())
-    assert all(b"x-amz-security-token: " + T in h and b"/model/" in h for h in upstream.requests)
+    bedrock = [h for h in upstream.requests if b"/model/" in h]
+    assert len(bedrock) == len([n for n in cloud_cases() if n.startswith("bedrock")])
+    assert all(b"x-amz-security-token: " + T in h for h in bedrock)
+    vertex = [h for h in upstream.requests if b"/publishers/anthropic/" in h]
+    assert len(vertex) == 3 and all(b"authorization: Bearer ya29.minted-" in h for h in vertex)
+    assert b'"type":"message"' in got["vertex-json"] and b"event: message_stop" in got["vertex-stream"]
     assert TOKEN.encode() not in b"".join(upstream.requests)
     assert b"eventstream" in got["bedrock-native-stream"].split(b"\r\n\r\n")[0] and b'"bytes"' in got["bedrock-native-stream"]
     assert got["bedrock-json"].startswith(b"HTTP/1.1 200") and b'"type":"message"' in got["bedrock-json"]

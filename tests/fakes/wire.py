@@ -8,7 +8,9 @@ gateway reads them as separate chunks), then the connection is closed.
 
 Which answer: the request's `x-wire-case` header names it (the table is the test's, so a secret in an
 answer never travels in the request); a request without one (the gateway rewrote it: a translated request)
-gets the next name `queue` holds. Every request is kept (`requests`: the raw heads) for the test to
+gets the next name `queue` holds. `{{name}}` in an answer is replaced by the value of the request's header of that
+(lower-case) name: an upstream that echoes what it received, a secret the test cannot know beforehand (a token the
+gateway fetched). Every request is kept (`requests`: the raw heads) for the test to
 check. Binds 127.0.0.1 only; `stop()` closes the listener and every connection.
 """
 
@@ -68,8 +70,10 @@ class WireUpstream:
             head = self._read_request(conn)
             self.requests.append(head)
             case = b""
+            received = {}
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
+                received[b"{{" + name.strip().lower() + b"}}"] = value.strip()
                 if name.strip().lower() == CASE_HEADER:
                     case = value.strip()
             if not case:
@@ -79,6 +83,9 @@ class WireUpstream:
             for i, piece in enumerate(pieces):
                 if i:
                     time.sleep(self.pause)
+                if b"{{" in piece:
+                    for template, value in received.items():
+                        piece = piece.replace(template, value)
                 conn.sendall(piece)
             time.sleep(self.pause)
         except OSError:
