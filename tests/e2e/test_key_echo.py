@@ -471,3 +471,35 @@ def test_the_bedrock_client_gets_whole_valid_frames_with_the_token_masked(cloud_
     texts = [base64.b64decode(json.loads(m.payload)["bytes"]).decode() for m in buffer]
     assert len(texts) == len(api_events())
     assert any(MASKED_KEY.decode() in t for t in texts) and not cloud_found("".join(texts))
+
+
+# --- failover: the first upstream's broken answer, quoted in the reason the record keeps --------------------------------
+
+
+def test_a_failed_upstream_that_echoes_the_key_is_recorded_without_it(tmp_path):
+    """A route with two upstreams: the first answers a status line holding the key (mitmproxy's protocol error
+    quotes it), the second answers. The record's `failed_upstreams`, the log and the flow's comment name the
+    failure, never the key."""
+    key_file = write_secret(tmp_path / "secret", "api-key", KEY)
+    flows = tmp_path / "flows.mitm"
+    broken = {"broken": [b"HTTP/1.1 2xx " + K + b"\r\ncontent-length: 2\r\n\r\n{}"]}
+    fine = {"fine": answer(b"200 OK", OK)}
+    with WireUpstream(broken) as first, WireUpstream(fine) as second:
+        first.queue.append("broken")
+        second.queue.append("fine")
+        rules = routed_rules(first.url, extra=f"""\
+credentials:
+  upstream: [{{name: main, key_file: {key_file}}}]
+  tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
+""").replace(f"upstream: {first.url}", f"upstream: [{first.url}, {second.url}]")
+        with Gateway(rules, extra_args=("-w", str(flows))) as gw:
+            got = send(gw.reverse_port, request("/v1/messages", "127.0.0.1", ASK, {
+                "x-api-key": TOKEN, "x-session-id": "echo-failover"}))
+            [record] = gw.records(count=1)
+    assert got.startswith(b"HTTP/1.1 200") and not found(got.decode("latin-1"))
+    assert len(record["failed_upstreams"]) == 1 and "closed before answering" in record["failed_upstreams"][0]["reason"]
+    assert not found(json.dumps(record)), record["failed_upstreams"]
+    leaks = [line for line in gw.output().splitlines() if found(line)]
+    assert not leaks, leaks
+    with open(flows, "rb") as f:
+        assert not [f.id for f in mio.FlowReader(f).stream() if found(json.dumps(f.get_state(), default=repr))]

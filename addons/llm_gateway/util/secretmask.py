@@ -58,6 +58,15 @@ def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
     return data
 
 
+def scrub_text(text: str, forms: tuple[bytes, ...]) -> str:
+    """`text` with every spelling of a secret masked (a message that quotes upstream bytes)."""
+    for form in forms:
+        shown = form.decode()
+        if shown in text:
+            text = text.replace(shown, MASKED_KEY.decode())
+    return text
+
+
 # A `\u` escape of a printable ASCII character: no JSON encoder needs one (Go's escapes `<`, `>`, `&` so), and
 # only such escapes can spell a secret of visible ASCII in a form the plain search misses.
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
