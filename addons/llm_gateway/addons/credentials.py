@@ -12,11 +12,12 @@ An unknown or missing token gets a native 401 `authentication_error` from the ga
 Secrets never sit in the flow: the client's credential is masked as soon as its headers arrive (before mitmweb
 first shows the flow), and the value the upstream must see is put in only while mitmproxy serialises the
 request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer, before any
-other part reads it (docs/credentials.md, "An upstream that echoes the key"): in the status line's reason, in
+other part reads it (docs/credentials.md, "An upstream that echoes a secret"): in the status line's reason, in
 header names and values (`responseheaders`, the first addon there to see the answer), in every stream event
 (`ScrubTap`, the `SCRUB` stage, before the reader), in bytes a stream passes on unread (an encoding the gateway
-cannot decode: `ScrubTap.on_unread`), in a buffered body (`response`, before the answer pipeline), and in every
-log line, tracebacks included (`KeyLogFilter`, on the log handlers).
+cannot decode: `ScrubTap.on_unread`), in a buffered body (`response`, before the answer pipeline), in an answer
+that did not parse (`error`), and in every log line, tracebacks included (util/secretmask.KeyLogFilter, put on
+the log handlers here).
 
 `policy/credentials.decide` is the pure decision; `policy/credentials.KeyStore` reads and watches the keys;
 `KeyCustody` here is the addon; `tools/mint_token` mints a token (`scripts/mint-token NAME`).
@@ -47,19 +48,7 @@ from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
-from llm_gateway.util.secretmask import (
-    ESCAPE_NEEDLE,
-    LOG_FILTER,
-    MASKED_KEY,
-    key_forms,
-    mask,
-    scrub,
-    scrub_event,
-    scrub_json,
-    secret_forms,
-)
-
-__all__ = ["KeyCustody", "ScrubTap", "mask", "key_forms", "MASKED_KEY", "LOG_FILTER"]
+from llm_gateway.util.secretmask import ESCAPE_NEEDLE, LOG_FILTER, mask, scrub, scrub_event, scrub_json, secret_forms
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -123,6 +112,8 @@ class ScrubTap:
         """Bytes the relay forwards without parsing them (an encoding it cannot decode, a stream it gave up on):
         masked, the key found also when two chunks cut it; a tail that may begin the key waits for the next chunk
         (at most a key's length of bytes), and goes at the end."""
+        if not self.forms:
+            return data
         data = scrub(self._held + data, self.forms)
         self._held = b""
         if end or not data:
@@ -345,11 +336,12 @@ class KeyCustody:
         answer from here on; the first addon to see the answer, before the cloud placeholders are released."""
         sent = serializers.sent_secrets(flow.request)
         custody = self._sent(flow)
-        if not sent:
+        forms = secret_forms(sent)
+        if not forms:
             return
         if custody is None:
             custody = _custody[flow] = Custody({})
-        custody.forms = secret_forms(sent)
+        custody.forms = forms
         LOG_FILTER.remember(sent)
         ex = exchange.of(flow)
         if ex is not None:

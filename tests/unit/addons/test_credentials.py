@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
-from llm_gateway.addons import credentials
+from gwtest import rule_file
 from llm_gateway.addons.credentials import KeyCustody, ScrubTap
 from llm_gateway.util import secretmask
 from llm_gateway.util.secretmask import MASKED_KEY, KeyLogFilter, key_forms
@@ -71,8 +71,25 @@ def test_the_log_filter_masks_messages_arguments_and_tracebacks():
     assert flt.filter(plain) and plain.args == ("here",)  # untouched
 
 
-def test_one_log_filter_for_the_process():
-    assert isinstance(credentials.LOG_FILTER, KeyLogFilter)
+def test_a_secret_too_short_to_search_for_leaves_the_tap_harmless():
+    tap = ScrubTap("short")  # under MIN_SECRET: no spelling is searched for
+    assert tap.forms == () and tap.on_unread(b"short data", False) == b"short data"
+
+
+def test_the_log_filter_is_on_every_handler_while_custody_runs(monkeypatch):
+    import asyncio
+
+    handler = logging.Handler()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    custody = KeyCustody(rule_file())
+
+    async def run():
+        custody.running()
+        assert secretmask.LOG_FILTER in handler.filters
+        custody.done()
+
+    asyncio.run(run())
+    assert secretmask.LOG_FILTER not in handler.filters
 
 
 ESCAPED = "".join(f"\\u{ord(c):04x}" for c in KEY)  # what a JSON reader turns back into KEY
