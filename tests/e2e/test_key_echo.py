@@ -157,6 +157,10 @@ def cases() -> dict[str, tuple[bool, list[bytes]]]:
         "bad-status-line": (False, [b"HTTP/1.1 2xx " + K + b"\r\ncontent-length: 2\r\n\r\n{}"]),
         "bad-chunk-size": (False, [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
                                    + K + b"\r\n{}\r\n0\r\n\r\n"]),
+        "chunk-extension": (False, [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                                    + b"%x;echo=" % len(OK) + K + b"\r\n" + OK + b"\r\n0\r\n\r\n"]),
+        "header-folded": (False, [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-echo: a\r\n " + K
+                                  + b"\r\ncontent-length: %d\r\n\r\n" % len(OK) + OK]),
         "trailers": (False, chunked(b"200 OK", [OK], ctype=b"application/json", trailer=b"x-echo: " + K + b"\r\n")),
         # JSON bodies
         "json-deep": (False, answer(b"200 OK", J(deep))),
