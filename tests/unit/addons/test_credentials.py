@@ -109,9 +109,15 @@ def test_a_key_spelt_in_json_escapes_is_masked_in_a_body_and_an_event():
 @pytest.mark.parametrize("body", [
     b'{"text":"\\u003cb\\u003e plain"}',  # escapes, no key: the same bytes (the same object)
     b'{"text":"' + b"\\u0073" * 3 + b'"',  # not JSON
-    b"[" * 100000 + b"\"\\u0073\"" + b"]" * 100000,  # nested past the stack
+    b"[" * 100000 + b'"' + ESCAPED.encode() + b'"' + b"]" * 100000,  # the key, nested past the stack: not JSON here
 ])
 def test_bodies_without_an_escaped_key_are_left_as_they_are(body):
     assert secretmask.scrub_json(body, key_forms(KEY)) is body
     event = b"data: " + body + b"\n\n"
     assert secretmask.scrub_event(event, key_forms(KEY)) is event
+
+
+def test_escapes_without_a_secret_cost_no_parse(monkeypatch):
+    body = b'{"text":"' + b"\\u003cb\\u003e " * 10000 + b'"}'
+    monkeypatch.setattr(secretmask.json, "loads", lambda *_: pytest.fail("parsed"))
+    assert secretmask.scrub_json(body, key_forms(KEY)) is body
