@@ -209,6 +209,7 @@ BOUNDARIES = {
     "pipeline/eventstream.py": {
         "EventStreamReader.__call__": "mitmproxy calls the reader per chunk: an exception would cut the client's stream",
         "EventStreamReader._translate": "the same, while the frames become Anthropic SSE",
+        "EventStreamReader._whole_frames": "the same, while a gateway-signed stream's frames are masked",
         "EventStreamReader._tap": "one tap's failure must not stop the stream or the other taps",
         "EventStreamReader._end": "the same, at the end of the stream",
     },

@@ -40,6 +40,7 @@ from llm_gateway.policy.clouds import BedrockAuth, VertexAuth, bedrock_region
 from llm_gateway.policy.failover import serving
 from llm_gateway.protocol.providers import BEDROCK, VERTEX
 from llm_gateway.util.logsafe import clean
+from llm_gateway.util.secretmask import LOG_FILTER
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -153,6 +154,7 @@ class CloudCredentials:
             url = f"{request.scheme}://{request.host_header}{request.path}"
             signed = AWSRequest(method=request.method, url=url, data=request.get_content(strict=False) or b"",
                                 headers={"content-type": request.headers.get("content-type", "application/json")})
+            LOG_FILTER.remember([frozen.secret_key, frozen.token or ""])  # before botocore's debug lines quote them
             SigV4Auth(frozen, "bedrock", region).add_auth(signed)
             request.headers["x-amz-date"] = signed.headers["X-Amz-Date"]
             self._place(flow, "authorization", signed.headers["Authorization"], "AWS SigV4 signature")
@@ -166,7 +168,9 @@ class CloudCredentials:
             ex.note("authorized by the gateway (Google application default credentials)")
 
     def _place(self, flow: http.HTTPFlow, name: str, value: str, label: str) -> None:
-        """The value goes into the wire bytes only; the flow holds a placeholder (mitm/serializers.py)."""
+        """The value goes into the wire bytes only; the flow holds a placeholder (mitm/serializers.py); no log
+        line shows it from now on (util/secretmask.py)."""
+        LOG_FILTER.remember([value])
         placeholder = serializers.hold(value, label, flow.request.host, flow.request.port)
         self._held.setdefault(flow, []).append(placeholder)
         flow.request.headers[name] = placeholder

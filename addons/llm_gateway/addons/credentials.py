@@ -11,7 +11,13 @@ An unknown or missing token gets a native 401 `authentication_error` from the ga
 
 Secrets never sit in the flow: the client's credential is masked as soon as its headers arrive (before mitmweb
 first shows the flow), and the value the upstream must see is put in only while mitmproxy serialises the
-request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer.
+request (mitm/serializers.py). An upstream that echoes the key back gets it masked in its answer, before any
+other part reads it (docs/credentials.md, "An upstream that echoes a secret"): in the status line's reason, in
+header names and values (`responseheaders`, the first addon there to see the answer), in every stream event
+(`ScrubTap`, the `SCRUB` stage, before the reader), in bytes a stream passes on unread (an encoding the gateway
+cannot decode: `ScrubTap.on_unread`), in a buffered body (`response`, before the answer pipeline), in an answer
+that did not parse (`error`), and in every log line, tracebacks included (util/secretmask.KeyLogFilter, put on
+the log handlers here).
 
 `policy/credentials.decide` is the pure decision; `policy/credentials.KeyStore` reads and watches the keys;
 `KeyCustody` here is the addon; `tools/mint_token` mints a token (`scripts/mint-token NAME`).
@@ -42,6 +48,7 @@ from llm_gateway.protocol.headers import normalize
 from llm_gateway.protocol.hosts import dot_segments, normalize_host, path_of
 from llm_gateway.protocol.providers import ANTHROPIC
 from llm_gateway.protocol.sse import Event
+from llm_gateway.util.secretmask import ESCAPE_NEEDLE, LOG_FILTER, mask, scrub, scrub_event, scrub_json, secret_forms
 
 if TYPE_CHECKING:
     from llm_gateway.addons.rulefile import RuleFile
@@ -75,27 +82,49 @@ class Custody:
 
     original: dict[str, str]  # header name -> what the client sent
     placeholders: list[str] = field(default_factory=list)
-    key: str | None = None  # the upstream key sent, to mask in the answer
+    key: str | None = None  # the upstream key sent
+    forms: tuple[bytes, ...] = ()  # every secret the request carried upstream, as `secret_forms` spells them: masked in the answer
 
 
 _custody: weakref.WeakKeyDictionary[http.HTTPFlow, Custody] = weakref.WeakKeyDictionary()
 
 
-def mask(label: str) -> str:
-    return f"[{label}; masked by the gateway]"
-
-
 class ScrubTap:
-    """Masks the upstream key in stream events (an upstream that echoes it back in an error)."""
+    """Masks the secrets a request carried (the upstream key, a cloud token) in stream events (an upstream that
+    echoes them back in an error), and in the bytes the relay passes on unread (`on_unread`)."""
 
-    def __init__(self, key: str) -> None:
-        self.key = key.encode()
-        self.event_bytes = self.key  # the relay's quick path sends on the deltas without it (pipeline/relay.py)
+    def __init__(self, *secrets: str) -> None:
+        self.forms = secret_forms(secrets)
+        # the relay's quick path sends on the deltas without them (pipeline/relay.py); a `\u` escape may spell one
+        self.event_bytes = (*self.forms, ESCAPE_NEEDLE)
+        self._held = b""  # unread bytes kept back: their end may be the start of the key
 
     def on_event(self, event: Any) -> Any | None:
-        if self.key not in event.raw:
-            return None
-        return Event(event.raw.replace(self.key, mask("upstream key").encode()))
+        masked = scrub_event(event.raw, self.forms)
+        return None if masked is event.raw else Event(masked)
+
+    def mask_bytes(self, data: bytes) -> bytes:
+        """Whole bytes masked, `\\u`-escaped spellings in a JSON text too (a Bedrock frame's payload,
+        pipeline/eventstream.py); `data` itself when nothing changed."""
+        return scrub_json(scrub(data, self.forms), self.forms)
+
+    def on_unread(self, data: bytes, end: bool) -> bytes:
+        """Bytes the relay forwards without parsing them (an encoding it cannot decode, a stream it gave up on):
+        masked, the key found also when two chunks cut it; a tail that may begin the key waits for the next chunk
+        (at most a key's length of bytes), and goes at the end."""
+        if not self.forms:
+            return data
+        data = scrub(self._held + data, self.forms)
+        self._held = b""
+        if end or not data:
+            return data
+        longest = len(self.forms[0])
+        for at in range(max(0, len(data) - longest + 1), len(data)):
+            tail = data[at:]
+            if any(form.startswith(tail) for form in self.forms):
+                self._held = tail
+                return data[:at]
+        return data
 
     def on_end(self) -> bytes:
         return b""
@@ -110,11 +139,14 @@ class KeyCustody:
         self.store = KeyStore()
         self._watcher: asyncio.Task | None = None
         self.wire_ready = False
+        self._filtered: set[str] = set()  # the keys the log filter masks
 
     def load(self, loader) -> None:
         self.wire_ready = serializers.install()
 
     def running(self) -> None:
+        for handler in logging.getLogger().handlers:  # mitmdump's terminal log, mitmweb's event log
+            handler.addFilter(LOG_FILTER)
         self._sync()
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -123,10 +155,20 @@ class KeyCustody:
         if self._watcher:
             self._watcher.cancel()
             self._watcher = None
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(LOG_FILTER)
 
     def _sync(self) -> None:
         creds = self.rule_file.rules.credentials
         self.store.use(creds.upstream if creds else ())
+        self._keys_to_log_filter()
+
+    def _keys_to_log_filter(self) -> None:
+        """The log filter masks every key the store holds (the ones before a rotation stay masked too)."""
+        known = self.store.keys.values()
+        if not set(known) <= self._filtered:
+            self._filtered |= set(known)
+            LOG_FILTER.use(sorted(self._filtered))
 
     async def _watch(self) -> None:
         while True:
@@ -134,6 +176,7 @@ class KeyCustody:
             try:
                 self._sync()
                 self.store.refresh()
+                self._keys_to_log_filter()
             except Exception:  # the watcher must outlive anything a file can do to it
                 logger.exception("upstream key watcher")
 
@@ -277,6 +320,7 @@ class KeyCustody:
                 flow.request.headers.pop(name, None)
 
     def _place(self, flow: http.HTTPFlow, custody: Custody, name: str, value: str, label: str) -> None:
+        LOG_FILTER.remember([value])  # a pass-through credential too: no log line shows it from now on
         placeholder = serializers.hold(value, label, flow.request.host, flow.request.port)
         custody.placeholders.append(placeholder)
         flow.request.headers[name] = placeholder
@@ -287,24 +331,52 @@ class KeyCustody:
         flow.response = native_answer(error_type, message, {"x-should-retry": "false"})
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Every secret the request carried upstream (its placeholders: the upstream key, a pass-through
+        credential, the cloud signature, token or session token addons/cloudauth.py placed) is masked in the
+        answer from here on; the first addon to see the answer, before the cloud placeholders are released."""
+        sent = serializers.sent_secrets(flow.request)
         custody = self._sent(flow)
+        forms = secret_forms(sent)
+        if not forms:
+            return
+        if custody is None:
+            custody = _custody[flow] = Custody({})
+        custody.forms = forms
+        LOG_FILTER.remember(sent)
         ex = exchange.of(flow)
-        if custody is not None and custody.key and ex is not None:
-            ex.add_tap(ScrubTap(custody.key), exchange.SCRUB)  # first: every other tap sees the masked event
-            self._scrub_headers(flow.response, custody.key)
+        if ex is not None:
+            ex.add_tap(ScrubTap(*sent), exchange.SCRUB)  # first: every other tap sees the masked event
+        self._scrub_head(flow.response, custody.forms)
 
     def response(self, flow: http.HTTPFlow) -> None:
         custody = self._sent(flow)
-        if custody is None or not custody.key or flow.response.stream:
+        if custody is None or not custody.forms or flow.response.stream:
             return
         content = body_of(flow.response)
         if content is None:  # past the bound: unread, so not passed on either
             flow.response = native_answer("api_error", TOO_LARGE_MESSAGE)
-        elif content and custody.key.encode() in content:
-            flow.response.content = content.replace(custody.key.encode(), mask("upstream key").encode())
+        elif content and (masked := scrub_json(scrub(content, custody.forms), custody.forms)) is not content:
+            flow.response.content = masked
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._sent(flow)
+        """An answer that did not parse: mitmproxy's error quotes the upstream's bytes (a status line, a header
+        line, a chunk size), in the flow's error (records, the dumper's line, saved flows) and in the page it
+        sends the client. With a secret among them: masked in the error, and the client gets a native 502."""
+        sent = serializers.sent_secrets(flow.request)
+        custody = self._sent(flow)
+        forms = secret_forms(sent) if sent else custody.forms if custody is not None else ()
+        if not forms or flow.error is None:
+            return
+        message = flow.error.msg.encode("utf-8", "surrogateescape")
+        masked = scrub(message, forms)
+        if masked is message:
+            return
+        flow.error.msg = masked.decode("utf-8", "surrogateescape")
+        if flow.response is None:  # the answer pipeline's native 502 takes the page's place (addons/answer.py)
+            return
+        layers.answer_instead_of_error_page(flow, native_answer(
+            "api_error", "The gateway's upstream failed: its answer could not be read.",
+            {"x-should-retry": "true", "connection": "close"}, status=502), after_head=True)
 
     def _sent(self, flow: http.HTTPFlow) -> Custody | None:
         """The request is on the wire (or never will be): its placeholders are no longer needed."""
@@ -315,13 +387,17 @@ class KeyCustody:
         return custody
 
     @staticmethod
-    def _scrub_headers(response: http.Response, key: str) -> None:
-        """The key masked in every header value, in one pass over the raw fields (a setitem per header would
-        rescan them all: quadratic in an answer with thousands of headers)."""
-        raw, masked = key.encode(), mask("upstream key").encode()
+    def _scrub_head(response: http.Response, forms: tuple[bytes, ...]) -> None:
+        """The key masked in the reason phrase and in every header value, and a header whose name holds it
+        dropped (the mask is no header name), in one pass over the raw fields (a setitem per header would rescan
+        them all: quadratic in an answer with thousands of headers)."""
+        reason = response.data.reason
+        if (masked := scrub(reason, forms)) is not reason:
+            response.data.reason = masked
         fields = response.headers.fields
-        if any(raw in value for _, value in fields):
-            response.headers.fields = tuple((name, value.replace(raw, masked)) for name, value in fields)
+        if any(form in name or form in value for name, value in fields for form in forms):
+            response.headers.fields = tuple(
+                (name, scrub(value, forms)) for name, value in fields if scrub(name, forms) is name)
 
 
 # ------------------------------------------------------------------------------------------ minting

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from llm_gateway.mitm import layers
+from llm_gateway.mitm import layers, serializers
 from llm_gateway.pipeline import exchange
 from llm_gateway.policy.failover import serving
 from llm_gateway.util.logsafe import clean
+from llm_gateway.util.secretmask import scrub_text, secret_forms
 
 logger = logging.getLogger("llm_gateway.failover")
 
@@ -68,6 +69,8 @@ class Failover:
         def next_upstream(reason: str) -> bool:
             if len(ex.failed_upstreams) >= len(route.fallbacks) or not flow.live:
                 return False
+            # mitmproxy's words may quote the upstream's bytes: a secret it echoed is masked before the cut
+            reason = scrub_text(reason, secret_forms(serializers.sent_secrets(flow.request)))
             ex.failed_upstreams.append({"upstream": ex.upstream or "", "reason": reason[:200]})
             logger.warning(f"upstream {ex.upstream} failed ({clean(reason[:200])}); trying the next one "
                            f"for {clean(ex.host + ex.path)}")

@@ -99,16 +99,18 @@ def state_of(stream: HttpStream) -> str:
     return getattr(stream.server_state, "__name__", "")
 
 
-def answer_instead_of_error_page(flow: http.HTTPFlow, answer: http.Response) -> bool:
+def answer_instead_of_error_page(flow: http.HTTPFlow, answer: http.Response, after_head: bool = False) -> bool:
     """From the `error` hook of a flow the client got no response for: have the client's HTTP/1 connection write
     `answer` where mitmproxy would write its own text/html error page (its 502 for an upstream refused, reset or
     closed before answering), then close as mitmproxy would. `HttpStream.handle_protocol_error` sends the client
     a `ResponseProtocolError` right after the hook, which `Http1Server.send` writes as `make_error_response`;
     this wraps that `send` of the one connection (an instance attribute, as `_inject` does) for this stream's
-    event only. False where it cannot (an HTTP/2 or HTTP/3 client, the layers gone): mitmproxy's page goes out."""
+    event only. False where it cannot (an HTTP/2 or HTTP/3 client, the layers gone): mitmproxy's page goes out.
+    `after_head`: also when the upstream's answer head came but nothing of it went to the client yet (a body that
+    did not parse: mitmproxy's page would quote its bytes)."""
     try:
         found = _find(flow)
-        if found is None or flow.response is not None:
+        if found is None or (flow.response is not None and not after_head):
             return False
         http_layer, stream = found
         server = http_layer.connections.get(flow.client_conn)

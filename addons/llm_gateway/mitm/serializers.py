@@ -51,6 +51,14 @@ def held() -> int:
     return len(_held)
 
 
+def sent_secrets(request: http.Request) -> list[str]:
+    """The real values this request's placeholders stood for on the wire (still held: before `release`): the
+    secrets an upstream could echo back in its answer (addons/credentials.py masks them there)."""
+    if not _held:
+        return []
+    return [found[0].decode() for _, value in request.data.headers.fields if (found := _held.get(value)) is not None]
+
+
 def real_headers(request: http.Request) -> http.Headers | None:
     """The request's headers with every held placeholder bound to its host replaced by the real value, or
     None when there is nothing to replace (the usual case: no copy is made)."""

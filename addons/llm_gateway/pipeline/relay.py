@@ -15,8 +15,10 @@ reads them, is checked with a few `bytes` calls and sent on as the same object (
 hands over one HTTP chunk at a time, and the API writes one event per chunk). Every other chunk goes
 through the parser, which gives the same result for these chunks, only slower. A tap that only copies
 events (the mitmweb body copy) has `on_raw`: the quick path hands it the chunk's bytes. A tap that acts only
-on events holding certain bytes (the upstream key's mask) names them in `event_bytes`: the quick path
-looks for them in the chunk.
+on events holding certain bytes (the upstream key's mask) names them in `event_bytes` (bytes, or a tuple
+of bytes): the quick path looks for them in the chunk. Bytes the relay forwards without parsing them (an
+encoding it cannot decode, a stream it gave up on) still pass every tap's `on_unread(data, end)` (the key
+scrub: nothing the gateway relays skips it).
 
 Nothing here may raise into mitmproxy: an exception inside a stream callable kills the connection.
 """
@@ -64,6 +66,7 @@ class SSERelay:
         self._copiers: tuple = ()  # the taps' `on_raw`, for the quick path
         self._needles: tuple = ()  # the taps' `event_bytes`: a chunk that holds one is parsed
         self.quick = False  # the quick path may be taken: see the module docstring
+        self.opaque = False  # an encoding it cannot decode: every byte passes unread (`install`)
 
     def interrupt(self, frame: bytes) -> None:
         """The gateway ends this stream early (a timeout, a shutdown): at the end that follows, an event
@@ -103,7 +106,7 @@ class SSERelay:
             self.quick = False
             logger.exception(f"stream relay failed; forwarding the rest untouched ({clean(self.ex.host + self.ex.path)})")
             self.tapping = False
-            return chunk if self.decoding else self._held() + chunk
+            return self._unread(chunk if self.decoding else self._held() + chunk, not chunk)
 
     def _misses(self, chunk: bytes) -> bool:
         for needle in self._needles:
@@ -121,11 +124,11 @@ class SSERelay:
                 logger.warning(f"cannot decode the {clean(self.ex.host)} stream ({clean(e)}); forwarding it as received")
                 self.decoding = self.tapping = False
                 # A body that was never encoded: the bytes the decoder swallowed go out too.
-                return self._held() + (self.undecoded or b"") + chunk
+                return self._unread(self._held() + (self.undecoded or b"") + chunk, end)
             if self.undecoded is not None:
                 self.undecoded = None if data or len(self.undecoded) > 65536 else self.undecoded + chunk
         if not self.tapping:
-            return data + (self.final or b"") if end else data
+            return self._unread(data, end) + (self.final or b"") if end else self._unread(data, end)
         events = self.parser.feed(data) if data else []
         if not end:
             return self._forward(events) + (self._give_up() if self.parser.held > MAX_EVENT_BYTES else b"")
@@ -149,7 +152,16 @@ class SSERelay:
     def _give_up(self) -> bytes:
         logger.warning(f"{clean(self.ex.host)} stream: an event of over {MAX_EVENT_BYTES} bytes; forwarding the rest unread")
         self.tapping = self.quick = False
-        return self._held()
+        return self._unread(self._held(), False)
+
+    def _unread(self, data: bytes, end: bool) -> bytes:
+        """Bytes forwarded without parsing: through every tap's `on_unread` (the key scrub) all the same. An
+        `on_unread` works on bytes alone and must not raise."""
+        for tap in self.ex.sse_taps:
+            on_unread = getattr(tap, "on_unread", None)
+            if on_unread is not None:
+                data = on_unread(data, end)
+        return data
 
     def _held(self) -> bytes:
         """Give up parsing: the bytes held back for an incomplete event, to forward as they are."""
@@ -164,7 +176,8 @@ class SSERelay:
             self._taps = list(self.ex.sse_taps)
             self._routes = [(tap.on_event, getattr(tap, "event_names", None), tap) for tap in self._taps]
             self._copiers = tuple(tap.on_raw for tap in self._taps if hasattr(tap, "on_raw"))
-            self._needles = tuple(tap.event_bytes for tap in self._taps if getattr(tap, "event_bytes", None))
+            self._needles = tuple(
+                needle for tap in self._taps for needle in _needles(getattr(tap, "event_bytes", None)))
             self._skips_quick = all(
                 hasattr(tap, "on_raw") or getattr(tap, "event_bytes", None) or (names is not None and QUICK_NAME not in names)
                 for _, names, tap in self._routes
@@ -201,13 +214,22 @@ class SSERelay:
         return extra
 
 
+def _needles(event_bytes: bytes | tuple[bytes, ...] | None) -> tuple[bytes, ...]:
+    if not event_bytes:
+        return ()
+    return (event_bytes,) if isinstance(event_bytes, bytes) else tuple(event_bytes)
+
+
 def install(flow: http.HTTPFlow, ex: exchange.Exchange) -> bool:
-    """Stream this response through a relay; False (buffer as usual) if its encoding is unknown."""
+    """Stream this response through a relay; False if its encoding is unknown: then it is streamed unread,
+    through the taps' `on_unread` only."""
     try:
         decoder = decoder_for(flow.response.headers.get("content-encoding"))
     except ValueError as e:
         logger.warning(f"{clean(e)}: streaming {clean(ex.host + ex.path)} untouched, usage not read")
-        flow.response.stream = True
+        unread = SSERelay(ex, None)
+        unread.tapping, unread.opaque = False, True  # `of` does not name it: it is streamed untouched
+        flow.response.stream = unread.__call__
         return False
     response = flow.response
     if decoder is not None:
@@ -229,7 +251,7 @@ def of(flow: http.HTTPFlow) -> SSERelay | None:
     stream = flow.response.stream if flow.response is not None else None
     owner = getattr(stream, "__self__", stream)
     if isinstance(owner, SSERelay):
-        return owner
+        return None if owner.opaque else owner
     inner = getattr(owner, "relay", None)  # a translated Bedrock stream's SSE relay (pipeline/eventstream.py)
     return inner if isinstance(inner, SSERelay) else None
 

@@ -101,3 +101,59 @@ def test_translated_stream_cut_short_ends_with_a_native_error_event():
     out = forward(f.response.stream, [b"".join(frames()[:2])])
     assert out.endswith(b'"type":"api_error","message":"the upstream stream ended before message_stop; the answer is incomplete"}}\n\n')
     assert not ex.complete and ex.error_type == "api_error"
+
+
+SECRET = "gateway-held-session-token-0123456789"
+
+
+def masking_reader() -> tuple[EventStreamReader, exchange.Exchange]:
+    """A reader for a stream the gateway signed: the key scrub's tap is on, so frames go on whole and masked."""
+    from llm_gateway.addons.credentials import ScrubTap
+
+    _, ex = reader()
+    tap = ScrubTap(SECRET)
+    ex.add_tap(tap, exchange.SCRUB)
+    return EventStreamReader(ex, mask=tap.mask_bytes), ex
+
+
+def echoing_frames() -> list[bytes]:
+    message = build_message(Scenario(model=SECRET, text=f"your token: {SECRET}", usage=USAGE), {}, "msg_bdrk_2")
+    return [chunk_frame(data) for _, data in message_to_events(message)]
+
+
+@pytest.mark.parametrize("size", [1, 7, 100_000])
+def test_a_gateway_signed_stream_goes_on_in_whole_frames_the_secret_masked_wherever_chunks_cut(size):
+    from botocore.eventstream import EventStreamBuffer
+
+    stream, ex = masking_reader()
+    raw = b"".join(echoing_frames()) + exception_frame(f"throttling{SECRET}", f"slow down {SECRET}")
+    chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
+    out = forward(stream, chunks)
+    buffer = EventStreamBuffer()
+    buffer.add_data(out)  # botocore checks both CRCs of every frame
+    messages = list(buffer)
+    assert len(messages) == len(echoing_frames()) + 1
+    payloads = b"".join(m.payload for m in messages) + b"".join(
+        __import__("base64").b64decode(__import__("json").loads(m.payload)["bytes"]) for m in messages[:-1])
+    assert SECRET.encode() not in payloads and b"masked by the gateway" in payloads
+    assert SECRET not in str([m.headers for m in messages]) and "masked" in messages[-1].headers[":exception-type"]
+    assert ex.model_answered != SECRET and "masked by the gateway" in ex.model_answered  # the reader saw it masked
+    assert ex.error_type is not None
+
+
+def test_a_gateway_signed_stream_without_the_secret_is_forwarded_as_it_came():
+    stream, ex = masking_reader()
+    raw = b"".join(frames())
+    out = []
+    original = stream._masked_frame
+    stream._masked_frame = lambda frame, headers: out.append(original(frame, headers) is frame) or frame
+    assert forward(stream, [raw[:50], raw[50:]]) == raw
+    assert out and all(out)  # every frame the very same bytes: nothing encoded again
+    assert ex.complete and ex.usage["input_tokens"] == 11
+
+
+def test_a_gateway_signed_stream_that_is_no_event_stream_still_loses_the_secret():
+    stream, ex = masking_reader()
+    raw = b"\xff\xff\xff\xff not frames " + SECRET.encode()
+    out = forward(stream, [raw])
+    assert SECRET.encode() not in out and not stream.reading

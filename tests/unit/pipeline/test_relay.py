@@ -103,7 +103,37 @@ def test_unknown_encoding_streams_untouched():
     f, ex = exchange_for()
     f.response.headers["content-encoding"] = "compress"
     assert relay.install(f, ex) is False
-    assert f.response.stream is True
+    assert f.response.stream(b"\x1f\x9d opaque") == b"\x1f\x9d opaque"
+    assert f.response.headers["content-encoding"] == "compress" and relay.of(f) is None  # no relay to interrupt
+
+
+class Unread:
+    """A tap that sees the bytes a stream passes on unread, as the key scrub does."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_event(self, event):
+        return None
+
+    def on_unread(self, data, end):
+        self.seen.append((data, end))
+        return data.replace(b"SECRET", b"[masked]")
+
+    def on_end(self):
+        return b""
+
+
+@pytest.mark.parametrize("encoding", ["compress", "gzip"])  # unknown; claimed but false
+def test_bytes_passed_on_unread_still_pass_the_taps_on_unread(encoding):
+    f, ex = exchange_for()
+    tap = Unread()
+    ex.add_tap(tap, exchange.SCRUB)
+    f.response.headers["content-encoding"] = encoding
+    relay.install(f, ex)
+    out = b"".join(bytes(f.response.stream(c) or b"") for c in (b"data: SECRET\n\n", b"more SECRET", b""))
+    assert out == b"data: [masked]\n\nmore [masked]"
+    assert tap.seen[-1][1] is True  # told of the end
 
 
 def test_corrupt_compressed_stream_is_forwarded_as_received():

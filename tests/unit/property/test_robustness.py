@@ -528,13 +528,13 @@ def test_huge_events_that_do_end_pass_whole(gateway):
 
 def test_what_the_gateway_cannot_read_is_passed_on_and_logged(gateway, caplog):
     caplog.set_level(logging.INFO)
-    # An encoding nobody decodes: streamed untouched.
+    # An encoding nobody decodes: streamed untouched (through the taps' `on_unread` only: the key scrub).
     f = make_flow(b'{"model":"claude-x","stream":true,"messages":[]}', [])
     gateway.hook("requestheaders", f)
     gateway.hook("request", f)
     start_response(f, 200, [(b"content-type", b"text/event-stream"), (b"content-encoding", b"compress")])
     gateway.hook("responseheaders", f)
-    assert f.response.stream is True and f.response.headers["content-encoding"] == "compress"
+    assert f.response.stream(b"\x1f\x9d opaque") == b"\x1f\x9d opaque" and f.response.headers["content-encoding"] == "compress"
     assert "unsupported content-encoding 'compress'" in caplog.text
     gateway.hook("response", f)
 
