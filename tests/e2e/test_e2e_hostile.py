@@ -139,6 +139,8 @@ EMPTY_OBJECTS = b'{"messages":[' + b"{}," * 3_500_000 + b'{}],"model":"x"}'
 # Empty strings and 20-deep nested arrays: what a per-token walk pays for, whatever its shape (8.5 MB)
 STRINGS_AND_NESTING = (b'{"model":"x","messages":[{"role":"user","content":"x"}],"x":['
                        + (b'"",' * 1000 + b"[" * 20 + b"]" * 20 + b",") * 2_800 + b'""]}')
+# A million tiny top-level fields (12 MB): each is a Python step of the lean reader; refused past MAX_FIELDS
+MANY_FIELDS = b'{"model":"x","messages":[],' + b",".join(b'"f%d":0' % i for i in range(1_000_000)) + b"}"
 JSON_HEADERS = [("content-type", "application/json"), ("x-api-key", "not-a-token")]
 ZEROS = 256 * MB
 TOKEN_HEADERS = [("content-type", "application/json"), ("x-api-key", TOKEN)]
@@ -155,6 +157,7 @@ HOSTILE = {  # name -> () -> (headers, body). The bombs carry a valid token (wit
     "10.5 MB of empty objects": lambda: (JSON_HEADERS, EMPTY_OBJECTS),
     "10.5 MB of empty objects, with a valid token": lambda: (TOKEN_HEADERS, EMPTY_OBJECTS),
     "8.5 MB of empty strings and nested arrays, with a valid token": lambda: (TOKEN_HEADERS, STRINGS_AND_NESTING),
+    "12 MB of a million top-level fields, with a valid token": lambda: (TOKEN_HEADERS, MANY_FIELDS),
 }
 AUTHENTICATED = [("content-type", "application/json"), ("x-api-key", TOKEN)]
 
@@ -212,6 +215,8 @@ def test_one_hostile_request_costs_what_it_costs_bare_mitmdump(proxies, name):
           f"bare mitmdump stall {base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {base.status}")
     if "bomb" in name and "valid token" in name:  # decoded with a bound: refused past limits.request_body
         assert cost.status == 413, cost
+    elif "top-level fields" in name:  # refused after MAX_FIELDS of them, with the native 400, not read on
+        assert cost.status == 400, cost
     elif "valid token" in name:  # the body is read (in a worker thread) and goes upstream
         assert cost.status == 200, cost
     else:

@@ -104,6 +104,16 @@ class BodyLimit:
             else:
                 # read to be looked at: addons/streams.py reads it again exactly where it writes it
                 ex.body = leanjson.parse_request_body(raw, exact=False)
+        except leanjson.TooManyFields:
+            ex.stop("too many top-level fields")
+            ex.release()
+            logger.warning(f"refused a request body with more than {leanjson.MAX_FIELDS} top-level fields to "
+                           f"{ex.host}{path_of(ex.path)!r}")
+            flow.response = native_answer(
+                "invalid_request_error",
+                f"The request body has more than {leanjson.MAX_FIELDS} top-level fields; this gateway does not "
+                "read further (a Messages request has about twenty).")
+            return
         except decoding.TooLarge:
             ex.stop("request_too_large")
             ex.release()

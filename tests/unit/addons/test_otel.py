@@ -182,10 +182,12 @@ def test_a_hung_receiver_does_not_hold_the_stop(monkeypatch):
         conn, _ = server.accept()
         with conn:
             assert conn.recv(65536).startswith(b"POST /v1/traces")
+            started = time.monotonic()
             sdk.shutdown()
-            conn.setblocking(False)
-            with pytest.raises(BlockingIOError):  # b"" would mean the exporter gave up and closed
-                conn.recv(1, socket.MSG_PEEK)
+            # The receiver never answers: a stop that waited for the export would take its whole 20 s timeout.
+            # (Whether the exporter's session is closed meanwhile depends on how far its flush got on a busy
+            # machine, so the connection's state is no evidence either way; the bound is generous, not a speed.)
+            assert time.monotonic() - started < 15
 
 
 def test_metric_series_by_model_are_bounded_as_the_prometheus_labels(monkeypatch):

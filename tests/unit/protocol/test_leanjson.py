@@ -50,3 +50,14 @@ def test_a_large_body_of_empty_containers_is_not_walked_token_by_token(monkeypat
     assert dict(lean) == {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
     assert lean.omitted == {"x"} and body[slice(*lean.spans["x"])].endswith(b"{}]")
     assert len(steps) < 2 * leanjson.WINDOW  # the last window only, not the 2 million brackets
+
+
+def test_a_large_body_of_very_many_top_level_fields_is_refused_not_read():
+    """Each top-level field is a Python step: past MAX_FIELDS the reader stops and says so (the API refuses
+    unknown fields anyway), instead of reading a million of them or calling the body "not JSON"."""
+    fields = b",".join(b'"f%d":0' % i for i in range(leanjson.MAX_FIELDS + 1))
+    body = b'{"model":"m",' + fields + b',"pad":"' + b"x" * leanjson.LEAN_ABOVE + b'"}'
+    with pytest.raises(leanjson.TooManyFields):
+        leanjson.parse_request_body(body)
+    within = b'{"model":"m",' + fields.rsplit(b",", 3)[0] + b',"pad":"' + b"x" * leanjson.LEAN_ABOVE + b'"}'
+    assert leanjson.parse_request_body(within)["model"] == "m"  # MAX_FIELDS fields in all: read
