@@ -320,27 +320,41 @@ class EndlessHead:
             self.sock.close()
 
 
-@pytest.mark.parametrize("where", ["base-URL listener", "egress tunnel"])
-def test_a_request_head_that_never_ends_is_refused_at_the_bound(proxies, where):
-    """64 MiB of header lines without the blank line: bare mitmdump holds them all (its FIXME); the gateway answers
-    a native 431 (or the client sees the connection closed: a reset can overtake the answer) once the head passes
-    gateway_head_size_limit (256 KiB), holds nothing of it, and the paced streams go on."""
+def side_by_side(proxies, label: str, head_for: Callable[[Gateway], EndlessHead]):
+    """`head_for(proxy)` sent through bare mitmdump, then the gateway, while the paced streams run; both figures
+    printed. Returns (bare's Cost, its EndlessHead, the gateway's Cost, its EndlessHead)."""
     gw, bare = proxies
     found = {}
     for name, proxy in (("bare", bare), ("gateway", gw)):
-        if where == "egress tunnel":
-            head = EndlessHead(lambda p=proxy: tunnel(p.regular_port, p.ca_cert))
-        else:
-            head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10))
+        head = head_for(proxy)
         try:
             found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
         finally:
             head.close()
     (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
-    print(f"\na request head that never ends, {where}: gateway stall {cost.stall * 1000:.0f} ms, peak "
-          f"+{cost.memory / MB:.0f} MB, {gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump "
-          f"stall {base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after "
-          f"{bare_head.sent / MB:.1f} MiB sent")
+    print(f"\n{label}: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {gw_head.outcome()} "
+          f"after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, peak "
+          f"+{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    return base, bare_head, cost, gw_head
+
+
+def to_reverse(proxy: Gateway) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proxy.reverse_port), timeout=10)
+
+
+@pytest.mark.parametrize("where", ["base-URL listener", "egress tunnel"])
+def test_a_request_head_that_never_ends_is_refused_at_the_bound(proxies, where):
+    """64 MiB of header lines without the blank line: bare mitmdump holds them all (its FIXME); the gateway answers
+    a native 431 (or the client sees the connection closed: a reset can overtake the answer) once the head passes
+    gateway_head_size_limit (256 KiB), holds nothing of it, and the paced streams go on."""
+    gw, _ = proxies
+
+    def head_for(proxy: Gateway) -> EndlessHead:
+        if where == "egress tunnel":
+            return EndlessHead(lambda: tunnel(proxy.regular_port, proxy.ca_cert))
+        return EndlessHead(lambda: to_reverse(proxy))
+
+    base, _, cost, gw_head = side_by_side(proxies, f"a request head that never ends, {where}", head_for)
     assert cost.status == 431 or (cost.status is None and gw_head.closed), gw_head.answer[:300]
     if cost.status == 431:
         body = json.loads(gw_head.answer.split(b"\r\n\r\n", 1)[1])
@@ -356,19 +370,8 @@ def test_a_flood_of_empty_lines_is_dropped_as_it_comes(proxies):
     """64 MiB of empty lines and nothing else: mitmproxy skips one empty line per read and holds the rest (bare
     mitmdump grows with what is sent); the gateway drops them as they come (RFC 9112 section 2.2 lets a server skip
     them) and holds at most the bound. There is no head to refuse: the connection stays open, as it does bare."""
-    gw, bare = proxies
-    found = {}
-    for name, proxy in (("bare", bare), ("gateway", gw)):
-        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10),
-                           padding=b"\r\n" * 32768, start=b"")
-        try:
-            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
-        finally:
-            head.close()
-    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
-    print(f"\n64 MiB of empty lines: gateway stall {cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, "
-          f"{gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, "
-          f"peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    base, _, cost, gw_head = side_by_side(proxies, "64 MiB of empty lines", lambda proxy: EndlessHead(
+        lambda: to_reverse(proxy), padding=b"\r\n" * 32768, start=b""))
     assert gw_head.sent == HEAD_SENT, "taken (and dropped) as it came"
     assert cost.memory < 48 * MB, (cost, base)
     assert cost.stall < 3 * base.stall + 0.5, (cost, base)
@@ -379,7 +382,7 @@ def test_a_chunk_size_line_that_never_ends_is_refused_at_the_bound(proxies):
     line's end and mitmproxy holds it all; the gateway ends the exchange once the line passes the bound. (mitmproxy
     then stops reading the socket but leaves it open, as after its own body protocol errors: the sender sees its
     sends stop, not a close.)"""
-    gw, bare = proxies
+    gw, _ = proxies
     start = (f"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\nx-api-key: {TOKEN}\r\n"
              f"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"a\":\r\n").encode()
 
@@ -387,19 +390,8 @@ def test_a_chunk_size_line_that_never_ends_is_refused_at_the_bound(proxies):
         return record.get("reason") == "client disconnected" and record.get("status") is None
 
     cut_before = len(gw.wait_records(cut, 0, timeout=0))
-    found = {}
-    for name, proxy in (("bare", bare), ("gateway", gw)):
-        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10),
-                           padding=b"0" * 65536, start=start)
-        try:
-            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
-        finally:
-            head.close()
-    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
-    print(f"\na chunk-size line that never ends: gateway stall {cost.stall * 1000:.0f} ms, peak "
-          f"+{cost.memory / MB:.0f} MB, {gw_head.outcome()} after {gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall "
-          f"{base.stall * 1000:.0f} ms, peak +{base.memory / MB:.0f} MB, {bare_head.outcome()} after "
-          f"{bare_head.sent / MB:.1f} MiB sent")
+    base, _, cost, gw_head = side_by_side(proxies, "a chunk-size line that never ends", lambda proxy: EndlessHead(
+        lambda: to_reverse(proxy), padding=b"0" * 65536, start=start))
     assert (gw_head.closed or gw_head.stalled) and cost.status is None, gw_head.answer[:300]
     assert gw_head.sent < 16 * MB, "the gateway stopped taking the line (what was sent is socket buffers)"
     assert cost.memory < 48 * MB, (cost, base)
@@ -414,7 +406,7 @@ def test_a_next_request_head_that_never_ends_while_an_answer_streams_is_cut_at_t
     """HTTP/1 pipelining: a whole streamed request, then on the same connection a next head that does not end.
     mitmproxy holds what comes while the answer runs (its `wait` state) and reads it as a head afterwards; the
     gateway closes the connection once that head passes the bound (no 431 fits in the middle of an answer)."""
-    gw, bare = proxies
+    gw, _ = proxies
     scenario = json.dumps({"burst": EVENTS, "event_delay": EVENT_DELAY})
     request = (f"POST /v1/messages HTTP/1.1\r\nhost: api.anthropic.com\r\nx-api-key: {TOKEN}\r\n"
                f"content-type: application/json\r\nx-fake-scenario: {scenario}\r\n"
@@ -423,18 +415,9 @@ def test_a_next_request_head_that_never_ends_while_an_answer_streams_is_cut_at_t
         return record.get("reason") == "client disconnected"
 
     cut_before = len(gw.wait_records(cut, 0, timeout=0))
-    found = {}
-    for name, proxy in (("bare", bare), ("gateway", gw)):
-        head = EndlessHead(lambda p=proxy: socket.create_connection(("127.0.0.1", p.reverse_port), timeout=10), request)
-        try:
-            found[name] = (measure(proxy, proxy.reverse_port, "", [], b"", send=head), head)
-        finally:
-            head.close()
-    (base, bare_head), (cost, gw_head) = found["bare"], found["gateway"]
-    print(f"\na next request head that never ends, sent while the answer streams: gateway stall "
-          f"{cost.stall * 1000:.0f} ms, peak +{cost.memory / MB:.0f} MB, {gw_head.outcome()} after "
-          f"{gw_head.sent / MB:.1f} MiB sent; bare mitmdump stall {base.stall * 1000:.0f} ms, peak "
-          f"+{base.memory / MB:.0f} MB, {bare_head.outcome()} after {bare_head.sent / MB:.1f} MiB sent")
+    base, _, cost, gw_head = side_by_side(
+        proxies, "a next request head that never ends, sent while the answer streams",
+        lambda proxy: EndlessHead(lambda: to_reverse(proxy), request))
     assert gw_head.closed and cost.status in (200, None), gw_head.answer[:300]
     assert gw_head.sent < 16 * MB, "the gateway stopped taking the head (what was sent is socket buffers)"
     assert cost.memory < 48 * MB, (cost, base)
