@@ -22,6 +22,8 @@ import json
 import os
 import re
 import secrets
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -507,3 +509,72 @@ credentials:
     assert not leaks, leaks
     with open(flows, "rb") as f:
         assert not [f.id for f in mio.FlowReader(f).stream() if found(json.dumps(f.get_state(), default=repr))]
+
+
+def h2_exchange(gw: Gateway, host: str, headers: list[tuple[str, str]], body: bytes) -> tuple[dict, bytes, bool]:
+    """One HTTP/2 request through the egress listener: CONNECT, TLS with ALPN `h2` (trusting the gateway's CA),
+    then h2 frames by the `h2` library (mitmproxy's own). Returns (the answer's headers, its body, whether the
+    stream ended by END_STREAM rather than a reset)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    with socket.create_connection(("127.0.0.1", gw.regular_port), timeout=15) as s:
+        s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nhost: {host}:443\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(1)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        context = ssl.create_default_context(cafile=str(gw.ca_cert))
+        context.set_alpn_protocols(["h2"])
+        with context.wrap_socket(s, server_hostname=host) as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "POST"), (":path", "/v1/messages"), (":scheme", "https"),
+                                    (":authority", host), *headers])
+            conn.send_data(sid, body, end_stream=True)
+            tls.sendall(conn.data_to_send())
+            answer: dict = {}
+            data, ended = b"", None
+            while ended is None and (chunk := tls.recv(65536)):
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        answer = {k.decode(): v.decode("latin-1") for k, v in event.headers}
+                    elif isinstance(event, h2.events.DataReceived):
+                        data += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+                    elif isinstance(event, h2.events.StreamReset):
+                        ended = False
+                tls.sendall(conn.data_to_send())
+            return answer, data, bool(ended)
+
+
+@pytest.mark.parametrize("case", ["bad-status-line", "bad-header-line", "bad-chunk-size"])
+def test_an_http2_client_gets_the_native_502_not_a_page_quoting_the_key(tmp_path, case):
+    """An answer that does not parse, to a client that speaks HTTP/2 with the gateway (egress mode, ALPN h2):
+    mitmproxy's own HTTP/2 error page quotes the upstream's bytes (the key); the gateway writes its native 502 on
+    that stream instead, as it does for HTTP/1 clients."""
+    key_file = write_secret(tmp_path / "secret", "api-key", KEY)
+    _, pieces = cases()[case]
+    with WireUpstream({case: pieces}) as upstream:
+        rules = routed_rules(upstream.url, extra=f"""\
+credentials:
+  upstream: [{{name: main, key_file: {key_file}}}]
+  tokens: [{{name: team-a, sha256: "{token_hash(TOKEN)}"}}]
+""")
+        with Gateway(rules) as gw:
+            headers, body, ended = h2_exchange(gw, "api.anthropic.com", [
+                ("content-type", "application/json"), ("x-api-key", TOKEN), ("x-wire-case", case)],
+                json.dumps(ASK).encode())
+            record = gw.wait_record(lambda r: r.get("status") == 502)
+    assert headers.get(":status") == "502" and ended, (headers, body)
+    assert headers.get("content-type") == "application/json" and headers.get("x-should-retry") == "true"
+    assert json.loads(body)["type"] == "error", body
+    assert not found(json.dumps(headers) + body.decode("latin-1")), (headers, body)
+    assert not found(json.dumps(record)), record

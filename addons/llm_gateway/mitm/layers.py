@@ -40,6 +40,7 @@ from mitmproxy.proxy.layers.http import (
     ErrorCode,
     GetHttpConnection,
     Http1Server,
+    Http2Server,
     HttpLayer,
     HTTPMode,
     HttpResponseHeadersHook,
@@ -105,7 +106,8 @@ def answer_instead_of_error_page(flow: http.HTTPFlow, answer: http.Response, aft
     closed before answering), then close as mitmproxy would. `HttpStream.handle_protocol_error` sends the client
     a `ResponseProtocolError` right after the hook, which `Http1Server.send` writes as `make_error_response`;
     this wraps that `send` of the one connection (an instance attribute, as `_inject` does) for this stream's
-    event only. False where it cannot (an HTTP/2 or HTTP/3 client, the layers gone): mitmproxy's page goes out.
+    event only. An HTTP/2 client gets `answer` on its stream instead (`_answer_on_h2`), its other streams untouched.
+    False where it cannot (an HTTP/3 client, the layers gone): mitmproxy's page goes out.
     `after_head`: also when the upstream's answer head came but nothing of it went to the client yet (a body that
     did not parse: mitmproxy's page would quote its bytes)."""
     try:
@@ -114,6 +116,9 @@ def answer_instead_of_error_page(flow: http.HTTPFlow, answer: http.Response, aft
             return False
         http_layer, stream = found
         server = http_layer.connections.get(flow.client_conn)
+        if isinstance(server, Http2Server):
+            _answer_on_h2(server, stream.stream_id, answer)
+            return True
         if not isinstance(server, Http1Server) or server.response is not None:
             return False
         original, sid = server.send, stream.stream_id
@@ -135,6 +140,27 @@ def answer_instead_of_error_page(flow: http.HTTPFlow, answer: http.Response, aft
     except Exception:  # mitmproxy internals changed under us: its own error page goes out
         logger.exception("cannot answer in place of mitmproxy's error page")
         return False
+
+
+def _answer_on_h2(server: Http2Server, sid: int, answer: http.Response) -> None:
+    """`answer` on an HTTP/2 client's stream `sid` where `Http2Connection._handle_event` would write its text/html
+    page for a `ResponseProtocolError` (only while the stream has sent no headers, as there): written by mitmproxy's
+    own writer as headers, data and end of stream (its h1-to-h2 header normalisation included); the connection and
+    its other streams go on. The wrapper is an instance attribute, as `_inject`'s, and removes itself."""
+    original = server._handle_event
+
+    def handle(event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and event.stream_id == sid:
+            server._handle_event = original  # type: ignore[method-assign]  # one event, then mitmproxy's own
+            h2_stream = server.h2_conn.streams.get(sid)
+            if h2_stream is not None and server.is_open_for_us(sid) and not h2_stream.state_machine.headers_sent:
+                yield from original(ResponseHeaders(sid, answer, end_stream=False))
+                yield from original(ResponseData(sid, answer.content or b""))
+                yield from original(ResponseEndOfMessage(sid))
+                return
+        yield from original(event)
+
+    server._handle_event = handle  # type: ignore[method-assign]
 
 
 def close_upstream(flow: http.HTTPFlow) -> None:

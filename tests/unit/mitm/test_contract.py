@@ -60,6 +60,13 @@ def test_the_error_page_answer_instead_of_error_page_replaces():
     assert handle.index("HttpErrorHook") < handle.index("SendHttp(event, self.context.client)")
     assert "yield from self.send(event)" in source(http_layers._http1.Http1Connection._handle_event)
     assert callable(http1.assemble_response)
+    # an HTTP/2 client: `_answer_on_h2` wraps the connection's `_handle_event`, whose protocol-error branch writes
+    # the text/html page only while the stream has sent no headers, and writes ResponseHeaders through its writer
+    h2_handle = source(_http2.Http2Connection._handle_event)
+    assert "ResponseProtocolError" in h2_handle and "headers_sent" in h2_handle and "format_error" in h2_handle
+    assert "format_h2_response_headers" in source(_http2.Http2Server._handle_event)
+    assert callable(_http2.Http2Connection.is_open_for_us) and "self.h2_conn" in source(_http2.Http2Connection.__init__)
+    assert http_layers.Http2Server is _http2.Http2Server
 
 
 def test_proxyserver_bookkeeping_the_drain_and_the_backlog_use():
