@@ -141,9 +141,11 @@ STRINGS_AND_NESTING = (b'{"model":"x","messages":[{"role":"user","content":"x"}]
                        + (b'"",' * 1000 + b"[" * 20 + b"]" * 20 + b",") * 2_800 + b'""]}')
 # A million tiny top-level fields (12 MB): each is a Python step of the lean reader; refused past MAX_FIELDS
 MANY_FIELDS = b'{"model":"x","messages":[],' + b",".join(b'"f%d":0' % i for i in range(1_000_000)) + b"}"
-JSON_HEADERS = [("content-type", "application/json"), ("x-api-key", "not-a-token")]
+# x-fake-unread: the fake answers without parsing the body; its parse of 10 MB would stall the paced streams it
+# serves, through either proxy, and be measured as the proxy's
+JSON_HEADERS = [("content-type", "application/json"), ("x-api-key", "not-a-token"), ("x-fake-unread", "1")]
 ZEROS = 256 * MB
-TOKEN_HEADERS = [("content-type", "application/json"), ("x-api-key", TOKEN)]
+TOKEN_HEADERS = [("content-type", "application/json"), ("x-api-key", TOKEN), ("x-fake-unread", "1")]
 HOSTILE = {  # name -> () -> (headers, body). The bombs carry a valid token (without one, the 401 comes first)
     "brotli bomb (256 MiB of zeros), with a valid token": lambda: (
         TOKEN_HEADERS + [("content-encoding", "br")], brotli.compress(b"\0" * ZEROS, quality=5)),

@@ -79,6 +79,10 @@ ERROR_MESSAGES: dict[str, str] = {
     "overloaded_error": "Overloaded",
 }
 SCENARIO_HEADER = "x-fake-scenario"
+# A request with this header is answered without its body being parsed (the answer is the scenario's alone): a
+# hostile-input test measures the proxy's cost, and parsing a 10 MB body here would stall the paced streams this
+# same fake serves.
+UNREAD_HEADER = "x-fake-unread"
 
 
 def _error_type_for(status: int) -> str:
@@ -664,7 +668,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         body = self._read_body()
         text_body = body
-        if (self.headers.get("Content-Encoding") or "").lower() == "gzip":
+        if self.headers.get(UNREAD_HEADER):  # a test measuring a proxy's stall: this read would be measured too
+            text_body = b""
+        elif (self.headers.get("Content-Encoding") or "").lower() == "gzip":
             try:
                 text_body = _gzip.decompress(body)
             except OSError:
