@@ -23,29 +23,16 @@ What mitmproxy would have done for the concerns still happens:
 
 The dispatcher has no `addons` attribute: mitmproxy would then walk the concerns too and call every
 hook twice. A concern keeps its hook names and signatures, its own module and its own tests.
-
-After the answer: mitmproxy sends a streamed answer's end (the last chunk, `0\r\n\r\n`) and a buffered answer
-whole only once the `response` hook has returned (its `HttpStream.send_response`, then `flow_done`), so whatever
-that hook does is on the client's latency path: for Claude Code-sized requests (65–290 kB) the cache watch's
-fingerprint, the record and the metrics are 0.69 ms of CPU at the median (docs/benchmarks.md, issue 28). A concern whose `response` only reads the
-finished exchange says so with `after_answer = ("response",)`: the dispatcher runs those handlers (the last
-ones of the chain, in their order) on the event loop's next turn, right after mitmproxy has written the answer
-(`loop.call_soon`: before any later socket event, so before the client's next request is read). Their order
-among themselves is kept (the cache watch before the record, the metrics and mitmweb's comment after what they
-read). A master that shows flows (mitmweb, the console: it has a `view`) gets the `update` event mitmproxy would
-have sent after the hook, once they ran. Nothing is lost on a stop: `done` runs what is still waiting first.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mitmproxy import ctx, eventsequence, exceptions, hooks  # noqa: F401 - eventsequence registers every hook
-from mitmproxy.utils import asyncio_utils
+from mitmproxy import eventsequence, exceptions, hooks  # noqa: F401 - eventsequence registers every hook
 
 from llm_gateway.addons.answer import AnswerPipeline
 from llm_gateway.addons.backlog import ListenBacklog
@@ -93,10 +80,9 @@ def _failed(hook: str, concern: Any, error: Exception) -> None:
     logger.error(f"Addon error in {_name(concern)}.{hook}: {error}", exc_info=error)
 
 
-def _chain(hook: str, handlers: list[tuple[Any, Callable]], alone: bool = True) -> Callable:
-    """One callable for mitmproxy that calls every handler in order, each failure on its own. `alone=False`:
-    a single handler is wrapped too (nothing of mitmproxy's isolates what runs after the answer)."""
-    if len(handlers) == 1 and alone:  # mitmproxy's own safecall isolates a single handler as well
+def _chain(hook: str, handlers: list[tuple[Any, Callable]]) -> Callable:
+    """One callable for mitmproxy that calls every handler in order, each failure on its own."""
+    if len(handlers) == 1:  # mitmproxy's own safecall isolates a single handler as well
         return handlers[0][1]
     calls = tuple(handlers)
     if any(inspect.iscoroutinefunction(fn) for _, fn in calls):
@@ -126,108 +112,19 @@ def _chain(hook: str, handlers: list[tuple[Any, Callable]], alone: bool = True) 
     return dispatch
 
 
-AFTER_ANSWER = frozenset({"response"})  # the hooks a concern may ask to run after the answer (`after_answer`)
-
-
-def _after_answer(concern: Any) -> tuple[str, ...]:
-    return tuple(getattr(concern, "after_answer", ()))
-
-
 class Dispatcher:
     """The gateway as mitmproxy sees it: `Dispatcher([concern, …])`, in hook order."""
 
     def __init__(self, concerns: Sequence[Any]) -> None:
         self.concerns = tuple(concerns)
         self.hooks: dict[str, tuple[str, ...]] = {}  # hook -> the concerns that take it, in order (for humans)
-        self.after_answer: dict[str, tuple[str, ...]] = {}  # hook -> the concerns run after the answer (for humans)
-        self._pending: list[tuple[Callable, Any]] = []  # (handlers to run after the answer, flow), in order
-        for concern in self.concerns:
-            if unknown := set(_after_answer(concern)) - AFTER_ANSWER:
-                raise ValueError(f"{_name(concern)}: after_answer {sorted(unknown)}: only {sorted(AFTER_ANSWER)}")
         for hook in hooks.all_hooks:
             handlers = [(c, fn) for c in self.concerns if callable(fn := getattr(c, hook, None))]
             if hook == "load":
                 continue  # below: it must also register the concerns' commands
-            if not handlers:
-                continue
-            self.hooks[hook] = tuple(_name(c) for c, _ in handlers)
-            later = [(c, fn) for c, fn in handlers if hook in _after_answer(c)]
-            if not later:
+            if handlers:
                 setattr(self, hook, _chain(hook, handlers))
-                continue
-            now = handlers[: len(handlers) - len(later)]
-            if handlers[len(now):] != later:  # running them later must not change the order of the chain
-                raise ValueError(f"{hook}: the concerns run after the answer must come last: {self.hooks[hook]}")
-            if any(inspect.iscoroutinefunction(fn) for _, fn in later):  # nothing would await them at a stop
-                raise ValueError(f"{hook}: a concern run after the answer must not be async: {self.hooks[hook]}")
-            setattr(self, hook, self._answered(_chain(hook, now) if now else None, _chain(hook, later, alone=False)))
-            self.after_answer[hook] = tuple(_name(c) for c, _ in later)
-        if "done" in self.hooks:
-            done = self.done
-            if inspect.iscoroutinefunction(done):
-
-                async def done_async() -> None:
-                    self.run_pending()
-                    await done()
-
-                self.done = done_async
-            else:
-
-                def done_sync() -> None:
-                    self.run_pending()
-                    done()
-
-                self.done = done_sync
-        else:
-            self.done = self.run_pending
-
-    def _answered(self, now: Callable | None, later: Callable) -> Callable:
-        """The hook: `now` (the handlers that may still change the answer) at once, then `later` queued."""
-        if now is not None and inspect.iscoroutinefunction(now):
-
-            async def hook_async(flow: Any) -> None:
-                await now(flow)
-                self.defer(later, flow)
-
-            return hook_async
-
-        def hook(flow: Any) -> None:
-            if now is not None:
-                now(flow)
-            self.defer(later, flow)
-
-        return hook
-
-    def defer(self, later: Callable, flow: Any) -> None:
-        """Run `later(flow)` on the event loop's next turn (at once without a running loop: tools, tests)."""
-        self._pending.append((later, flow))
-        if len(self._pending) > 1:
-            return  # already scheduled: one callback runs every flow answered in the same turn
-        try:
-            asyncio.get_running_loop().call_soon(self.run_pending)
-        except RuntimeError:
-            self.run_pending()
-
-    def run_pending(self) -> None:
-        """The handlers still waiting, in the order their flows were answered; then the viewers' `update`."""
-        pending, self._pending = self._pending, []
-        flows = []
-        for later, flow in pending:
-            try:
-                later(flow)
-            except PASS_THROUGH:  # AddonHalt: the later handlers of this flow are skipped, as in the chain
-                pass
-            flows.append(flow)
-        master = _master()
-        if flows and getattr(master, "view", None) is not None:
-            update = hooks.UpdateHook(flows)
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                master.addons.trigger(update)
-            else:
-                asyncio_utils.create_task(master.addons.trigger_event(update), name="update after the answer",
-                                          keep_ref=True)
+                self.hooks[hook] = tuple(_name(c) for c, _ in handlers)
 
     def load(self, loader) -> None:
         for concern in self.concerns:
@@ -244,13 +141,6 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         return f"Dispatcher({', '.join(_name(c) for c in self.concerns)})"
-
-
-def _master() -> Any:
-    try:
-        return ctx.master
-    except AttributeError:  # no master (a concern driven on its own)
-        return None
 
 
 def default_addons(rule_file: RuleFile | None = None, records: RecordLog | None = None) -> list:

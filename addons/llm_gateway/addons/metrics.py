@@ -1,9 +1,9 @@
 """Prometheus metrics: what the usage records say, summed, for the platform's dashboards and alerts.
 
-Counted once per finished API exchange, after `Usage` wrote its record (in the same `error` hook; for
-`response`, right after the answer was written: app.Dispatcher's `after_answer`), labelled by client and
-model, never by session: labels must stay few, and a session id is new every run. Client and model names
-come from requests, so each label keeps at most `MAX_VALUES` distinct values and folds the rest into "other".
+Counted once per finished API exchange (after `Usage` wrote its record, in the same `response`/`error`
+hook), labelled by client and model, never by session: labels must stay few, and a session id is new
+every run. Client and model names come from requests, so each label keeps at most `MAX_VALUES` distinct
+values and folds the rest into "other".
 
 Egress decisions are counted from the egress records as `RecordLog` writes them (its `observers`):
 the egress addon writes exactly one record per decision, including those it takes on a TLS ClientHello,
@@ -41,8 +41,6 @@ _DECISION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class Metrics:
-    after_answer = ("response",)  # counted right after the answer, after Usage (app.Dispatcher)
-
     def __init__(self, records: RecordLog | None = None) -> None:
         # A registry of our own: a reloaded script registers its metrics again without clashing, and
         # the exposition holds the gateway's numbers only.

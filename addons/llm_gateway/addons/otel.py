@@ -58,8 +58,6 @@ def _ns(seconds: float) -> int:
 
 
 class OtelExport:
-    after_answer = ("response",)  # the span ends right after the answer, from the finished exchange (app.Dispatcher)
-
     def __init__(self, rule_file: RuleFile, registry: Any = None, environ: Mapping[str, str] | None = None) -> None:
         self.rule_file = rule_file
         self.registry = registry  # a prometheus_client registry for the span counters (the gateway's own)

@@ -31,9 +31,6 @@ MAX_CLIENTS = 256  # client names come from requests (x-gateway-client): past th
 
 
 class Usage:
-    # the cache watch and the record read the finished exchange: off the client's latency path (app.Dispatcher)
-    after_answer = ("response",)
-
     def __init__(self, records: RecordLog) -> None:
         self.records = records
         self.cache = CacheWatch()

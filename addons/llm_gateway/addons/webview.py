@@ -314,8 +314,6 @@ def flow_notes_wanted(setting: str, master: Any, options: Any) -> bool:
 
 
 class WebView:
-    after_answer = ("response",)  # the flow's copy and comment, right after the answer; the view gets an update (app.Dispatcher)
-
     def __init__(self) -> None:
         self.view = MessageView()
         self.keep_limit = KEEP_LIMIT
