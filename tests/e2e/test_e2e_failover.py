@@ -25,9 +25,8 @@ REQUEST = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": MESSAGES}
 
 
 @pytest.fixture(scope="module")
-def first():
-    with FakeUpstream() as fake:
-        yield fake
+def first(module_fake):
+    return module_fake  # tests/conftest.py's: the first upstream of every chain here
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +38,12 @@ def second():
 @pytest.fixture(scope="module")
 def closed() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there: connect refused
+
+
+def cloud_gateway(rules: str, reverse_to: str, fake_cloud, env: dict[str, str]) -> Gateway:
+    """A started gateway in front of `reverse_to` that trusts the fake cloud's CA, with `env`'s credentials."""
+    return Gateway(rules, reverse_to=reverse_to, regular=False,
+                   extra_args=("--set", f"ssl_verify_upstream_trusted_ca={fake_cloud.ca}"), env=env).start()
 
 
 def routed(upstreams: str) -> str:
@@ -134,8 +139,7 @@ def to_bedrock(first, cloud):  # noqa: F811 - the fake Bedrock from test_e2e_pro
     """Anthropic first, then the fake Bedrock (translated, signed by the gateway)."""
     rules = routed(f"      - {first.url}\n      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n")
     env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET}
-    gateway = Gateway(rules, reverse_to=first.url, regular=False,
-                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    gateway = cloud_gateway(rules, first.url, cloud, env)
     yield gateway
     gateway.stop()
 
@@ -285,8 +289,7 @@ def test_an_upstream_closing_before_its_answer_hands_on(after_close, closer, sec
 def from_bedrock(second, cloud):  # noqa: F811
     rules = routed(f"      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n      - {second.url}\n")
     env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET}
-    gateway = Gateway(rules, reverse_to=second.url, regular=False,
-                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    gateway = cloud_gateway(rules, second.url, cloud, env)
     yield gateway
     gateway.stop()
 
@@ -327,8 +330,7 @@ def chain(first, cloud, token_endpoint, tmp_path_factory):  # noqa: F811
                    f"      - {{url: \"{cloud.url}\", provider: vertex, region: us-east5, project: demo-project}}\n")
     env = {"AWS_ACCESS_KEY_ID": GW_AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": GW_AWS_SECRET,
            "GOOGLE_APPLICATION_CREDENTIALS": str(service_account(tmp_path_factory.mktemp("chain"), token_endpoint))}
-    gateway = Gateway(rules, reverse_to=first.url, regular=False,
-                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    gateway = cloud_gateway(rules, first.url, cloud, env)
     yield gateway
     gateway.stop()
 
@@ -366,8 +368,7 @@ def no_aws(first, cloud, tmp_path_factory):  # noqa: F811
     env = {"AWS_SHARED_CREDENTIALS_FILE": str(nothing), "AWS_CONFIG_FILE": str(nothing), "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
     rules = routed(f"      - {first.url}\n      - {{url: \"{cloud.url}\", provider: bedrock, region: us-east-1}}\n")
-    gateway = Gateway(rules, reverse_to=first.url, regular=False,
-                      extra_args=("--set", f"ssl_verify_upstream_trusted_ca={cloud.ca}"), env=env).start()
+    gateway = cloud_gateway(rules, first.url, cloud, env)
     yield gateway
     gateway.stop()
 
